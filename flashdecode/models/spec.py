@@ -57,13 +57,15 @@ def family_for(name: str) -> Family:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. ``kind`` is "llama3" (Llama 3.1's smooth NTK-by-parts) or "linear"."""
+    """RoPE frequency scaling: "llama3" (Llama 3.1's smooth NTK-by-parts), "linear" (positions divided
+    by ``factor``) or "freq_factors" (explicit per-frequency divisors, as GGUF files store Llama 3's)."""
 
     kind: str
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    factors: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,47 @@
+"""Engine configuration: one dataclass, validated once, resolved against the loaded model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import FlashDecodeError
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+DEFAULT_KV_CACHE_BYTES = 2 << 30
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # GGUF file or Hugging Face folder; None = the embedded SmolLM2-135M
+    dtype: str = "auto"  # compute dtype; "auto": float32 unless the checkpoint is stored in bfloat16
+    max_model_len: int | None = None  # prompt + generated tokens per sequence; None = the model's context
+    kv_block_size: int = 16  # tokens per KV-cache block
+    kv_cache_bytes: int | None = None  # KV-cache budget; None = enough for the context, at most 2 GiB
+    max_num_seqs: int = 64  # sequences decoded together in one step
+    max_num_batched_tokens: int = 1024  # tokens (prefill chunks + decodes) per step
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None  # None = this machine's physical cores
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise FlashDecodeError(f"dtype={self.dtype!r}: expected auto or one of {sorted(_DTYPES)}")
+        positive = ("kv_block_size", "max_num_seqs", "max_num_batched_tokens")
+        for name in positive + ("max_model_len", "kv_cache_bytes", "num_threads"):
+            value = getattr(self, name)
+            if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
+                raise FlashDecodeError(f"{name}={value!r} must be a positive integer")
+
+    def torch_dtype(self, stored_format: str) -> torch.dtype:
+        """The compute dtype, given the storage format of the model's embedding matrix."""
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        # bf16 checkpoints stay bf16; everything else (fp32, fp16, GGUF blocks) computes in fp32,
+        # because CPUs have no fast fp16 arithmetic and fp32 is exact for dequantized blocks.
+        return torch.bfloat16 if stored_format in ("bfloat16", "BF16") else torch.float32

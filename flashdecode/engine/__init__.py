@@ -1,0 +1,1 @@
+"""The engine: scheduling, KV-cache management, model execution and sampling."""

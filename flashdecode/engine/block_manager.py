@@ -1,0 +1,115 @@
+"""Paged KV cache bookkeeping: fixed-size blocks, reference counts, and a prefix cache.
+
+A full block is identified by a hash chained with its predecessor's, so equal hashes mean equal
+token prefixes (the tokens are compared too, so a hash collision can never alias two prefixes).
+Freed blocks keep their contents and hash and sit in an LRU free list: a later request with the
+same prefix takes them back instead of recomputing, until they are evicted for new allocations.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+def chain_hash(prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((prev_hash, token_ids))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # every block with ref_count 0, least recently freed first; popitem(last=False) evicts LRU
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # chain hash -> block id
+        self.prefix_queries = 0  # blocks looked up in the prefix cache
+        self.prefix_hits = 0  # of which were found
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_tokens) <= len(self.free)
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None and self.cached.get(block.hash) == block_id:
+            del self.cached[block.hash]  # evicted: its contents are about to be overwritten
+        block.hash, block.token_ids, block.ref_count = None, (), 1
+        return block_id
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Grow ``seq``'s block table to hold ``num_tokens`` tokens; call ``can_allocate`` first."""
+        for _ in range(self.blocks_needed(seq, num_tokens)):
+            seq.block_table.append(self._take_free_block())
+
+    def reuse_cached_prefix(self, seq: Sequence) -> None:
+        """Before a sequence's first step: adopt every cached block that matches its leading full
+        blocks. At least the last token is always left to compute, since its logits are needed."""
+        if not self.enable_prefix_caching or seq.block_table or seq.wants_prompt_logprobs:
+            return
+        bs = self.block_size
+        prev: int | None = None
+        for start in range(0, seq.num_tokens - 1 - bs + 1, bs):
+            tokens = tuple(seq.token_ids[start : start + bs])
+            h = chain_hash(prev, tokens)
+            self.prefix_queries += 1
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            self.prefix_hits += 1
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+            seq.block_hashes.append(h)
+            prev = h
+        seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * bs
+
+    def register_computed_blocks(self, seq: Sequence) -> None:
+        """Publish the sequence's newly completed full blocks in the prefix cache. Only blocks whose
+        K/V are computed are published, so no reader ever sees a block still being filled."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        full = seq.num_computed_tokens // bs
+        for i in range(len(seq.block_hashes), full):
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            seq.block_hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
+            block.hash, block.token_ids = h, tokens
+            self.cached.setdefault(h, block.block_id)
+
+    def free_sequence(self, seq: Sequence) -> None:
+        # release in reverse so a chain's tail is evicted before its head, keeping prefixes reusable
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0

@@ -1,0 +1,244 @@
+"""The engine: requests in, one batched model step at a time, incremental outputs back."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import EngineConfig
+from ..errors import FlashDecodeError, InvalidPromptError, PromptTooLongError
+from ..hardware.probe import physical_cores
+from ..models.decoder import Decoder
+from ..models.loader import load_model
+from ..ops.attention import KVCache
+from ..outputs import Logprob, RequestOutput
+from ..sampling_params import SamplingParams
+from .block_manager import BlockManager
+from .detokenizer import append_new_text, find_stop_string
+from .model_runner import ModelRunner
+from .sampler import Sampler, SamplingRow, prompt_logprobs
+from .scheduler import Scheduler
+from .sequence import Request, Sequence
+
+PromptType = str | dict[str, Any] | list[int]
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        torch.set_num_threads(config.num_threads or physical_cores())
+        loaded = load_model(config.model)
+        self.tokenizer = loaded.tokenizer
+        self.spec = loaded.spec
+        self.formats = loaded.formats
+        self.dtype = config.torch_dtype(loaded.formats.get("embed", ""))
+        self.max_model_len = self._resolve_max_model_len()
+        self.model = Decoder(loaded, self.dtype)
+        del loaded
+
+        bs = config.kv_block_size
+        num_blocks = self._num_kv_blocks()
+        self.cache = KVCache(self.spec.num_layers, num_blocks * bs, self.spec.num_kv_heads, self.spec.head_dim,
+                             self.dtype)
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.cache, bs)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self._rng = random.Random(config.seed)
+        self.eos_token_ids = frozenset(self.spec.eos_token_ids) | self.tokenizer.stop_token_ids
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def _resolve_max_model_len(self) -> int:
+        wanted = self.config.max_model_len
+        if wanted is None:
+            return self.spec.max_position
+        if wanted > self.spec.max_position:
+            raise FlashDecodeError(
+                f"max_model_len={wanted} exceeds the model's context length {self.spec.max_position}"
+            )
+        return wanted
+
+    def _num_kv_blocks(self) -> int:
+        s, bs = self.spec, self.config.kv_block_size
+        bytes_per_block = 2 * s.num_layers * s.kv_size * self.dtype.itemsize * bs
+        min_blocks = -(-self.max_model_len // bs)
+        if self.config.kv_cache_bytes is not None:
+            blocks = self.config.kv_cache_bytes // bytes_per_block
+            if blocks < min_blocks:
+                raise FlashDecodeError(
+                    f"kv_cache_bytes={self.config.kv_cache_bytes} holds {blocks * bs} tokens, fewer than "
+                    f"max_model_len={self.max_model_len}; raise it to at least {min_blocks * bytes_per_block}"
+                )
+            return blocks
+        return max(min_blocks, 2 * 1024**3 // bytes_per_block)
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            text = prompt.get("prompt")
+        elif isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        elif isinstance(prompt, list):
+            ids, text = prompt, None
+        else:
+            raise InvalidPromptError(
+                f"unsupported prompt of type {type(prompt).__name__}: expected a string, "
+                "{'prompt': str} or {'prompt_token_ids': [int, ...]}"
+            )
+        vocab = self.spec.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise InvalidPromptError(f"prompt_token_ids must be integers in [0, {vocab})")
+        return text, list(ids)
+
+    def add_request(
+        self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0
+    ) -> Request:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise FlashDecodeError(f"request id {request_id!r} is already in use")
+        text, ids = self._prompt_ids(prompt)
+        if not ids:
+            raise InvalidPromptError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
+                "(the prompt and at least one generated token must fit)"
+            )
+        request = Request(request_id, text, ids, params, priority)
+        request.prompt_logprobs.append(None)  # the first prompt token has no context to score it
+        for index in range(params.n):
+            seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
+            generator = torch.Generator().manual_seed(seed)
+            seq = Sequence(request=request, index=index, token_ids=list(ids), generator=generator)
+            request.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        self.prompt_tokens += len(ids)
+        return request
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its KV blocks return to the pool before this returns."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_free=bm.num_free_blocks,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )
+
+    # --- the step -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batched model step; return the current output of every request it advanced."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        result = self.runner.run(batch)
+        touched: dict[str, Request] = {}
+        for seq in batch.decodes:
+            seq.num_computed_tokens += 1
+        for seq, n in batch.prefills:
+            seq.num_computed_tokens += n
+        for seq in [*batch.decodes, *(s for s, _ in batch.prefills)]:
+            self.block_manager.register_computed_blocks(seq)
+            touched[seq.request.request_id] = seq.request
+
+        for seq, first, logits in result.prompt_logits:
+            request = seq.request
+            targets = request.prompt_token_ids[first + 1 : first + 1 + logits.shape[0]]
+            entries = prompt_logprobs(logits, targets, request.params.prompt_logprobs)
+            request.prompt_logprobs.extend(self._decode_logprobs(entries))
+
+        if result.sample_seqs:
+            rows = [self._sampling_row(seq) for seq in result.sample_seqs]
+            sampled = self.sampler(result.logits, rows)
+            for seq, token, logprobs in zip(result.sample_seqs, sampled.token_ids, sampled.logprobs):
+                self._append_token(seq, token, logprobs)
+
+        outputs = []
+        for request in touched.values():
+            outputs.append(request.output())
+            if request.finished:
+                self.requests.pop(request.request_id, None)
+        return outputs
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        params = seq.params
+        suppressed: Iterable[int] = ()
+        if seq.num_output_tokens < params.min_tokens:
+            suppressed = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else self.eos_token_ids)
+        return SamplingRow(params, seq.generator, seq.request.prompt_token_ids, seq.output_token_ids,
+                           tuple(suppressed))
+
+    def _decode_logprobs(self, entries: list[dict[int, Logprob]]) -> list[dict[int, Logprob]]:
+        for entry in entries:
+            for token_id, lp in entry.items():
+                lp.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return entries
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: dict[int, Logprob] | None) -> None:
+        seq.token_ids.append(token)
+        self.generation_tokens += 1
+        params = seq.params
+        if logprobs is not None:
+            seq.logprobs.extend(self._decode_logprobs([logprobs]))
+            seq.cumulative_logprob += logprobs[token].logprob
+
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        if may_stop and not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif may_stop and params.stop_token_ids and token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        else:
+            new_text = append_new_text(self.tokenizer, seq)
+            stop = find_stop_string(seq, len(new_text)) if may_stop else None
+            if stop is not None:
+                seq.finish_reason, seq.stop_reason = "stop", stop
+            elif params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+                seq.finish_reason = "length"
+            elif seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)

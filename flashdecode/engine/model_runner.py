@@ -1,0 +1,94 @@
+"""Turns a scheduled batch into the model's input tensors and runs it.
+
+Flattened token order: the decoding sequences' single tokens first, then each prefill chunk. Logits
+are computed only where they are needed: at each sequence's last known token (to sample the next
+one) and, for requests that asked for prompt logprobs, at every position of their chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.decoder import Decoder
+from ..ops.attention import AttentionMetadata, KVCache, PrefillSegment
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+
+
+@dataclass
+class StepResult:
+    sample_seqs: list[Sequence]  # sequences whose next token is to be sampled, in logits order
+    logits: torch.Tensor  # [len(sample_seqs), vocab] float32
+    # (sequence, first position, logits [n, vocab]): logits at position p predict prompt token p + 1
+    prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, model: Decoder, cache: KVCache, block_size: int):
+        self.model = model
+        self.cache = cache
+        self.block_size = block_size
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        positions = torch.arange(start, end)
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def _decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded key-slot matrix [B, max_context] and context lengths [B] for the decode batch."""
+        bs = self.block_size
+        lens = torch.tensor([s.num_tokens for s in seqs], dtype=torch.long)
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.zeros(len(seqs), width, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            tables[row, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.long)
+        slots = (tables[:, :, None] * bs + torch.arange(bs)).reshape(len(seqs), -1)
+        return slots[:, : int(lens.max())], lens
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        ids: list[int] = []
+        pos: list[torch.Tensor] = []
+        slot_parts: list[torch.Tensor] = []
+        meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), num_decode=len(batch.decodes))
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+
+        for seq in batch.decodes:
+            p = seq.num_tokens - 1
+            ids.append(seq.token_ids[p])
+            pos.append(torch.tensor([p]))
+            slot_parts.append(self._slots(seq, p, p + 1))
+            sample_rows.append(len(ids) - 1)
+            sample_seqs.append(seq)
+        if batch.decodes:
+            meta.decode_slots, meta.decode_context_lens = self._decode_inputs(batch.decodes)
+
+        prompt_spans: list[tuple[Sequence, int, int, int]] = []  # seq, flat start, first pos, count
+        for seq, n in batch.prefills:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            flat = len(ids)
+            ids.extend(seq.token_ids[start:end])
+            pos.append(torch.arange(start, end))
+            all_slots = self._slots(seq, 0, end)
+            slot_parts.append(all_slots[start:end])
+            meta.prefills.append(PrefillSegment(start=flat, num_query=n, context_len=end, slots=all_slots))
+            if end == seq.num_tokens:
+                sample_rows.append(flat + n - 1)
+                sample_seqs.append(seq)
+            recorded = len(seq.request.prompt_logprobs)
+            if seq.wants_prompt_logprobs and recorded < seq.num_prompt_tokens:
+                first = max(start, recorded - 1)
+                last = min(end, seq.num_prompt_tokens - 1)
+                if last > first:
+                    prompt_spans.append((seq, flat + first - start, first, last - first))
+
+        meta.slot_mapping = torch.cat(slot_parts)
+        hidden = self.model.forward(torch.tensor(ids, dtype=torch.long), torch.cat(pos), self.cache, meta)
+        logits = self.model.logits(hidden[sample_rows])
+        prompt_logits = [
+            (seq, first, self.model.logits(hidden[flat : flat + count])) for seq, flat, first, count in prompt_spans
+        ]
+        return StepResult(sample_seqs=sample_seqs, logits=logits, prompt_logits=prompt_logits)

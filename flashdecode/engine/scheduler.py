@@ -1,0 +1,120 @@
+"""Continuous batching under a per-step token budget, with chunked prefill and preemption.
+
+Each step: every running sequence gets its next tokens first (one per decoding sequence, the next
+chunk for one still prefilling), then waiting sequences are admitted in priority order (lower
+``priority`` first, then arrival) while the token budget, ``max_num_seqs`` and free blocks allow. A
+prompt larger than the remaining budget is split into chunks over several steps, so a long prompt
+never stalls the decodes. When blocks run out, the lowest-priority, latest-arrived running sequence
+is preempted: its blocks are freed and it is recomputed later (its full blocks usually survive in the
+prefix cache, so "recompute" is mostly a cache hit).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    decodes: list[Sequence] = field(default_factory=list)  # one new token each
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, chunk length)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+def _order(seq: Sequence) -> tuple[int, int, int]:
+    return (seq.priority, seq.request.arrival, seq.index)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Sequence] = []  # sorted by _order
+        self.running: list[Sequence] = []  # sorted by _order
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=_order)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and return its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_sequence(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_sequence(seq)
+        self.num_preemptions += 1
+        self.add(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            # make room, taking blocks from the lowest-priority sequences not yet scheduled
+            while not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
+                victim = next((s for s in reversed(self.running) if id(s) not in scheduled), None)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # it was its own victim: every later sequence is already preempted too
+            self.blocks.allocate(seq, seq.num_computed_tokens + n)
+            scheduled.add(id(seq))
+            if seq.num_computed_tokens == seq.num_tokens - 1:
+                batch.decodes.append(seq)
+            else:
+                batch.prefills.append((seq, n))
+            budget -= n
+            i += 1
+
+        # after a preemption memory is short: admitting newcomers would only evict them again
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.blocks.reuse_cached_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
+                if not self.running and not batch:
+                    # nothing else holds blocks: take a smaller chunk rather than waiting forever
+                    fit = (len(seq.block_table) + self.blocks.num_free_blocks) * self.blocks.block_size
+                    n = min(n, fit - seq.num_computed_tokens)
+                if n <= 0 or not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
+                    break
+            self.waiting.pop(0)
+            self.blocks.allocate(seq, seq.num_computed_tokens + n)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=_order)
+            scheduled.add(id(seq))
+            if n == 1 and seq.num_computed_tokens == seq.num_tokens - 1:
+                batch.decodes.append(seq)
+            else:
+                batch.prefills.append((seq, n))
+            budget -= n
+        return batch

@@ -1,0 +1,1 @@
+"""Model loading (GGUF, Hugging Face safetensors), architecture specs, tokenizer, and the decoder."""

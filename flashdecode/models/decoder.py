@@ -1,0 +1,91 @@
+"""The one decoder-only transformer, parameterised by a ``ModelSpec``.
+
+Pre-norm blocks: RMSNorm -> attention (fused QKV projection, optional q/k biases and per-head q/k
+RMSNorm, RoPE, paged KV cache) -> residual -> RMSNorm -> SwiGLU MLP (fused gate/up) -> residual.
+All of a step's tokens, from every sequence, run flattened through the projections as one matrix,
+so a decode batch of B sequences is one [B, hidden] GEMM per projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.attention import AttentionMetadata, KVCache, paged_attention
+from ..ops.linear import Linear
+from ..ops.rope import RotaryEmbedding
+from .spec import ModelSpec
+from .weights import LoadedModel
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # normalise in fp32 and scale after casting back, as the reference implementations do
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class DecoderLayer:
+    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], prefix: str):
+        self.spec = spec
+        self.attn_norm = w[prefix + "attn_norm"]
+        self.mlp_norm = w[prefix + "mlp_norm"]
+        qkv_bias = None
+        if spec.family.qkv_bias:
+            qkv_bias = torch.cat([w[prefix + "q_bias"], w[prefix + "k_bias"], w[prefix + "v_bias"]])
+        self.qkv = Linear(torch.cat([w[prefix + "q"], w[prefix + "k"], w[prefix + "v"]]), qkv_bias)
+        self.o = Linear(w[prefix + "o"])
+        self.q_norm = w.get(prefix + "q_norm")
+        self.k_norm = w.get(prefix + "k_norm")
+        self.gate_up = Linear(torch.cat([w[prefix + "gate"], w[prefix + "up"]]))
+        self.down = Linear(w[prefix + "down"])
+
+    def __call__(
+        self, index: int, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+        cache: KVCache, meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        s = self.spec
+        t = x.shape[0]
+        h = rms_norm(x, self.attn_norm, s.norm_eps)
+        q, k, v = self.qkv(h).split([s.q_size, s.kv_size, s.kv_size], dim=-1)
+        q = q.view(t, s.num_heads, s.head_dim)
+        k = k.view(t, s.num_kv_heads, s.head_dim)
+        v = v.view(t, s.num_kv_heads, s.head_dim)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, s.norm_eps)
+            k = rms_norm(k, self.k_norm, s.norm_eps)
+        q = rope(q, positions)
+        k = rope(k, positions)
+        cache.write(index, meta.slot_mapping, k, v)
+        attn = paged_attention(q, cache, index, meta, s.head_dim**-0.5)
+        x = x + self.o(attn.reshape(t, s.q_size))
+        h = rms_norm(x, self.mlp_norm, s.norm_eps)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class Decoder:
+    def __init__(self, loaded: LoadedModel, dtype: torch.dtype):
+        spec = loaded.spec
+        w = {name: t.to(dtype) for name, t in loaded.weights.items()}
+        self.spec = spec
+        self.dtype = dtype
+        self.embed = w["embed"]
+        self.layers = [DecoderLayer(spec, w, f"layers.{i}.") for i in range(spec.num_layers)]
+        self.norm = w["norm"]
+        self.lm_head = Linear(self.embed if spec.tie_embeddings else w["lm_head"])
+        self.rope = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.rope_scaling)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm, for the step's flattened tokens."""
+        x = F.embedding(input_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            x = layer(i, x, positions, self.rope, cache, meta)
+        return rms_norm(x, self.norm, self.spec.norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
