@@ -15,7 +15,16 @@ from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 __all__ = [
-    "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig",
-    "FlashDecodeError", "ModelLoadError", "UnsupportedArchitectureError", "InvalidSamplingParamsError",
-    "PromptTooLongError", "InvalidPromptError",
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+    "EngineConfig",
+    "FlashDecodeError",
+    "ModelLoadError",
+    "UnsupportedArchitectureError",
+    "InvalidSamplingParamsError",
+    "PromptTooLongError",
+    "InvalidPromptError",
 ]

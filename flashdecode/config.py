@@ -9,9 +9,14 @@ import torch
 from .errors import FlashDecodeError
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
 }
 DEFAULT_KV_CACHE_BYTES = 2 << 30
 
@@ -22,7 +27,7 @@ class EngineConfig:
     dtype: str = "auto"  # compute dtype; "auto": float32 unless the checkpoint is stored in bfloat16
     max_model_len: int | None = None  # prompt + generated tokens per sequence; None = the model's context
     kv_block_size: int = 16  # tokens per KV-cache block
-    kv_cache_bytes: int | None = None  # KV-cache budget; None = enough for the context, at most 2 GiB
+    kv_cache_bytes: int | None = None  # KV-cache budget; None = max_num_seqs full-length sequences, <= 2 GiB
     max_num_seqs: int = 64  # sequences decoded together in one step
     max_num_batched_tokens: int = 1024  # tokens (prefill chunks + decodes) per step
     enable_prefix_caching: bool = True

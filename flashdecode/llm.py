@@ -31,7 +31,9 @@ class LLM:
         unknown = sorted(set(engine_options) - known)
         if unknown:
             raise FlashDecodeError(f"unknown LLM option(s) {unknown}; known: {sorted(known - {'model'})}")
-        config = EngineConfig(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, **engine_options)
+        config = EngineConfig(
+            model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, **engine_options
+        )
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
 
@@ -87,7 +89,9 @@ class LLM:
                 conversation, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
             )
             # the template already holds BOS where the model wants it
-            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+            prompts.append(
+                {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+            )
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -64,21 +64,22 @@ class BlockManager:
         for _ in range(self.blocks_needed(seq, num_tokens)):
             seq.block_table.append(self._take_free_block())
 
-    def reuse_cached_prefix(self, seq: Sequence) -> None:
+    def reuse_cached_prefix(self, seq: Sequence) -> tuple[int, int]:
         """Before a sequence's first step: adopt every cached block that matches its leading full
-        blocks. At least the last token is always left to compute, since its logits are needed."""
+        blocks. At least the last token is always left to compute, since its logits are needed.
+        Returns (blocks looked up, blocks found) for the caller to count once the sequence runs."""
         if not self.enable_prefix_caching or seq.block_table or seq.wants_prompt_logprobs:
-            return
+            return 0, 0
         bs = self.block_size
         prev: int | None = None
+        queries = 0
         for start in range(0, seq.num_tokens - 1 - bs + 1, bs):
             tokens = tuple(seq.token_ids[start : start + bs])
             h = chain_hash(prev, tokens)
-            self.prefix_queries += 1
+            queries += 1
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
-            self.prefix_hits += 1
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free[block_id]
@@ -87,6 +88,7 @@ class BlockManager:
             seq.block_hashes.append(h)
             prev = h
         seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * bs
+        return queries, len(seq.block_table)
 
     def register_computed_blocks(self, seq: Sequence) -> None:
         """Publish the sequence's newly completed full blocks in the prefix cache. Only blocks whose

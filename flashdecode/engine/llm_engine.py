@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..config import EngineConfig
+from ..config import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from ..errors import FlashDecodeError, InvalidPromptError, PromptTooLongError
 from ..hardware.probe import physical_cores
 from ..models.decoder import Decoder
@@ -55,8 +55,9 @@ class LLMEngine:
 
         bs = config.kv_block_size
         num_blocks = self._num_kv_blocks()
-        self.cache = KVCache(self.spec.num_layers, num_blocks * bs, self.spec.num_kv_heads, self.spec.head_dim,
-                             self.dtype)
+        self.cache = KVCache(
+            self.spec.num_layers, num_blocks * bs, self.spec.num_kv_heads, self.spec.head_dim, self.dtype
+        )
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache, bs)
@@ -91,7 +92,9 @@ class LLMEngine:
                     f"max_model_len={self.max_model_len}; raise it to at least {min_blocks * bytes_per_block}"
                 )
             return blocks
-        return max(min_blocks, 2 * 1024**3 // bytes_per_block)
+        # default: room for every sequence at full length, capped at DEFAULT_KV_CACHE_BYTES
+        wanted = self.config.max_num_seqs * min_blocks
+        return max(min_blocks, min(wanted, DEFAULT_KV_CACHE_BYTES // bytes_per_block))
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -208,9 +211,12 @@ class LLMEngine:
         params = seq.params
         suppressed: Iterable[int] = ()
         if seq.num_output_tokens < params.min_tokens:
-            suppressed = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else self.eos_token_ids)
-        return SamplingRow(params, seq.generator, seq.request.prompt_token_ids, seq.output_token_ids,
-                           tuple(suppressed))
+            suppressed = set(params.stop_token_ids or ()) | (
+                set() if params.ignore_eos else self.eos_token_ids
+            )
+        return SamplingRow(
+            params, seq.generator, seq.request.prompt_token_ids, seq.output_token_ids, tuple(suppressed)
+        )
 
     def _decode_logprobs(self, entries: list[dict[int, Logprob]]) -> list[dict[int, Logprob]]:
         for entry in entries:

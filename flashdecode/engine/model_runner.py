@@ -89,6 +89,7 @@ class ModelRunner:
         hidden = self.model.forward(torch.tensor(ids, dtype=torch.long), torch.cat(pos), self.cache, meta)
         logits = self.model.logits(hidden[sample_rows])
         prompt_logits = [
-            (seq, first, self.model.logits(hidden[flat : flat + count])) for seq, flat, first, count in prompt_spans
+            (seq, first, self.model.logits(hidden[flat : flat + count]))
+            for seq, flat, first, count in prompt_spans
         ]
         return StepResult(sample_seqs=sample_seqs, logits=logits, prompt_logits=prompt_logits)

@@ -97,8 +97,7 @@ class Scheduler:
         # after a preemption memory is short: admitting newcomers would only evict them again
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            if not seq.block_table:
-                self.blocks.reuse_cached_prefix(seq)
+            queries, hits = self.blocks.reuse_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
                 if not self.running and not batch:
@@ -106,8 +105,13 @@ class Scheduler:
                     fit = (len(seq.block_table) + self.blocks.num_free_blocks) * self.blocks.block_size
                     n = min(n, fit - seq.num_computed_tokens)
                 if n <= 0 or not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
+                    # a waiting sequence holds no blocks: the adopted prefix goes back to the
+                    # (still cached) free list, or waiters could starve each other of blocks
+                    self.blocks.free_sequence(seq)
                     break
             self.waiting.pop(0)
+            self.blocks.prefix_queries += queries
+            self.blocks.prefix_hits += hits
             self.blocks.allocate(seq, seq.num_computed_tokens + n)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_order)

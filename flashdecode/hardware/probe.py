@@ -41,4 +41,3 @@ def cpu_model() -> str:
     except OSError:
         pass
     return "unknown"
-

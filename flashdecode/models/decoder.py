@@ -41,8 +41,13 @@ class DecoderLayer:
         self.down = Linear(w[prefix + "down"])
 
     def __call__(
-        self, index: int, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-        cache: KVCache, meta: AttentionMetadata,
+        self,
+        index: int,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        cache: KVCache,
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
         s = self.spec
         t = x.shape[0]

@@ -144,6 +144,7 @@ def _tensor_to_torch(t: Any) -> torch.Tensor:
 def load_gguf(path: str | Path) -> LoadedModel:
     reader = read_gguf(path)
     meta = gguf_metadata(reader)
+    family_for(str(meta.get("general.architecture")))  # an unsupported model fails first, by name
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     by_name = {t.name: t for t in reader.tensors}
     spec = _spec_from_metadata(meta, set(by_name), tokenizer)
@@ -156,7 +157,9 @@ def load_gguf(path: str | Path) -> LoadedModel:
         elif name.startswith("blk."):
             _, layer, rest = name.split(".", 2)
             if rest not in _LAYER_TENSORS:
-                raise ModelLoadError(f"{path}: unexpected tensor {name!r} for architecture {spec.family.name}")
+                raise ModelLoadError(
+                    f"{path}: unexpected tensor {name!r} for architecture {spec.family.name}"
+                )
             canonical = f"layers.{int(layer)}.{_LAYER_TENSORS[rest]}"
         elif name == "rope_freqs.weight":
             canonical = "rope_freqs"

@@ -13,7 +13,15 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
-from .spec import HF_ARCHITECTURES, HF_MODEL_TYPES, ModelSpec, RopeScaling, family_for, supported_architectures
+from .spec import (
+    HF_ARCHITECTURES,
+    HF_MODEL_TYPES,
+    Family,
+    ModelSpec,
+    RopeScaling,
+    family_for,
+    supported_architectures,
+)
 from .tokenizer import Tokenizer
 from .weights import LoadedModel
 
@@ -34,7 +42,11 @@ _LAYER_TENSORS = {
     "mlp.up_proj.weight": "up",
     "mlp.down_proj.weight": "down",
 }
-_GLOBAL_TENSORS = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
+_GLOBAL_TENSORS = {
+    "model.embed_tokens.weight": "embed",
+    "model.norm.weight": "norm",
+    "lm_head.weight": "lm_head",
+}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -48,7 +60,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _rope_scaling(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    # transformers >= 5 writes "rope_parameters" (theta included); older versions "rope_scaling" + "rope_theta"
+    # transformers >= 5 writes "rope_parameters" (theta inside); older ones "rope_scaling" + "rope_theta"
     params = config.get("rope_parameters") or config.get("rope_scaling") or {}
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
@@ -67,15 +79,21 @@ def _rope_scaling(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     raise ModelLoadError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3)")
 
 
-def spec_from_hf_config(config: dict[str, Any], tokenizer: Tokenizer | None = None) -> ModelSpec:
+def hf_family(config: dict[str, Any]) -> Family:
     archs = config.get("architectures") or []
-    name = next((a for a in archs if a in HF_ARCHITECTURES), None) or HF_MODEL_TYPES.get(config.get("model_type"))
+    name = next((a for a in archs if a in HF_ARCHITECTURES), None) or HF_MODEL_TYPES.get(
+        config.get("model_type")
+    )
     if name is None:
         found = (archs or [config.get("model_type")])[0]
         raise UnsupportedArchitectureError(
             f"unsupported architecture {found!r}; supported: {supported_architectures()}"
         )
-    family = family_for(name)
+    return family_for(name)
+
+
+def spec_from_hf_config(config: dict[str, Any], tokenizer: Tokenizer | None = None) -> ModelSpec:
+    family = hf_family(config)
     try:
         hidden = int(config["hidden_size"])
         n_head = int(config["num_attention_heads"])
@@ -143,6 +161,7 @@ def load_hf_folder(folder: str | Path) -> LoadedModel:
     if not config_path.exists():
         raise ModelLoadError(f"{folder}: no config.json (not a Hugging Face model folder)")
     config = _read_json(config_path)
+    hf_family(config)  # an unsupported model fails first, by name
     if not (folder / "tokenizer.json").exists():
         raise ModelLoadError(f"{folder}: no tokenizer.json")
     tokenizer = Tokenizer.from_hf_folder(folder)
@@ -158,7 +177,9 @@ def load_hf_folder(folder: str | Path) -> LoadedModel:
                     if canonical is None:
                         if name.endswith("rotary_emb.inv_freq"):
                             continue  # a buffer some old checkpoints saved; recomputed from the config
-                        raise ModelLoadError(f"{file.name}: unexpected tensor {name!r} for {spec.family.name}")
+                        raise ModelLoadError(
+                            f"{file.name}: unexpected tensor {name!r} for {spec.family.name}"
+                        )
                     tensor = f.get_tensor(name)
                     formats[canonical] = str(tensor.dtype).removeprefix("torch.")
                     weights[canonical] = tensor

@@ -89,12 +89,22 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                     "intermediate_size", "max_position"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_position",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)!r} must be a positive integer")
         if not problems and self.num_heads % self.num_kv_heads:
-            problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+            problems.append(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
         if problems:
             raise ModelLoadError("invalid model config: " + "; ".join(problems))
 

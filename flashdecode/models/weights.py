@@ -23,9 +23,20 @@ class LoadedModel:
         s = self.spec
         h, q, kv, inter, d = s.hidden_size, s.q_size, s.kv_size, s.intermediate_size, s.head_dim
         per_layer = {
-            "attn_norm": (h,), "q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q),
-            "mlp_norm": (h,), "gate": (inter, h), "up": (inter, h), "down": (h, inter),
-            "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,), "q_norm": (d,), "k_norm": (d,),
+            "attn_norm": (h,),
+            "q": (q, h),
+            "k": (kv, h),
+            "v": (kv, h),
+            "o": (h, q),
+            "mlp_norm": (h,),
+            "gate": (inter, h),
+            "up": (inter, h),
+            "down": (h, inter),
+            "q_bias": (q,),
+            "k_bias": (kv,),
+            "v_bias": (kv,),
+            "q_norm": (d,),
+            "k_norm": (d,),
         }
         shapes = {"embed": (s.vocab_size, h), "norm": (h,), "lm_head": (s.vocab_size, h)}
         for name in s.weight_names():
@@ -44,7 +55,9 @@ class LoadedModel:
         for name in needed:
             got = tuple(self.weights[name].shape)
             if got != expected[name]:
-                raise ModelLoadError(f"{self.source}: weight {name!r} has shape {got}, expected {expected[name]}")
+                raise ModelLoadError(
+                    f"{self.source}: weight {name!r} has shape {got}, expected {expected[name]}"
+                )
         extra = sorted(set(self.weights) - needed - {"lm_head"})
         if extra:
             raise ModelLoadError(f"{self.source}: unexpected weights {extra[:5]}")

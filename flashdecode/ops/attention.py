@@ -61,11 +61,16 @@ def decode_attention_exact(
     b, h, d = q.shape
     kvh = k.shape[2]
     qg = q.view(b, kvh, h // kvh, d).float()
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1).float()) * scale  # [B, KVH, G, L]
-    pad = torch.arange(k.shape[1]) >= context_lens[:, None]
+    # head-major copies: matmul on the gathered [B, L, KVH, D] strides falls off oneDNN's fast paths
+    k = k.transpose(1, 2).float().contiguous()
+    v = v.transpose(1, 2).float().contiguous()
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, KVH, G, L]
+    pad = torch.arange(k.shape[2]) >= context_lens[:, None]
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v.permute(0, 2, 1, 3).float())  # [B, KVH, G, D]
+    # padding slots hold whatever the cache held (possibly NaN): 0 * NaN would poison the sum
+    v.masked_fill_(pad[:, None, :, None], 0.0)
+    out = torch.matmul(probs, v)  # [B, KVH, G, D]
     return out.reshape(b, h, d).to(q.dtype)
 
 
@@ -95,5 +100,7 @@ def paged_attention(
         out[:nd] = decode_attention_exact(q[:nd], k, v, meta.decode_context_lens, scale)
     for seg in meta.prefills:
         sl = slice(seg.start, seg.start + seg.num_query)
-        out[sl] = prefill_attention_exact(q[sl], k_all[seg.slots].to(q.dtype), v_all[seg.slots].to(q.dtype), scale)
+        out[sl] = prefill_attention_exact(
+            q[sl], k_all[seg.slots].to(q.dtype), v_all[seg.slots].to(q.dtype), scale
+        )
     return out

@@ -1,0 +1,70 @@
+"""Shared fixtures: the random reference models of tests/model_factory.py, built once per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import model_factory  # noqa: E402  (tests/ is on sys.path: pytest's rootdir conftest import mode)
+
+
+def _quiet_transformers() -> None:
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except Exception:  # transformers is a test extra; tests that need it importorskip it
+        pass
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("reference-models")
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_root: Path) -> Callable[..., Path]:
+    """``hf_model(arch, seed=0, shards=False, **config_overrides) -> Path`` of a saved HF folder."""
+    pytest.importorskip("transformers")
+    _quiet_transformers()
+
+    def get(arch: str, **kwargs: Any) -> Path:
+        return model_factory.cached_hf_model(arch, root=model_root, **kwargs)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_model(hf_model: Callable[..., Path]) -> Callable[..., Path]:
+    """``gguf_model(arch, tensor_type="F32", **hf_model_kwargs) -> Path`` of a converted .gguf."""
+
+    def get(arch: str, tensor_type: str = "F32", **kwargs: Any) -> Path:
+        return model_factory.cached_gguf(hf_model(arch, **kwargs), tensor_type)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_reference(hf_model: Callable[..., Path]) -> Callable[..., Any]:
+    """``hf_reference(arch, **hf_model_kwargs)``: the transformers model (fp32, eval) of ``hf_model``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cache: dict[Path, Any] = {}
+
+    def get(arch: str, **kwargs: Any) -> Any:
+        path = hf_model(arch, **kwargs)
+        if path not in cache:
+            cache[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return cache[path]
+
+    return get

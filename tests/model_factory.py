@@ -1,0 +1,752 @@
+"""Tiny, randomly initialised Hugging Face models of every supported family, built offline.
+
+They are the correctness oracle of the engine's test suite:
+
+* ``make_hf_model(arch, out_dir)`` builds a transformers model with *all* weights random (norms,
+  biases and Qwen3's q/k norms included, so a loader that drops or swaps one of them shows), a
+  byte-level BPE tokenizer trained on a built-in text, and saves the folder exactly as
+  ``save_pretrained`` does (optionally sharded).
+* ``hf_to_gguf(hf_dir, out_path, tensor_type)`` converts such a folder to GGUF the way llama.cpp's
+  ``convert_hf_to_gguf.py`` does: same architecture names (Mistral is written as "llama"), metadata
+  keys, tensor names, Q/K row permutation for the "llama" architecture, the precomputed
+  ``rope_freqs.weight`` for Llama-3 RoPE scaling, F32 for 1-D tensors and norms, the F16 fallback
+  for rows a quantization's block does not divide, and the "gpt2" tokenizer metadata. Tensor types:
+  F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (gguf-py's encoders) and Q4_K, Q6_K (encoders below,
+  checked against gguf-py's decoders; rows must be a multiple of 256 long: ``KQUANT_OVERRIDES``).
+  One deliberate difference: llama.cpp reads Llama-3's ``original_max_position_embeddings`` from
+  the top level of config.json (default 8192); ours lives in ``rope_scaling``, where transformers
+  reads it, so the GGUF describes the same model (see ``llama3_rope_factors``).
+* ``cached_hf_model`` / ``cached_gguf`` memoise both per process (tests/conftest.py wraps them in
+  session fixtures).
+
+Nothing here imports flashdecode: the factory is validated against transformers alone
+(tests/test_model_factory.py) before it is used to judge the engine (tests/test_hf_parity.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+
+BOS = "<|begin_of_text|>"
+EOS = "<|end_of_text|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Pre-tokenizer regexes of the two BPE families llama.cpp knows by name ("tokenizer.ggml.pre").
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_BY_REGEX = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+
+# Per family: the transformers config. Shapes are small but deliberately irregular: GQA with 6:2,
+# MQA (4:1), plain MHA (4:4), head_dim != hidden/heads (qwen3, like the real Qwen3), tied and
+# untied embeddings, a vocabulary that is not a power of two.
+_ARCH_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=288,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+    "llama3": dict(
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=32,
+        intermediate_size=384,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        tie_word_embeddings=True,
+    ),
+    "mistral": dict(
+        model_type="mistral",
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=192,
+        rms_norm_eps=1e-5,
+        rope_theta=1000000.0,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        vocab_size=1000,
+        hidden_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        intermediate_size=288,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        use_sliding_window=False,
+        sliding_window=None,
+        tie_word_embeddings=True,
+    ),
+    "qwen3": dict(
+        model_type="qwen3",
+        vocab_size=512,
+        hidden_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=288,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        attention_bias=False,
+        use_sliding_window=False,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    ),
+}
+
+# Overrides for a model whose every matrix row is a multiple of 256 values long, so that Q4_K/Q6_K
+# (256-value super-blocks) apply to every weight instead of falling back to F16.
+KQUANT_OVERRIDES: dict[str, Any] = dict(
+    hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=768
+)
+
+# Special-token ids are appended after the BPE vocabulary, at the top of the id range (as in Llama 3
+# and Qwen). bos/eos per family, as the real models' tokenizer_config.json set them.
+_TOKENIZER_STYLE: dict[str, dict[str, Any]] = {
+    "llama": dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=True, extra_eos=[]),
+    "llama3": dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=True, extra_eos=[IM_END]),
+    "mistral": dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=True, extra_eos=[]),
+    "qwen2": dict(regex=QWEN2_REGEX, bos=None, eos=IM_END, add_bos=False, extra_eos=[EOS]),
+    "qwen3": dict(regex=QWEN2_REGEX, bos=None, eos=IM_END, add_bos=False, extra_eos=[EOS]),
+}
+
+_CORPUS = """\
+The engine reads a model, splits the prompt into blocks of sixteen tokens and keeps every key and value
+in a paged cache. When a request arrives, the scheduler decides whether it can be admitted; when memory
+runs short, the youngest request is preempted and recomputed later. Decoding is memory bound: each step
+reads every weight once, so the flat GEMM kernels pad the batch only to eight rows, not to sixty-four.
+A softmax with a unified maximum avoids the synchronisation between partial results, because the
+maximum is estimated in advance from statistics of the model; when the estimate is wrong, the kernel
+falls back to the exact path. Numbers such as 3, 14, 159, 2653, 58979 and 323846 appear in logs,
+dates like 2024-03-17, versions like v0.1.0 and 1.2.3, and hex values like 0x7f3a or 0xDEADBEEF.
+Quantized weights come in blocks: Q8_0 keeps thirty-two signed bytes and one half-precision scale;
+Q4_0 packs two values per byte; Q4_K and Q6_K group eight or sixteen sub-blocks under a super-block.
+def forward(self, x):\n    h = self.norm(x)\n    return x + self.mlp(h)  # residual
+for (int i = 0; i < n; ++i) { acc += a[i] * b[i]; }
+She said: "It's fine, we'll see." They've gone; I'd rather stay. You're right, isn't it?
+Le modèle génère du texte en français, en español también, und auch auf Deutsch: Grüße!
+Привет, мир. こんにちは世界。 你好，世界。 🙂 👍 ✓ → ∑ ∞ ≈ ±
+"""
+
+
+def _training_text(seed: int = 1234) -> list[str]:
+    """The built-in corpus plus deterministic pseudo-words, enough to reach ~1000 merges."""
+    rng = random.Random(seed)
+    lines = _CORPUS.splitlines()
+    words = " ".join(lines).split()
+    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "ve", "den", "ston", "ing", "er", "al"]
+    for _ in range(300):
+        n = rng.randint(4, 14)
+        sentence = []
+        for _ in range(n):
+            if rng.random() < 0.5:
+                sentence.append(rng.choice(words))
+            else:
+                sentence.append("".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))))
+        lines.append(" ".join(sentence) + rng.choice([".", ",", "!", "?", ";", ":", "\n"]))
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def build_tokenizer(vocab_size: int, regex: str = LLAMA3_REGEX, add_bos: bool = True) -> Any:
+    """A byte-level BPE ``tokenizers.Tokenizer`` with exactly ``vocab_size`` ids, the four special
+    tokens at the top of the range."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    n_regular = vocab_size - len(SPECIAL_TOKENS)
+    trainer = trainers.BpeTrainer(
+        vocab_size=n_regular,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    tok.train_from_iterator(_training_text(), trainer=trainer)
+    have = tok.get_vocab_size(with_added_tokens=False)
+    if have != n_regular:
+        raise RuntimeError(f"BPE training reached {have} tokens, wanted {n_regular}; enlarge the corpus")
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    if add_bos:
+        bos_id = tok.token_to_id(BOS)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 $B:1", special_tokens=[(BOS, bos_id)]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
+    return tok
+
+
+def _save_tokenizer(arch: str, out_dir: Path, vocab_size: int) -> dict[str, Any]:
+    style = _TOKENIZER_STYLE[arch]
+    tok = build_tokenizer(vocab_size, style["regex"], style["add_bos"])
+    tok.save(str(out_dir / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    added_tokens_decoder = {
+        str(ids[t]): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t in SPECIAL_TOKENS
+    }
+    tokenizer_config = {
+        "add_bos_token": style["add_bos"],
+        "add_eos_token": False,
+        "added_tokens_decoder": added_tokens_decoder,
+        "bos_token": style["bos"],
+        "eos_token": style["eos"],
+        "pad_token": None,
+        "unk_token": None,  # else transformers 5's Qwen2Tokenizer adds its default "<|endoftext|>"
+        "chat_template": CHATML_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 512,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
+    (out_dir / "special_tokens_map.json").write_text(
+        json.dumps(
+            {k: v for k, v in (("bos_token", style["bos"]), ("eos_token", style["eos"])) if v is not None},
+            indent=2,
+        )
+    )
+    bos_id = ids[style["bos"]] if style["bos"] else None
+    eos_ids = [ids[style["eos"]]] + [ids[t] for t in style["extra_eos"]]
+    return {"bos_token_id": bos_id, "eos_token_id": ids[style["eos"]], "generation_eos": eos_ids}
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+
+def arch_config(arch: str, **overrides: Any) -> dict[str, Any]:
+    if arch not in _ARCH_CONFIGS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    cfg = dict(_ARCH_CONFIGS[arch])
+    cfg.update(max_position_embeddings=512)
+    cfg.update(overrides)
+    return cfg
+
+
+def _config_class(model_type: str) -> Any:
+    import transformers
+
+    return {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+    }[model_type]
+
+
+@torch.no_grad()
+def randomize_weights(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random, seeded. Linear weights ~ N(0, 1/fan_in) so activations keep unit
+    scale; embeddings/lm_head ~ N(0, 0.25^2) so logits spread over a few nats (top-5 distinct but
+    not one-hot); norms ~ N(1, 0.1^2) (q/k norms 0.2); biases ~ N(0, 0.2^2)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(shape: torch.Size) -> torch.Tensor:
+        return torch.randn(shape, generator=g, dtype=torch.float32)
+
+    for name, p in model.named_parameters():  # tied lm_head is the embedding and appears once
+        if "q_norm" in name or "k_norm" in name:
+            value = 1.0 + 0.2 * randn(p.shape)
+        elif "norm" in name:
+            value = 1.0 + 0.1 * randn(p.shape)
+        elif name.endswith(".bias"):
+            value = 0.2 * randn(p.shape)
+        elif "embed_tokens" in name or "lm_head" in name:
+            value = 0.25 * randn(p.shape)
+        elif p.ndim == 2:
+            value = randn(p.shape) / math.sqrt(p.shape[1])
+        else:
+            raise AssertionError(f"unexpected parameter {name} {tuple(p.shape)}")
+        p.copy_(value.to(p.dtype))
+
+
+def make_hf_model(
+    arch: str, out_dir: Path, *, seed: int = 0, shards: bool = False, **config_overrides: Any
+) -> Path:
+    """Build a random ``arch`` model and save it (safetensors, tokenizer, configs) into ``out_dir``."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = arch_config(arch, **config_overrides)
+    model_type = cfg.pop("model_type")
+    tok_ids = _save_tokenizer(arch, out_dir, cfg["vocab_size"])
+    generation_eos = tok_ids.pop("generation_eos")
+    cfg.setdefault("bos_token_id", tok_ids["bos_token_id"])
+    cfg.setdefault("eos_token_id", tok_ids["eos_token_id"])
+    cfg.setdefault("pad_token_id", None)
+    config = _config_class(model_type)(**cfg)
+    torch.manual_seed(seed)  # from_config's own init is overwritten below, but keep it deterministic
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    randomize_weights(model, seed)
+    save_kwargs: dict[str, Any] = {}
+    if shards:
+        save_kwargs["max_shard_size"] = "100KB"
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        save_kwargs["safe_serialization"] = True
+    model.save_pretrained(out_dir, **save_kwargs)
+    GenerationConfig(
+        bos_token_id=tok_ids["bos_token_id"],
+        eos_token_id=generation_eos if len(generation_eos) > 1 else generation_eos[0],
+        do_sample=False,
+    ).save_pretrained(out_dir)
+    if shards and not (out_dir / "model.safetensors.index.json").exists():
+        raise RuntimeError("save_pretrained did not shard the model")
+    return out_dir
+
+
+_MODEL_CACHE: dict[tuple[Any, ...], Path] = {}
+_CACHE_ROOT: Path | None = None
+
+
+def cached_hf_model(
+    arch: str, *, seed: int = 0, shards: bool = False, root: Path | None = None, **config_overrides: Any
+) -> Path:
+    """``make_hf_model`` memoised for the process (the suite builds each model once)."""
+    global _CACHE_ROOT
+    key = (arch, seed, shards, tuple(sorted((k, repr(v)) for k, v in config_overrides.items())))
+    if key not in _MODEL_CACHE:
+        if root is None:
+            if _CACHE_ROOT is None:
+                _CACHE_ROOT = Path(tempfile.mkdtemp(prefix="flashdecode-models-"))
+            root = _CACHE_ROOT
+        name = f"{arch}-s{seed}{'-sharded' if shards else ''}-{len(_MODEL_CACHE)}"
+        _MODEL_CACHE[key] = make_hf_model(
+            arch, Path(root) / name, seed=seed, shards=shards, **config_overrides
+        )
+    return _MODEL_CACHE[key]
+
+
+_GGUF_CACHE: dict[tuple[Path, str], Path] = {}
+
+
+def cached_gguf(hf_dir: Path, tensor_type: str = "F32") -> Path:
+    key = (Path(hf_dir), tensor_type)
+    if key not in _GGUF_CACHE:
+        out = Path(hf_dir).parent / f"{Path(hf_dir).name}-{tensor_type}.gguf"
+        _GGUF_CACHE[key] = hf_to_gguf(hf_dir, out, tensor_type)
+    return _GGUF_CACHE[key]
+
+
+def clear_cache() -> None:
+    global _CACHE_ROOT
+    _MODEL_CACHE.clear()
+    _GGUF_CACHE.clear()
+    if _CACHE_ROOT is not None:
+        shutil.rmtree(_CACHE_ROOT, ignore_errors=True)
+        _CACHE_ROOT = None
+
+
+# ----------------------------------------------------------------------------------------------
+# K-quant encoders (gguf-py only ships their decoders). Straightforward, not llama.cpp's optimising
+# search: every block is a valid encoding that gguf.quants.dequantize reads back within one step.
+
+QK_K = 256
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16)
+
+
+def quantize_q4_k(data: np.ndarray) -> np.ndarray:
+    x = np.asarray(data, dtype=np.float32)
+    if x.shape[-1] % QK_K:
+        raise ValueError(f"Q4_K needs rows that are a multiple of {QK_K}, got {x.shape[-1]}")
+    rows = x.reshape(-1, QK_K)
+    n = rows.shape[0]
+    sub = rows.reshape(n, 8, 32)
+    lo = np.minimum(sub.min(axis=-1), 0.0)  # x = d*sc*q - dmin*m, q in 0..15, offset m >= 0
+    hi = sub.max(axis=-1)
+    scale = (hi - lo) / 15.0
+    offset = -lo
+    d = _f16(scale.max(axis=-1) / 63.0)
+    dmin = _f16(offset.max(axis=-1) / 63.0)
+    d32, dmin32 = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d32 > 0, np.rint(scale / d32), 0).clip(0, 63).astype(np.uint8)
+        m = np.where(dmin32 > 0, np.rint(offset / dmin32), 0).clip(0, 63).astype(np.uint8)
+        eff_scale = (d32 * sc)[..., None]
+        eff_min = (dmin32 * m)[..., None]
+        q = np.where(eff_scale > 0, np.rint((sub + eff_min) / eff_scale), 0).clip(0, 15).astype(np.uint8)
+    scales = np.zeros((n, 12), dtype=np.uint8)
+    scales[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    scales[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:8] & 0x0F) | ((m[:, 4:8] & 0x0F) << 4)
+    qs = (q[:, 0::2, :] | (q[:, 1::2, :] << 4)).reshape(n, 128)
+    blocks = np.concatenate(
+        [d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2), scales, qs], axis=1
+    )
+    return blocks.reshape(*x.shape[:-1], x.shape[-1] // QK_K * 144)
+
+
+def quantize_q6_k(data: np.ndarray) -> np.ndarray:
+    x = np.asarray(data, dtype=np.float32)
+    if x.shape[-1] % QK_K:
+        raise ValueError(f"Q6_K needs rows that are a multiple of {QK_K}, got {x.shape[-1]}")
+    rows = x.reshape(-1, QK_K)
+    n = rows.shape[0]
+    sub = rows.reshape(n, 16, 16)
+    scale = np.abs(sub).max(axis=-1) / 31.0  # x = d*sc*(q-32), q-32 in -32..31
+    d = _f16(scale.max(axis=-1) / 127.0)
+    d32 = d.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d32 > 0, np.rint(scale / d32), 0).clip(-128, 127).astype(np.int8)
+        eff = (d32 * sc.astype(np.float32))[..., None]
+        q = np.where(eff != 0, np.rint(sub / eff), 0).clip(-32, 31).astype(np.int16) + 32
+    q = q.astype(np.uint8).reshape(n, 2, 128)
+    low, high = q & 0x0F, q >> 4
+    ql = (low[:, :, 0:64] | (low[:, :, 64:128] << 4)).reshape(n, 128)
+    qh = high[:, :, 0:32] | (high[:, :, 32:64] << 2) | (high[:, :, 64:96] << 4) | (high[:, :, 96:128] << 6)
+    qh = qh.reshape(n, 64)
+    blocks = np.concatenate([ql, qh, sc.view(np.uint8), d.view(np.uint8).reshape(n, 2)], axis=1)
+    return blocks.reshape(*x.shape[:-1], x.shape[-1] // QK_K * 210)
+
+
+def quantize(data: np.ndarray, qtype: Any) -> np.ndarray:
+    """``gguf.quants.quantize`` plus the K-quant encoders above."""
+    import gguf
+
+    if qtype == gguf.GGMLQuantizationType.Q4_K:
+        return quantize_q4_k(data)
+    if qtype == gguf.GGMLQuantizationType.Q6_K:
+        return quantize_q6_k(data)
+    return gguf.quants.quantize(data, qtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# HF -> GGUF, after llama.cpp's convert_hf_to_gguf.py
+
+
+# HF model_type -> (gguf.MODEL_ARCH member name, llama.cpp permutes Q/K rows)
+_GGUF_ARCH = {
+    "llama": ("LLAMA", True),
+    "mistral": ("LLAMA", True),
+    "qwen2": ("QWEN2", False),
+    "qwen3": ("QWEN3", False),
+}
+
+FILE_TYPES = {
+    "F32": "ALL_F32",
+    "F16": "MOSTLY_F16",
+    "BF16": "MOSTLY_BF16",
+    "Q8_0": "MOSTLY_Q8_0",
+    "Q4_0": "MOSTLY_Q4_0",
+    "Q4_1": "MOSTLY_Q4_1",
+    "Q5_0": "MOSTLY_Q5_0",
+    "Q5_1": "MOSTLY_Q5_1",
+    "Q4_K": "MOSTLY_Q4_K_S",
+    "Q6_K": "MOSTLY_Q6_K",
+}
+
+
+def permute(w: np.ndarray | torch.Tensor, n_head: int, n_head_kv: int | None = None) -> Any:
+    """llama.cpp's ``LlamaModel.permute``: HF's half-split RoPE rows -> GGML's interleaved pairs."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute(w: np.ndarray | torch.Tensor, n_head: int) -> Any:
+    """Inverse of ``permute`` (what a GGUF reader must do to get HF's layout back)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(rope: dict[str, Any], head_dim: int, rope_theta: float) -> torch.Tensor:
+    """``LlamaModel.generate_extra_tensors``: per-frequency divisors for Llama-3 RoPE scaling.
+
+    llama.cpp reads ``original_max_position_embeddings`` from the top level of config.json (default
+    8192, which is what every real Llama 3.x uses). Our tiny model puts 64 in ``rope_scaling``, where
+    transformers reads it, so we take it from there: the GGUF must describe the same model.
+    """
+    freqs = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor = rope.get("factor", 8.0)
+    low_freq_factor = rope.get("low_freq_factor", 1.0)
+    high_freq_factor = rope.get("high_freq_factor", 4.0)
+    old_context_len = rope.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+def _load_hparams(hf_dir: Path) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    hparams = AutoConfig.from_pretrained(hf_dir).to_dict()
+    # TextModel.__init__: rope_parameters (transformers 5) or rope_scaling (4.x), theta mirrored in
+    rope = dict(hparams.get("rope_parameters") or hparams.get("rope_scaling") or {})
+    if "rope_theta" not in rope and hparams.get("rope_theta") is not None:
+        rope["rope_theta"] = hparams["rope_theta"]
+    if "rope_type" not in rope and rope.get("type") is not None:
+        rope["rope_type"] = rope["type"]
+    hparams["_rope"] = rope
+    return hparams
+
+
+def _iter_safetensors(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        parts = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        parts = sorted(p.name for p in hf_dir.glob("model*.safetensors"))
+    if not parts:
+        raise FileNotFoundError(f"no safetensors in {hf_dir}")
+    for part in parts:
+        with safe_open(str(hf_dir / part), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _vocab_base(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str]:
+    """``TextModel.get_vocab_base`` + ``get_vocab_base_pre`` for our tokenizers."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    tok_json = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    vocab = tok.get_vocab(with_added_tokens=True)
+    assert max(vocab.values()) < vocab_size
+    added = {t["content"]: t for t in tok_json.get("added_tokens", [])}
+    reverse = {i: t for t, i in vocab.items()}
+    tokens: list[str] = []
+    toktypes: list[int] = []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            toktypes.append(gguf.TokenType.UNUSED)
+            continue
+        token = reverse[i]
+        if token in added:
+            special = added[token].get("special") or (token.startswith("<|") and token.endswith("|>"))
+            toktypes.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            toktypes.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+
+    # llama.cpp identifies the pre-tokenizer by hashing the tokens of a check string, against a table
+    # of known models; a new tokenizer is unknown to it. Ours reuse two known regexes, so name them.
+    pre = tok_json.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", [pre])
+    regex = next((p.get("pattern", {}).get("Regex") for p in pres if p.get("type") == "Split"), None)
+    if regex in _PRE_BY_REGEX:
+        tokpre = _PRE_BY_REGEX[regex]
+    elif any(p.get("type") == "ByteLevel" and p.get("use_regex", True) for p in pres):
+        tokpre = "gpt-2"
+    else:
+        raise NotImplementedError("BPE pre-tokenizer was not recognized")
+    return tokens, toktypes, tokpre
+
+
+def hf_to_gguf(hf_dir: Path, out_path: Path, tensor_type: str = "F32") -> Path:
+    """Convert a (factory-made) HF folder to GGUF as llama.cpp's convert_hf_to_gguf.py would."""
+    import gguf
+
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    if tensor_type not in FILE_TYPES:
+        raise ValueError(f"tensor_type must be one of {sorted(FILE_TYPES)}, got {tensor_type!r}")
+    qtype_requested = gguf.GGMLQuantizationType[tensor_type]
+    ftype = gguf.LlamaFileType[FILE_TYPES[tensor_type]]
+
+    hparams = _load_hparams(hf_dir)
+    model_type = hparams["model_type"]
+    if model_type not in _GGUF_ARCH:
+        raise NotImplementedError(f"no GGUF conversion for model_type {model_type!r}")
+    arch_member, permute_qk = _GGUF_ARCH[model_type]
+    arch = gguf.MODEL_ARCH[arch_member]
+    arch_name = gguf.MODEL_ARCH_NAMES[arch]
+    n_layers = hparams["num_hidden_layers"]
+    n_head = hparams["num_attention_heads"]
+    n_head_kv = hparams.get("num_key_value_heads")
+    rope = hparams["_rope"]
+    head_dim = hparams.get("head_dim") or hparams["hidden_size"] // n_head
+
+    writer = gguf.GGUFWriter(path=None, arch=arch_name)
+    tensor_map = gguf.get_tensor_name_map(arch, n_layers)
+
+    # --- tensors (ModelBase.prepare_tensors) ---
+    def extra_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        if arch == gguf.MODEL_ARCH.LLAMA and str(rope.get("rope_type", "")).lower() == "llama3":
+            yield (
+                gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                llama3_rope_factors(rope, head_dim, rope.get("rope_theta", 10000.0)),
+            )
+
+    def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, data in _iter_safetensors(hf_dir):
+            if name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")):
+                continue
+            if permute_qk:
+                if name.endswith(("q_proj.weight", "q_proj.bias")):
+                    data = permute(data, n_head, n_head)
+                if name.endswith(("k_proj.weight", "k_proj.bias")):
+                    data = permute(data, n_head, n_head_kv)
+            new_name = tensor_map.get_name(name, try_suffixes=(".weight", ".bias"))
+            if new_name is None:
+                raise ValueError(f"can not map tensor {name!r}")
+            yield new_name, data
+
+    for new_name, data_torch in list(extra_tensors()) + list(hf_tensors()):
+        if data_torch.dtype not in (torch.float16, torch.float32):
+            data_torch = data_torch.to(torch.float32)
+        data = data_torch.numpy()
+        qtype = qtype_requested
+        if data.ndim <= 1 or new_name.endswith("_norm.weight") or not new_name.endswith(".weight"):
+            qtype = gguf.GGMLQuantizationType.F32  # 1-D tensors and norms stay F32, as llama.cpp does
+        try:
+            data = quantize(data, qtype)
+        except (gguf.QuantError, ValueError):
+            qtype = gguf.GGMLQuantizationType.F16  # llama.cpp: "falling back to F16"
+            data = quantize(data, qtype)
+        writer.add_tensor(new_name, data, raw_dtype=qtype)
+
+    # --- metadata (prepare_metadata: set_type, meta model, set_gguf_parameters, quant version) ---
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(hf_dir.name)
+    writer.add_block_count(n_layers)
+    writer.add_context_length(hparams["max_position_embeddings"])
+    writer.add_embedding_length(hparams["hidden_size"])
+    writer.add_feed_forward_length(hparams["intermediate_size"])
+    writer.add_head_count(n_head)
+    if n_head_kv is not None:
+        writer.add_head_count_kv(n_head_kv)
+    rope_type = rope.get("rope_type")
+    if rope_type == "linear" and rope.get("factor") is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    elif rope_type not in (None, "default", "llama3"):  # llama3 is the rope_freqs tensor
+        raise NotImplementedError(f"rope_type {rope_type!r}")
+    if rope.get("rope_theta") is not None:
+        writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_layer_norm_rms_eps(hparams["rms_norm_eps"])
+    if hparams.get("head_dim") is not None:
+        writer.add_key_length(hparams["head_dim"])
+        writer.add_value_length(hparams["head_dim"])
+    writer.add_file_type(ftype)
+    if arch == gguf.MODEL_ARCH.LLAMA:  # LlamaModel.set_gguf_parameters
+        writer.add_vocab_size(hparams["vocab_size"])
+        writer.add_rope_dimension_count(head_dim)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    # --- vocabulary (_set_vocab_gpt2) ---
+    tokens, toktypes, tokpre = _vocab_base(hf_dir, hparams["vocab_size"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tokpre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(toktypes)
+    special_vocab = gguf.SpecialVocab(hf_dir, load_merges=True)
+    special_vocab.add_to_gguf(writer, quiet=True)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file(path=out_path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_path
+
+
+# ----------------------------------------------------------------------------------------------
+# reading back (for tests)
+
+
+def read_gguf_tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """name -> (ggml type name, float32 array in PyTorch's dim order), dequantized by gguf-py."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))
+        arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32).reshape(shape)
+        out[t.name] = (t.tensor_type.name, arr)
+    return out
+
+
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {k: f.contents() for k, f in reader.fields.items()}
