@@ -14,7 +14,7 @@ from ..errors import FlashDecodeError, InvalidPromptError, PromptTooLongError
 from ..hardware.probe import physical_cores
 from ..models.decoder import Decoder
 from ..models.loader import load_model
-from ..ops.attention import KVCache
+from ..ops.kv_cache import KVCache
 from ..outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.decoder import Decoder
-from ..ops.attention import AttentionMetadata, KVCache, PrefillSegment
+from ..ops.attention import AttentionMetadata, PrefillSegment
+from ..ops.kv_cache import KVCache
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops.attention import AttentionMetadata, KVCache, paged_attention
+from ..ops.attention import AttentionMetadata, paged_attention
+from ..ops.kv_cache import KVCache
 from ..ops.linear import Linear
 from ..ops.rope import RotaryEmbedding
 from .spec import ModelSpec

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .kv_cache import KVCache
+
 
 @dataclass
 class PrefillSegment:
@@ -35,23 +37,6 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None = None  # [num_decode, max_context] key slots, padded
     decode_context_lens: torch.Tensor | None = None  # [num_decode]
     prefills: list[PrefillSegment] = field(default_factory=list)
-
-
-class KVCache:
-    """Keys and values of every layer, one row per slot."""
-
-    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
-        # torch.empty: pages the OS has not yet touched cost no RAM, so a generous budget is cheap
-        self.k = torch.empty(num_layers, num_slots, num_kv_heads, head_dim, dtype=dtype)
-        self.v = torch.empty(num_layers, num_slots, num_kv_heads, head_dim, dtype=dtype)
-
-    @property
-    def bytes_per_slot(self) -> int:
-        return 2 * self.k.shape[0] * self.k.shape[2] * self.k.shape[3] * self.k.element_size()
-
-    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer].index_copy_(0, slot_mapping, k.to(self.k.dtype))
-        self.v[layer].index_copy_(0, slot_mapping, v.to(self.v.dtype))
 
 
 def decode_attention_exact(
@@ -92,15 +77,12 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, H, D] for the step's flattened tokens (their K/V already written); returns [T, H, D]."""
     out = torch.empty_like(q)
-    k_all, v_all = cache.k[layer], cache.v[layer]
     nd = meta.num_decode
     if nd:
-        k = k_all[meta.decode_slots]
-        v = v_all[meta.decode_slots]
+        k, v = cache.gather(layer, meta.decode_slots, q.dtype)
         out[:nd] = decode_attention_exact(q[:nd], k, v, meta.decode_context_lens, scale)
     for seg in meta.prefills:
         sl = slice(seg.start, seg.start + seg.num_query)
-        out[sl] = prefill_attention_exact(
-            q[sl], k_all[seg.slots].to(q.dtype), v_all[seg.slots].to(q.dtype), scale
-        )
+        k, v = cache.gather(layer, seg.slots, q.dtype)
+        out[sl] = prefill_attention_exact(q[sl], k, v, scale)
     return out
