@@ -23,6 +23,26 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16")
     p.add_argument("--max-model-len", type=int, default=None, help="context length per sequence")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument(
+        "--softmax",
+        choices=("auto", "exact", "unified"),
+        default="auto",
+        help="attention softmax: exact, unified (FlashDecoding++'s unified max value), or auto "
+        "(unified when `flashdecode calibrate` has calibrated the model)",
+    )
+    p.add_argument(
+        "--dataflow",
+        choices=("auto", "off"),
+        default="auto",
+        help="linear kernels: auto (the table `flashdecode tune` wrote for this machine, else the default "
+        "plan) or off (one fixed kernel per weight format)",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=("int8", "int4"),
+        default=None,
+        help="quantize float weights at load: int8 (Q8_0) or int4 (Q4_1), group size 32",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -50,13 +70,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a model: architecture, size, formats, context")
     info.add_argument("--model", default=None)
+
+    from . import bench
+    from .hardware import roofline
+
+    roof = sub.add_parser("roofline", help="this machine's ceilings and the model's bound on tokens/s")
+    roofline.add_arguments(roof)
+    bench_parser = sub.add_parser("bench", help="offline prefill/decode throughput, latency vs the roofline")
+    bench.add_arguments(bench_parser)
+
+    cal = sub.add_parser("calibrate", help="choose the unified softmax max value (phi) for a model")
+    cal.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: embedded)")
+    cal.add_argument("--text", default=None, help="calibration text file (default: the shipped sample)")
+    cal.add_argument("--heldout", default=None, help="held-out text file for the fallback rate")
+    cal.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+
+    tune = sub.add_parser("tune", help="time the linear kernels per shape and M; write this machine's table")
+    tune.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: embedded)")
+    tune.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    tune.add_argument(
+        "--allow-approx",
+        action="store_true",
+        help="also consider kernels that round weights or activations (bf16)",
+    )
+    tune.add_argument("--quick", action="store_true", help="a coarse M grid and short timings (a smoke test)")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def _make_llm(args: argparse.Namespace) -> Any:
     from .llm import LLM
 
-    return LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, num_threads=args.threads)
+    return LLM(
+        model=args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        num_threads=args.threads,
+        softmax=args.softmax,
+        dataflow=args.dataflow,
+        quantization=args.quantization,
+    )
 
 
 def _sampling(args: argparse.Namespace) -> Any:
@@ -163,7 +216,62 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+def cmd_roofline(args: argparse.Namespace) -> int:
+    from .hardware.roofline import cmd_roofline as run
+
+    return run(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import cmd_bench as run
+
+    return run(args)
+
+
+def _read_text(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FlashDecodeError(f"cannot read {path}: {exc}") from exc
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .hardware.calibrate import calibrate, format_report
+
+    text, heldout = _read_text(args.text), _read_text(args.heldout)
+    calibration, path = calibrate(args.model, text, heldout, num_threads=args.threads)
+    print(format_report(calibration, path))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .hardware.tuner import tune_model
+
+    if args.threads is not None and args.threads < 1:
+        raise FlashDecodeError(f"--threads {args.threads}: must be a positive integer")
+    _, path = tune_model(
+        args.model,
+        num_threads=args.threads,
+        allow_approx=args.allow_approx,
+        quick=args.quick,
+        progress=not args.no_progress,
+    )
+    print(f"table: {path}")
+    return 0
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "info": cmd_info,
+    "roofline": cmd_roofline,
+    "bench": cmd_bench,
+    "calibrate": cmd_calibrate,
+    "tune": cmd_tune,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

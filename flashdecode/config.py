@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import FlashDecodeError
+from .ops.attention import SOFTMAX_MODES
+from .ops.kv_cache import KV_CACHE_DTYPES
 
 _DTYPES = {
     "float32": torch.float32,
@@ -27,12 +29,23 @@ class EngineConfig:
     dtype: str = "auto"  # compute dtype; "auto": float32 unless the checkpoint is stored in bfloat16
     max_model_len: int | None = None  # prompt + generated tokens per sequence; None = the model's context
     kv_block_size: int = 16  # tokens per KV-cache block
-    kv_cache_bytes: int | None = None  # KV-cache budget; None = max_num_seqs full-length sequences, <= 2 GiB
+    # KV-cache budget: bytes, or a fraction of the memory available at start-up; with neither, room for
+    # max_num_seqs full-length sequences capped at 2 GiB and at a quarter of the available memory
+    kv_cache_bytes: int | None = None
+    kv_cache_memory_fraction: float | None = None
+    kv_cache_dtype: str = "auto"  # "auto" (the compute dtype), "bf16", or "int8" (per-token, per-head scales)
     max_num_seqs: int = 64  # sequences decoded together in one step
     max_num_batched_tokens: int = 1024  # tokens (prefill chunks + decodes) per step
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # None = this machine's physical cores
     seed: int = 0
+    # attention softmax (FlashDecoding++ section 3): "exact", "unified" (unified max value), or "auto"
+    # (unified when `flashdecode calibrate` has calibrated this model, else exact)
+    softmax: str = "auto"
+    # linear kernels per shape and M (FlashDecoding++ section 5): "auto" follows the table `flashdecode
+    # tune` wrote for this machine (else a documented default plan); "off": one fixed kernel per format
+    dataflow: str = "auto"
+    quantization: str | None = None  # None, "int8" (Q8_0) or "int4" (Q4_1): float weights at load
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -42,6 +55,21 @@ class EngineConfig:
             value = getattr(self, name)
             if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
                 raise FlashDecodeError(f"{name}={value!r} must be a positive integer")
+        fraction = self.kv_cache_memory_fraction
+        if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 0.95):
+            raise FlashDecodeError(f"kv_cache_memory_fraction={fraction!r} must be in (0, 0.95]")
+        if fraction is not None and self.kv_cache_bytes is not None:
+            raise FlashDecodeError("give kv_cache_bytes or kv_cache_memory_fraction, not both")
+        if self.dataflow not in ("auto", "off"):
+            raise FlashDecodeError(f"dataflow={self.dataflow!r}: expected auto or off")
+        if self.quantization not in (None, "int8", "int4"):
+            raise FlashDecodeError(f"quantization={self.quantization!r}: expected None, int8 or int4")
+        if self.softmax not in SOFTMAX_MODES:
+            raise FlashDecodeError(f"softmax={self.softmax!r}: expected one of {SOFTMAX_MODES}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise FlashDecodeError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r}: expected one of {KV_CACHE_DTYPES}"
+            )
 
     def torch_dtype(self, stored_format: str) -> torch.dtype:
         """The compute dtype, given the storage format of the model's embedding matrix."""

@@ -45,7 +45,9 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
+        """Generate for every prompt; ``priority`` (one per prompt, lower runs first) as vLLM's."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
         ):
@@ -60,18 +62,17 @@ class LLM:
             if len(params) != len(prompts):
                 raise FlashDecodeError(f"{len(params)} sampling_params for {len(prompts)} prompts")
 
-        ids = []
-        try:
-            # validate and queue everything first: a bad prompt fails the call before any work is done
-            for prompt, p in zip(prompts, params):
-                request_id = str(next(self._ids))
-                self.engine.add_request(request_id, prompt, p)
-                ids.append(request_id)
-        except Exception:
-            for request_id in ids:
-                self.engine.abort(request_id)
-            raise
-        return self._run(ids, use_tqdm)
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise FlashDecodeError(f"{len(priorities)} priorities for {len(prompts)} prompts")
+        # validate everything first: a bad prompt fails the call before any work is queued
+        requests = [
+            self.engine.make_request(str(next(self._ids)), prompt, p, prio)
+            for prompt, p, prio in zip(prompts, params, priorities)
+        ]
+        for request in requests:
+            self.engine.enqueue(request)
+        return self._run([r.request_id for r in requests], use_tqdm)
 
     def chat(
         self,

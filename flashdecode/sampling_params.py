@@ -15,6 +15,7 @@ _SAMPLING_EPS = 1e-5
 # The OpenAI API (and vLLM's default max_logprobs) caps logprobs at 20; larger values cost a top-k over
 # the vocabulary per step for no use anyone has asked for.
 MAX_LOGPROBS = 20
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
 
 def _is_int(value: object) -> bool:
@@ -56,6 +57,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # what each streamed output holds, as vLLM's RequestOutputKind: everything so far ("cumulative"),
+    # only what is new since the previous output ("delta"), or a single output when done ("final_only")
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n < 1:
@@ -99,6 +103,9 @@ class SamplingParams:
                 f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens!r} "
                 f"and max_tokens={self.max_tokens!r}"
             )
+
+        if self.output_kind not in OUTPUT_KINDS:
+            raise _fail("output_kind", f"one of {OUTPUT_KINDS}", self.output_kind)
 
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)

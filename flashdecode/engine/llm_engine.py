@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,8 @@ import torch
 
 from ..config import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from ..errors import FlashDecodeError, InvalidPromptError, PromptTooLongError
-from ..hardware.probe import physical_cores
+from ..hardware.calibrate import softmax_policy
+from ..hardware.probe import available_memory_bytes, physical_cores
 from ..models.decoder import Decoder
 from ..models.loader import load_model
 from ..ops.kv_cache import KVCache
@@ -21,10 +23,25 @@ from .block_manager import BlockManager
 from .detokenizer import append_new_text, find_stop_string
 from .model_runner import ModelRunner
 from .sampler import Sampler, SamplingRow, prompt_logprobs
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence
 
 PromptType = str | dict[str, Any] | list[int]
+
+
+@dataclass
+class StepRecord:
+    """What one step ran: the sequences that decoded and the prefill chunks (request id, tokens)."""
+
+    decodes: list[str]
+    prefills: list[tuple[str, int]]
+
+    @classmethod
+    def of(cls, batch: ScheduledBatch) -> StepRecord:
+        return cls(
+            decodes=[s.request.request_id for s in batch.decodes],
+            prefills=[(s.request.request_id, n) for s, n in batch.prefills],
+        )
 
 
 @dataclass
@@ -38,6 +55,10 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
+    # unified-max softmax (ops/attention.py): attention rows checked against the safe window, and the
+    # rows that left it and were recomputed with the exact softmax
+    attention_rows_checked: int = 0
+    attention_fallbacks: int = 0
 
 
 class LLMEngine:
@@ -50,13 +71,19 @@ class LLMEngine:
         self.formats = loaded.formats
         self.dtype = config.torch_dtype(loaded.formats.get("embed", ""))
         self.max_model_len = self._resolve_max_model_len()
-        self.model = Decoder(loaded, self.dtype)
+        self.model = Decoder(loaded, self.dtype, dataflow=config.dataflow, quantization=config.quantization)
         del loaded
+        self.model.softmax = softmax_policy(config.softmax, config.model, self.spec.num_layers)
 
         bs = config.kv_block_size
         num_blocks = self._num_kv_blocks()
         self.cache = KVCache(
-            self.spec.num_layers, num_blocks * bs, self.spec.num_kv_heads, self.spec.head_dim, self.dtype
+            self.spec.num_layers,
+            num_blocks * bs,
+            self.spec.num_kv_heads,
+            self.spec.head_dim,
+            self.dtype,
+            config.kv_cache_dtype,
         )
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -67,6 +94,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.spec.eos_token_ids) | self.tokenizer.stop_token_ids
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.step_log: list[StepRecord] | None = None  # set to [] to record every step (tests, tracing)
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -81,20 +109,28 @@ class LLMEngine:
         return wanted
 
     def _num_kv_blocks(self) -> int:
-        s, bs = self.spec, self.config.kv_block_size
-        bytes_per_block = 2 * s.num_layers * s.kv_size * self.dtype.itemsize * bs
+        s, cfg = self.spec, self.config
+        bs = cfg.kv_block_size
+        per_token = KVCache.bytes_per_token(
+            s.num_layers, s.num_kv_heads, s.head_dim, self.dtype, cfg.kv_cache_dtype
+        )
+        bytes_per_block = per_token * bs
         min_blocks = -(-self.max_model_len // bs)
-        if self.config.kv_cache_bytes is not None:
-            blocks = self.config.kv_cache_bytes // bytes_per_block
-            if blocks < min_blocks:
-                raise FlashDecodeError(
-                    f"kv_cache_bytes={self.config.kv_cache_bytes} holds {blocks * bs} tokens, fewer than "
-                    f"max_model_len={self.max_model_len}; raise it to at least {min_blocks * bytes_per_block}"
-                )
-            return blocks
-        # default: room for every sequence at full length, capped at DEFAULT_KV_CACHE_BYTES
-        wanted = self.config.max_num_seqs * min_blocks
-        return max(min_blocks, min(wanted, DEFAULT_KV_CACHE_BYTES // bytes_per_block))
+        if cfg.kv_cache_memory_fraction is not None:
+            budget = int(cfg.kv_cache_memory_fraction * available_memory_bytes())
+        elif cfg.kv_cache_bytes is not None:
+            budget = cfg.kv_cache_bytes
+        else:
+            # room for every sequence at full length, within a cap that leaves the machine usable
+            cap = min(DEFAULT_KV_CACHE_BYTES, available_memory_bytes() // 4)
+            return max(min_blocks, min(cfg.max_num_seqs * min_blocks, cap // bytes_per_block))
+        blocks = budget // bytes_per_block
+        if blocks < min_blocks:
+            raise FlashDecodeError(
+                f"the KV-cache budget of {budget} bytes holds {blocks * bs} tokens, fewer than "
+                f"max_model_len={self.max_model_len}; give at least {min_blocks * bytes_per_block} bytes"
+            )
+        return blocks
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -118,12 +154,15 @@ class LLMEngine:
             raise InvalidPromptError(f"prompt_token_ids must be integers in [0, {vocab})")
         return text, list(ids)
 
-    def add_request(
+    def make_request(
         self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0
     ) -> Request:
+        """Validate and tokenize a request without touching the scheduler (safe from any thread)."""
         params = params or SamplingParams()
-        if request_id in self.requests:
-            raise FlashDecodeError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise FlashDecodeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise FlashDecodeError(f"priority must be an integer, got {priority!r}")
         text, ids = self._prompt_ids(prompt)
         if not ids:
             raise InvalidPromptError("the prompt is empty")
@@ -137,11 +176,24 @@ class LLMEngine:
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
             generator = torch.Generator().manual_seed(seed)
-            seq = Sequence(request=request, index=index, token_ids=list(ids), generator=generator)
-            request.seqs.append(seq)
+            request.seqs.append(
+                Sequence(request=request, index=index, token_ids=list(ids), generator=generator)
+            )
+        return request
+
+    def enqueue(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise FlashDecodeError(f"request id {request.request_id!r} is already in use")
+        for seq in request.seqs:
             self.scheduler.add(seq)
-        self.requests[request_id] = request
-        self.prompt_tokens += len(ids)
+        self.requests[request.request_id] = request
+        self.prompt_tokens += len(request.prompt_token_ids)
+
+    def add_request(
+        self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0
+    ) -> Request:
+        request = self.make_request(request_id, prompt, params, priority)
+        self.enqueue(request)
         return request
 
     def abort(self, request_id: str) -> None:
@@ -169,15 +221,21 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            attention_rows_checked=self.model.softmax.rows_checked,
+            attention_fallbacks=self.model.softmax.fallbacks,
         )
 
     # --- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one batched model step; return the current output of every request it advanced."""
+        """Run one batched model step; return the output of every request it advanced (per each
+        request's ``output_kind``: cumulative, delta, or only once finished)."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        now = time.monotonic()
+        if self.step_log is not None:
+            self.step_log.append(StepRecord.of(batch))
         result = self.runner.run(batch)
         touched: dict[str, Request] = {}
         for seq in batch.decodes:
@@ -187,6 +245,8 @@ class LLMEngine:
         for seq in [*batch.decodes, *(s for s, _ in batch.prefills)]:
             self.block_manager.register_computed_blocks(seq)
             touched[seq.request.request_id] = seq.request
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
 
         for seq, first, logits in result.prompt_logits:
             request = seq.request
@@ -197,14 +257,21 @@ class LLMEngine:
         if result.sample_seqs:
             rows = [self._sampling_row(seq) for seq in result.sample_seqs]
             sampled = self.sampler(result.logits, rows)
+            now = time.monotonic()
             for seq, token, logprobs in zip(result.sample_seqs, sampled.token_ids, sampled.logprobs):
                 self._append_token(seq, token, logprobs)
+                metrics = seq.request.metrics
+                metrics.first_token_time = metrics.first_token_time or now
+                if seq.request.finished:
+                    metrics.finished_time = now
 
         outputs = []
         for request in touched.values():
-            outputs.append(request.output())
             if request.finished:
                 self.requests.pop(request.request_id, None)
+            elif request.params.output_kind == "final_only":
+                continue
+            outputs.append(request.output())
         return outputs
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:

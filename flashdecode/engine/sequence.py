@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
 
-from ..outputs import CompletionOutput, Logprob, RequestOutput
+from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 
 _arrival = itertools.count()
@@ -41,6 +42,9 @@ class Sequence:
     read_offset: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # how much of the completion earlier outputs already carried (for "delta" outputs)
+    sent_text: int = 0
+    sent_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.prefix_offset = max(0, self.num_prompt_tokens - 5)
@@ -79,13 +83,26 @@ class Sequence:
         # only the first sequence of a request computes them; n > 1 siblings share the prompt
         return self.params.prompt_logprobs is not None and self.index == 0
 
-    def completion(self) -> CompletionOutput:
+    def visible_text(self) -> str:
+        """The text a client may see now. While running, the last ``len(longest stop) - 1``
+        characters are held back: they could be the start of a stop string that is cut later, and
+        streamed text must never be taken back."""
+        if self.finish_reason is not None or not self.params.stop:
+            return self.text
+        hold = max(len(s) for s in self.params.stop) - 1
+        return self.text[: max(self.sent_text, len(self.text) - hold)]
+
+    def completion(self, delta: bool) -> CompletionOutput:
+        text, tokens = self.visible_text(), self.output_token_ids
+        logprobs = self.logprobs if self.params.logprobs is not None else None
+        start_text, start_tokens = (self.sent_text, self.sent_tokens) if delta else (0, 0)
+        self.sent_text, self.sent_tokens = len(text), len(tokens)
         return CompletionOutput(
             index=self.index,
-            text=self.text,
-            token_ids=list(self.output_token_ids),
-            cumulative_logprob=self.cumulative_logprob if self.params.logprobs is not None else None,
-            logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
+            text=text[start_text:],
+            token_ids=tokens[start_tokens:],
+            cumulative_logprob=self.cumulative_logprob if logprobs is not None else None,
+            logprobs=logprobs[start_tokens:] if logprobs is not None else None,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
         )
@@ -101,19 +118,31 @@ class Request:
     arrival: int = field(default_factory=lambda: next(_arrival))
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=list)
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
+    sent_prompt_logprobs: bool = False
 
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
 
     def output(self) -> RequestOutput:
-        wants = self.params.prompt_logprobs is not None
+        """The request's output now; with ``output_kind="delta"`` only what is new since the last call
+        (prompt logprobs travel once, in the first output after they are complete)."""
+        delta = self.params.output_kind == "delta"
+        prompt_logprobs = None
+        if self.params.prompt_logprobs is not None:
+            complete = len(self.prompt_logprobs) == len(self.prompt_token_ids)
+            if not delta or (complete and not self.sent_prompt_logprobs):
+                prompt_logprobs = list(self.prompt_logprobs)
+                self.sent_prompt_logprobs = complete
+        self.metrics.num_generated_tokens = sum(s.num_output_tokens for s in self.seqs)
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=list(self.prompt_token_ids),
-            prompt_logprobs=list(self.prompt_logprobs) if wants else None,
-            outputs=[s.completion() for s in self.seqs],
+            prompt_logprobs=prompt_logprobs,
+            outputs=[s.completion(delta) for s in self.seqs],
             finished=self.finished,
             num_cached_tokens=self.seqs[0].num_cached_tokens if self.seqs else 0,
+            metrics=self.metrics,
         )

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops.attention import AttentionMetadata, paged_attention
+from ..ops.attention import AttentionMetadata, SoftmaxPolicy, paged_attention
 from ..ops.kv_cache import KVCache
-from ..ops.linear import Linear
+from ..ops.linear import Linear, SplitLinear, configure, fused_linear
+from ..ops.quant import QuantizedTensor, prepare_weights
 from ..ops.rope import RotaryEmbedding
 from .spec import ModelSpec
 from .weights import LoadedModel
@@ -33,12 +34,12 @@ class DecoderLayer:
         self.mlp_norm = w[prefix + "mlp_norm"]
         qkv_bias = None
         if spec.family.qkv_bias:
-            qkv_bias = torch.cat([w[prefix + "q_bias"], w[prefix + "k_bias"], w[prefix + "v_bias"]])
-        self.qkv = Linear(torch.cat([w[prefix + "q"], w[prefix + "k"], w[prefix + "v"]]), qkv_bias)
+            qkv_bias = [w[prefix + "q_bias"], w[prefix + "k_bias"], w[prefix + "v_bias"]]
+        self.qkv = fused_linear([w[prefix + "q"], w[prefix + "k"], w[prefix + "v"]], qkv_bias)
         self.o = Linear(w[prefix + "o"])
         self.q_norm = w.get(prefix + "q_norm")
         self.k_norm = w.get(prefix + "k_norm")
-        self.gate_up = Linear(torch.cat([w[prefix + "gate"], w[prefix + "up"]]))
+        self.gate_up = fused_linear([w[prefix + "gate"], w[prefix + "up"]])
         self.down = Linear(w[prefix + "down"])
 
     def __call__(
@@ -49,6 +50,7 @@ class DecoderLayer:
         rope: RotaryEmbedding,
         cache: KVCache,
         meta: AttentionMetadata,
+        softmax: SoftmaxPolicy | None = None,
     ) -> torch.Tensor:
         s = self.spec
         t = x.shape[0]
@@ -63,7 +65,7 @@ class DecoderLayer:
         q = rope(q, positions)
         k = rope(k, positions)
         cache.write(index, meta.slot_mapping, k, v)
-        attn = paged_attention(q, cache, index, meta, s.head_dim**-0.5)
+        attn = paged_attention(q, cache, index, meta, s.head_dim**-0.5, softmax)
         x = x + self.o(attn.reshape(t, s.q_size))
         h = rms_norm(x, self.mlp_norm, s.norm_eps)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
@@ -71,9 +73,12 @@ class DecoderLayer:
 
 
 class Decoder:
-    def __init__(self, loaded: LoadedModel, dtype: torch.dtype):
+    def __init__(
+        self, loaded: LoadedModel, dtype: torch.dtype, dataflow: str = "auto", quantization: str | None = None
+    ):
         spec = loaded.spec
-        w = {name: t.to(dtype) for name, t in loaded.weights.items()}
+        # float tensors cast to dtype; GGUF blocks kept (ops/quant.py); optional int8/int4 quantization
+        w = prepare_weights(loaded.weights, dtype, quantization)
         self.spec = spec
         self.dtype = dtype
         self.embed = w["embed"]
@@ -81,15 +86,27 @@ class Decoder:
         self.norm = w["norm"]
         self.lm_head = Linear(self.embed if spec.tie_embeddings else w["lm_head"])
         self.rope = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.rope_scaling)
+        self.softmax: SoftmaxPolicy | None = None  # None: exact attention (ops/attention.py)
+        # every projection's kernel per M: the tuned table, the default plan, or one static kernel
+        self.dataflow = configure(self.linears(), dataflow)
+
+    def linears(self) -> list[Linear | SplitLinear]:
+        mods: list[Linear | SplitLinear] = [self.lm_head]
+        for layer in self.layers:
+            mods += [layer.qkv, layer.o, layer.gate_up, layer.down]
+        return mods
 
     @torch.inference_mode()
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for the step's flattened tokens."""
-        x = F.embedding(input_ids, self.embed)
+        if isinstance(self.embed, QuantizedTensor):
+            x = self.embed.rows(input_ids, self.dtype)
+        else:
+            x = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
-            x = layer(i, x, positions, self.rope, cache, meta)
+            x = layer(i, x, positions, self.rope, cache, meta, self.softmax)
         return rms_norm(x, self.norm, self.spec.norm_eps)
 
     @torch.inference_mode()

@@ -1,8 +1,9 @@
 """GGUF files (llama.cpp's format) -> ``ModelSpec`` + canonical weights + tokenizer.
 
-Quantized tensors are dequantized here with the ``gguf`` package's reference code, so every format
-it knows (Q4_0/Q4_1/Q8_0, K-quants, ...) loads; native quantized execution keeps the raw blocks
-instead (ops/linear.py). The raw type of every tensor is recorded for ``flashdecode info``.
+Matrices in a format with a native kernel (Q4_0, Q4_1, Q8_0) keep their blocks as a
+``QuantizedTensor`` (ops/quant.py) and run quantized; every other format the ``gguf`` package knows
+(K-quants, ...) is dequantized here with its reference code. The raw type of every tensor is
+recorded for ``flashdecode info``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelLoadError
+from ..ops.quant import NATIVE_FORMATS, QuantizedTensor
 from .spec import ModelSpec, RopeScaling, family_for
 from .tokenizer import Tokenizer
 from .weights import LoadedModel
@@ -77,6 +79,8 @@ def gguf_metadata(reader: Any) -> dict[str, Any]:
 def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's ``permute`` (convert_hf_to_gguf.py), which regroups each head's rows from
     Hugging Face's half-split RoPE layout into interleaved pairs for ggml's "normal" RoPE."""
+    if isinstance(w, QuantizedTensor):  # a row permutation moves whole rows of blocks: exact
+        return w.map_rows(lambda rows: _unpermute_qk(rows, n_head))
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
@@ -122,11 +126,14 @@ def _spec_from_metadata(meta: dict[str, Any], tensor_names: set[str], tokenizer:
     )
 
 
-def _tensor_to_torch(t: Any) -> torch.Tensor:
+def _tensor_to_torch(t: Any) -> torch.Tensor | QuantizedTensor:
     import gguf
 
     shape = [int(d) for d in reversed(t.shape)]  # ggml lists the fastest-varying dim first
     data = np.asarray(t.data)
+    if t.tensor_type.name in NATIVE_FORMATS and len(shape) == 2:
+        # formats with a native kernel keep their blocks (ops/quant.py); the rest are dequantized
+        return QuantizedTensor.from_gguf_blocks(t.tensor_type.name, data, shape)
     if t.tensor_type == gguf.GGMLQuantizationType.F32:
         arr = data.astype(np.float32, copy=False)
     elif t.tensor_type == gguf.GGMLQuantizationType.F16:

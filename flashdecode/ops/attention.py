@@ -1,22 +1,109 @@
-"""Paged attention over the KV cache.
+"""Paged attention over the KV cache: the exact reference and FlashDecoding++'s unified-max softmax.
 
 The cache stores keys and values per *slot*; block ``b`` of ``block_size`` tokens owns slots
 ``b * block_size ... b * block_size + block_size - 1``, so a sequence's block table maps its token
 positions to slots. A step's tokens arrive flattened: first one query token per decoding sequence,
 then each prefilling sequence's chunk (which attends causally to its cached prefix and to itself).
 
-This module holds the exact (synchronised-softmax) reference. FlashDecoding++'s asynchronized softmax
-with a unified max value (paper §3) is its sibling path and is selected through ``softmax``.
+Two softmax paths sit side by side here (``SoftmaxPolicy.mode``):
+
+**exact** (the reference): softmax(x) = exp(x - max x) / sum exp(x - max x). Split over key
+partitions (Flash-Decoding's split-K, FlashAttention's key blocks), each partition needs its own
+running max, and merging partitions rescales every partial sum by exp(m_p - m): a synchronisation.
+``decode_attention_exact`` / ``prefill_attention_exact`` are the monolithic references the engine
+has always used; ``decode_attention_splitk`` / ``prefill_attention_online`` are the synchronised
+split-K / online-softmax formulations the paper compares against (same blocking as the fast path).
+
+**unified** (FlashDecoding++, Hong et al., MLSys 2024, section 3, "asynchronized softmax with unified
+max value"): softmax is unchanged by subtracting any constant phi, so with one phi per layer chosen
+offline (``flashdecode calibrate``) every partition computes sum_j exp(x_j - phi) v_j and
+sum_j exp(x_j - phi) on its own and the partials are simply added; one division at the end. Nothing
+waits for a max. Because the partials only add, the CPU path lets the PV GEMM's reduction over the
+keys accumulate them (decode), or adds each key block's partial into the accumulator (prefill); the
+Triton kernels (``ops/triton/attention.py``) run the partitions as parallel programs and add them.
+
+**The safe window.** exp(x - phi) must neither overflow nor lose the row's dominant terms. The
+check costs nothing extra: with l = sum_j exp(x_j - phi) over a row of n keys,
+lse = phi + log l satisfies max x <= lse <= max x + log n, so
+
+    n * exp(a) <= l <= exp(b)    implies    a <= max_j x_j - phi    and    every x_j - phi <= b.
+
+``WINDOW_FP32`` = (a, b) for probabilities held in fp32 (the CPU path; bf16 has the same exponent
+range), ``WINDOW_FP16`` for fp16 probabilities fed to a tensor-core dot (the Triton path with fp16
+inputs): e^11 < 65504 and e^-9 is a normal fp16. A row whose l leaves the window (or is inf/NaN) is
+recomputed with the exact synchronised softmax, so the result is always exact; the fallback rate is
+what calibration minimises. Fallbacks and checked rows are counted on the policy.
+
+K and V are read only through ``KVCache.gather`` (it owns the storage format).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from .kv_cache import KVCache
+
+# (a, b) bounds on (max_j x_j - phi), certified through l as explained in the module docstring
+WINDOW_FP32 = (-60.0, 60.0)  # exp in fp32: e^60 * |v| stays finite, e^-60 is far above fp32's normal min
+WINDOW_FP16 = (-9.0, 11.0)  # probabilities cast to fp16 for the PV dot: e^11 < 65504, e^-9 > 6.1e-5
+MAX_ABS_PHI = 80.0  # exp(-phi) of a zeroed padding row must stay finite in fp32
+
+DECODE_PARTITION = 512  # keys per partition of the synchronised split-K baseline
+PREFILL_BLOCK_Q = 64  # query tokens per block of the chunked prefill paths
+PREFILL_BLOCK_K = 256  # keys per block of the chunked prefill paths
+
+SOFTMAX_MODES = ("auto", "exact", "unified")
+
+
+def window_for(dtype: torch.dtype) -> tuple[float, float]:
+    """The safe window for probabilities materialised in ``dtype``."""
+    return WINDOW_FP16 if dtype == torch.float16 else WINDOW_FP32
+
+
+@dataclass
+class SoftmaxPolicy:
+    """Which softmax the attention runs, with its calibration and its counters.
+
+    ``phi``: one value per layer, or a single value for every layer. ``window``: None picks
+    ``window_for`` the probabilities' dtype. ``backend``: "auto" runs Triton kernels on CUDA tensors
+    and the vectorised torch path elsewhere; "torch" / "triton" force one (tests run Triton on CPU
+    under ``TRITON_INTERPRET=1``). ``observer(layer, lse, n)``, when set, receives the exact
+    log-sum-exp of every row's scaled logits and the row's key count (calibration uses it).
+    """
+
+    mode: str = "exact"  # "exact" or "unified"
+    phi: tuple[float, ...] = (0.0,)
+    window: tuple[float, float] | None = None
+    backend: str = "auto"
+    rows_checked: int = 0
+    fallbacks: int = 0
+    observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("exact", "unified"):
+            raise ValueError(f"softmax mode {self.mode!r}: expected exact or unified")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend {self.backend!r}: expected auto, torch or triton")
+        self.phi = tuple(float(p) for p in (self.phi if isinstance(self.phi, (list, tuple)) else [self.phi]))
+        if not self.phi or not all(math.isfinite(p) and abs(p) <= MAX_ABS_PHI for p in self.phi):
+            raise ValueError(f"phi must be finite values within +-{MAX_ABS_PHI}, got {self.phi}")
+        if self.window is not None and not self.window[0] < self.window[1]:
+            raise ValueError(f"window {self.window} is empty")
+
+    def phi_at(self, layer: int) -> float:
+        return self.phi[layer] if len(self.phi) > 1 else self.phi[0]
+
+    def window_for(self, dtype: torch.dtype) -> tuple[float, float]:
+        return self.window if self.window is not None else window_for(dtype)
+
+    def reset_counters(self) -> None:
+        self.rows_checked = 0
+        self.fallbacks = 0
 
 
 @dataclass
@@ -37,6 +124,9 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None = None  # [num_decode, max_context] key slots, padded
     decode_context_lens: torch.Tensor | None = None  # [num_decode]
     prefills: list[PrefillSegment] = field(default_factory=list)
+
+
+# --- the exact references ----------------------------------------------------------------------
 
 
 def decode_attention_exact(
@@ -72,17 +162,439 @@ def prefill_attention_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     return out[0].transpose(0, 1)
 
 
-def paged_attention(
-    q: torch.Tensor, cache: KVCache, layer: int, meta: AttentionMetadata, scale: float
+# --- shared operand preparation ----------------------------------------------------------------
+# The fast paths never copy K or V: the (batch, kv head) pairs of a decode batch become one strided
+# batch dimension when the cache is gathered key-major (``gather_decode``), and a prefill segment's
+# [L, KVH, D] is already a strided [KVH, L, D] batch. Only fp32 casts copy.
+
+
+def gather_decode(cache: KVCache, layer: int, slots: torch.Tensor, dtype: torch.dtype):
+    """K and V of a decode batch as [B, L, KVH, D] views of key-major storage ([L, B, KVH, D]), in
+    which every (sequence, kv head) pair is one slice of a single strided batch (``_pairs``)."""
+    # contiguous: indexing lays its result out in the index's memory order
+    k, v = cache.gather(layer, slots.t().contiguous(), dtype)
+    return k.transpose(0, 1), v.transpose(0, 1)
+
+
+def _pairs(x: torch.Tensor) -> torch.Tensor:
+    """fp32 [B, L, KVH, D] -> [B * KVH, L, D], a view when B and KVH merge into one stride (the
+    layout of ``gather_decode``), else one copy into that layout."""
+    b, length, kvh, d = x.shape
+    if x.dtype != torch.float32:
+        x = x.float()
+    if x.stride(3) != 1 or (b > 1 and kvh > 1 and x.stride(0) != kvh * x.stride(2)):
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    batch_stride = x.stride(2) if kvh > 1 else x.stride(0)
+    return x.as_strided((b * kvh, length, d), (batch_stride, x.stride(1), 1))
+
+
+def _padded_rows(context_lens: torch.Tensor, length: int) -> list[tuple[int, int]]:
+    """(row, valid length) of the decode rows shorter than the padded width."""
+    short = torch.nonzero(context_lens < length).flatten().tolist()
+    return [(i, int(context_lens[i])) for i in short]
+
+
+def _decode_scores(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scaled queries [B*KVH, G, D], scores [B*KVH, G, L] (-inf past each row's length), K and V
+    as [B*KVH, L, D]. Padding keys of V are zeroed in place: garbage (even NaN) times a zero
+    probability must not reach a sum."""
+    b, h, d = q.shape
+    length, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    kp, vp = _pairs(k), _pairs(v)
+    qs = (q.float() * scale).view(b * kvh, g, d)
+    s = torch.bmm(qs, kp.transpose(1, 2))
+    for row, n in _padded_rows(context_lens, length):
+        vp[row * kvh : (row + 1) * kvh, n:] = 0.0
+        s[row * kvh : (row + 1) * kvh, :, n:] = float("-inf")
+    return qs, s, kp, vp
+
+
+def window_ok(lsum: torch.Tensor, n: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
+    """Rows whose unified sum ``lsum = sum exp(x - phi)`` over ``n`` keys certifies
+    a <= max x - phi and x - phi <= b (False for inf and NaN)."""
+    lo, hi = window
+    return (lsum >= n.to(lsum.dtype) * math.exp(lo)) & (lsum <= math.exp(hi))
+
+
+# --- decode ------------------------------------------------------------------------------------
+# q: [B, H, D]; k, v: [B, L, KVH, D] padded to the longest row (views from ``gather_decode`` cost
+# no copy; any layout works); context_lens: [B]. Outputs [B, H, D] in q's dtype, computed in fp32.
+
+
+def decode_attention_softmax(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """q: [T, H, D] for the step's flattened tokens (their K/V already written); returns [T, H, D]."""
+    """Exact decode with torch's fused softmax over each whole row, on the fast path's copy-free
+    operands: the strongest exact competitor on a CPU, where one thread owns a whole row anyway."""
+    _, s, _, vp = _decode_scores(q, k, v, context_lens, scale)
+    return torch.bmm(torch.softmax(s, dim=-1), vp).view(q.shape).to(q.dtype)
+
+
+def decode_attention_splitk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    partition_size: int = DECODE_PARTITION,
+) -> torch.Tensor:
+    """Exact split-K decode (Flash-Decoding), the paper's baseline: each partition of
+    ``partition_size`` keys takes its own max m_p and exponentiates against it; then the partitions
+    synchronise on m = max_p m_p and every partition's terms are rescaled by e^(m_p - m) before they
+    are added (the rescale is applied to the probabilities so that one PV GEMM serves every
+    partition). Vectorised across batch, heads and partitions."""
+    _, s, _, vp = _decode_scores(q, k, v, context_lens, scale)
+    rows, g, length = s.shape
+    full = length // partition_size * partition_size
+    parts = [s[..., :full].view(rows, g, -1, partition_size)] if full else []
+    if full < length:
+        parts.append(s[..., full:].unsqueeze(2))
+    maxes = [p.amax(-1, keepdim=True) for p in parts]  # [rows, G, P, 1]; -inf for an empty partition
+    m = torch.cat(maxes, 2).amax(2, keepdim=True)
+    for p, mp in zip(parts, maxes):
+        p.sub_(torch.where(mp == float("-inf"), 0.0, mp)).exp_()
+        p.mul_(torch.exp(mp - m))  # the synchronisation
+    out = torch.bmm(s, vp) / s.sum(-1, keepdim=True)
+    return out.view(q.shape).to(q.dtype)
+
+
+def decode_attention_unified(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    phi: float,
+    window: tuple[float, float] = WINDOW_FP32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unified-max decode; returns (out [B, H, D], fallback [B, H] bool: the rows that left the
+    window and were recomputed with the exact softmax).
+
+    p = exp(x - phi) needs no max, so nothing partitions or synchronises: the PV GEMM's reduction
+    over the keys adds every partition's partial sum_j p_j v_j as it goes, and sum_j p_j is one sum.
+    """
+    b, h, d = q.shape
+    qs, s, kp, vp = _decode_scores(q, k, v, context_lens, scale)
+    if phi:
+        s.sub_(phi)
+    s.exp_()
+    lsum = s.sum(-1)  # [B*KVH, G]
+    out = torch.bmm(s, vp)
+    out /= lsum[..., None]
+    kvh = k.shape[2]
+    fallback = ~window_ok(lsum, context_lens.repeat_interleave(kvh)[:, None], window)
+    if bool(fallback.any()):
+        for pair in torch.nonzero(fallback.any(-1)).flatten().tolist():
+            n = int(context_lens[pair // kvh])
+            sel = fallback[pair]
+            p = torch.softmax(qs[pair, sel] @ kp[pair, :n].transpose(0, 1), dim=-1)
+            out[pair, sel] = p @ vp[pair, :n]
+    return out.view(b, h, d).to(q.dtype), fallback.view(b, h)
+
+
+# --- prefill -----------------------------------------------------------------------------------
+# q: [N, H, D], the last N of a sequence's L positions; k, v: [L, KVH, D]; causal. Blocks of
+# ``block_q`` queries x ``block_k`` keys cover the causal lower triangle; K and V are strided
+# [KVH, L, D] views (no copy). Outputs [N, H, D] in q's dtype, computed in fp32.
+
+
+def _prefill_blocks(n: int, length: int, block_q: int, block_k: int):
+    """(q0, q1, k0, k1, needs_mask, last) over the causal lower triangle of the [n x length] scores."""
+    offset = length - n
+    for q0 in range(0, n, block_q):
+        q1 = min(n, q0 + block_q)
+        visible = offset + q1  # keys the last query of the block sees
+        for k0 in range(0, visible, block_k):
+            k1 = min(visible, k0 + block_k)
+            yield q0, q1, k0, k1, k1 > offset + q0 + 1, k1 == visible
+
+
+def _causal_mask(q0: int, q1: int, k0: int, k1: int, offset: int, g: int) -> torch.Tensor:
+    """[(q1 - q0) * G, k1 - k0] True where the key is in the query's future; rows are (query, group)."""
+    pos = torch.arange(offset + q0, offset + q1).repeat_interleave(g)
+    return torch.arange(k0, k1)[None, :] > pos[:, None]
+
+
+def _prefill_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float):
+    """Scaled queries [KVH, N * G, D] (rows ordered (query, group)), K and V as [KVH, L, D]."""
+    n, h, d = q.shape
+    kvh = k.shape[1]
+    qs = (q.float() * scale).view(n, kvh, h // kvh, d).transpose(0, 1).reshape(kvh, n * (h // kvh), d)
+    # head-major copies: K and V are read once per query block, so one copy pays for itself
+    kp = k.float().transpose(0, 1).contiguous()
+    return qs, kp, None if v is None else v.float().transpose(0, 1).contiguous(), h // kvh
+
+
+def _prefill_out(o: torch.Tensor, n: int, h: int) -> torch.Tensor:
+    """[KVH, N * G, ...] -> [N, H, ...]."""
+    kvh = o.shape[0]
+    return o.view(kvh, n, h // kvh, *o.shape[2:]).transpose(0, 1).reshape(n, h, *o.shape[2:])
+
+
+def prefill_attention_online(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    block_q: int = PREFILL_BLOCK_Q,
+    block_k: int = PREFILL_BLOCK_K,
+) -> torch.Tensor:
+    """Exact chunked prefill with the synchronised online softmax (FlashAttention-2), the paper's
+    prefill baseline: every key block updates the running max and rescales what was accumulated."""
+    n, h, d = q.shape
+    length = k.shape[0]
+    qs, kp, vp, g = _prefill_operands(q, k, v, scale)
+    out = torch.empty(kp.shape[0], n * g, d)
+    acc = lsum = m = None
+    for q0, q1, k0, k1, masked, last in _prefill_blocks(n, length, block_q, block_k):
+        rows = slice(q0 * g, q1 * g)
+        s = torch.bmm(qs[:, rows], kp[:, k0:k1].transpose(1, 2))
+        if masked:
+            s.masked_fill_(_causal_mask(q0, q1, k0, k1, length - n, g), float("-inf"))
+        if k0 == 0:
+            m = s.amax(-1, keepdim=True)
+            s.sub_(m).exp_()
+            lsum = s.sum(-1, keepdim=True)
+            acc = torch.bmm(s, vp[:, k0:k1])
+        else:
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            alpha = torch.exp(m - m_new)
+            s.sub_(m_new).exp_()
+            lsum.mul_(alpha).add_(s.sum(-1, keepdim=True))  # the synchronisation: rescale the partials
+            acc.mul_(alpha).baddbmm_(s, vp[:, k0:k1])
+            m = m_new
+        if last:
+            out[:, rows] = acc / lsum
+    return _prefill_out(out, n, h).to(q.dtype)
+
+
+def prefill_attention_unified(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    phi: float,
+    window: tuple[float, float] = WINDOW_FP32,
+    block_q: int = PREFILL_BLOCK_Q,
+    block_k: int = PREFILL_BLOCK_K,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unified-max chunked prefill: every key block adds exp(S - phi) @ V and the row sums of
+    exp(S - phi) to the accumulators, with no max and no rescaling. Returns (out [N, H, D],
+    fallback [N, H] bool: rows recomputed with the exact softmax)."""
+    n, h, d = q.shape
+    length, kvh = k.shape[0], k.shape[1]
+    offset = length - n
+    qs, kp, vp, g = _prefill_operands(q, k, v, scale)
+    out = torch.empty(kvh, n * g, d)
+    lsums = torch.empty(kvh, n * g)
+    acc = lsum = None
+    for q0, q1, k0, k1, masked, last in _prefill_blocks(n, length, block_q, block_k):
+        rows = slice(q0 * g, q1 * g)
+        s = torch.bmm(qs[:, rows], kp[:, k0:k1].transpose(1, 2))
+        if masked:
+            s.masked_fill_(_causal_mask(q0, q1, k0, k1, offset, g), float("-inf"))
+        if phi:
+            s.sub_(phi)
+        s.exp_()
+        if k0 == 0:
+            lsum = s.sum(-1)
+            acc = torch.bmm(s, vp[:, k0:k1])
+        else:  # the partials are simply added
+            lsum += s.sum(-1)
+            acc.baddbmm_(s, vp[:, k0:k1])
+        if last:
+            out[:, rows] = acc / lsum[..., None]
+            lsums[:, rows] = lsum
+    counts = torch.arange(offset + 1, length + 1).repeat_interleave(g)  # keys each row sees
+    fallback = ~window_ok(lsums, counts[None, :], window)
+    if bool(fallback.any()):
+        _prefill_recompute(out, fallback, qs, kp, vp, offset, g)
+    return _prefill_out(out, n, h).to(q.dtype), _prefill_out(fallback, n, h)
+
+
+def _prefill_recompute(
+    out: torch.Tensor,
+    fallback: torch.Tensor,
+    qs: torch.Tensor,
+    kp: torch.Tensor,
+    vp: torch.Tensor,
+    offset: int,
+    g: int,
+    chunk: int = 256,
+) -> None:
+    """Exact synchronised softmax for the flagged rows ([KVH, N * G] mask), by kv head."""
+    for head in range(kp.shape[0]):
+        for rows in torch.nonzero(fallback[head]).flatten().split(chunk):
+            pos = offset + torch.div(rows, g, rounding_mode="floor")
+            s = qs[head, rows] @ kp[head].transpose(0, 1)
+            s.masked_fill_(torch.arange(kp.shape[1])[None, :] > pos[:, None], float("-inf"))
+            out[head, rows] = torch.softmax(s, dim=-1) @ vp[head]
+
+
+# --- calibration statistics --------------------------------------------------------------------
+
+
+def decode_row_lse(
+    q: torch.Tensor, k: torch.Tensor, context_lens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Exact log-sum-exp of each decode row's scaled logits: [B, H]."""
+    b, h, d = q.shape
+    kvh = k.shape[2]
+    s = torch.bmm((q.float() * scale).view(b * kvh, h // kvh, d), _pairs(k).transpose(1, 2))
+    for row, n in _padded_rows(context_lens, k.shape[1]):
+        s[row * kvh : (row + 1) * kvh, :, n:] = float("-inf")
+    return torch.logsumexp(s, dim=-1).view(b, h)
+
+
+def prefill_row_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Exact log-sum-exp of each prefill row's (causal) scaled logits: [N, H]."""
+    n, h, _ = q.shape
+    length = k.shape[0]
+    qs, kp, _, g = _prefill_operands(q, k, None, scale)
+    lse = torch.empty(kp.shape[0], n * g)
+    for q0 in range(0, n, PREFILL_BLOCK_Q):
+        q1 = min(n, q0 + PREFILL_BLOCK_Q)
+        s = torch.bmm(qs[:, q0 * g : q1 * g], kp.transpose(1, 2))
+        s.masked_fill_(_causal_mask(q0, q1, 0, length, length - n, g), float("-inf"))
+        lse[:, q0 * g : q1 * g] = torch.logsumexp(s, dim=-1)
+    return _prefill_out(lse, n, h)
+
+
+# --- exact recompute of flagged rows (any device) ----------------------------------------------
+
+
+def recompute_decode_rows(
+    out: torch.Tensor,
+    fallback: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> None:
+    """Overwrite ``out`` [B, H, D] at the ``fallback`` [B, H] rows with the exact softmax."""
+    g = q.shape[1] // k.shape[2]
+    for row, head in torch.nonzero(fallback).tolist():
+        n = int(context_lens[row])
+        kk, vv = k[row, :n, head // g].float(), v[row, :n, head // g].float()
+        p = torch.softmax((q[row, head].float() * scale) @ kk.transpose(0, 1), dim=-1)
+        out[row, head] = (p @ vv).to(out.dtype)
+
+
+def recompute_prefill_rows(
+    out: torch.Tensor, fallback: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> None:
+    """Overwrite ``out`` [N, H, D] at the ``fallback`` [N, H] rows with the exact causal softmax."""
+    n, h, _ = q.shape
+    offset = k.shape[0] - n
+    g = h // k.shape[1]
+    for head in torch.nonzero(fallback.any(0)).flatten().tolist():
+        rows = torch.nonzero(fallback[:, head]).flatten()
+        kk, vv = k[:, head // g].float(), v[:, head // g].float()
+        s = (q[rows, head].float() * scale) @ kk.transpose(0, 1)
+        future = torch.arange(k.shape[0], device=s.device)[None, :] > (offset + rows)[:, None].to(s.device)
+        s.masked_fill_(future, float("-inf"))
+        out[rows, head] = (torch.softmax(s, dim=-1) @ vv).to(out.dtype)
+
+
+# --- the paged entry point ---------------------------------------------------------------------
+
+
+def _use_triton(policy: SoftmaxPolicy, q: torch.Tensor) -> bool:
+    if policy.backend == "triton":
+        return True
+    if policy.backend == "torch" or not q.is_cuda:
+        return False
+    from .triton import available
+
+    return available()
+
+
+def paged_attention(
+    q: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+    softmax: SoftmaxPolicy | None = None,
+) -> torch.Tensor:
+    """q: [T, H, D] for the step's flattened tokens (their K/V already written); returns [T, H, D].
+
+    ``softmax`` None or mode "exact" runs the exact reference; "unified" the unified-max path, whose
+    checked rows and fallbacks are counted on the policy."""
     out = torch.empty_like(q)
     nd = meta.num_decode
+    if softmax is not None and softmax.observer is not None:
+        _observe(q, cache, layer, meta, scale, softmax)
+    if softmax is None or softmax.mode == "exact":
+        if nd:
+            k, v = cache.gather(layer, meta.decode_slots, q.dtype)
+            out[:nd] = decode_attention_exact(q[:nd], k, v, meta.decode_context_lens, scale)
+        for seg in meta.prefills:
+            sl = slice(seg.start, seg.start + seg.num_query)
+            k, v = cache.gather(layer, seg.slots, q.dtype)
+            out[sl] = prefill_attention_exact(q[sl], k, v, scale)
+        return out
+
+    phi = softmax.phi_at(layer)
+    triton = _use_triton(softmax, q)
+    fallbacks = []
     if nd:
-        k, v = cache.gather(layer, meta.decode_slots, q.dtype)
-        out[:nd] = decode_attention_exact(q[:nd], k, v, meta.decode_context_lens, scale)
+        k, v = gather_decode(cache, layer, meta.decode_slots, q.dtype)
+        lens = meta.decode_context_lens
+        if triton:
+            from .triton.attention import decode_attention_triton
+
+            res, lsum = decode_attention_triton(q[:nd], k, v, lens, scale, phi)
+            fallback = ~window_ok(lsum, lens[:, None].to(lsum.device), softmax.window_for(q.dtype))
+            if bool(fallback.any()):
+                recompute_decode_rows(res, fallback, q[:nd], k, v, lens, scale)
+        else:
+            res, fallback = decode_attention_unified(
+                q[:nd], k, v, lens, scale, phi, softmax.window_for(torch.float32)
+            )
+        out[:nd] = res
+        fallbacks.append(fallback)
     for seg in meta.prefills:
         sl = slice(seg.start, seg.start + seg.num_query)
         k, v = cache.gather(layer, seg.slots, q.dtype)
-        out[sl] = prefill_attention_exact(q[sl], k, v, scale)
+        if triton:
+            from .triton.attention import prefill_attention_triton
+
+            res, lsum = prefill_attention_triton(q[sl], k, v, scale, phi)
+            counts = torch.arange(
+                seg.context_len - seg.num_query + 1, seg.context_len + 1, device=lsum.device
+            )
+            fallback = ~window_ok(lsum, counts[:, None], softmax.window_for(q.dtype))
+            if bool(fallback.any()):
+                recompute_prefill_rows(res, fallback, q[sl], k, v, scale)
+        else:
+            res, fallback = prefill_attention_unified(
+                q[sl], k, v, scale, phi, softmax.window_for(torch.float32)
+            )
+        out[sl] = res
+        fallbacks.append(fallback)
+    for fallback in fallbacks:
+        softmax.rows_checked += fallback.numel()
+        softmax.fallbacks += int(fallback.sum())
     return out
+
+
+def _observe(
+    q: torch.Tensor, cache: KVCache, layer: int, meta: AttentionMetadata, scale: float, policy: SoftmaxPolicy
+) -> None:
+    """Hand the exact log-sum-exp of every row, with its key count, to ``policy.observer``."""
+    nd = meta.num_decode
+    if nd:
+        k, _ = gather_decode(cache, layer, meta.decode_slots, q.dtype)
+        lens = meta.decode_context_lens
+        lse = decode_row_lse(q[:nd], k, lens, scale)
+        policy.observer(layer, lse, lens[:, None].expand_as(lse))
+    for seg in meta.prefills:
+        k, _ = cache.gather(layer, seg.slots, q.dtype)
+        lse = prefill_row_lse(q[seg.start : seg.start + seg.num_query], k, scale)
+        counts = torch.arange(seg.context_len - seg.num_query + 1, seg.context_len + 1)
+        policy.observer(layer, lse, counts[:, None].expand_as(lse))

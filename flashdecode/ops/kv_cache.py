@@ -2,26 +2,67 @@
 
 Block ``b`` of ``block_size`` tokens owns slots ``b * block_size`` to ``b * block_size + block_size - 1``;
 which blocks a sequence owns is the block manager's business (engine/block_manager.py).
+
+Storage formats (``kv_cache_dtype``): the model's compute dtype, bfloat16, or int8 with one fp32
+scale per token and head (symmetric, absmax / 127), as AccLLM's low-bit KV cache: int8 halves the
+bytes per cached token against bf16 and quarters them against fp32, and decode attention is a
+stream over the whole cache, so its bytes are its time.
 """
 
 from __future__ import annotations
 
 import torch
 
+KV_CACHE_DTYPES = ("auto", "bf16", "int8")
+
 
 class KVCache:
-    """Keys and values of every layer, one row per slot."""
-
-    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        head_dim: int,
+        compute_dtype: torch.dtype,
+        kv_cache_dtype: str = "auto",
+    ):
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected one of {KV_CACHE_DTYPES}")
+        self.quantized = kv_cache_dtype == "int8"
+        storage = {"auto": compute_dtype, "bf16": torch.bfloat16, "int8": torch.int8}[kv_cache_dtype]
+        shape = (num_layers, num_slots, num_kv_heads, head_dim)
         # torch.empty: pages the OS has not yet touched cost no RAM, so a generous budget is cheap
-        self.k = torch.empty(num_layers, num_slots, num_kv_heads, head_dim, dtype=dtype)
-        self.v = torch.empty(num_layers, num_slots, num_kv_heads, head_dim, dtype=dtype)
+        self.k = torch.empty(shape, dtype=storage)
+        self.v = torch.empty(shape, dtype=storage)
+        if self.quantized:
+            self.k_scale = torch.empty(shape[:3], dtype=torch.float32)
+            self.v_scale = torch.empty(shape[:3], dtype=torch.float32)
 
-    @property
-    def bytes_per_slot(self) -> int:
-        return 2 * self.k.shape[0] * self.k.shape[2] * self.k.shape[3] * self.k.element_size()
+    @staticmethod
+    def bytes_per_token(
+        num_layers: int, num_kv_heads: int, head_dim: int, compute_dtype: torch.dtype, kv_cache_dtype: str
+    ) -> int:
+        if kv_cache_dtype == "int8":
+            return 2 * num_layers * num_kv_heads * (head_dim + 4)  # int8 values + one fp32 scale
+        itemsize = 2 if kv_cache_dtype == "bf16" else compute_dtype.itemsize
+        return 2 * num_layers * num_kv_heads * head_dim * itemsize
+
+    @staticmethod
+    def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.float()
+        scale = x.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
+        q = torch.round(x / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+        return q, scale
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.quantized:
+            kq, ks = self._quantize(k)
+            vq, vs = self._quantize(v)
+            self.k[layer].index_copy_(0, slot_mapping, kq)
+            self.v[layer].index_copy_(0, slot_mapping, vq)
+            self.k_scale[layer].index_copy_(0, slot_mapping, ks)
+            self.v_scale[layer].index_copy_(0, slot_mapping, vs)
+            return
         self.k[layer].index_copy_(0, slot_mapping, k.to(self.k.dtype))
         self.v[layer].index_copy_(0, slot_mapping, v.to(self.v.dtype))
 
@@ -29,4 +70,8 @@ class KVCache:
         self, layer: int, slots: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V at ``slots`` (any shape), as ``dtype``: [*slots.shape, KVH, D] each."""
+        if self.quantized:
+            k = self.k[layer][slots].float() * self.k_scale[layer][slots].unsqueeze(-1)
+            v = self.v[layer][slots].float() * self.v_scale[layer][slots].unsqueeze(-1)
+            return k.to(dtype), v.to(dtype)
         return self.k[layer][slots].to(dtype), self.v[layer][slots].to(dtype)

@@ -1,0 +1,971 @@
+"""flashdecode against its peers, Hugging Face transformers and llama.cpp, on the same weights.
+
+    bash benchmarks/setup_peers.sh                    # once: bench-env/ with the peers and the weights
+    bench-env/bin/python benchmarks/peers.py          # the full run -> docs/benchmarks.md + .png + .json
+    python benchmarks/peers.py --quick                # CI: tiny model, one repetition, no compiled peer
+
+Every (engine, model) measurement runs in its own process (a fresh heap, and the memory bandwidth of
+that very process measured beside it: on this machine it is bimodal from process to process); the
+engines run in interleaved order, rotated every repetition, each with the same number of threads.
+Tasks: decode tokens/s at batch 1 and 8 (``--decode-prompt`` tokens of context, ``--decode-len``
+tokens generated; the steps after the first token are timed) and prefill tokens/s for 128- and
+512-token prompts (one prompt; the time to its first token). Figures are medians with min-max over
+repetitions, ratios flashdecode / peer, and fractions of the roofline bound
+(``flashdecode.hardware.roofline``) at each process's own bandwidth.
+
+Subcommands: ``run`` (the default), ``prepare`` (the shared weights; setup_peers.sh calls it) and
+``worker`` (one measurement; internal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINES = ("flashdecode", "transformers", "llama.cpp")
+ENGINE_COLORS = {"flashdecode": "#d62728", "transformers": "#1f77b4", "llama.cpp": "#2ca02c"}
+
+# The 1.1B Llama shape (TinyLlama's), random weights.
+LLAMA_1B = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    intermediate_size=5632,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+# The quick mode's model: the same family, tiny.
+LLAMA_TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=160,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+DEFAULT_MODELS_DIR = ROOT / "bench-env" / "models"
+LLAMA_1B_DIR = "llama-1.1b-random"
+
+
+# --- the weights -------------------------------------------------------------------------------------
+
+
+def _corpus() -> list[str]:
+    """Offline text for the random models' tokenizers: the package's own public-domain texts."""
+    data = ROOT / "flashdecode" / "data"
+    lines = []
+    for name in ("calibration.txt", "heldout.txt"):
+        path = data / name
+        if path.exists():
+            lines += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return lines or ["the quick brown fox jumps over the lazy dog"] * 10
+
+
+def save_bpe_tokenizer_json(out_dir: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer.json trained on the corpus (what flashdecode reads from a folder)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+
+
+def save_sentencepiece_model(out_dir: Path) -> None:
+    """A SentencePiece BPE tokenizer.model (byte fallback) trained offline on the corpus; llama.cpp's
+    converter reads it and pads the vocabulary to the model's 32000 with unused [PAD] tokens."""
+    import sentencepiece as spm
+
+    prefix = out_dir / "tokenizer"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()),
+        model_prefix=str(prefix),
+        vocab_size=2000,
+        hard_vocab_limit=False,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    prefix.with_suffix(".vocab").unlink(missing_ok=True)
+
+
+def make_random_llama(
+    out_dir: Path, shape: dict[str, Any], dtype: str, tokenizer: str, seed: int = 0
+) -> Path:
+    """A Llama-shaped model with random weights (std 0.02, unit norms), saved as safetensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2)
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    with torch.no_grad():
+        model = LlamaForCausalLM(config).to(torch_dtype)
+        g = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(torch_dtype))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    del model
+    if tokenizer == "sentencepiece":
+        save_sentencepiece_model(out_dir)
+    else:
+        save_bpe_tokenizer_json(out_dir, shape["vocab_size"])
+    return out_dir
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """The 1.1B model: safetensors (bf16) -> GGUF bf16 (llama.cpp's converter) -> GGUF Q4_0 (its
+    quantizer, through llama-cpp-python's bindings). Files already there are kept."""
+    out = Path(args.out)
+    hf_dir = out / LLAMA_1B_DIR
+    bf16, q4_0 = out / "llama-1.1b-bf16.gguf", out / "llama-1.1b-q4_0.gguf"
+    src = Path(args.llama_cpp_src) / "vendor" / "llama.cpp"
+    convert = src / "convert_hf_to_gguf.py"
+    if not (hf_dir / "model.safetensors").exists() and not (hf_dir / "model.safetensors.index.json").exists():
+        print(f"building the random 1.1B Llama in {hf_dir}", flush=True)
+        make_random_llama(hf_dir, LLAMA_1B, "bf16", "sentencepiece")
+    if not bf16.exists():
+        if not convert.exists():
+            sys.exit(f"llama.cpp's converter not found at {convert} (run benchmarks/setup_peers.sh)")
+        print(f"converting to {bf16}", flush=True)
+        tmp = bf16.with_suffix(".tmp")
+        cmd = [sys.executable, str(convert), str(hf_dir), "--outtype", "bf16", "--outfile", str(tmp)]
+        subprocess.run(cmd, check=True)
+        tmp.rename(bf16)
+    if not q4_0.exists():
+        import llama_cpp
+
+        print(f"quantizing to {q4_0}", flush=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        params.nthread = args.threads
+        tmp = q4_0.with_suffix(".tmp")
+        rc = llama_cpp.llama_model_quantize(str(bf16).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            sys.exit(f"llama_model_quantize failed with {rc}")
+        tmp.rename(q4_0)
+    for path in (hf_dir, bf16, q4_0):
+        print(f"ready: {path}")
+    return 0
+
+
+# --- one measurement (runs in its own process) -------------------------------------------------------
+
+
+def _random_ids(rng: random.Random, vocab: int, n: int, avoid: set[int]) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < n:
+        t = rng.randrange(3, vocab)
+        if t not in avoid:
+            ids.append(t)
+    return ids
+
+
+class FlashdecodeRunner:
+    def __init__(self, model: str, threads: int, tasks: list[dict[str, Any]]):
+        from flashdecode.llm import LLM
+
+        longest = max(t["prompt_len"] + t.get("gen_len", 1) for t in tasks) + 1
+        batch = max(t.get("batch", 1) for t in tasks)
+        self.engine = LLM(
+            model=model,
+            max_model_len=longest,
+            max_num_seqs=batch,
+            enable_prefix_caching=False,
+            num_threads=threads,
+        ).engine
+        self.rng = random.Random(0)
+
+    def warmup(self) -> None:
+        from flashdecode.bench import run_cell
+
+        run_cell(self.engine, 1, 8, 2, self.rng)
+
+    def decode(self, batch: int, prompt_len: int, gen_len: int) -> float:
+        from flashdecode.bench import run_cell
+
+        return run_cell(self.engine, batch, prompt_len, gen_len, self.rng).decode_tok_s
+
+    def prefill(self, prompt_len: int) -> float:
+        from flashdecode.bench import run_cell
+
+        return run_cell(self.engine, 1, prompt_len, 2, self.rng).prefill_tok_s
+
+
+class TransformersRunner:
+    """transformers' own forward with its KV cache, greedy, in inference mode: what ``generate`` runs,
+    without its per-step bookkeeping, and with logits only for the last prompt position."""
+
+    def __init__(self, model: str, threads: int, tasks: list[dict[str, Any]]):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        path = Path(model)
+        kwargs: dict[str, Any] = {}
+        if path.is_file():  # a GGUF file: transformers dequantizes it (to fp32, as flashdecode computes)
+            kwargs = {"gguf_file": path.name}
+            path = path.parent
+            dtype = torch.float32
+        else:
+            config = json.loads((path / "config.json").read_text())
+            dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "float32")
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        except TypeError:
+            self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kwargs)
+        self.model.eval()
+        self.vocab = self.model.config.vocab_size
+        self.rng = random.Random(0)
+        self.torch = torch
+
+    def _forward(self, ids: Any, past: Any) -> tuple[Any, Any]:
+        try:
+            out = self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+        except TypeError:
+            out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+        return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+
+    def _ids(self, batch: int, n: int) -> Any:
+        rows = [_random_ids(self.rng, self.vocab, n, set()) for _ in range(batch)]
+        return self.torch.tensor(rows, dtype=self.torch.long)
+
+    def warmup(self) -> None:
+        self.decode(1, 8, 2)
+
+    def decode(self, batch: int, prompt_len: int, gen_len: int) -> float:
+        with self.torch.inference_mode():
+            token, past = self._forward(self._ids(batch, prompt_len), None)
+            start = time.perf_counter()
+            for _ in range(gen_len - 1):
+                token, past = self._forward(token, past)
+            return batch * (gen_len - 1) / (time.perf_counter() - start)
+
+    def prefill(self, prompt_len: int) -> float:
+        ids = self._ids(1, prompt_len)
+        with self.torch.inference_mode():
+            start = time.perf_counter()
+            self._forward(ids, None)
+            return prompt_len / (time.perf_counter() - start)
+
+
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python's C API: one context with a sequence per batch row, greedy
+    argmax over each row's logits, prompts decoded in one batch of ``n_batch`` = ``n_ubatch`` tokens."""
+
+    def __init__(self, model: str, threads: int, tasks: list[dict[str, Any]]):
+        import llama_cpp as lc
+
+        self.lc = lc
+        lc.llama_backend_init()
+        mparams = lc.llama_model_default_params()
+        self.model = lc.llama_model_load_from_file(model.encode(), mparams)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {model}")
+        self.vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
+        self.max_batch = max(t.get("batch", 1) for t in tasks)
+        longest = max(t["prompt_len"] + t.get("gen_len", 1) for t in tasks) + 8
+        self.n_batch = max(512, max(t["prompt_len"] for t in tasks) * self.max_batch)
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = longest * self.max_batch
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = min(self.n_batch, 512)
+        cparams.n_seq_max = self.max_batch
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        self.ctx = lc.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self.batch = lc.llama_batch_init(self.n_batch, 0, self.max_batch)
+        self.rng = random.Random(0)
+
+    def _clear(self) -> None:
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+
+    def _decode(self, rows: list[tuple[int, list[int], int]]) -> list[int]:
+        """rows: (sequence id, tokens, first position); returns each row's greedy next token."""
+        import numpy as np
+
+        b = self.batch
+        n = 0
+        last = []
+        for seq, tokens, pos in rows:
+            for i, tok in enumerate(tokens):
+                b.token[n] = tok
+                b.pos[n] = pos + i
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = seq
+                b.logits[n] = int(i == len(tokens) - 1)
+                n += 1
+            last.append(n - 1)
+        b.n_tokens = n
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        out = []
+        for i in last:
+            ptr = self.lc.llama_get_logits_ith(self.ctx, i)
+            out.append(int(np.ctypeslib.as_array(ptr, shape=(self.vocab,)).argmax()))
+        return out
+
+    def warmup(self) -> None:
+        self.decode(1, 8, 2)
+
+    def decode(self, batch: int, prompt_len: int, gen_len: int) -> float:
+        self._clear()
+        prompts = [_random_ids(self.rng, self.vocab, prompt_len, set()) for _ in range(batch)]
+        tokens = self._decode([(s, p, 0) for s, p in enumerate(prompts)])
+        start = time.perf_counter()
+        for step in range(gen_len - 1):
+            tokens = self._decode([(s, [t], prompt_len + step) for s, t in enumerate(tokens)])
+        return batch * (gen_len - 1) / (time.perf_counter() - start)
+
+    def prefill(self, prompt_len: int) -> float:
+        self._clear()
+        prompt = _random_ids(self.rng, self.vocab, prompt_len, set())
+        start = time.perf_counter()
+        self._decode([(0, prompt, 0)])
+        return prompt_len / (time.perf_counter() - start)
+
+
+RUNNERS = {"flashdecode": FlashdecodeRunner, "transformers": TransformersRunner, "llama.cpp": LlamaCppRunner}
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Measure one engine on one model: bandwidth first (this process's), then every task."""
+    import torch
+
+    from flashdecode.hardware import probe
+
+    torch.set_num_threads(args.threads)
+    tasks = json.loads(args.tasks)
+    result: dict[str, Any] = {"engine": args.engine, "model": args.model, "pid": os.getpid()}
+    result["bandwidth"] = probe.measure_memory_bandwidth(args.threads, min_time=args.bandwidth_time)
+    start = time.perf_counter()
+    runner = RUNNERS[args.engine](args.model, args.threads, tasks)
+    result["load_s"] = time.perf_counter() - start
+    runner.warmup()
+    result["tasks"] = []
+    for task in tasks:
+        if task["kind"] == "decode":
+            tok_s = runner.decode(task["batch"], task["prompt_len"], task["gen_len"])
+        else:
+            tok_s = runner.prefill(task["prompt_len"])
+        result["tasks"].append({**task, "tok_s": tok_s})
+    result["bandwidth_after"] = probe.measure_memory_bandwidth(args.threads, min_time=args.bandwidth_time)
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+
+def task_list(args: argparse.Namespace) -> list[dict[str, Any]]:
+    tasks = [
+        {"kind": "decode", "batch": b, "prompt_len": args.decode_prompt, "gen_len": args.decode_len}
+        for b in args.decode_batch
+    ]
+    tasks += [{"kind": "prefill", "batch": 1, "prompt_len": p} for p in args.prefill]
+    return tasks
+
+
+def task_name(task: dict[str, Any]) -> str:
+    if task["kind"] == "decode":
+        return f"decode B={task['batch']}"
+    return f"prefill {task['prompt_len']}"
+
+
+def model_table(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The models of this run: for each, the file every engine loads (None: not run)."""
+    from flashdecode.models.loader import embedded_model_path
+
+    if args.quick:
+        tiny = Path(args.work_dir) / "llama-tiny-random"
+        if not (tiny / "config.json").exists():
+            make_random_llama(tiny, LLAMA_TINY, "fp32", "bpe")
+        return [
+            {
+                "key": "tiny",
+                "label": "tiny random Llama (fp32 safetensors)",
+                "files": {"flashdecode": str(tiny), "transformers": str(tiny), "llama.cpp": None},
+                "roofline_file": str(tiny),
+            }
+        ]
+    models_dir = Path(args.models_dir)
+    embedded = str(embedded_model_path())
+    bf16, q4_0 = models_dir / "llama-1.1b-bf16.gguf", models_dir / "llama-1.1b-q4_0.gguf"
+    models = [
+        {
+            "key": "embedded",
+            "label": "SmolLM2-135M-Instruct Q4_1 (embedded GGUF)",
+            "files": {"flashdecode": embedded, "transformers": embedded, "llama.cpp": embedded},
+            "roofline_file": embedded,
+            "notes": "transformers dequantizes the GGUF to fp32 at load",
+        },
+        {
+            "key": "1.1b-bf16",
+            "label": "Llama 1.1B random, bf16",
+            "files": {
+                "flashdecode": str(bf16),
+                "transformers": str(models_dir / LLAMA_1B_DIR),
+                "llama.cpp": str(bf16),
+            },
+            "roofline_file": str(bf16),
+            "notes": "transformers loads the safetensors the GGUF was converted from",
+        },
+        {
+            "key": "1.1b-q4_0",
+            "label": "Llama 1.1B random, Q4_0",
+            "files": {"flashdecode": str(q4_0), "transformers": None, "llama.cpp": str(q4_0)},
+            "roofline_file": str(q4_0),
+            "notes": "transformers has no Q4_0 kernels (it would dequantize: see the bf16 rows)",
+        },
+    ]
+    wanted = set(args.models)
+    models = [m for m in models if m["key"] in wanted]
+    for m in models:
+        for engine, path in m["files"].items():
+            if path is not None and not Path(path).exists():
+                sys.exit(f"{path} is missing for {engine}: run benchmarks/setup_peers.sh first")
+    return models
+
+
+def run_worker(engine: str, path: str, tasks: list[dict[str, Any]], args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "worker", "--engine", engine, "--model", path]
+    cmd += ["--threads", str(args.threads), "--tasks", json.dumps(tasks)]
+    cmd += ["--bandwidth-time", str(args.bandwidth_time)]
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(args.threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+    )
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"engine": engine, "error": f"timed out after {args.worker_timeout} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT ") :])
+            result["wall_s"] = time.perf_counter() - start
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"engine": engine, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+
+
+def roofline_bound(model_file: str, task: dict[str, Any], bandwidth: float, threads: int) -> float:
+    """tokens/s bound of a task at ``bandwidth``, weights in their stored format, a 16-bit KV cache."""
+    from flashdecode.hardware.roofline import Ceilings, ModelCost, describe_model, machine_ceilings
+
+    spec, formats, _ = describe_model(model_file)
+    cost = ModelCost(
+        spec, formats, activation_bytes=2, kv_bytes_per_token=2 * spec.num_layers * spec.kv_size * 2
+    )
+    cached = machine_ceilings(threads)
+    ceilings = Ceilings(bandwidth=bandwidth, flops=cached.flops, threads=threads, cpu=cached.cpu)
+    compute = cost.compute_dtype()
+    if task["kind"] == "decode":
+        step = cost.decode_step(task["batch"], task["prompt_len"] + 1 + task["gen_len"] // 2)
+    else:
+        step = cost.prefill(task["prompt_len"])
+    return step.tokens_per_s(ceilings, compute)
+
+
+def stats(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(models: list[dict], tasks: list[dict], results: list[dict], threads: int) -> dict[str, Any]:
+    """Per (model, task, engine): the rates and roofline fractions over repetitions."""
+    rows = []
+    bound_cache: dict[tuple, float] = {}
+    for m in models:
+        for task in tasks:
+            row: dict[str, Any] = {"model": m["key"], "task": task_name(task), "engines": {}}
+            for engine in ENGINES:
+                rates, fractions, bws, errors = [], [], [], []
+                for r in results:
+                    if r["model_key"] != m["key"] or r["engine"] != engine:
+                        continue
+                    if "error" in r:
+                        errors.append(r["error"])
+                        continue
+                    t = next(x for x in r["tasks"] if task_name(x) == task_name(task))
+                    key = (m["key"], task_name(task), round(r["bandwidth"]))
+                    if key not in bound_cache:
+                        bound_cache[key] = roofline_bound(m["roofline_file"], task, r["bandwidth"], threads)
+                    rates.append(t["tok_s"])
+                    fractions.append(t["tok_s"] / bound_cache[key])
+                    bws.append(r["bandwidth"])
+                row["engines"][engine] = {
+                    "tok_s": stats(rates),
+                    "fraction": stats(fractions),
+                    "bandwidth": stats(bws),
+                    "errors": errors,
+                    "skipped": m["files"][engine] is None,
+                }
+            all_bw = [r["bandwidth"] for r in results if r["model_key"] == m["key"] and "bandwidth" in r]
+            if all_bw:
+                row["bound_tok_s"] = roofline_bound(
+                    m["roofline_file"], task, statistics.median(all_bw), threads
+                )
+            rows.append(row)
+    return {"rows": rows}
+
+
+# --- the report --------------------------------------------------------------------------------------
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _cell(entry: dict[str, Any], quick_skip: str = "n/a") -> str:
+    if entry["skipped"]:
+        return quick_skip
+    if entry["tok_s"] is None:
+        return "error" if entry["errors"] else "not run"
+    s = entry["tok_s"]
+    if s["n"] == 1:
+        return _num(s["median"])
+    return f"{_num(s['median'])} ({_num(s['min'])}-{_num(s['max'])})"
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any]) -> str:
+    if a["tok_s"] is None or b["tok_s"] is None:
+        return "-"
+    return f"{a['tok_s']['median'] / b['tok_s']['median']:.2f}x"
+
+
+def _frac(entry: dict[str, Any]) -> str:
+    if entry["fraction"] is None:
+        return "-"
+    return f"{100 * entry['fraction']['median']:.1f}%"
+
+
+def machine_description(threads: int) -> dict[str, Any]:
+    from flashdecode.hardware import probe
+
+    flags = probe.cpu_flags()
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"]
+    wanted += ["avx512vbmi", "amx_tile", "amx_bf16", "amx_int8"]
+    mem_gib = 0.0
+    try:
+        with open("/proc/meminfo") as f:
+            mem_gib = int(f.readline().split()[1]) / (1 << 20)
+    except (OSError, ValueError, IndexError):
+        pass
+    versions: dict[str, str] = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "llama_cpp", "flashdecode"):
+        try:
+            module = __import__(name)
+            versions[name] = getattr(module, "__version__", "?")
+        except Exception:
+            versions[name] = "not installed"
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        commit += " + uncommitted changes" if dirty else ""
+    except OSError:
+        commit = "?"
+    return {
+        "cpu": probe.cpu_model(),
+        "physical_cores": probe.physical_cores(),
+        "threads": threads,
+        "memory_gib": round(mem_gib, 1),
+        "flags": [f for f in wanted if f in flags],
+        "kernel": platform.release(),
+        "versions": versions,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def serve_status() -> str:
+    from flashdecode import cli
+
+    if "serve" not in cli.COMMANDS:
+        return "not measured: `flashdecode serve` does not exist yet"
+    return "not measured: `flashdecode serve` exists but this script does not drive it yet"
+
+
+def write_chart(path: Path, models: list[dict], tasks: list[dict], summary: dict[str, Any]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+        return False
+    names = [task_name(t) for t in tasks]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        rows = {r["task"]: r for r in summary["rows"] if r["model"] == m["key"]}
+        width = 0.8 / len(ENGINES)
+        for i, engine in enumerate(ENGINES):
+            xs, ys, lo, hi = [], [], [], []
+            for j, name in enumerate(names):
+                s = rows[name]["engines"][engine]["tok_s"]
+                if s is None:
+                    continue
+                xs.append(j + (i - (len(ENGINES) - 1) / 2) * width)
+                ys.append(s["median"])
+                lo.append(s["median"] - s["min"])
+                hi.append(s["max"] - s["median"])
+            if xs:
+                ax.bar(xs, ys, width, yerr=[lo, hi], label=engine, color=ENGINE_COLORS[engine], capsize=2)
+        for j, name in enumerate(names):
+            bound = rows[name].get("bound_tok_s")
+            if bound:
+                ax.plot([j - 0.45, j + 0.45], [bound, bound], color="black", ls="--", lw=1)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(m["label"], fontsize=9)
+        ax.set_ylabel("tokens/s (log)")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    axes[0][0].plot([], [], color="black", ls="--", lw=1, label="roofline bound")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def render_markdown(report: dict[str, Any], chart_name: str | None, roofline_name: str | None = None) -> str:
+    machine, models = report["machine"], report["models"]
+    summary, results = report["summary"], report["results"]
+    quick = report["quick"]
+    lines = ["# Benchmarks: flashdecode vs transformers vs llama.cpp", ""]
+    lines += [
+        "Generated by `benchmarks/peers.py`"
+        + (" in **quick mode** (tiny shapes; not a measurement)" if quick else "")
+        + f" on {machine['date']}; flashdecode at commit {machine['commit']}. Regenerate with the commands"
+        " below; do not edit the tables by hand.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {machine['cpu']}, {machine['physical_cores']} physical cores; "
+        f"{machine['memory_gib']} GiB RAM; kernel {machine['kernel']}",
+        f"- SIMD: {', '.join(machine['flags']) or 'none detected'}",
+        f"- every engine runs with {machine['threads']} threads",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()),
+    ]
+    bws = [r["bandwidth"] / 1e9 for r in results if "bandwidth" in r]
+    if bws:
+        lines.append(
+            f"- memory read bandwidth, measured in each benchmark process (it is bimodal from process to "
+            f"process here): median {statistics.median(bws):.1f} GB/s, min {min(bws):.1f}, "
+            f"max {max(bws):.1f} over {len(bws)} processes; per process in the table below"
+        )
+    ceil = report.get("ceilings")
+    if ceil:
+        flops = ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in ceil["flops"].items() if v > 0)
+        lines.append(f"- matmul ceilings (cached `flashdecode roofline` probe), GFLOP/s: {flops}")
+    lines += ["", "## Commands", "", "```bash"] + report["commands"] + ["```", ""]
+    lines += [
+        "## Results",
+        "",
+        f"Tokens/s: median (min-max) over {report['reps']} repetition(s), engines interleaved. Decode: "
+        f"{report['decode_prompt']}-token prompts, {report['decode_len']} tokens generated, the steps "
+        "after the first token timed. Prefill: one prompt, time to its first token. Roofline: the bound "
+        "at the bandwidth measured in the same processes, weights in their stored format, a 16-bit KV cache "
+        "(`flashdecode/hardware/roofline.py`); each engine's figure as a fraction of the bound of its "
+        "own process.",
+        "",
+    ]
+    header = "| model | task | flashdecode | transformers | llama.cpp | fd / transformers | fd / llama.cpp "
+    header += "| bound tok/s | fd of bound | transformers of bound | llama.cpp of bound |"
+    lines += [header, "|" + "---|" * 11]
+    labels = {m["key"]: m["label"] for m in models}
+    for row in summary["rows"]:
+        e = row["engines"]
+        fd, hf, lc = e["flashdecode"], e["transformers"], e["llama.cpp"]
+        bound = _num(row["bound_tok_s"]) if row.get("bound_tok_s") else "-"
+        lines.append(
+            f"| {labels[row['model']]} | {row['task']} | {_cell(fd)} | {_cell(hf)} | {_cell(lc)} | "
+            f"{_ratio(fd, hf)} | {_ratio(fd, lc)} | {bound} | {_frac(fd)} | {_frac(hf)} | {_frac(lc)} |"
+        )
+    lines.append(f"| served, concurrency 8 and 32 | - | {serve_status()} | | | | | | | | |")
+    lines.append("")
+    bw_rows = []
+    for m in models:
+        for engine in ENGINES:
+            values = [
+                r["bandwidth"] / 1e9
+                for r in results
+                if r.get("model_key") == m["key"] and r["engine"] == engine and "bandwidth" in r
+            ]
+            if values:
+                bw_rows.append(f"| {m['label']} | {engine} | " + ", ".join(f"{v:.1f}" for v in values) + " |")
+    if bw_rows:
+        lines += ["Memory bandwidth of each benchmark process, GB/s, in run order:", ""]
+        lines += ["| model | engine | GB/s |", "|---|---|---|"] + bw_rows + [""]
+    notes = [f"- {m['label']}: {m['notes']}" for m in models if m.get("notes")]
+    errors = [f"- {r['engine']} on {r['model_key']}: {r['error']}" for r in results if "error" in r]
+    if notes:
+        lines += ["Notes:", ""] + notes + [""]
+    if errors:
+        lines += ["Failed runs:", ""] + errors + [""]
+    if chart_name:
+        lines += [f"![tokens/s per engine, log scale; dashed: roofline bound]({chart_name})", ""]
+    if roofline_name:
+        lines += [
+            "## Roofline",
+            "",
+            "The machine's roofline with the 1.1B Q4_0 model's decode steps and prefills placed on it "
+            "(`flashdecode roofline`, command above):",
+            "",
+            f"![roofline]({roofline_name})",
+            "",
+        ]
+    lines += ["## Headline", ""] + headline(summary) + [""]
+    return "\n".join(lines)
+
+
+def headline(summary: dict[str, Any]) -> list[str]:
+    rows = {(r["model"], r["task"]): r for r in summary["rows"]}
+    out = []
+    emb = rows.get(("embedded", "decode B=1"))
+    if emb:
+        e = emb["engines"]
+        out.append(
+            f"- Embedded model (SmolLM2-135M Q4_1), decode at batch 1: flashdecode / llama.cpp = "
+            f"{_ratio(e['flashdecode'], e['llama.cpp'])}, flashdecode / transformers = "
+            f"{_ratio(e['flashdecode'], e['transformers'])} "
+            f"(flashdecode {_cell(e['flashdecode'])} tok/s, llama.cpp {_cell(e['llama.cpp'])}, "
+            f"transformers {_cell(e['transformers'])})."
+        )
+    q4 = rows.get(("1.1b-q4_0", "decode B=1"))
+    if q4:
+        e = q4["engines"]
+        out.append(
+            f"- Llama 1.1B Q4_0, decode at batch 1: flashdecode reaches {_frac(e['flashdecode'])} of the "
+            f"roofline bound ({_cell(e['flashdecode'])} of "
+            f"{_num(q4['bound_tok_s']) if q4.get('bound_tok_s') else '-'} tok/s); "
+            f"llama.cpp {_frac(e['llama.cpp'])}."
+        )
+    tiny = rows.get(("tiny", "decode B=1"))
+    if tiny and not out:
+        e = tiny["engines"]
+        out.append(
+            "- Quick mode only (tiny model; the figures mean nothing): decode B=1 "
+            f"flashdecode / transformers = "
+            f"{_ratio(e['flashdecode'], e['transformers'])}."
+        )
+    return out or ["- no decode B=1 figures in this run"]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flashdecode.hardware.roofline import machine_ceilings
+
+    if args.quick:
+        args.reps = args.reps or 1
+        args.decode_batch = args.decode_batch or [1, 2]
+        args.prefill = args.prefill or [16, 32]
+        args.decode_prompt = args.decode_prompt or 8
+        args.decode_len = args.decode_len or 4
+        args.engines = [e for e in args.engines if e != "llama.cpp"]
+        if args.work_dir is None:
+            args.work_dir = tempfile.mkdtemp(prefix="flashdecode-peers-quick-")
+            atexit.register(shutil.rmtree, args.work_dir, ignore_errors=True)
+        out_dir = Path(args.out_dir or args.work_dir)
+    else:
+        args.reps = args.reps or 3
+        args.decode_batch = args.decode_batch or [1, 8]
+        args.prefill = args.prefill or [128, 512]
+        args.decode_prompt = args.decode_prompt or 128
+        args.decode_len = args.decode_len or 64
+        args.work_dir = args.work_dir or str(ROOT / "bench-env")
+        out_dir = Path(args.out_dir or ROOT / "docs")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_description(args.threads)
+    # the matmul ceilings: measured again before any engine runs (a full run), else the cached ones
+    ceilings = machine_ceilings(args.threads, refresh=not args.quick)
+    models = model_table(args)
+    tasks = task_list(args)
+    engines = [e for e in ENGINES if e in args.engines]
+    plan = []
+    for rep in range(args.reps):
+        for m in models:
+            order = engines[rep % len(engines) :] + engines[: rep % len(engines)]  # rotate every repetition
+            plan += [(rep, m, e) for e in order if m["files"][e] is not None]
+    results = []
+    for i, (rep, m, engine) in enumerate(plan, 1):
+        print(f"[{i}/{len(plan)}] rep {rep + 1}: {engine} on {m['key']}", end=" ", flush=True)
+        r = run_worker(engine, m["files"][engine], tasks, args)
+        r.update(model_key=m["key"], rep=rep)
+        results.append(r)
+        if "error" in r:
+            print(f"ERROR {r['error']}", flush=True)
+        else:
+            figures = ", ".join(f"{task_name(t)} {_num(t['tok_s'])}" for t in r["tasks"])
+            print(f"{r['bandwidth'] / 1e9:.1f} GB/s; {figures} tok/s", flush=True)
+    for m in models:  # a model the run did not measure with an engine stays "n/a", not "error"
+        for e in ENGINES:
+            if e not in engines and m["files"][e] is not None:
+                m["files"][e] = None
+    summary = summarize(models, tasks, results, args.threads)
+    script = "python benchmarks/peers.py" if args.quick else "bench-env/bin/python benchmarks/peers.py"
+    argv = " ".join(sys.argv[1:])
+    commands = [] if args.quick else ["bash benchmarks/setup_peers.sh   # once, about 15 minutes"]
+    commands.append(f"{script} {argv}".strip())
+    if not args.quick:
+        commands += [
+            "flashdecode roofline --model bench-env/models/llama-1.1b-q4_0.gguf --plot docs/roofline.png",
+            "bench-env/bin/python benchmarks/peers.py report   # re-renders this page with the roofline",
+            "flashdecode bench --batch 1,8,32 --prompt-len 128,512 --gen-len 128 --json bench.json",
+        ]
+    report = {
+        "quick": args.quick,
+        "machine": machine,
+        "ceilings": ceilings.to_json(),
+        "reps": args.reps,
+        "threads": args.threads,
+        "decode_prompt": args.decode_prompt,
+        "decode_len": args.decode_len,
+        "models": models,
+        "tasks": tasks,
+        "results": results,
+        "summary": summary,
+        "commands": commands,
+    }
+    (out_dir / "benchmarks.json").write_text(json.dumps(report, indent=2))
+    write_report(report, out_dir)
+    failed = [r for r in results if "error" in r]
+    # quick mode (CI) fails on any failed run; a full run only when nothing could be measured
+    return 1 if failed and (args.quick or len(failed) == len(results)) else 0
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    """benchmarks.md and benchmarks.png from a run's report (also ``peers.py report``)."""
+    chart = out_dir / "benchmarks.png"
+    has_chart = write_chart(chart, report["models"], report["tasks"], report["summary"])
+    roofline_png = out_dir / "roofline.png"
+    markdown = render_markdown(
+        report, chart.name if has_chart else None, roofline_png.name if roofline_png.exists() else None
+    )
+    (out_dir / "benchmarks.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {out_dir / 'benchmarks.md'}" + (f", {chart}" if has_chart else ""))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Re-render benchmarks.md and the chart from a saved benchmarks.json (no measurement)."""
+    path = Path(args.json)
+    write_report(json.loads(path.read_text()), path.parent)
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    sub = p.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="the benchmark (default)", allow_abbrev=False)
+    prep = sub.add_parser(
+        "prepare", help="build the shared weights (setup_peers.sh runs it)", allow_abbrev=False
+    )
+    worker = sub.add_parser("worker", help="one measurement in this process (internal)", allow_abbrev=False)
+    report = sub.add_parser("report", help="re-render benchmarks.md from benchmarks.json", allow_abbrev=False)
+    report.add_argument("--json", default=str(ROOT / "docs" / "benchmarks.json"))
+    for q in (p, run):
+        q.add_argument("--quick", action="store_true", help="CI: tiny model, 1 rep, no compiled peer")
+        q.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick 1)")
+        q.add_argument("--threads", type=int, default=2)
+        q.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES))
+        q.add_argument(
+            "--models", type=lambda s: s.split(","), default=["embedded", "1.1b-bf16", "1.1b-q4_0"]
+        )
+        q.add_argument("--models-dir", default=str(DEFAULT_MODELS_DIR))
+        q.add_argument("--decode-batch", type=_int_list, default=None, help="default 1,8")
+        q.add_argument("--decode-prompt", type=int, default=None, help="decode context (default 128)")
+        q.add_argument("--decode-len", type=int, default=None, help="tokens generated (default 64)")
+        q.add_argument("--prefill", type=_int_list, default=None, help="prompt lengths (default 128,512)")
+        q.add_argument("--out-dir", default=None, help="where benchmarks.md/.png/.json go (default docs/)")
+        q.add_argument("--work-dir", default=None)
+        q.add_argument("--worker-timeout", type=int, default=1800)
+        q.add_argument("--bandwidth-time", type=float, default=0.5, help="seconds per bandwidth probe")
+    prep.add_argument("--out", default=str(DEFAULT_MODELS_DIR))
+    prep.add_argument(
+        "--llama-cpp-src", required=True, help="unpacked llama-cpp-python sdist (vendor/llama.cpp inside)"
+    )
+    prep.add_argument("--threads", type=int, default=2)
+    worker.add_argument("--engine", choices=ENGINES, required=True)
+    worker.add_argument("--model", required=True)
+    worker.add_argument("--threads", type=int, default=2)
+    worker.add_argument("--tasks", required=True)
+    worker.add_argument("--bandwidth-time", type=float, default=0.5)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    if args.command == "prepare":
+        return cmd_prepare(args)
+    if args.command == "worker":
+        return cmd_worker(args)
+    if args.command == "report":
+        return cmd_report(args)
+    return cmd_run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,523 @@
+/* Flat GEMM for decoding: y[M, N] = x[M, K] W[N, K]^T (+ bias) for small M, reading each weight byte
+ * once with the dequantization fused into the dot products (FlashDecoding++ section 4, on a CPU).
+ *
+ * Weight formats (flashdecode/ops/quant.py prepares them, byte for byte from the GGUF blocks):
+ *   FD_Q4_0  qs [N, K/32, 16] nibbles (element j in the low nibble of byte j, element j+16 in the high
+ *            nibble), d [N, K/32] fp16;             w = d * (q - 8)
+ *   FD_Q4_1  as Q4_0 plus m [N, K/32] fp16;         w = d * q + m
+ *   FD_Q8_0  qs [N, K/32, 32] int8, d [N, K/32] fp16; w = d * q
+ *   FD_BF16  qs [N, K] bfloat16 (any K)
+ * Every dequantized weight is bit for bit the fp32 number the gguf package's dequantization gives
+ * (d * q + m as one fused multiply-add: d * q is exact, so there is one rounding either way; signed
+ * zeros included); products are accumulated in fp32.
+ *
+ * Plain C ABI over data pointers: no Python or torch headers. The same source is compiled once per
+ * instruction set (-mavx512f..., -mavx2..., or nothing) and the loader picks the build the CPU runs.
+ * Threads: OpenMP. Loaded into a process that already holds torch's libgomp.so.1, the dynamic linker
+ * resolves our libgomp.so.1 to that same library, so the kernels share torch's thread pool.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define FD_Q4_0 0
+#define FD_Q4_1 1
+#define FD_Q8_0 2
+#define FD_BF16 3
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* ---------------------------------------------------------------- scalar helpers (every build) */
+
+INLINE float fd_h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+    if (exp == 0) {
+        float f = (float)man * 5.9604644775390625e-08f; /* man * 2^-24, exact */
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
+}
+
+INLINE float fd_bf2f(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
+}
+
+INLINE uint16_t fd_f2bf(float f) { /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* ---------------------------------------------------------------- vector layer, one per ISA */
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define FD_ISA "avx512"
+#define VL 16
+#define NR_MAX 4
+#define MT_MID 8 /* 4 < M < BUF_MIN_M: register tiles of MT_MID rows x NR_MID weight rows */
+#define NR_MID 2
+typedef __m512 vf;
+INLINE vf v_zero(void) { return _mm512_setzero_ps(); }
+INLINE vf v_load(const float *p) { return _mm512_loadu_ps(p); }
+INLINE vf v_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+INLINE float v_sum(vf a) { return _mm512_reduce_add_ps(a); }
+INLINE void v_store(float *p, vf a) { _mm512_storeu_ps(p, a); }
+/* one 32-element block into 2 vectors */
+INLINE void dq_q4(const uint8_t *q, float d, float m, vf *w) {
+    __m128i b = _mm_loadu_si128((const __m128i *)q), mask = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    vf vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), vd, vm);
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), vd, vm);
+}
+INLINE void dq_q40(const uint8_t *q, float d, vf *w) { /* (q - 8) * d, signed zeros as gguf gives */
+    __m128i b = _mm_loadu_si128((const __m128i *)q), mask = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    __m128i lo = _mm_sub_epi8(_mm_and_si128(b, mask), eight);
+    __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask), eight);
+    vf vd = _mm512_set1_ps(d);
+    w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), vd);
+    w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), vd);
+}
+INLINE void dq_q8(const uint8_t *q, float d, vf *w) {
+    vf vd = _mm512_set1_ps(d);
+    w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), vd);
+    w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))), vd);
+}
+INLINE vf ld_bf16(const uint16_t *p) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+INLINE void cvt_h2f_row(const uint16_t *h, float *f, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
+    for (; i < n; i++) f[i] = fd_h2f(h[i]);
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define FD_ISA "avx2"
+#define VL 8
+#define NR_MAX 2
+#define MT_MID 4
+#define NR_MID 1
+typedef __m256 vf;
+INLINE vf v_zero(void) { return _mm256_setzero_ps(); }
+INLINE vf v_load(const float *p) { return _mm256_loadu_ps(p); }
+INLINE vf v_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+INLINE float v_sum(vf a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+INLINE void v_store(float *p, vf a) { _mm256_storeu_ps(p, a); }
+INLINE void dq_q4(const uint8_t *q, float d, float m, vf *w) {
+    __m128i b = _mm_loadu_si128((const __m128i *)q), mask = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    vf vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vd, vm);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vd, vm);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd, vm);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd, vm);
+}
+INLINE void dq_q40(const uint8_t *q, float d, vf *w) {
+    __m128i b = _mm_loadu_si128((const __m128i *)q), mask = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    __m128i lo = _mm_sub_epi8(_mm_and_si128(b, mask), eight);
+    __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask), eight);
+    vf vd = _mm256_set1_ps(d);
+    w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), vd);
+    w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), vd);
+    w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), vd);
+    w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), vd);
+}
+INLINE void dq_q8(const uint8_t *q, float d, vf *w) {
+    vf vd = _mm256_set1_ps(d);
+    for (int i = 0; i < 4; i++)
+        w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * i)))), vd);
+}
+INLINE vf ld_bf16(const uint16_t *p) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+INLINE void cvt_h2f_row(const uint16_t *h, float *f, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    for (; i < n; i++) f[i] = fd_h2f(h[i]);
+}
+#else
+#define FD_ISA "generic"
+#define VL 1
+#define NR_MAX 1
+#define MT_MID 4
+#define NR_MID 1
+typedef float vf;
+INLINE vf v_zero(void) { return 0.0f; }
+INLINE vf v_load(const float *p) { return *p; }
+INLINE vf v_fma(vf a, vf b, vf c) { return a * b + c; }
+INLINE float v_sum(vf a) { return a; }
+INLINE void v_store(float *p, vf a) { *p = a; }
+INLINE void dq_q4(const uint8_t *q, float d, float m, vf *w) {
+    for (int j = 0; j < 16; j++) {
+        w[j] = (float)(q[j] & 0x0F) * d + m;
+        w[j + 16] = (float)(q[j] >> 4) * d + m;
+    }
+}
+INLINE void dq_q8(const uint8_t *q, float d, vf *w) {
+    for (int j = 0; j < 32; j++) w[j] = (float)(int8_t)q[j] * d;
+}
+INLINE void dq_q40(const uint8_t *q, float d, vf *w) {
+    for (int j = 0; j < 16; j++) {
+        w[j] = (float)((int)(q[j] & 0x0F) - 8) * d;
+        w[j + 16] = (float)((int)(q[j] >> 4) - 8) * d;
+    }
+}
+INLINE vf ld_bf16(const uint16_t *p) { return fd_bf2f(*p); }
+INLINE void cvt_h2f_row(const uint16_t *h, float *f, int n) {
+    for (int i = 0; i < n; i++) f[i] = fd_h2f(h[i]);
+}
+#endif
+
+#define BV (32 / VL) /* vectors per 32-element block */
+#define MT_MAX 4     /* activation rows per register tile when M <= MT_MAX */
+#define MT_CAP 8     /* the largest register tile in any path */
+#define BUF_MIN_M 32 /* from this M on, weight tiles are dequantized once into a buffer */
+
+INLINE void row_scales(int fmt, const uint16_t *d, const uint16_t *m, int nb, float *db, float *mb) {
+    cvt_h2f_row(d, db, nb);
+    if (fmt == FD_Q4_1) cvt_h2f_row(m, mb, nb);
+}
+
+INLINE void dq_block(int fmt, const uint8_t *q, int b, float d, float m, vf *w) {
+    if (fmt == FD_Q8_0)
+        dq_q8(q + (int64_t)b * 32, d, w);
+    else if (fmt == FD_Q4_0)
+        dq_q40(q + (int64_t)b * 16, d, w);
+    else
+        dq_q4(q + (int64_t)b * 16, d, m, w);
+}
+
+/* A register tile: MT activation rows x NR weight rows, dequantizing in registers. */
+INLINE void tile_fused(const int FMT, const int MT, const int NR, const float *x, int64_t ldx, int64_t K,
+                       const uint8_t *w, int64_t wstride, const float *db, const float *mb, int nb,
+                       float out[MT_CAP][NR_MAX]) {
+    vf acc[MT_CAP][NR_MAX];
+    for (int r = 0; r < MT; r++)
+        for (int j = 0; j < NR; j++) acc[r][j] = v_zero();
+    if (FMT == FD_BF16) {
+        int64_t kv = K - K % VL;
+        for (int64_t k = 0; k < kv; k += VL) {
+            vf wv[NR_MAX];
+            for (int j = 0; j < NR; j++) wv[j] = ld_bf16((const uint16_t *)(w + j * wstride) + k);
+            for (int r = 0; r < MT; r++) {
+                vf xv = v_load(x + r * ldx + k);
+                for (int j = 0; j < NR; j++) acc[r][j] = v_fma(wv[j], xv, acc[r][j]);
+            }
+        }
+        for (int r = 0; r < MT; r++)
+            for (int j = 0; j < NR; j++) {
+                float s = v_sum(acc[r][j]);
+                const uint16_t *wr = (const uint16_t *)(w + j * wstride);
+                for (int64_t k = kv; k < K; k++) s += fd_bf2f(wr[k]) * x[r * ldx + k];
+                out[r][j] = s;
+            }
+        return;
+    }
+    const int qb = FMT == FD_Q8_0 ? 32 : 16;
+    for (int b = 0; b < nb; b++) {
+        vf wv[NR_MAX][BV];
+        /* the next tile's rows, one tile ahead: the hardware prefetcher alone falls behind when few
+           row streams are consumed slowly (many activation rows per weight byte) */
+        for (int j = 0; j < NR; j++) __builtin_prefetch(w + (NR + j) * wstride + (int64_t)b * qb, 0, 3);
+        for (int j = 0; j < NR; j++) dq_block(FMT, w + j * wstride, b, db[j * nb + b], mb[j * nb + b], wv[j]);
+        for (int r = 0; r < MT; r++)
+            for (int v = 0; v < BV; v++) {
+                vf xv = v_load(x + r * ldx + (int64_t)b * 32 + v * VL);
+                for (int j = 0; j < NR; j++) acc[r][j] = v_fma(wv[j][v], xv, acc[r][j]);
+            }
+    }
+    for (int r = 0; r < MT; r++)
+        for (int j = 0; j < NR; j++) out[r][j] = v_sum(acc[r][j]);
+}
+
+/* A register tile over weights already dequantized into an fp32 buffer wb [NR_MAX][K] (K % VL tail in
+ * scalar). */
+INLINE void tile_buf(const int MT, const int NR, const float *x, int64_t ldx, int64_t K, const float *wb,
+                     float out[MT_CAP][NR_MAX]) {
+    vf acc[MT_CAP][NR_MAX];
+    for (int r = 0; r < MT; r++)
+        for (int j = 0; j < NR; j++) acc[r][j] = v_zero();
+    int64_t kv = K - K % VL;
+    for (int64_t k = 0; k < kv; k += VL) {
+        vf wv[NR_MAX];
+        for (int j = 0; j < NR; j++) wv[j] = v_load(wb + j * K + k);
+        for (int r = 0; r < MT; r++) {
+            vf xv = v_load(x + r * ldx + k);
+            for (int j = 0; j < NR; j++) acc[r][j] = v_fma(wv[j], xv, acc[r][j]);
+        }
+    }
+    for (int r = 0; r < MT; r++)
+        for (int j = 0; j < NR; j++) {
+            float s = v_sum(acc[r][j]);
+            for (int64_t k = kv; k < K; k++) s += wb[j * K + k] * x[r * ldx + k];
+            out[r][j] = s;
+        }
+}
+
+/* Dequantize weight rows [n0, n0 + nr) into dst [nr][K] fp32. */
+INLINE void dequant_rows(int fmt, const uint8_t *w, int64_t wstride, const uint16_t *d, const uint16_t *m,
+                         int64_t n0, int nr, int64_t K, float *db, float *mb, float *dst) {
+    int nb = (int)(K / 32);
+    for (int j = 0; j < nr; j++) {
+        const uint8_t *wr = w + (n0 + j) * wstride;
+        float *o = dst + j * K;
+        if (fmt == FD_BF16) {
+            const uint16_t *h = (const uint16_t *)wr;
+            int64_t kv = K - K % VL;
+            for (int64_t k = 0; k < kv; k += VL) v_store(o + k, ld_bf16(h + k));
+            for (int64_t k = kv; k < K; k++) o[k] = fd_bf2f(h[k]);
+            continue;
+        }
+        row_scales(fmt, d + (n0 + j) * nb, m ? m + (n0 + j) * nb : NULL, nb, db, mb);
+        for (int b = 0; b < nb; b++) {
+            vf wv[BV];
+            dq_block(fmt, wr, b, db[b], mb[b], wv);
+            for (int v = 0; v < BV; v++) v_store(o + b * 32 + v * VL, wv[v]);
+        }
+    }
+}
+
+/* One tile of nr (<= NR_MAX) weight rows against all M activation rows. */
+INLINE void run_tile(const int FMT, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
+                     int64_t wstride, const uint16_t *d, const uint16_t *m, const float *bias, float *y,
+                     int64_t ldy, int64_t n0, int nr, float *db, float *mb, float *wbuf) {
+    int nb = (int)(K / 32);
+    float out[MT_CAP][NR_MAX];
+    const uint8_t *wt = w + n0 * wstride;
+    if (M <= MT_MAX) {
+        if (FMT != FD_BF16)
+            for (int j = 0; j < nr; j++)
+                row_scales(FMT, d + (n0 + j) * nb, m ? m + (n0 + j) * nb : NULL, nb, db + j * nb, mb + j * nb);
+        const int mt = (int)M;
+#define FUSED(MTV, NRV) tile_fused(FMT, MTV, NRV, x, ldx, K, wt, wstride, db, mb, nb, out)
+#define FUSED_M(NRV)                                                                                \
+    switch (mt) {                                                                                   \
+    case 1: FUSED(1, NRV); break;                                                                   \
+    case 2: FUSED(2, NRV); break;                                                                   \
+    case 3: FUSED(3, NRV); break;                                                                   \
+    default: FUSED(4, NRV); break;                                                                  \
+    }
+        if (nr == NR_MAX) {
+            FUSED_M(NR_MAX)
+        } else {
+            for (int j = 0; j < nr; j++) { /* the N tail: one weight row at a time */
+                float o1[MT_CAP][NR_MAX];
+                const uint8_t *wj = wt + j * wstride;
+                const float *dj = db + j * nb, *mj = mb + j * nb;
+                switch (mt) {
+                case 1: tile_fused(FMT, 1, 1, x, ldx, K, wj, wstride, dj, mj, nb, o1); break;
+                case 2: tile_fused(FMT, 2, 1, x, ldx, K, wj, wstride, dj, mj, nb, o1); break;
+                case 3: tile_fused(FMT, 3, 1, x, ldx, K, wj, wstride, dj, mj, nb, o1); break;
+                default: tile_fused(FMT, 4, 1, x, ldx, K, wj, wstride, dj, mj, nb, o1); break;
+                }
+                for (int r = 0; r < mt; r++) out[r][j] = o1[r][0];
+            }
+        }
+#undef FUSED_M
+#undef FUSED
+        for (int r = 0; r < mt; r++)
+            for (int j = 0; j < nr; j++) y[r * ldy + n0 + j] = out[r][j] + (bias ? bias[n0 + j] : 0.0f);
+        return;
+    }
+    if (M < BUF_MIN_M) {
+        /* register tiles of MT_MID activation rows x NR_MID weight rows, dequantizing in registers
+           once per MT_MID rows */
+        if (FMT != FD_BF16)
+            for (int j = 0; j < nr; j++)
+                row_scales(FMT, d + (n0 + j) * nb, m ? m + (n0 + j) * nb : NULL, nb, db + j * nb, mb + j * nb);
+        for (int j0 = 0; j0 < nr; j0 += NR_MID) {
+            const int nrr = nr - j0 < NR_MID ? nr - j0 : NR_MID;
+            const uint8_t *wj = wt + j0 * wstride;
+            const float *dj = db + j0 * nb, *mj = mb + j0 * nb;
+            for (int64_t r0 = 0; r0 < M; r0 += MT_MID) {
+                const int mt = (int)(M - r0 < MT_MID ? M - r0 : MT_MID);
+                const float *xr = x + r0 * ldx;
+#define MID(MTV, NRV) tile_fused(FMT, MTV, NRV, xr, ldx, K, wj, wstride, dj, mj, nb, out)
+#define MID_M(NRV)                                                                                  \
+    switch (mt) {                                                                                   \
+    case 1: MID(1, NRV); break;                                                                     \
+    case 2: MID(2, NRV); break;                                                                     \
+    case 3: MID(3, NRV); break;                                                                     \
+    case 4: MID(4, NRV); break;                                                                     \
+    case 5: MID((5 < MT_MID ? 5 : MT_MID), NRV); break;                                             \
+    case 6: MID((6 < MT_MID ? 6 : MT_MID), NRV); break;                                             \
+    case 7: MID((7 < MT_MID ? 7 : MT_MID), NRV); break;                                             \
+    default: MID(MT_MID, NRV); break;                                                               \
+    }
+                if (nrr == NR_MID) {
+                    MID_M(NR_MID)
+                } else {
+                    MID_M(1)
+                }
+#undef MID_M
+#undef MID
+                for (int r = 0; r < mt; r++)
+                    for (int j = 0; j < nrr; j++)
+                        y[(r0 + r) * ldy + n0 + j0 + j] = out[r][j] + (bias ? bias[n0 + j0 + j] : 0.0f);
+            }
+        }
+        return;
+    }
+    dequant_rows(FMT, w, wstride, d, m, n0, nr, K, db, mb, wbuf);
+    for (int64_t r0 = 0; r0 < M; r0 += MT_MAX) {
+        int mt = (int)(M - r0 < MT_MAX ? M - r0 : MT_MAX);
+        const float *xr = x + r0 * ldx;
+        if (nr == NR_MAX) {
+            switch (mt) {
+            case 1: tile_buf(1, NR_MAX, xr, ldx, K, wbuf, out); break;
+            case 2: tile_buf(2, NR_MAX, xr, ldx, K, wbuf, out); break;
+            case 3: tile_buf(3, NR_MAX, xr, ldx, K, wbuf, out); break;
+            default: tile_buf(4, NR_MAX, xr, ldx, K, wbuf, out); break;
+            }
+        } else {
+            for (int j = 0; j < nr; j++) {
+                float o1[MT_CAP][NR_MAX];
+                switch (mt) {
+                case 1: tile_buf(1, 1, xr, ldx, K, wbuf + j * K, o1); break;
+                case 2: tile_buf(2, 1, xr, ldx, K, wbuf + j * K, o1); break;
+                case 3: tile_buf(3, 1, xr, ldx, K, wbuf + j * K, o1); break;
+                default: tile_buf(4, 1, xr, ldx, K, wbuf + j * K, o1); break;
+                }
+                for (int r = 0; r < mt; r++) out[r][j] = o1[r][0];
+            }
+        }
+        for (int r = 0; r < mt; r++)
+            for (int j = 0; j < nr; j++) y[(r0 + r) * ldy + n0 + j] = out[r][j] + (bias ? bias[n0 + j] : 0.0f);
+    }
+}
+
+static int64_t row_bytes(int fmt, int64_t K) {
+    switch (fmt) {
+    case FD_Q4_0:
+    case FD_Q4_1: return K / 2;
+    case FD_Q8_0: return K;
+    case FD_BF16: return 2 * K;
+    }
+    return -1;
+}
+
+static int pick_threads(int nthreads, int64_t ntiles, double work) {
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (work < 65536.0) nt = 1; /* fork/join costs more than it saves on tiny products */
+    if (nt > ntiles) nt = (int)ntiles;
+    return nt < 1 ? 1 : nt;
+}
+
+/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) W^T + bias. Returns 0, or -1 on bad arguments. */
+int fd_linear(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
+              const uint16_t *d, const uint16_t *m, const float *bias, float *y, int64_t ldy, int64_t N,
+              int nthreads) {
+    if (fmt < 0 || fmt > FD_BF16 || M < 0 || N < 0 || K < 0) return -1;
+    if (fmt != FD_BF16 && K % 32) return -1;
+    if (fmt == FD_Q4_1 && !m) return -1;
+    if (M == 0 || N == 0) return 0;
+    int64_t wstride = row_bytes(fmt, K);
+    int64_t ntiles = (N + NR_MAX - 1) / NR_MAX;
+    int nt = pick_threads(nthreads, ntiles, (double)N * (double)K * (double)(M < 8 ? M : 8));
+    int nb = (int)(K / 32);
+    int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
+    {
+        int t = 0, T = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+        int64_t t0 = ntiles * t / T, t1 = ntiles * (t + 1) / T;
+        size_t sbytes = sizeof(float) * (size_t)(NR_MAX * (nb > 0 ? nb : 1));
+        float *db = (float *)malloc(sbytes), *mb = (float *)malloc(sbytes);
+        float *wbuf = M >= BUF_MIN_M ? (float *)malloc(sizeof(float) * (size_t)(NR_MAX * K + VL)) : NULL;
+        if (!db || !mb || (M >= BUF_MIN_M && !wbuf)) {
+            failed = 1;
+        } else {
+            for (int64_t tile = t0; tile < t1; tile++) {
+                int64_t n0 = tile * NR_MAX;
+                int nr = (int)(N - n0 < NR_MAX ? N - n0 : NR_MAX);
+                switch (fmt) {
+                case FD_Q4_0: run_tile(FD_Q4_0, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
+                case FD_Q4_1: run_tile(FD_Q4_1, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
+                case FD_Q8_0: run_tile(FD_Q8_0, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
+                default: run_tile(FD_BF16, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
+                }
+            }
+        }
+        free(db);
+        free(mb);
+        free(wbuf);
+    }
+    return failed ? -2 : 0;
+}
+
+/* Dequantize rows of W: out[i, :] = W[rows[i], :] (rows NULL: every row in order), as fp32 (out_bf16 = 0)
+ * or bfloat16 rounded to nearest even (out_bf16 = 1). */
+int fd_dequant(int fmt, const uint8_t *w, const uint16_t *d, const uint16_t *m, int64_t N, int64_t K,
+               const int64_t *rows, int64_t nrows, void *out, int out_bf16, int nthreads) {
+    if (fmt < 0 || fmt > FD_BF16 || K < 0 || nrows < 0) return -1;
+    if (fmt != FD_BF16 && K % 32) return -1;
+    if (fmt == FD_Q4_1 && !m) return -1;
+    if (rows)
+        for (int64_t i = 0; i < nrows; i++)
+            if (rows[i] < 0 || rows[i] >= N) return -1;
+    int64_t wstride = row_bytes(fmt, K);
+    int nt = pick_threads(nthreads, nrows, (double)nrows * (double)K);
+    int nb = (int)(K / 32);
+    int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
+    {
+        int t = 0, T = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+        int64_t i0 = nrows * t / T, i1 = nrows * (t + 1) / T;
+        float *db = (float *)malloc(sizeof(float) * (size_t)(nb + 1));
+        float *mb = (float *)malloc(sizeof(float) * (size_t)(nb + 1));
+        float *tmp = out_bf16 ? (float *)malloc(sizeof(float) * (size_t)(K + VL)) : NULL;
+        if (!db || !mb || (out_bf16 && !tmp)) {
+            failed = 1;
+        } else {
+            for (int64_t i = i0; i < i1; i++) {
+                int64_t n = rows ? rows[i] : i;
+                if (out_bf16) {
+                    dequant_rows(fmt, w, wstride, d, m, n, 1, K, db, mb, tmp);
+                    uint16_t *o = (uint16_t *)out + i * K;
+                    for (int64_t k = 0; k < K; k++) o[k] = fd_f2bf(tmp[k]);
+                } else {
+                    dequant_rows(fmt, w, wstride, d, m, n, 1, K, db, mb, (float *)out + i * K);
+                }
+            }
+        }
+        free(db);
+        free(mb);
+        free(tmp);
+    }
+    return failed ? -2 : 0;
+}
+
+const char *fd_isa(void) { return FD_ISA; }
+
+int fd_abi_version(void) { return 1; }

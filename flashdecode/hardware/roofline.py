@@ -1,0 +1,741 @@
+"""A roofline model of this machine and of a model running on it.
+
+Decode cannot beat memory bandwidth divided by the bytes one step must read; prefill cannot beat the
+machine's matmul throughput divided by the FLOPs per token. This module holds both sides:
+
+* ``Ceilings``: the machine's measured memory read bandwidth and matmul throughput per dtype (fp32,
+  bf16, int8), measured once and cached (``machine_ceilings``; ``hardware/probe.py`` measures).
+* ``ModelCost``: bytes and FLOPs of one decode step at batch B and context L, and of a prefill, from
+  the ``ModelSpec`` and each weight's *stored* format (Q4_1 = 20 bytes per 32 weights, ...), whatever
+  the engine happens to keep in memory today: the bound is the one physics sets for that file.
+
+What is counted (the same arithmetic ``tests/test_roofline.py`` checks by hand):
+
+* weights: every matrix and vector of every layer, the final norm and the output head (the embedding
+  matrix when tied), once per step however large the batch, plus one embedding row per token;
+* KV cache: each sequence reads the K and V of all ``context`` positions in every layer (so decode
+  bytes grow with context; GQA shrinks them by num_heads / num_kv_heads) and writes its new ones;
+  a prefill reads each K/V once (a flash-attention tiling) and writes all of them;
+* activations: each projection reads its input and writes its output in the compute dtype, the head
+  writes fp32 logits; only the last prompt position of a prefill goes through the head;
+* FLOPs: 2 per multiply-add of every projection, plus attention's QK^T and PV (4 * heads * head_dim
+  per attended position); norms, RoPE, softmax and the sampler are left out (they are O(hidden)).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import FlashDecodeError
+from ..models.spec import ModelSpec
+from . import probe
+
+CACHE_FILE = "ceilings.json"
+CACHE_VERSION = 1
+
+# Stored bytes per block and weights per block for each storage format. GGUF names come first;
+# torch dtype names cover safetensors checkpoints. Anything else falls back to gguf's table.
+_FORMAT_BLOCKS: dict[str, tuple[int, int]] = {
+    "F64": (8, 1),
+    "F32": (4, 1),
+    "F16": (2, 1),
+    "BF16": (2, 1),
+    "I8": (1, 1),
+    "I16": (2, 1),
+    "I32": (4, 1),
+    "I64": (8, 1),
+    "Q4_0": (18, 32),
+    "Q4_1": (20, 32),
+    "Q5_0": (22, 32),
+    "Q5_1": (24, 32),
+    "Q8_0": (34, 32),
+    "Q8_1": (36, 32),
+    "Q2_K": (84, 256),
+    "Q3_K": (110, 256),
+    "Q4_K": (144, 256),
+    "Q5_K": (176, 256),
+    "Q6_K": (210, 256),
+    "Q8_K": (292, 256),
+    "IQ4_NL": (18, 32),
+    "IQ4_XS": (136, 256),
+    "FLOAT64": (8, 1),
+    "FLOAT32": (4, 1),
+    "FLOAT": (4, 1),
+    "FLOAT16": (2, 1),
+    "HALF": (2, 1),
+    "BFLOAT16": (2, 1),
+    "INT8": (1, 1),
+    "UINT8": (1, 1),
+}
+_FLOAT_FORMATS = {"F64", "F32", "F16", "BF16", "FLOAT64", "FLOAT32", "FLOAT", "FLOAT16", "HALF", "BFLOAT16"}
+
+
+def bytes_per_weight(fmt: str) -> float:
+    """Stored bytes per weight of a tensor format name (GGUF ``Q4_1``, torch ``bfloat16``, ...)."""
+    key = str(fmt).upper().removeprefix("TORCH.")
+    if key in _FORMAT_BLOCKS:
+        type_size, block = _FORMAT_BLOCKS[key]
+        return type_size / block
+    try:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[key]]
+        return type_size / block
+    except (ImportError, KeyError):
+        raise FlashDecodeError(f"unknown weight storage format {fmt!r}") from None
+
+
+def is_quantized(fmt: str) -> bool:
+    return str(fmt).upper().removeprefix("TORCH.") not in _FLOAT_FORMATS | {"I8", "I16", "I32", "I64"}
+
+
+# --- the machine -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ceilings:
+    """What this machine can do: memory read bandwidth (bytes/s) and matmul FLOP/s per dtype."""
+
+    bandwidth: float
+    flops: dict[str, float]
+    threads: int
+    cpu: str = ""
+    measured_at: str = ""
+    bandwidth_fresh: bool = False  # measured in this process (it can be bimodal between processes)
+
+    def peak(self, compute: str) -> float:
+        value = self.flops.get(compute, 0.0)
+        if value <= 0:
+            raise FlashDecodeError(f"no measured matmul throughput for {compute!r} on this machine")
+        return value
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cache_key(threads: int) -> str:
+    import torch
+
+    return f"{probe.cpu_model()}|{threads} threads|torch {torch.__version__}|{platform.machine()}"
+
+
+def machine_ceilings(
+    num_threads: int | None = None, refresh: bool = False, fresh_bandwidth: bool = False
+) -> Ceilings:
+    """This machine's ceilings with ``num_threads`` threads (default: physical cores), measured once
+    and cached in ``probe.cache_dir()``; ``refresh`` measures everything again, ``fresh_bandwidth``
+    re-measures only the memory bandwidth in this process (about a second) and does not cache it."""
+    threads = num_threads or probe.physical_cores()
+    key = _cache_key(threads)
+    cached = probe.load_cached(CACHE_FILE) or {}
+    entry = cached.get(key) if cached.get("version") == CACHE_VERSION else None
+    if refresh or entry is None:
+        entry = {
+            "bandwidth": probe.measure_memory_bandwidth(threads),
+            "flops": {dtype: probe.measure_matmul_flops(dtype, threads) for dtype in probe.MATMUL_DTYPES},
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        if cached.get("version") != CACHE_VERSION:
+            cached = {"version": CACHE_VERSION}
+        cached[key] = entry
+        try:
+            probe.store_cached(CACHE_FILE, cached)
+        except OSError:
+            pass  # a read-only cache directory only costs a re-measurement next time
+        fresh = True
+    else:
+        fresh = False
+    bandwidth = entry["bandwidth"]
+    if fresh_bandwidth and not fresh:
+        bandwidth, fresh = probe.measure_memory_bandwidth(threads), True
+        if bandwidth > entry["bandwidth"]:  # the cache keeps the best this machine has shown
+            entry["bandwidth"] = bandwidth
+            try:
+                probe.store_cached(CACHE_FILE, cached)
+            except OSError:
+                pass
+    return Ceilings(
+        bandwidth=bandwidth,
+        flops=dict(entry["flops"]),
+        threads=threads,
+        cpu=probe.cpu_model(),
+        measured_at=entry["measured_at"],
+        bandwidth_fresh=fresh,
+    )
+
+
+# --- the model ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Bytes moved and FLOPs done by one engine step that yields ``tokens`` tokens."""
+
+    tokens: int
+    flops: float
+    weight_bytes: float
+    kv_read_bytes: float
+    kv_write_bytes: float
+    activation_bytes: float
+
+    @property
+    def bytes(self) -> float:
+        return self.weight_bytes + self.kv_read_bytes + self.kv_write_bytes + self.activation_bytes
+
+    @property
+    def intensity(self) -> float:
+        """Arithmetic intensity: FLOPs per byte moved."""
+        return self.flops / self.bytes
+
+    def memory_time(self, ceilings: Ceilings) -> float:
+        return self.bytes / ceilings.bandwidth
+
+    def compute_time(self, ceilings: Ceilings, compute: str) -> float:
+        return self.flops / ceilings.peak(compute)
+
+    def time_bound(self, ceilings: Ceilings, compute: str) -> float:
+        """The least time the step can take: it must both move its bytes and do its FLOPs."""
+        return max(self.memory_time(ceilings), self.compute_time(ceilings, compute))
+
+    def tokens_per_s(self, ceilings: Ceilings, compute: str) -> float:
+        return self.tokens / self.time_bound(ceilings, compute)
+
+    def limit(self, ceilings: Ceilings, compute: str) -> str:
+        return "memory" if self.memory_time(ceilings) >= self.compute_time(ceilings, compute) else "compute"
+
+    def per_token(self) -> dict[str, float]:
+        return {
+            "flops": self.flops / self.tokens,
+            "bytes": self.bytes / self.tokens,
+            "weight_bytes": self.weight_bytes / self.tokens,
+            "kv_read_bytes": self.kv_read_bytes / self.tokens,
+        }
+
+
+_LAYER_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class ModelCost:
+    """Bytes and FLOPs of a model's decode steps and prefills.
+
+    ``formats`` maps canonical weight names (``LoadedModel.formats``) to stored formats; a weight
+    missing from it is taken as ``default_format``. ``kv_bytes_per_token`` is the KV cache's bytes per
+    cached token over all layers, K and V (default: the compute dtype's itemsize per element);
+    ``activation_bytes`` is the compute dtype's itemsize."""
+
+    spec: ModelSpec
+    formats: Mapping[str, str] = field(default_factory=dict)
+    activation_bytes: int = 4
+    kv_bytes_per_token: float | None = None
+    default_format: str = "F32"
+
+    def __post_init__(self) -> None:
+        if self.kv_bytes_per_token is None:
+            s = self.spec
+            self.kv_bytes_per_token = 2 * s.num_layers * s.kv_size * self.activation_bytes
+
+    # shapes and bytes of the weights
+
+    def matrix_shapes(self) -> dict[str, tuple[int, int]]:
+        """Every matrix one token goes through (the head included, the embedding gather not)."""
+        s = self.spec
+        h, q, kv, inter = s.hidden_size, s.q_size, s.kv_size, s.intermediate_size
+        per_layer = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (inter, h)}
+        per_layer |= {"up": (inter, h), "down": (h, inter)}
+        shapes = {
+            f"layers.{i}.{name}": shape for i in range(s.num_layers) for name, shape in per_layer.items()
+        }
+        shapes["lm_head"] = (s.vocab_size, h)
+        return shapes
+
+    def vector_sizes(self) -> dict[str, int]:
+        s = self.spec
+        per_layer = {"attn_norm": s.hidden_size, "mlp_norm": s.hidden_size}
+        if s.family.qkv_bias:
+            per_layer |= {"q_bias": s.q_size, "k_bias": s.kv_size, "v_bias": s.kv_size}
+        if s.family.qk_norm:
+            per_layer |= {"q_norm": s.head_dim, "k_norm": s.head_dim}
+        sizes = {f"layers.{i}.{n}": size for i in range(s.num_layers) for n, size in per_layer.items()}
+        sizes["norm"] = s.hidden_size
+        return sizes
+
+    def format_of(self, name: str) -> str:
+        if name == "lm_head" and (self.spec.tie_embeddings or "lm_head" not in self.formats):
+            name = "embed"
+        return self.formats.get(name, self.default_format)
+
+    def weight_bytes(self, name: str, numel: int) -> float:
+        return numel * bytes_per_weight(self.format_of(name))
+
+    def matmul_params(self, head: bool = True) -> int:
+        """Multiply-adds per token of the layers' projections (and of the head, with ``head``)."""
+        return sum(r * c for n, (r, c) in self.matrix_shapes().items() if head or n != "lm_head")
+
+    def resident_weight_bytes(self) -> float:
+        """Bytes one step reads for the weights, the embedding gather aside."""
+        total = sum(self.weight_bytes(n, r * c) for n, (r, c) in self.matrix_shapes().items())
+        return total + sum(self.weight_bytes(n, size) for n, size in self.vector_sizes().items())
+
+    def embedding_row_bytes(self) -> float:
+        return self.spec.hidden_size * bytes_per_weight(self.format_of("embed"))
+
+    def activation_bytes_per_token(self, head: bool = True) -> float:
+        s = self.spec
+        h, q, kv, inter = s.hidden_size, s.q_size, s.kv_size, s.intermediate_size
+        # qkv: h in, q+2kv out; o: q in, h out; gate/up: h in, 2*inter out; down: inter in, h out
+        per_layer = (h + q + 2 * kv) + (q + h) + (h + 2 * inter) + (inter + h)
+        elems = s.num_layers * per_layer
+        total = elems * self.activation_bytes
+        if head:
+            total += h * self.activation_bytes + s.vocab_size * 4  # fp32 logits
+        return total
+
+    def attention_flops(self, attended: int) -> float:
+        """QK^T and PV of one query position over ``attended`` positions, all layers."""
+        s = self.spec
+        return 4.0 * s.num_layers * s.num_heads * s.head_dim * attended
+
+    # the two kinds of step
+
+    def decode_step(self, batch: int, context: int | Iterable[int]) -> StepCost:
+        """One decode step of ``batch`` sequences, each attending to ``context`` positions (its new
+        token included); ``context`` may also list one length per sequence."""
+        contexts = [context] * batch if isinstance(context, int) else list(context)
+        if len(contexts) != batch or batch < 1 or min(contexts) < 1:
+            raise FlashDecodeError(f"decode_step: batch={batch} with contexts {contexts[:4]}...")
+        attended = sum(contexts)
+        return StepCost(
+            tokens=batch,
+            flops=2.0 * batch * self.matmul_params() + self.attention_flops(attended),
+            weight_bytes=self.resident_weight_bytes() + batch * self.embedding_row_bytes(),
+            kv_read_bytes=attended * self.kv_bytes_per_token,
+            kv_write_bytes=batch * self.kv_bytes_per_token,
+            activation_bytes=batch * self.activation_bytes_per_token(),
+        )
+
+    def prefill(self, prompt_len: int, batch: int = 1) -> StepCost:
+        """Prefill of ``batch`` prompts of ``prompt_len`` tokens each, weights read once, causal
+        attention, the head run on each prompt's last position only."""
+        if prompt_len < 1 or batch < 1:
+            raise FlashDecodeError(f"prefill: prompt_len={prompt_len}, batch={batch} must be positive")
+        tokens = batch * prompt_len
+        head_params = self.spec.vocab_size * self.spec.hidden_size
+        causal = prompt_len * (prompt_len + 1) // 2  # positions attended, summed over the prompt
+        return StepCost(
+            tokens=tokens,
+            flops=2.0 * tokens * self.matmul_params(head=False)
+            + 2.0 * batch * head_params
+            + batch * self.attention_flops(causal),
+            weight_bytes=self.resident_weight_bytes() + tokens * self.embedding_row_bytes(),
+            kv_read_bytes=tokens * self.kv_bytes_per_token,
+            kv_write_bytes=tokens * self.kv_bytes_per_token,
+            activation_bytes=tokens * self.activation_bytes_per_token(head=False)
+            + batch * (self.activation_bytes_per_token() - self.activation_bytes_per_token(head=False)),
+        )
+
+    def compute_dtype(self) -> str:
+        """The matmul ceiling that applies: int8 (VNNI dot products, as llama.cpp runs quantized
+        blocks) when most weight bytes are quantized blocks, bf16 for 16-bit weights, else fp32."""
+        by_kind = {"int8": 0.0, "bf16": 0.0, "fp32": 0.0}
+        for name, (r, c) in self.matrix_shapes().items():
+            fmt = self.format_of(name)
+            key = str(fmt).upper().removeprefix("TORCH.")
+            kind = "int8" if is_quantized(fmt) else "bf16" if key in {"BF16", "BFLOAT16"} else "fp32"
+            by_kind[kind] += self.weight_bytes(name, r * c)
+        return max(by_kind, key=lambda k: by_kind[k])
+
+    def stored_format_summary(self) -> str:
+        counts: dict[str, int] = {}
+        for name in self.matrix_shapes():
+            fmt = self.format_of(name)
+            counts[fmt] = counts.get(fmt, 0) + 1
+        return ", ".join(f"{fmt} x{n}" for fmt, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def kv_bytes_per_token_of(cache: Any, spec: ModelSpec, fallback_itemsize: int) -> float:
+    """Bytes per cached token (all layers, K and V, scales included) of an engine's KV cache object,
+    from the tensors it holds; falls back to ``fallback_itemsize`` per element."""
+    try:
+        import torch
+
+        tensors = [t for t in vars(cache).values() if isinstance(t, torch.Tensor)]
+        slots = cache.k.shape[1]
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        if slots > 0 and total > 0:
+            return total / slots
+    except (AttributeError, IndexError, TypeError):
+        pass
+    return 2 * spec.num_layers * spec.kv_size * fallback_itemsize
+
+
+def model_cost_for_engine(engine: Any) -> ModelCost:
+    """The cost model of a running ``LLMEngine``: its spec, stored formats, compute dtype and KV cache."""
+    itemsize = engine.dtype.itemsize
+    return ModelCost(
+        spec=engine.spec,
+        formats=dict(engine.formats),
+        activation_bytes=itemsize,
+        kv_bytes_per_token=kv_bytes_per_token_of(getattr(engine, "cache", None), engine.spec, itemsize),
+    )
+
+
+def describe_model(model: str | None) -> tuple[ModelSpec, dict[str, str], str]:
+    """(spec, stored formats, source) of a model without building an engine. A GGUF file is read for
+    its metadata and tensor types only (no dequantization) where the loader's helpers allow it."""
+    from ..models.loader import load_model, resolve_model_path
+
+    path = resolve_model_path(model)
+    if path.is_file():
+        try:
+            return _describe_gguf(path)
+        except FlashDecodeError:
+            raise
+        except Exception:  # the loader's private helpers moved: load it the slow way
+            pass
+    loaded = load_model(model)
+    return loaded.spec, dict(loaded.formats), loaded.source
+
+
+def _describe_gguf(path: Any) -> tuple[ModelSpec, dict[str, str], str]:
+    from ..models import gguf_loader as g
+    from ..models.tokenizer import Tokenizer
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+    reader = g.read_gguf(path)
+    meta = g.gguf_metadata(reader)
+    g.family_for(str(meta.get("general.architecture")))
+    tokenizer = Tokenizer.from_gguf_metadata(meta)
+    names = {t.name for t in reader.tensors}
+    spec = g._spec_from_metadata(meta, names, tokenizer)
+    formats = {}
+    for t in reader.tensors:
+        if t.name in g._GLOBAL_TENSORS:
+            formats[g._GLOBAL_TENSORS[t.name]] = t.tensor_type.name
+        elif t.name.startswith("blk."):
+            _, layer, rest = t.name.split(".", 2)
+            if rest in g._LAYER_TENSORS:
+                formats[f"layers.{int(layer)}.{g._LAYER_TENSORS[rest]}"] = t.tensor_type.name
+    if "embed" not in formats:
+        raise ValueError("no embedding tensor")
+    return spec, formats, str(path)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.3g} B"
+
+
+def fmt_rate(n: float) -> str:
+    if not math.isfinite(n):
+        return "inf"
+    return f"{n:,.0f}" if n >= 100 else f"{n:.3g}"
+
+
+# --- reports -----------------------------------------------------------------------------------------
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain text table, numbers right-aligned."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def describe_ceilings(c: Ceilings) -> str:
+    where = "measured in this process" if c.bandwidth_fresh else f"cached, measured {c.measured_at}"
+    flops = ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in c.flops.items() if v > 0)
+    return (
+        f"machine: {c.cpu}, {c.threads} threads\n"
+        f"  memory read bandwidth  {c.bandwidth / 1e9:.1f} GB/s ({where})\n"
+        f"  matmul GFLOP/s         {flops}"
+    )
+
+
+def roofline_report(
+    cost: ModelCost,
+    ceilings: Ceilings,
+    source: str,
+    batches: Iterable[int],
+    context: int,
+    prompt_lens: Iterable[int],
+    compute: str | None = None,
+) -> dict[str, Any]:
+    """Decode and prefill bounds as rows (also the JSON of ``flashdecode roofline --json``)."""
+    compute = compute or cost.compute_dtype()
+    s = cost.spec
+    decode = []
+    for b in batches:
+        step = cost.decode_step(b, context)
+        decode.append(
+            {
+                "batch": b,
+                "context": context,
+                "bytes": step.bytes,
+                "kv_read_bytes": step.kv_read_bytes,
+                "flops": step.flops,
+                "intensity": step.intensity,
+                "tokens_per_s": step.tokens_per_s(ceilings, compute),
+                "limit": step.limit(ceilings, compute),
+            }
+        )
+    prefill = []
+    for p in prompt_lens:
+        step = cost.prefill(p)
+        prefill.append(
+            {
+                "prompt_len": p,
+                "bytes_per_token": step.bytes / step.tokens,
+                "flops_per_token": step.flops / step.tokens,
+                "intensity": step.intensity,
+                "tokens_per_s": step.tokens_per_s(ceilings, compute),
+                "limit": step.limit(ceilings, compute),
+            }
+        )
+    return {
+        "model": {
+            "source": source,
+            "architecture": s.family.name,
+            "parameters": s.num_parameters(),
+            "layers": s.num_layers,
+            "hidden": s.hidden_size,
+            "heads": s.num_heads,
+            "kv_heads": s.num_kv_heads,
+            "stored_formats": cost.stored_format_summary(),
+            "weight_bytes_per_step": cost.resident_weight_bytes(),
+            "kv_bytes_per_token": cost.kv_bytes_per_token,
+        },
+        "ceilings": ceilings.to_json(),
+        "compute": compute,
+        "decode": decode,
+        "prefill": prefill,
+    }
+
+
+def print_roofline_report(report: dict[str, Any], ceilings: Ceilings) -> None:
+    m = report["model"]
+    print(describe_ceilings(ceilings))
+    print(
+        f"model: {m['source']}\n"
+        f"  {m['architecture']}, {m['parameters']:,} parameters, {m['layers']} layers, hidden {m['hidden']}, "
+        f"{m['heads']} heads ({m['kv_heads']} KV)\n"
+        f"  stored formats of the matrices: {m['stored_formats']}\n"
+        f"  weights read per step {fmt_bytes(m['weight_bytes_per_step'])}, "
+        f"KV cache {fmt_bytes(m['kv_bytes_per_token'])} per token; matmul ceiling: {report['compute']}"
+    )
+    context = report["decode"][0]["context"] if report["decode"] else 0
+    print(f"\ndecode, each sequence at context {context}:")
+    rows = [
+        [
+            str(r["batch"]),
+            fmt_bytes(r["bytes"]),
+            fmt_bytes(r["kv_read_bytes"]),
+            f"{r['flops'] / 1e9:.3g}",
+            f"{r['intensity']:.3g}",
+            fmt_rate(r["tokens_per_s"]),
+            r["limit"],
+        ]
+        for r in report["decode"]
+    ]
+    print(
+        format_table(["batch", "bytes/step", "KV read", "GFLOP/step", "FLOP/B", "max tok/s", "bound"], rows)
+    )
+    print("\nprefill, one prompt:")
+    rows = [
+        [
+            str(r["prompt_len"]),
+            fmt_bytes(r["bytes_per_token"]),
+            f"{r['flops_per_token'] / 1e6:,.0f}",
+            f"{r['intensity']:.3g}",
+            fmt_rate(r["tokens_per_s"]),
+            r["limit"],
+        ]
+        for r in report["prefill"]
+    ]
+    print(format_table(["prompt", "bytes/token", "MFLOP/token", "FLOP/B", "max tok/s", "bound"], rows))
+
+
+def plot_roofline(
+    path: str,
+    cost: ModelCost,
+    ceilings: Ceilings,
+    batches: Iterable[int],
+    context: int,
+    prompt_lens: Iterable[int],
+    measured: Iterable[tuple[str, float, float]] = (),
+    title: str = "",
+    compute: str | None = None,
+) -> None:
+    """The classic roofline (log-log, arithmetic intensity vs attainable FLOP/s): the bandwidth slope,
+    one ceiling per measured matmul dtype, the model's decode steps and prefills placed at their
+    intensity and bound, and ``measured`` points (label, intensity, achieved FLOP/s)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FlashDecodeError("--plot needs matplotlib: pip install matplotlib") from None
+    compute = compute or cost.compute_dtype()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    peaks = {k: v for k, v in ceilings.flops.items() if v > 0}
+    top = max(peaks.values(), default=ceilings.bandwidth * 100)
+    xs = [10 ** (i / 20) for i in range(-20, 81)]  # 0.1 .. 10^4 FLOP/byte
+    ax.plot(xs, [min(top, ceilings.bandwidth * x) / 1e9 for x in xs], color="black", lw=1.5)
+    ax.text(
+        0.15,
+        ceilings.bandwidth * 0.2 / 1e9,
+        f"{ceilings.bandwidth / 1e9:.0f} GB/s",
+        rotation=30,
+        fontsize=9,
+    )
+    for i, (dtype, peak) in enumerate(sorted(peaks.items(), key=lambda kv: kv[1])):
+        ridge = peak / ceilings.bandwidth
+        ax.plot([ridge, xs[-1]], [peak / 1e9] * 2, ls="--", lw=1, color=f"C{7 - i}")
+        ax.text(xs[-1], peak / 1e9 * 1.05, f"{dtype} {peak / 1e9:,.0f} GFLOP/s", ha="right", fontsize=9)
+    peak = ceilings.peak(compute)
+    for i, b in enumerate(batches):  # labels alternate sides so neighbours do not overlap
+        step = cost.decode_step(b, context)
+        y = min(peak, ceilings.bandwidth * step.intensity) / 1e9
+        ax.plot(step.intensity, y, "o", color="C0")
+        offset = (6, -8) if i % 2 == 0 else (-40, 6)
+        ax.annotate(f"B={b}", (step.intensity, y), textcoords="offset points", xytext=offset, fontsize=8)
+    for i, p in enumerate(prompt_lens):
+        step = cost.prefill(p)
+        y = min(peak, ceilings.bandwidth * step.intensity) / 1e9
+        ax.plot(step.intensity, y, "s", color="C1")
+        offset = (-10, -14 - 10 * i)
+        ax.annotate(
+            f"prefill {p}", (step.intensity, y), textcoords="offset points", xytext=offset, fontsize=8
+        )
+    for i, (label, intensity, achieved) in enumerate(measured):
+        ax.plot(intensity, achieved / 1e9, "x", color="C3", ms=8)
+        offset = (6, -10) if i % 2 == 0 else (6, 4)
+        ax.annotate(label, (intensity, achieved / 1e9), textcoords="offset points", xytext=offset, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP / byte)")
+    ax.set_ylabel("attainable GFLOP/s")
+    ax.set_title(title or f"roofline: {ceilings.cpu}, {ceilings.threads} threads", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.plot([], [], "o", color="C0", label=f"model decode (context {context}), bound")
+    ax.plot([], [], "s", color="C1", label="model prefill, bound")
+    if measured:
+        ax.plot([], [], "x", color="C3", label="measured")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: embedded)")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the roofline to this PNG")
+    p.add_argument("--batch", default="1,2,4,8,16,32,64", help="decode batch sizes (default 1,2,...,64)")
+    p.add_argument("--context", type=int, default=512, help="tokens each decoding sequence attends to")
+    p.add_argument("--prompt-len", default="128,512,2048", help="prefill prompt lengths")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument(
+        "--compute", default="auto", help="matmul ceiling: auto (from the formats), fp32, bf16, int8"
+    )
+    p.add_argument(
+        "--kv-dtype", default="auto", help="KV cache element: auto (the compute dtype), fp32, bf16, int8"
+    )
+    p.add_argument("--remeasure", action="store_true", help="measure the machine again (else cached)")
+    p.add_argument(
+        "--bench", default=None, metavar="FILE.json", help="place `flashdecode bench --json` points"
+    )
+    p.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON")
+
+
+def _kv_bytes(spec: ModelSpec, kv_dtype: str, activation_bytes: int) -> float:
+    per_head = {
+        "auto": spec.head_dim * activation_bytes,
+        "fp32": spec.head_dim * 4,
+        "bf16": spec.head_dim * 2,
+        "int8": spec.head_dim + 4,  # int8 values and one fp32 scale per token and head
+    }
+    if kv_dtype not in per_head:
+        raise FlashDecodeError(f"--kv-dtype {kv_dtype!r}: expected one of {sorted(per_head)}")
+    return 2 * spec.num_layers * spec.num_kv_heads * per_head[kv_dtype]
+
+
+def measured_points(bench: dict[str, Any], cost: ModelCost) -> list[tuple[str, float, float]]:
+    """(label, intensity, achieved FLOP/s) of each cell of a ``flashdecode bench --json`` result."""
+    points = []
+    for c in bench.get("cells", []):
+        b, p, g = c["batch"], c["prompt_len"], c["gen_len"]
+        decode = cost.decode_step(b, p + 1 + g // 2)
+        rate = c["decode_tok_s"]["median"]
+        points.append((f"bench decode B={b}, ctx {p}", decode.intensity, rate * decode.flops / decode.tokens))
+        prefill = cost.prefill(p, batch=b)
+        rate = c["prefill_tok_s"]["median"]
+        points.append((f"bench prefill {b}x{p}", prefill.intensity, rate * prefill.flops / prefill.tokens))
+    return points
+
+
+def cmd_roofline(args: Any) -> int:
+    import json
+
+    from ..bench import parse_int_list
+    from ..config import EngineConfig
+
+    batches = parse_int_list(args.batch, "--batch")
+    prompt_lens = parse_int_list(args.prompt_len, "--prompt-len")
+    (context,) = parse_int_list(args.context, "--context")
+    if args.compute not in ("auto", *probe.MATMUL_DTYPES):
+        raise FlashDecodeError(f"--compute {args.compute!r}: expected auto, fp32, bf16 or int8")
+    if args.kv_dtype not in ("auto", "fp32", "bf16", "int8"):
+        raise FlashDecodeError(f"--kv-dtype {args.kv_dtype!r}: expected auto, fp32, bf16 or int8")
+    if args.threads is not None:
+        parse_int_list(args.threads, "--threads")
+    bench = None
+    if args.bench:
+        try:
+            with open(args.bench) as f:
+                bench = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise FlashDecodeError(f"--bench {args.bench}: not a readable bench JSON ({exc})") from None
+    spec, formats, source = describe_model(args.model)
+    activation_bytes = EngineConfig().torch_dtype(formats.get("embed", "")).itemsize
+    cost = ModelCost(
+        spec, formats, activation_bytes, kv_bytes_per_token=_kv_bytes(spec, args.kv_dtype, activation_bytes)
+    )
+    ceilings = machine_ceilings(args.threads, refresh=args.remeasure)
+    compute = None if args.compute == "auto" else args.compute
+    report = roofline_report(cost, ceilings, source, batches, context, prompt_lens, compute)
+    print_roofline_report(report, ceilings)
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+        except OSError as exc:
+            raise FlashDecodeError(f"--json {args.json}: {exc.strerror or exc}") from None
+    if args.plot:
+        points = [
+            (f"probe {k} matmul", 2 * 2048 / 3 / {"fp32": 4, "bf16": 2, "int8": 1}[k], v)
+            for k, v in ceilings.flops.items()
+            if v > 0
+        ]
+        if bench is not None:
+            points += measured_points(bench, cost)
+        try:
+            plot_roofline(args.plot, cost, ceilings, batches, context, prompt_lens, points, compute=compute)
+        except OSError as exc:
+            raise FlashDecodeError(f"--plot {args.plot}: {exc.strerror or exc}") from None
+        print(f"\nwrote {args.plot}")
+    return 0

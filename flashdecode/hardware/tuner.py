@@ -1,0 +1,419 @@
+"""The heuristic dataflow (FlashDecoding++ section 5), tuned per machine: ``flashdecode tune``.
+
+For each distinct linear shape of a model (storage format and [N, K]: fused qkv, o, fused gate/up,
+down, lm_head), every applicable candidate kernel (ops/linear.py) is timed at M = 1, 2, 4, ..., 512
+with cold weights: each call runs on the next of several copies of the weight whose total size is
+at least twice the last-level cache, so every call streams its weights from memory as decoding
+does. Candidates are interleaved round-robin and each time is a median, so drift and noise from
+other processes hit all candidates alike. A candidate far slower than the best is dropped for larger
+M (the answer is clear there); where the winner changes between two grid points the gap is bisected
+to find the crossover. The result, per shape, is a ``Plan``: the winner per M range.
+
+Tables live in the user cache directory (``$FLASHDECODE_CACHE_DIR``, ``$XDG_CACHE_HOME/flashdecode``
+or ``~/.cache/flashdecode``) under ``dataflow/<fingerprint>.json``, one file per hardware fingerprint
+(CPU model and flags, cores, threads, torch version, native kernel build), holding the shapes of
+every model tuned on it. Rerunning ``tune`` re-measures the model's shapes and replaces them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..ops import cpu_kernels
+from ..ops.linear import CANDIDATES, MAX_PLAN_M, Linear, Plan, iter_linears
+from ..ops.quant import QuantizedTensor
+from .probe import cache_dir, cpu_flags, cpu_model, physical_cores
+
+TABLE_VERSION = 1
+M_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+DROP_FACTOR = 4.0  # a candidate this many times slower than the best is not measured at larger M
+HYSTERESIS = 0.03  # keep the previous winner while it is within 3% of the best (fewer noisy switches)
+
+# the CPU flags that decide which kernels exist and how fast they are
+_RELEVANT_FLAGS = (
+    "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+    "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve",
+)  # fmt: skip
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (sysfs), 32 MiB when unknown."""
+    best = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in base.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * scale)
+    return best or 32 << 20
+
+
+def fingerprint(num_threads: int | None = None) -> dict[str, Any]:
+    flags = cpu_flags()
+    native = cpu_kernels.load()
+    return {
+        "cpu": cpu_model(),
+        "machine": platform.machine(),
+        "flags": sorted(f for f in _RELEVANT_FLAGS if f in flags),
+        "cores": physical_cores(),
+        "threads": num_threads or torch.get_num_threads(),
+        "torch": torch.__version__,
+        "native": None if native is None else native.isa,
+    }
+
+
+def fingerprint_key(fp: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def table_path(fp: dict[str, Any] | None = None) -> Path:
+    fp = fingerprint() if fp is None else fp
+    return cache_dir() / "dataflow" / f"{fingerprint_key(fp)}.json"
+
+
+@dataclass
+class ShapeResult:
+    plan: Plan
+    times: dict[str, dict[int, float]]  # candidate -> M -> median seconds
+    crossovers: list[int]  # M at which the plan switches kernel
+    allow_approx: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "plan": [[m, name] for m, name in self.plan],
+            "times": {c: {str(m): t for m, t in sorted(ts.items())} for c, ts in self.times.items()},
+            "crossovers": self.crossovers,
+            "allow_approx": self.allow_approx,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ShapeResult:
+        return cls(
+            plan=[(int(m), str(name)) for m, name in data["plan"]],
+            times={c: {int(m): float(t) for m, t in ts.items()} for c, ts in data.get("times", {}).items()},
+            crossovers=[int(m) for m in data.get("crossovers", [])],
+            allow_approx=bool(data.get("allow_approx", False)),
+        )
+
+
+@dataclass
+class DataflowTable:
+    fingerprint: dict[str, Any]
+    shapes: dict[str, ShapeResult] = field(default_factory=dict)
+    models: dict[str, list[str]] = field(default_factory=dict)  # model source -> its shape keys
+
+    def plan_for(self, linear: Linear) -> Plan | None:
+        """The tuned plan for this Linear's shape, if the table has it and every kernel in it can run."""
+        entry = self.shapes.get(linear.shape_key())
+        if entry is None:
+            return None
+        usable = set(linear.candidates(allow_approx=entry.allow_approx))
+        if not all(name in usable for _, name in entry.plan):
+            return None
+        return list(entry.plan)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": TABLE_VERSION,
+            "fingerprint": self.fingerprint,
+            "models": self.models,
+            "shapes": {key: r.to_json() for key, r in sorted(self.shapes.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DataflowTable:
+        if data.get("version") != TABLE_VERSION:
+            raise ValueError(f"table version {data.get('version')!r}, expected {TABLE_VERSION}")
+        return cls(
+            fingerprint=dict(data["fingerprint"]),
+            shapes={k: ShapeResult.from_json(v) for k, v in data.get("shapes", {}).items()},
+            models={k: list(v) for k, v in data.get("models", {}).items()},
+        )
+
+    def save(self, path: Path | None = None) -> Path:
+        path = table_path(self.fingerprint) if path is None else path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> DataflowTable | None:
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def load_table(num_threads: int | None = None) -> DataflowTable | None:
+    """This machine's table (for the current thread count), or None if it was never tuned."""
+    fp = fingerprint(num_threads)
+    table = DataflowTable.load(table_path(fp))
+    if table is None or table.fingerprint != fp:
+        return None
+    return table
+
+
+# --- measuring ----------------------------------------------------------------------------------------
+
+
+def clone_linear(linear: Linear) -> Linear:
+    """A Linear over a private copy of the weight (another place in memory)."""
+    w = linear.weight
+    if isinstance(w, QuantizedTensor):
+        w = QuantizedTensor(w.format, w.qs.clone(), w.d.clone(), None if w.m is None else w.m.clone())
+    else:
+        w = w.clone()
+    return Linear(w, None if linear.bias is None else linear.bias.clone())
+
+
+def weight_bytes(linear: Linear) -> int:
+    w = linear.weight
+    return w.nbytes if isinstance(w, QuantizedTensor) else w.numel() * w.element_size()
+
+
+class ColdRunner:
+    """Runs a candidate over rotating weight copies totalling at least ``rotate_bytes``."""
+
+    def __init__(self, linear: Linear, rotate_bytes: int, max_copies: int = 512):
+        n = max(1, min(max_copies, -(-rotate_bytes // max(1, weight_bytes(linear)))))
+        self.copies = [linear] + [clone_linear(linear) for _ in range(n - 1)]
+        self.i = 0
+
+    def fn(self, name: str) -> Callable[[torch.Tensor], Any]:
+        impls = [c.impl(name) for c in self.copies]
+
+        def run(x: torch.Tensor) -> Any:
+            self.i = (self.i + 1) % len(impls)
+            return impls[self.i](x)
+
+        return run
+
+
+def measure(
+    fns: dict[str, Callable[[torch.Tensor], Any]],
+    x: torch.Tensor,
+    min_reps: int = 5,
+    max_reps: int = 40,
+    budget_s: float = 0.4,
+    drop_after: float = DROP_FACTOR,
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, interleaved round-robin after one warm-up call each.
+    A candidate whose warm-up is ``drop_after`` times the fastest warm-up is timed once more (its
+    answer is clear: the faster of the two calls stands)."""
+    warm = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn(x)
+        warm[name] = time.perf_counter() - t0
+    fastest = min(warm.values())
+    live = [n for n in fns if warm[n] <= drop_after * fastest]
+    times: dict[str, list[float]] = {}
+    for name in fns:
+        if name not in live:
+            t0 = time.perf_counter()
+            fns[name](x)
+            times[name] = [min(warm[name], time.perf_counter() - t0)]
+    times.update({n: [] for n in live})
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < budget_s):
+        for name in live:
+            t0 = time.perf_counter()
+            fns[name](x)
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
+def _hopeless(times: dict[int, float], m: int, best: float) -> bool:
+    """Far slower than the best at ``m`` and already growing about linearly in M (compute-bound): it
+    cannot catch up at larger M. A candidate with a large fixed cost (dequantize, then GEMM) keeps
+    being measured, since that cost is amortized as M grows."""
+    t = times[m]
+    if t > max(0.25, 20 * best):  # so slow that one more call costs more than it could teach
+        return True
+    if t <= DROP_FACTOR * best or m < 16:
+        return False
+    smaller = [p for p in times if p <= m // 4]
+    if not smaller:
+        return False
+    p = max(smaller)
+    return t / times[p] >= 0.8 * m / p
+
+
+def _winner(times: dict[str, float], previous: str | None) -> str:
+    best = min(times, key=times.get)
+    if previous in times and times[previous] <= times[best] * (1 + HYSTERESIS):
+        return previous
+    return best
+
+
+def tune_linear(
+    linear: Linear,
+    allow_approx: bool = False,
+    m_grid: Iterable[int] = M_GRID,
+    rotate_bytes: int | None = None,
+    budget_s: float = 0.4,
+    min_reps: int = 5,
+    refine: bool = True,
+    progress: Callable[[], None] | None = None,
+) -> ShapeResult:
+    """Time every candidate of ``linear`` over ``m_grid``, bisect the crossovers, return the plan."""
+    rotate = 2 * last_level_cache_bytes() if rotate_bytes is None else rotate_bytes
+    names = linear.candidates(allow_approx=allow_approx)
+    runner = ColdRunner(linear, rotate)
+    fns = {name: runner.fn(name) for name in names}
+    dtype = linear.compute_dtype
+    gen = torch.Generator().manual_seed(0)
+    k = linear.in_features
+    xs = torch.randn(max(m_grid), k, generator=gen).to(dtype)
+    times: dict[str, dict[int, float]] = {name: {} for name in names}
+    live = list(names)
+    winners: dict[int, str] = {}
+    previous = None
+
+    def run(m: int, cands: list[str]) -> dict[str, float]:
+        return measure({c: fns[c] for c in cands}, xs[:m], min_reps=min_reps, budget_s=budget_s)
+
+    with torch.inference_mode():
+        for m in sorted(m_grid):
+            got = run(m, live)
+            for name, t in got.items():
+                times[name][m] = t
+            previous = winners[m] = _winner(got, previous)
+            best = got[winners[m]]
+            live = [n for n in live if not _hopeless(times[n], m, best)]
+            if progress:
+                progress()
+        # bisect between grid points whose winners differ
+        grid = sorted(winners)
+        points = dict(winners)
+        if refine:
+            for a, b in zip(grid, grid[1:]):
+                lo, hi = a, b
+                pair = [winners[a], winners[b]]
+                if pair[0] == pair[1]:
+                    continue
+                while hi - lo > max(1, lo // 4):
+                    mid = (lo + hi) // 2
+                    got = run(mid, pair)
+                    for name, t in got.items():
+                        times[name][mid] = t
+                    points[mid] = _winner(got, pair[0])
+                    if points[mid] == pair[0]:
+                        lo = mid
+                    else:
+                        hi = mid
+    plan: Plan = []
+    for m in sorted(points):
+        if not plan or plan[-1][1] != points[m]:
+            plan.append((m, points[m]))
+    plan[0] = (1, plan[0][1])
+    return ShapeResult(
+        plan=plan,
+        times={n: dict(sorted(t.items())) for n, t in times.items() if t},
+        crossovers=[m for m, _ in plan[1:]],
+        allow_approx=allow_approx and any(not CANDIDATES[n].exact for _, n in plan),
+    )
+
+
+def distinct_linears(modules: Iterable[Any]) -> dict[str, Linear]:
+    """One representative Linear per shape key, in first-seen order."""
+    out: dict[str, Linear] = {}
+    for linear in iter_linears(modules):
+        out.setdefault(linear.shape_key(), linear)
+    return out
+
+
+def tune_model(
+    model: str | None = None,
+    num_threads: int | None = None,
+    allow_approx: bool = False,
+    quick: bool = False,
+    save: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[DataflowTable, Path | None]:
+    """Tune every distinct linear shape of ``model`` on this machine and merge them into its table."""
+    from ..models.decoder import Decoder
+    from ..models.loader import load_model
+
+    threads = num_threads or physical_cores()
+    torch.set_num_threads(threads)
+    loaded = load_model(model)
+    dtype = torch.bfloat16 if loaded.formats.get("embed") in ("BF16", "bfloat16") else torch.float32
+    decoder = Decoder(loaded, dtype, dataflow="off")
+    shapes = distinct_linears(decoder.linears())
+    grid = (1, 4, 16, 64) if quick else M_GRID
+    fp = fingerprint(threads)
+    table = DataflowTable.load(table_path(fp)) if save else None
+    if table is None or table.fingerprint != fp:
+        table = DataflowTable(fingerprint=fp)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(shapes) * len(grid), desc="tuning", unit="point")
+    try:
+        for key, linear in shapes.items():
+            if bar is not None:
+                bar.set_postfix_str(key)
+            result = tune_linear(
+                linear,
+                allow_approx=allow_approx,
+                m_grid=grid,
+                budget_s=0.05 if quick else 0.4,
+                min_reps=1 if quick else 5,
+                rotate_bytes=(8 << 20) if quick else None,
+                refine=not quick,
+                progress=None if bar is None else (lambda: bar.update(1)),
+            )
+            table.shapes[key] = result
+    finally:
+        if bar is not None:
+            bar.close()
+    table.models[str(loaded.source)] = list(shapes)
+    path = table.save() if save else None
+    for key in shapes:
+        log(f"{key:>22}  {format_plan(table.shapes[key].plan)}")
+    return table, path
+
+
+def format_plan(plan: Plan) -> str:
+    parts = []
+    for i, (start, name) in enumerate(plan):
+        end = plan[i + 1][0] - 1 if i + 1 < len(plan) else None
+        rng = f"M>={start}" if end is None else (f"M={start}" if end == start else f"M={start}-{end}")
+        parts.append(f"{rng}: {name}")
+    return ", ".join(parts)
+
+
+__all__ = [
+    "DataflowTable",
+    "M_GRID",
+    "MAX_PLAN_M",
+    "ShapeResult",
+    "fingerprint",
+    "load_table",
+    "measure",
+    "table_path",
+    "tune_linear",
+    "tune_model",
+]

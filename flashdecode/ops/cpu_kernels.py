@@ -1,0 +1,285 @@
+"""The native CPU kernels (flashdecode/csrc/flat_gemm.c): built at first use, loaded with ctypes.
+
+The C source has no Python or torch dependency. It is compiled with the system C compiler into the
+user cache directory (``$FLASHDECODE_CACHE_DIR``, else ``$XDG_CACHE_HOME/flashdecode``, else
+``~/.cache/flashdecode``), under a name keyed by the source, the flags and the compiler, so an edit or
+a compiler upgrade rebuilds and concurrent processes never see a half-written library.
+
+The instruction set is probed before anything runs: the AVX-512 build is used only on a CPU whose
+/proc/cpuinfo lists every extension it was compiled for, then AVX2, then a portable build with no
+ISA flags. Each build passes a numerical self-test before it is used. If no build works (no
+compiler, a sandbox without exec...), ``load()`` returns None with one warning and the engine runs
+on torch kernels. ``FLASHDECODE_NATIVE=0`` disables the native kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..hardware.probe import cache_dir, cpu_flags
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "flat_gemm.c"
+ABI_VERSION = 1
+FORMAT_IDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "BF16": 3}
+
+# build name -> (cpuinfo flags the build needs, compiler flags)
+ISA_BUILDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "avx512": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"),
+    ),
+    "avx2": (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
+    "generic": ((), ()),
+}
+BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11", "-fno-math-errno")
+
+_lock = threading.Lock()
+_state: dict[str, NativeKernels | None] = {}
+
+
+def _f32(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+@dataclass
+class NativeKernels:
+    lib: ctypes.CDLL
+    isa: str
+    path: Path
+
+    def __post_init__(self) -> None:
+        i64, vp, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        self.lib.fd_linear.argtypes = [i32, vp, i64, i64, i64, vp, vp, vp, vp, vp, i64, i64, i32]
+        self.lib.fd_linear.restype = i32
+        self.lib.fd_dequant.argtypes = [i32, vp, vp, vp, i64, i64, vp, i64, vp, i32, i32]
+        self.lib.fd_dequant.restype = i32
+        self._linear = self.lib.fd_linear
+        self._dequant = self.lib.fd_dequant
+
+    def linear(
+        self,
+        fmt: str,
+        x: torch.Tensor,
+        planes: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+        n: int,
+        bias: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """y = x W^T (+ bias) in fp32 for a 2-D fp32 ``x`` [M, K] with unit column stride. ``planes`` is
+        (qs, d, m) of a ``QuantizedTensor``, or (bf16 weight [N, K], None, None) for FD_BF16."""
+        m_rows, k = x.shape
+        if out is None:
+            out = torch.empty(m_rows, n, dtype=torch.float32)
+        qs, d, mins = planes
+        rc = self._linear(
+            FORMAT_IDS[fmt],
+            x.data_ptr(),
+            x.stride(0),
+            m_rows,
+            k,
+            qs.data_ptr(),
+            None if d is None else d.data_ptr(),
+            None if mins is None else mins.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            out.data_ptr(),
+            out.stride(0),
+            n,
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"fd_linear({fmt}, M={m_rows}, N={n}, K={k}) failed with code {rc}")
+        return out
+
+    def dequant_into(self, qt, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+        """Dequantize rows [n0, n1) of a ``QuantizedTensor`` into the fp32 or bf16 ``out`` [n1 - n0, K]
+        (a reusable scratch buffer)."""
+        n, k = qt.shape
+        nb = k // 32
+        if not (0 <= n0 <= n1 <= n) or out.shape != (n1 - n0, k) or not out.is_contiguous():
+            raise ValueError("dequant_into: bad row range or output buffer")
+        if out.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dequant_into: {out.dtype} output")
+        rc = self._dequant(
+            FORMAT_IDS[qt.format],
+            qt.qs.data_ptr() + n0 * qt.qs.stride(0),
+            qt.d.data_ptr() + n0 * nb * 2,
+            None if qt.m is None else qt.m.data_ptr() + n0 * nb * 2,
+            n1 - n0,
+            k,
+            None,
+            n1 - n0,
+            out.data_ptr(),
+            int(out.dtype == torch.bfloat16),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"fd_dequant({qt.format}) failed with code {rc}")
+        return out
+
+    def dequant(
+        self, qt, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Dequantize a ``QuantizedTensor`` (or its ``rows``) to fp32 or bf16; None for other dtypes."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            return None
+        n, k = qt.shape
+        idx = None if rows is None else rows.reshape(-1).long().contiguous()
+        count = n if idx is None else idx.numel()
+        out = torch.empty(count, k, dtype=dtype)
+        rc = self._dequant(
+            FORMAT_IDS[qt.format],
+            qt.qs.data_ptr(),
+            qt.d.data_ptr(),
+            None if qt.m is None else qt.m.data_ptr(),
+            n,
+            k,
+            None if idx is None else idx.data_ptr(),
+            count,
+            out.data_ptr(),
+            int(dtype == torch.bfloat16),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"fd_dequant({qt.format}) failed with code {rc}")
+        return out
+
+
+def supported_builds(flags: set[str] | None = None) -> list[str]:
+    """The builds this CPU can run, best first (the portable build always)."""
+    flags = cpu_flags() if flags is None else flags
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+    return [
+        name for name, (needs, _) in ISA_BUILDS.items() if name == "generic" or (x86 and set(needs) <= flags)
+    ]
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc and shutil.which(cc):
+        return cc
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def _compiler_id(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return cc
+
+
+def _build(isa: str, cc: str) -> Path:
+    source = SOURCE.read_bytes()
+    _, isa_flags = ISA_BUILDS[isa]
+    for openmp in (("-fopenmp",), ()):
+        flags = BASE_FLAGS + isa_flags + openmp
+        key = hashlib.sha256(
+            source + " ".join(flags).encode() + _compiler_id(cc).encode() + str(ABI_VERSION).encode()
+        ).hexdigest()[:16]
+        directory = cache_dir() / "kernels"
+        path = directory / f"flat_gemm-{isa}-{key}.so"
+        if path.exists():
+            return path
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+        os.close(fd)
+        try:
+            proc = subprocess.run(
+                [cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+            )
+            if proc.returncode == 0:
+                os.replace(tmp, path)
+                return path
+            error = proc.stderr.strip().splitlines()[-1:] or ["?"]
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if "fopenmp" not in error[0]:
+            break  # not an OpenMP problem: a build without it fails the same way
+    raise RuntimeError(f"{cc} failed: {error[0]}")
+
+
+def _self_test(kernels: NativeKernels) -> None:
+    """A small product in every format against a float64 reference, before any real use."""
+    from .quant import quantize
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 96, generator=gen)
+    w = torch.randn(13, 96, generator=gen)
+    for fmt in ("Q4_0", "Q4_1", "Q8_0"):
+        qt = quantize(w, fmt)
+        ref = qt._dequant_torch()
+        got_w = kernels.dequant(qt)
+        if not torch.equal(got_w, ref):
+            raise RuntimeError(f"self-test: {fmt} dequantization differs")
+        for m in (1, 6):
+            y = kernels.linear(fmt, x[:m], (qt.qs, qt.d, qt.m), 13)
+            if not torch.allclose(y.double(), x[:m].double() @ ref.double().T, rtol=1e-4, atol=1e-4):
+                raise RuntimeError(f"self-test: {fmt} product differs at M={m}")
+    wb = w[:, :77].bfloat16()
+    y = kernels.linear("BF16", x[:, :77].contiguous(), (wb, None, None), 13)
+    if not torch.allclose(y.double(), x[:, :77].double() @ wb.double().T, rtol=1e-4, atol=1e-4):
+        raise RuntimeError("self-test: bf16 product differs")
+
+
+def load(isa: str | None = None) -> NativeKernels | None:
+    """The best native build this machine runs (or the named one), or None. Cached per process."""
+    key = isa or "best"
+    with _lock:
+        if key in _state:
+            return _state[key]
+        result = None
+        if os.environ.get("FLASHDECODE_NATIVE", "1") != "0":
+            result = _load(isa)
+        _state[key] = result
+        return result
+
+
+def _load(isa: str | None) -> NativeKernels | None:
+    cc = _compiler()
+    builds = supported_builds()
+    if isa is not None:
+        if isa not in builds:
+            return None
+        builds = [isa]
+    errors = []
+    if cc is None:
+        errors.append("no C compiler (set CC or install gcc)")
+    else:
+        for name in builds:
+            try:
+                path = _build(name, cc)
+                lib = ctypes.CDLL(str(path))
+                if lib.fd_abi_version() != ABI_VERSION:
+                    raise RuntimeError("stale library")
+                kernels = NativeKernels(lib, lib_isa(lib), path)
+                _self_test(kernels)
+                return kernels
+            except Exception as exc:  # a failed build must never take the engine down
+                errors.append(f"{name}: {exc}")
+    warnings.warn(
+        "flashdecode: native CPU kernels unavailable, quantized weights run on torch kernels "
+        f"({'; '.join(errors)})",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
+
+
+def lib_isa(lib: ctypes.CDLL) -> str:
+    lib.fd_isa.restype = ctypes.c_char_p
+    return lib.fd_isa().decode()

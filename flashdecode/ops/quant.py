@@ -1,0 +1,209 @@
+"""Quantized weight matrices kept in their GGUF block formats, for native execution.
+
+A ``QuantizedTensor`` holds a [N, K] matrix of one of the GGUF block formats that flashdecode runs
+without dequantizing (``NATIVE_FORMATS``), split into planes that SIMD kernels load directly:
+
+    Q4_0  qs uint8 [N, K/32, 16]  d fp16 [N, K/32]               w = d * (q - 8)
+    Q4_1  qs uint8 [N, K/32, 16]  d fp16 [N, K/32]  m fp16 [...]  w = d * q + m
+    Q8_0  qs uint8 [N, K/32, 32]  d fp16 [N, K/32]               w = d * int8(q)
+
+(in a 4-bit block, byte j holds element j in its low nibble and element j + 16 in its high nibble).
+The split moves bytes and never rounds: ``to_gguf_blocks`` gives back the file's bytes and
+``dequantize`` gives bit for bit what ``gguf.quants.dequantize`` gives.
+
+``quantize`` makes these formats from float weights (``quantization="int8"`` -> Q8_0, ``"int4"`` ->
+Q4_1, group size 32), so float checkpoints run on the same kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BLOCK = 32
+NATIVE_FORMATS = ("Q4_0", "Q4_1", "Q8_0")
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+_QS_BYTES = {"Q4_0": 16, "Q4_1": 16, "Q8_0": 32}
+QUANTIZATION_FORMATS = {"int8": "Q8_0", "int4": "Q4_1"}  # load-time quantization of float weights
+
+
+@dataclass
+class QuantizedTensor:
+    format: str
+    qs: torch.Tensor  # uint8 [N, K/32, 16 or 32]
+    d: torch.Tensor  # float16 [N, K/32]
+    m: torch.Tensor | None = None  # float16 [N, K/32] (Q4_1 only)
+
+    def __post_init__(self) -> None:
+        if self.format not in NATIVE_FORMATS:
+            raise ValueError(f"{self.format} has no native kernel; expected one of {NATIVE_FORMATS}")
+        n, nb = self.d.shape
+        if self.qs.shape != (n, nb, _QS_BYTES[self.format]) or self.qs.dtype != torch.uint8:
+            raise ValueError(f"{self.format}: qs has shape {tuple(self.qs.shape)} for {n} x {nb} blocks")
+        if (self.m is not None) != (self.format == "Q4_1"):
+            raise ValueError(f"{self.format}: m is {'missing' if self.m is None else 'unexpected'}")
+        self.qs = self.qs.contiguous()
+        self.d = self.d.contiguous()
+        self.m = None if self.m is None else self.m.contiguous()
+
+    # --- shape -----------------------------------------------------------------------------------
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.d.shape[0], self.d.shape[1] * BLOCK))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
+    def dim(self) -> int:
+        return 2
+
+    def numel(self) -> int:
+        n, k = self.shape
+        return n * k
+
+    # --- GGUF blocks -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf_blocks(
+        cls, fmt: str, raw: np.ndarray | torch.Tensor, shape: Sequence[int]
+    ) -> QuantizedTensor:
+        """Split a [N, K] tensor's raw GGUF blocks (any uint8 array holding N * K/32 blocks) into planes."""
+        if fmt not in NATIVE_FORMATS:
+            raise ValueError(f"{fmt} has no native kernel")
+        n, k = (int(s) for s in shape)
+        if k % BLOCK:
+            raise ValueError(f"{fmt}: row length {k} is not a multiple of {BLOCK}")
+        nb = k // BLOCK
+        blocks = torch.from_numpy(np.array(np.asarray(raw).view(np.uint8), copy=True))
+        if blocks.numel() != n * nb * _BLOCK_BYTES[fmt]:
+            raise ValueError(f"{fmt}: {blocks.numel()} bytes for a [{n}, {k}] tensor")
+        blocks = blocks.reshape(n, nb, _BLOCK_BYTES[fmt])
+        d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(n, nb)
+        if fmt == "Q4_1":
+            m = blocks[..., 2:4].contiguous().view(torch.float16).reshape(n, nb)
+            return cls(fmt, blocks[..., 4:].contiguous(), d, m)
+        return cls(fmt, blocks[..., 2:].contiguous(), d)
+
+    def to_gguf_blocks(self) -> np.ndarray:
+        """The GGUF bytes back, [N, K/32 * block bytes] uint8."""
+        n, nb = self.d.shape
+        parts = [self.d.contiguous().view(torch.uint8).reshape(n, nb, 2)]
+        if self.m is not None:
+            parts.append(self.m.contiguous().view(torch.uint8).reshape(n, nb, 2))
+        parts.append(self.qs)
+        return torch.cat(parts, dim=-1).reshape(n, -1).numpy()
+
+    # --- float views -----------------------------------------------------------------------------
+
+    def _dequant_torch(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        qs, d, m = self.qs, self.d, self.m
+        if rows is not None:
+            qs, d = qs[rows], d[rows]
+            m = None if m is None else m[rows]
+        d = d.float().unsqueeze(-1)
+        if self.format == "Q8_0":
+            w = qs.view(torch.int8).float() * d
+        else:
+            q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()
+            w = (q - 8.0) * d if self.format == "Q4_0" else q * d + m.float().unsqueeze(-1)
+        return w.reshape(w.shape[0], -1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float matrix, bit-exact with ``gguf.quants.dequantize`` in fp32."""
+        from . import cpu_kernels
+
+        lib = cpu_kernels.load()
+        out = lib.dequant(self, dtype=dtype) if lib is not None else None
+        return self._dequant_torch().to(dtype) if out is None else out
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantized rows ``W[ids]`` (an embedding lookup), shaped ``ids.shape + (K,)``."""
+        flat = ids.reshape(-1).long()
+        return self._dequant_torch(flat).to(dtype).reshape(*ids.shape, self.shape[1])
+
+    # --- row surgery -----------------------------------------------------------------------------
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedTensor:
+        """Apply a function that rearranges dim 0 (rows), whatever the trailing dims, to every plane."""
+        return QuantizedTensor(self.format, fn(self.qs), fn(self.d), None if self.m is None else fn(self.m))
+
+    @staticmethod
+    def cat(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
+        fmt = parts[0].format
+        if any(p.format != fmt or p.shape[1] != parts[0].shape[1] for p in parts):
+            raise ValueError("only matrices of one format and row length can be concatenated")
+        m = None if fmt != "Q4_1" else torch.cat([p.m for p in parts])
+        return QuantizedTensor(fmt, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m)
+
+    def to(self, *args, **kwargs) -> QuantizedTensor:  # a float cast of the model leaves blocks alone
+        return self
+
+
+def quantize(weight: torch.Tensor, fmt: str) -> QuantizedTensor:
+    """Quantize a float [N, K] matrix (K a multiple of 32) group-wise into a native GGUF format, with
+    llama.cpp's reference rounding (Q8_0: round-half-away of w/d with d = absmax/127; Q4_0: d =
+    signed-absmax/-8; Q4_1: d = (max - min)/15, m = min)."""
+    if fmt not in NATIVE_FORMATS:
+        raise ValueError(f"cannot quantize to {fmt}; expected one of {NATIVE_FORMATS}")
+    n, k = weight.shape
+    if k % BLOCK:
+        raise ValueError(f"row length {k} is not a multiple of {BLOCK}")
+    w = weight.detach().float().reshape(n, k // BLOCK, BLOCK)
+    if fmt == "Q8_0":
+        d = w.abs().amax(-1) / 127
+        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        x = w * inv.unsqueeze(-1)
+        q = (torch.sign(x) * torch.floor(x.abs() + 0.5)).clamp(-127, 127).to(torch.int8)
+        return QuantizedTensor(fmt, q.view(torch.uint8), d.half())
+    if fmt == "Q4_0":
+        idx = w.abs().argmax(-1, keepdim=True)
+        d = torch.gather(w, -1, idx).squeeze(-1) / -8
+        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        q = torch.trunc(w * inv.unsqueeze(-1) + 8.5).clamp(0, 15).to(torch.uint8)
+        m = None
+    else:
+        lo, hi = w.amin(-1), w.amax(-1)
+        d = (hi - lo) / 15
+        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        q = torch.trunc((w - lo.unsqueeze(-1)) * inv.unsqueeze(-1) + 0.5).clamp(0, 15).to(torch.uint8)
+        m = lo.half()
+    qs = q[..., :16] | (q[..., 16:] << 4)
+    return QuantizedTensor(fmt, qs, d.half(), m)
+
+
+# names of the matrices that load-time quantization applies to (the embedding serves the tied head)
+_QUANTIZABLE = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _quantizable(name: str) -> bool:
+    return name in ("embed", "lm_head") or name.rsplit(".", 1)[-1] in _QUANTIZABLE
+
+
+def prepare_weights(
+    weights: dict[str, torch.Tensor | QuantizedTensor], dtype: torch.dtype, quantization: str | None = None
+) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """The decoder's weights: float tensors cast to the compute ``dtype``; GGUF blocks kept as they
+    are; with ``quantization`` ("int8" -> Q8_0, "int4" -> Q4_1), float matrices whose rows are a
+    multiple of 32 long quantized group-wise. Without native kernels (build failed, with a warning),
+    blocks are dequantized here once, so the model still runs, in float."""
+    from . import cpu_kernels
+
+    if quantization is not None and quantization not in QUANTIZATION_FORMATS:
+        raise ValueError(
+            f"quantization={quantization!r}: expected None or one of {sorted(QUANTIZATION_FORMATS)}"
+        )
+    native = cpu_kernels.load() is not None
+    out: dict[str, torch.Tensor | QuantizedTensor] = {}
+    for name, t in weights.items():
+        if isinstance(t, QuantizedTensor):
+            out[name] = t if native else t.dequantize().to(dtype)
+        elif quantization and native and t.dim() == 2 and t.shape[1] % BLOCK == 0 and _quantizable(name):
+            out[name] = quantize(t, QUANTIZATION_FORMATS[quantization])
+        else:
+            out[name] = t.to(dtype)
+    return out

@@ -1,0 +1,113 @@
+"""``flashdecode bench`` in its quick form: a tiny model, one thread, tiny shapes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flashdecode import bench
+from flashdecode.cli import main
+from flashdecode.errors import FlashDecodeError
+from flashdecode.hardware import probe, roofline
+from flashdecode.hardware.roofline import Ceilings
+
+CEILINGS = Ceilings(bandwidth=30e9, flops={"fp32": 2e11, "bf16": 7e11, "int8": 1.4e12}, threads=1)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FLASHDECODE_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(gguf_model) -> Path:
+    return gguf_model("llama", "Q4_0")
+
+
+def test_parse_int_list() -> None:
+    assert bench.parse_int_list("1, 8,32", "--batch") == [1, 8, 32]
+    assert bench.parse_int_list(4, "--gen-len") == [4]
+    for bad in ("", "1,x", "0", "-2", "1.5"):
+        with pytest.raises(FlashDecodeError, match="--batch"):
+            bench.parse_int_list(bad, "--batch")
+    with pytest.raises(FlashDecodeError, match="--gen-len"):
+        bench.BenchConfig(gen_len=1)
+
+
+def test_quick_bench_on_a_tiny_model(tiny_gguf: Path) -> None:
+    config = bench.BenchConfig(
+        model=str(tiny_gguf), batches=[1, 2], prompt_lens=[8, 16], gen_len=4, reps=2, num_threads=1
+    )
+    result = bench.run_bench(config, progress=False, ceilings=CEILINGS)
+    assert result["engine"]["threads"] == 1
+    assert result["compute"] == "int8"  # Q4_0 matrices
+    assert result["engine"]["resident_weight_bytes"] > 0
+    cells = {(c["batch"], c["prompt_len"]): c for c in result["cells"]}
+    assert set(cells) == {(1, 8), (1, 16), (2, 8), (2, 16)}
+    for (b, p), c in cells.items():
+        assert c["reps"] == 2 and len(c["runs"]) == 2
+        for run in c["runs"]:
+            assert run["prefill_tokens"] == b * p
+            # the first token of each request comes out of the prefill step, the rest from decode steps
+            assert run["decode_tokens"] == b * 3
+            assert all(n == b for n, _ in run["decode_steps"])
+            assert len(run["ttft_s"]) == b and all(t > 0 for t in run["ttft_s"])
+        assert c["decode_tok_s"]["min"] <= c["decode_tok_s"]["median"] <= c["decode_tok_s"]["max"]
+        assert 0 < c["decode_fraction"] < 1 and 0 < c["prefill_fraction"] < 1
+        # the decode bound is the roofline's at the cell's mean context
+        cost = roofline.ModelCost(
+            roofline.describe_model(str(tiny_gguf))[0],
+            roofline.describe_model(str(tiny_gguf))[1],
+            kv_bytes_per_token=result["model"]["kv_bytes_per_token"],
+        )
+        step = cost.decode_step(b, p + 1 + 2)
+        assert c["decode_bound_tok_s"] == pytest.approx(step.tokens_per_s(CEILINGS, "int8"))
+    table = bench.format_bench_table(result)
+    assert "decode tok/s" in table and "% of" in table
+    json.dumps(result)  # JSON-able as it is
+
+
+def test_bench_command_writes_json(tiny_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    key = roofline._cache_key(1)
+    entry = {"bandwidth": 30e9, "flops": {"fp32": 2e11, "bf16": 7e11, "int8": 1.4e12}, "measured_at": "t"}
+    probe.store_cached(roofline.CACHE_FILE, {"version": roofline.CACHE_VERSION, key: entry})
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(tiny_gguf), "--batch", "1,2", "--prompt-len", "8", "--gen-len", "3"]
+    assert main([*argv, "--threads", "1", "--json", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "prefill tok/s" in printed and "memory bandwidth" in printed and "ITL ms" in printed
+    result = json.loads(out.read_text())
+    assert [(c["batch"], c["prompt_len"], c["gen_len"]) for c in result["cells"]] == [(1, 8, 3), (2, 8, 3)]
+    assert result["ceilings"]["bandwidth_fresh"] is True  # bandwidth measured in the bench's process
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch", "0"], "--batch"),
+        (["--prompt-len", "a"], "--prompt-len"),
+        (["--gen-len", "1"], "--gen-len"),
+        (["--reps", "0"], "--reps"),
+        (["--model", "/nonexistent.gguf"], "does not exist"),
+    ],
+)
+def test_bench_bad_input_is_one_line(argv, message, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--no-progress", "--threads", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_resident_tensor_bytes_counts_each_storage_once() -> None:
+    import torch
+
+    class Holder:
+        def __init__(self) -> None:
+            self.a = torch.zeros(10, dtype=torch.float32)
+            self.view = self.a[:5]  # same storage
+            self.items = [torch.zeros(4, dtype=torch.int8), {"b": torch.zeros(2, dtype=torch.bfloat16)}]
+
+    assert bench.resident_tensor_bytes(Holder()) == 40 + 4 + 4

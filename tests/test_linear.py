@@ -1,0 +1,155 @@
+"""Every candidate kernel of ops/linear.py against the reference x @ dequant(W)^T, and the dispatch."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from flashdecode.ops import cpu_kernels
+from flashdecode.ops.linear import (
+    CANDIDATES,
+    MAX_PLAN_M,
+    Linear,
+    SplitLinear,
+    default_plan,
+    fused_linear,
+    static_candidate,
+)
+from flashdecode.ops.quant import QuantizedTensor, quantize
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# rows of activations; odd sizes, sizes at the kernel's internal tile edges (4, 5, 8, 9, 32)
+MS = (1, 2, 3, 4, 5, 8, 9, 17, 32, 33, 70)
+
+
+def reference(x: torch.Tensor, w: torch.Tensor | QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    wd = w._dequant_torch() if isinstance(w, QuantizedTensor) else w
+    y = x.double() @ wd.double().T
+    return y if bias is None else y + bias.double()
+
+
+def assert_close(y: torch.Tensor, x: torch.Tensor, w, bias, exact: bool, label: str) -> None:
+    """Exact candidates: fp32 accumulation error only, bounded by eps * sum |x| |w| (times a small
+    factor for summation order). Approximate ones round to bf16 (8 significant bits)."""
+    wd = w._dequant_torch() if isinstance(w, QuantizedTensor) else w
+    scale = x.double().abs() @ wd.double().abs().T
+    rel = 2e-6 * max(1, x.shape[1] // 64) if exact else 2.0**-6
+    if x.dtype == torch.bfloat16 or (not isinstance(w, QuantizedTensor) and w.dtype == torch.bfloat16):
+        rel = max(rel, 2.0**-7)  # bf16 outputs round once more
+    err = (y.double() - reference(x, w, bias)).abs()
+    assert (err <= rel * scale + 1e-5).all(), f"{label}: max err {err.max():.3g}, scale {scale.max():.3g}"
+
+
+def weights(fmt: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor | QuantizedTensor:
+    w = torch.randn(n, k, generator=gen) * 0.5
+    if fmt == "F32":
+        return w
+    if fmt == "BF16":
+        return w.bfloat16()
+    return quantize(w, fmt)
+
+
+SHAPES = [(1, 32), (37, 96), (130, 160), (513, 64)]
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "BF16", "F32"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_every_candidate_matches_the_reference(fmt: str, with_bias: bool) -> None:
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{fmt}{with_bias}".encode()))
+    shapes = SHAPES + ([(23, 77), (5, 131)] if fmt in ("BF16", "F32") else [])  # odd K for float weights
+    for n, k in shapes:
+        w = weights(fmt, n, k, gen)
+        bias = torch.randn(n, generator=gen) if with_bias else None
+        lin = Linear(w, bias)
+        names = lin.candidates(allow_approx=True)
+        if cpu_kernels.load() is not None and fmt != "F32":
+            assert "native" in names
+        for name in names:
+            fn = lin.impl(name)
+            for m in MS:
+                xdtype = torch.bfloat16 if fmt == "BF16" else torch.float32
+                x = torch.randn(m, k, generator=gen).to(xdtype)
+                y = fn(x)
+                assert y.shape == (m, n) and y.dtype == xdtype
+                assert_close(y, x, w, bias, CANDIDATES[name].exact, f"{fmt} {name} N={n} K={k} M={m}")
+
+
+def test_torch_int4_repack_is_exact_where_offered() -> None:
+    gen = torch.Generator().manual_seed(5)
+    for fmt in ("Q4_0", "Q4_1"):
+        w = quantize(torch.randn(64, 128, generator=gen), fmt)
+        lin = Linear(w)
+        if "torch_int4" not in lin.candidates():
+            pytest.skip("this torch build has no CPU int4 weight-only kernel")
+        x = torch.randn(3, 128, generator=gen)
+        assert_close(lin.impl("torch_int4")(x), x, w, None, True, fmt)
+    assert "torch_int4" not in Linear(quantize(torch.randn(24, 64), "Q4_1")).candidates()  # N % 16
+    assert "torch_int4" not in Linear(quantize(torch.randn(32, 64), "Q8_0")).candidates()
+
+
+def test_inputs_of_any_layout() -> None:
+    gen = torch.Generator().manual_seed(2)
+    w = quantize(torch.randn(40, 64, generator=gen), "Q4_1")
+    lin = Linear(w)
+    base = torch.randn(6, 128, generator=gen)
+    x = base[:, ::2]  # non-unit column stride
+    assert_close(lin(x), x, w, None, True, "strided")
+    x3 = torch.randn(2, 3, 64, generator=gen)  # more than two dims
+    y3 = lin(x3)
+    assert y3.shape == (2, 3, 40)
+    assert_close(y3.reshape(6, 40), x3.reshape(6, 64), w, None, True, "3-d")
+    assert lin(torch.empty(0, 64)).shape == (0, 40)
+
+
+def test_plan_dispatch_is_what_the_plan_says() -> None:
+    lin = Linear(quantize(torch.randn(16, 64), "Q8_0"))
+    calls: list[str] = []
+    for name in lin.candidates():
+        real = lin.impl(name)
+        lin._impls[name] = lambda x, real=real, name=name: (calls.append(name), real(x))[1]
+    plan = [(1, "native"), (3, "dequant_f32"), (9, "native")]
+    lin.set_plan(plan)
+    expected = {1: "native", 2: "native", 3: "dequant_f32", 8: "dequant_f32", 9: "native", 600: "native"}
+    for m, name in expected.items():
+        calls.clear()
+        lin(torch.randn(m, 64))
+        assert calls == [name], m
+    assert len(lin._by_m) == MAX_PLAN_M + 1
+    lin.set_plan([(1, "dequant_f32")])
+    assert set(lin._impls) == {"dequant_f32"}  # formats of unused candidates are released
+    with pytest.raises(ValueError):
+        lin.set_plan([(1, "torch_f32")])  # not a candidate for quantized weights
+
+
+def test_default_and_static_plans() -> None:
+    q = Linear(quantize(torch.randn(16, 64), "Q4_1"))
+    f = Linear(torch.randn(16, 64))
+    b = Linear(torch.randn(16, 64).bfloat16())
+    assert static_candidate(f) == "torch_f32" and default_plan(f) == [(1, "torch_f32")]
+    if cpu_kernels.load() is not None:
+        assert static_candidate(q) == "native" and static_candidate(b) == "native"
+        assert default_plan(q)[0] == (1, "native") and default_plan(q)[-1][1] == "dequant_f32"
+        assert default_plan(b)[-1][1] == "torch_bf16"
+
+
+def test_fused_projections_of_mixed_formats() -> None:
+    gen = torch.Generator().manual_seed(4)
+    parts = [quantize(torch.randn(8, 64, generator=gen), "Q4_1"), torch.randn(4, 64, generator=gen)]
+    bias = [torch.randn(8, generator=gen), torch.randn(4, generator=gen)]
+    fused = fused_linear(parts, bias)
+    assert isinstance(fused, SplitLinear) and fused.out_features == 12
+    x = torch.randn(3, 64, generator=gen)
+    ref = torch.cat([reference(x, p, b) for p, b in zip(parts, bias)], dim=-1)
+    assert torch.allclose(fused(x).double(), ref, atol=1e-4)
+    same = fused_linear([parts[0], quantize(torch.randn(4, 64, generator=gen), "Q4_1")])
+    assert isinstance(same, Linear) and same.out_features == 12

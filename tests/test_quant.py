@@ -1,0 +1,180 @@
+"""GGUF block formats kept for native execution (ops/quant.py) and the native kernel build
+(ops/cpu_kernels.py): exact repacks, ISA probing, and falling back when nothing builds."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from flashdecode.ops import cpu_kernels
+from flashdecode.ops.quant import NATIVE_FORMATS, QuantizedTensor, prepare_weights, quantize
+
+gguf = pytest.importorskip("gguf")
+
+
+def gguf_blocks(w: np.ndarray, fmt: str) -> np.ndarray:
+    return gguf.quants.quantize(w.astype(np.float32), gguf.GGMLQuantizationType[fmt])
+
+
+def awkward_matrix(n: int, k: int, seed: int) -> np.ndarray:
+    """Random rows plus the blocks that break careless code: all zeros, constant, tiny (fp16
+    subnormal scales), huge, all negative (Q4_1 with a negative min)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.01, 3.0, (n, 1)).astype(np.float32)
+    w[0, :32] = 0.0
+    w[1 % n, :32] = 0.25
+    w[2 % n, 32:64] = rng.standard_normal(32) * 1e-6
+    w[3 % n, :32] = rng.standard_normal(32) * 3000.0
+    w[4 % n, :32] = -np.abs(rng.standard_normal(32)) - 5.0
+    return w
+
+
+@pytest.mark.parametrize("fmt", NATIVE_FORMATS)
+@pytest.mark.parametrize("shape", [(7, 64), (33, 96), (64, 576)])
+def test_repack_is_bit_exact_against_gguf(fmt: str, shape: tuple[int, int]) -> None:
+    n, k = shape
+    blocks = gguf_blocks(awkward_matrix(n, k, seed=n), fmt)
+    qt = QuantizedTensor.from_gguf_blocks(fmt, blocks, (n, k))
+    assert tuple(qt.shape) == (n, k)
+    assert qt.nbytes == blocks.nbytes  # planes hold exactly the file's bytes, no more
+    np.testing.assert_array_equal(qt.to_gguf_blocks().reshape(-1), blocks.reshape(-1))
+    ref = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[fmt]).reshape(n, k))
+    # bit for bit, on both paths: the torch reference and the native dequantizer
+    assert torch.equal(qt._dequant_torch().view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(qt.dequantize().view(torch.int32), ref.view(torch.int32))
+    ids = torch.tensor([[n - 1, 0], [1 % n, n // 2]])
+    assert torch.equal(qt.rows(ids), ref[ids])
+    assert torch.equal(qt.dequantize(torch.bfloat16), ref.bfloat16())
+
+
+@pytest.mark.parametrize("fmt", NATIVE_FORMATS)
+def test_quantize_matches_llama_cpp_reference(fmt: str) -> None:
+    w = awkward_matrix(16, 128, seed=3)
+    ours = quantize(torch.from_numpy(w), fmt).to_gguf_blocks().reshape(-1)
+    ref = gguf_blocks(w, fmt).reshape(-1)
+    assert (ours != ref).mean() < 1e-3  # the same rounding rules; fp32 ties may rarely differ
+
+
+def test_row_surgery() -> None:
+    w = torch.randn(12, 64)
+    qt = quantize(w, "Q4_1")
+    perm = torch.randperm(12)
+    assert torch.equal(qt.map_rows(lambda t: t[perm]).dequantize(), qt.dequantize()[perm])
+    other = quantize(torch.randn(5, 64), "Q4_1")
+    assert torch.equal(
+        QuantizedTensor.cat([qt, other]).dequantize(), torch.cat([qt.dequantize(), other.dequantize()])
+    )
+    with pytest.raises(ValueError):
+        QuantizedTensor.cat([qt, quantize(torch.randn(5, 64), "Q8_0")])
+    with pytest.raises(ValueError):
+        quantize(torch.randn(4, 40), "Q8_0")  # rows must be whole blocks
+
+
+def test_prepare_weights_quantizes_float_matrices_only() -> None:
+    weights = {
+        "embed": torch.randn(50, 64),
+        "layers.0.q": torch.randn(64, 64),
+        "layers.0.attn_norm": torch.randn(64),
+        "layers.0.q_bias": torch.randn(64),
+        "layers.0.down": torch.randn(64, 48),  # rows not a multiple of 32: stays float
+    }
+    out = prepare_weights(weights, torch.float32, "int4")
+    assert isinstance(out["embed"], QuantizedTensor) and out["embed"].format == "Q4_1"
+    assert isinstance(out["layers.0.q"], QuantizedTensor)
+    assert not isinstance(out["layers.0.down"], QuantizedTensor)
+    assert out["layers.0.attn_norm"].dtype == torch.float32
+    assert prepare_weights(weights, torch.float32, "int8")["layers.0.q"].format == "Q8_0"
+    # quantization error of group-wise int8 is small
+    err = (out["layers.0.q"].dequantize() - weights["layers.0.q"]).abs().max()
+    assert err < 0.5
+    with pytest.raises(ValueError):
+        prepare_weights(weights, torch.float32, "int3")
+
+
+def test_embedded_model_keeps_its_blocks() -> None:
+    from flashdecode.models.gguf_loader import load_gguf, read_gguf
+    from flashdecode.models.loader import embedded_model_path
+
+    path = embedded_model_path()
+    loaded = load_gguf(path)
+    raw = {t.name: t for t in read_gguf(path).tensors}
+    down = loaded.weights["layers.3.down"]
+    assert isinstance(down, QuantizedTensor) and down.format == "Q4_1"
+    np.testing.assert_array_equal(
+        down.to_gguf_blocks().reshape(-1), np.asarray(raw["blk.3.ffn_down.weight"].data).reshape(-1)
+    )
+    embed = loaded.weights["embed"]
+    assert isinstance(embed, QuantizedTensor) and embed.format == "Q8_0"
+    # Q/K rows were un-permuted as whole rows of blocks: dequantizing commutes with the permutation
+    q_raw = raw["blk.0.attn_q.weight"]
+    ref = torch.from_numpy(
+        gguf.quants.dequantize(np.asarray(q_raw.data), q_raw.tensor_type).reshape(576, 576)
+    )
+    from flashdecode.models.gguf_loader import _unpermute_qk
+
+    assert torch.equal(loaded.weights["layers.0.q"].dequantize(), _unpermute_qk(ref, 9))
+    loaded.validate()
+
+
+# --- the native build ------------------------------------------------------------------------------
+
+
+def test_isa_probing() -> None:
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        assert cpu_kernels.supported_builds() == ["generic"]
+        return
+    assert cpu_kernels.supported_builds(set()) == ["generic"]
+    assert cpu_kernels.supported_builds({"avx2", "fma", "f16c"}) == ["avx2", "generic"]
+    every = set().union(*(needs for needs, _ in cpu_kernels.ISA_BUILDS.values()))
+    assert cpu_kernels.supported_builds(every) == ["avx512", "avx2", "generic"]
+    # an AVX-512 build without one of its extensions is never chosen
+    assert "avx512" not in cpu_kernels.supported_builds(every - {"avx512bw"})
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_every_build_this_cpu_runs_is_correct(isa: str) -> None:
+    if isa not in cpu_kernels.supported_builds():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    lib = cpu_kernels.load(isa)
+    if lib is None:
+        pytest.skip("no C compiler")
+    assert lib.isa == isa
+    gen = torch.Generator().manual_seed(1)
+    for fmt in NATIVE_FORMATS:
+        w = quantize(torch.randn(37, 96, generator=gen), fmt)
+        ref_w = w._dequant_torch().double()
+        assert torch.equal(lib.dequant(w), w._dequant_torch())
+        for m in (1, 3, 4, 5, 8, 13, 40):
+            x = torch.randn(m, 96, generator=gen)
+            bias = torch.randn(37, generator=gen)
+            y = lib.linear(fmt, x, (w.qs, w.d, w.m), 37, bias)
+            ref = x.double() @ ref_w.T + bias.double()
+            bound = 1e-5 * (x.double().abs() @ ref_w.abs().T) + 1e-5
+            assert ((y.double() - ref).abs() <= bound).all(), (fmt, m)
+
+
+def test_failed_build_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("FLASHDECODE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "false")
+    with pytest.warns(RuntimeWarning, match="native CPU kernels unavailable"):
+        assert cpu_kernels.load() is None
+    # the engine's weights still load: blocks are dequantized once, with the warning already given
+    weights = {"layers.0.q": quantize(torch.randn(8, 32), "Q8_0")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = prepare_weights(weights, torch.float32)
+    assert isinstance(out["layers.0.q"], torch.Tensor)
+    assert torch.equal(out["layers.0.q"], weights["layers.0.q"]._dequant_torch())
+
+
+def test_native_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("FLASHDECODE_NATIVE", "0")
+    assert cpu_kernels.load() is None

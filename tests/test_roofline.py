@@ -1,0 +1,359 @@
+"""The roofline model: bytes and FLOPs per step checked by hand on known shapes, the ceilings'
+measurement and cache, and ``flashdecode roofline``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flashdecode.cli import main
+from flashdecode.errors import FlashDecodeError
+from flashdecode.hardware import probe, roofline
+from flashdecode.hardware.roofline import Ceilings, ModelCost, bytes_per_weight
+from flashdecode.models.spec import FAMILIES, ModelSpec
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FLASHDECODE_CACHE_DIR", str(cache))
+    return cache
+
+
+def small_spec(**changes) -> ModelSpec:
+    base = dict(
+        family=FAMILIES["llama"],
+        vocab_size=100,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position=256,
+        tie_embeddings=False,
+    )
+    base.update(changes)
+    return ModelSpec(**base)
+
+
+def tinyllama_spec() -> ModelSpec:
+    """The 1.1B Llama shape the peer benchmark uses (TinyLlama's)."""
+    return small_spec(
+        vocab_size=32000,
+        hidden_size=2048,
+        num_layers=22,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=64,
+        intermediate_size=5632,
+        max_position=2048,
+    )
+
+
+# --- stored formats ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fmt, expected",
+    [
+        ("Q4_1", 20 / 32),
+        ("Q8_0", 34 / 32),
+        ("Q4_0", 18 / 32),
+        ("Q4_K", 144 / 256),
+        ("Q6_K", 210 / 256),
+        ("F16", 2),
+        ("BF16", 2),
+        ("F32", 4),
+        ("bfloat16", 2),
+        ("float32", 4),
+        ("torch.float16", 2),
+    ],
+)
+def test_bytes_per_weight(fmt: str, expected: float) -> None:
+    assert bytes_per_weight(fmt) == expected
+
+
+def test_bytes_per_weight_falls_back_to_gguf_and_rejects_unknown() -> None:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XXS]
+    assert bytes_per_weight("IQ2_XXS") == size / block
+    with pytest.raises(FlashDecodeError, match="unknown weight storage format"):
+        bytes_per_weight("Q3_FANCY")
+
+
+# --- bytes and FLOPs by hand -------------------------------------------------------------------------
+# small_spec: hidden 64, 2 layers, 4 heads of 16, 2 KV heads (kv size 32), intermediate 128, vocab 100.
+#   per layer: q 64*64 = 4096, k 32*64 = 2048, v 2048, o 4096, gate/up/down 128*64 = 8192 each
+#              -> 36864 multiply-adds; 2 layers -> 73728; head 100*64 = 6400; all: 80128
+#   vectors: attn_norm + mlp_norm 2*64 per layer -> 256, final norm 64 -> 320
+#   all F32: weights (80128 + 320) * 4 = 321792 bytes; one embedding row 64 * 4 = 256
+#   KV cache (fp32): 2 (K, V) * 2 layers * 32 * 4 = 512 bytes per token
+#   activations per token per layer, elements: qkv 64 in + 128 out, o 64 + 64, gate/up 64 + 256,
+#   down 128 + 64 -> 832; 2 layers -> 1664 -> 6656 bytes; head 64 in * 4 + 100 fp32 logits * 4 = 656
+#   attention FLOPs per attended position: 4 * 2 layers * 4 heads * 16 = 512
+
+
+def test_weight_shapes_and_bytes_by_hand() -> None:
+    cost = ModelCost(small_spec())
+    assert cost.matmul_params() == 80128
+    assert cost.matmul_params(head=False) == 73728
+    assert sum(cost.vector_sizes().values()) == 320
+    assert cost.resident_weight_bytes() == 321792
+    assert cost.embedding_row_bytes() == 256
+    assert cost.kv_bytes_per_token == 512
+    assert cost.activation_bytes_per_token() == 6656 + 656
+    assert cost.activation_bytes_per_token(head=False) == 6656
+
+
+def test_decode_step_batch_1_by_hand() -> None:
+    step = ModelCost(small_spec()).decode_step(batch=1, context=10)
+    assert step.tokens == 1
+    assert step.flops == 2 * 80128 + 512 * 10 == 165376
+    assert step.weight_bytes == 321792 + 256
+    assert step.kv_read_bytes == 10 * 512
+    assert step.kv_write_bytes == 512
+    assert step.activation_bytes == 7312
+    assert step.bytes == 321792 + 256 + 5120 + 512 + 7312 == 334992
+    assert step.intensity == pytest.approx(165376 / 334992)
+
+
+def test_decode_step_batch_8_shares_the_weights() -> None:
+    step = ModelCost(small_spec()).decode_step(batch=8, context=10)
+    assert step.tokens == 8
+    assert step.flops == 8 * 2 * 80128 + 8 * 512 * 10 == 1323008
+    assert step.weight_bytes == 321792 + 8 * 256  # the matrices once, an embedding row per sequence
+    assert step.kv_read_bytes == 8 * 10 * 512  # but every sequence reads its own KV cache
+    assert step.kv_write_bytes == 8 * 512
+    assert step.activation_bytes == 8 * 7312
+    per_seq_contexts = ModelCost(small_spec()).decode_step(batch=2, context=[5, 15])
+    assert per_seq_contexts.kv_read_bytes == 20 * 512
+    assert per_seq_contexts.flops == 2 * 2 * 80128 + 512 * 20
+
+
+def test_kv_reads_grow_with_context_and_shrink_with_gqa() -> None:
+    cost = ModelCost(small_spec())
+    short, long = cost.decode_step(1, 10), cost.decode_step(1, 110)
+    assert long.kv_read_bytes - short.kv_read_bytes == 100 * 512
+    assert long.weight_bytes == short.weight_bytes
+    assert long.flops - short.flops == 100 * 512  # attention FLOPs count query heads
+    # as many KV heads as query heads (no GQA): twice the KV bytes, same attention FLOPs
+    mha = ModelCost(small_spec(num_kv_heads=4))
+    assert mha.kv_bytes_per_token == 2 * 2 * 64 * 4 == 1024
+    assert mha.decode_step(1, 10).kv_read_bytes == 2 * short.kv_read_bytes
+    assert mha.attention_flops(10) == cost.attention_flops(10)
+
+
+def test_prefill_by_hand() -> None:
+    step = ModelCost(small_spec()).prefill(prompt_len=10)
+    # projections for 10 tokens, the head for the last one only, causal attention over 1+2+...+10 = 55
+    assert step.flops == 2 * 10 * 73728 + 2 * 6400 + 512 * 55 == 1515520
+    assert step.weight_bytes == 321792 + 10 * 256
+    assert step.kv_read_bytes == step.kv_write_bytes == 10 * 512
+    assert step.activation_bytes == 10 * 6656 + 656
+    two = ModelCost(small_spec()).prefill(prompt_len=10, batch=2)
+    assert two.tokens == 20
+    assert two.flops == 2 * step.flops
+    assert two.weight_bytes == 321792 + 20 * 256  # the weights once for both prompts
+    per_token = step.per_token()
+    assert per_token["flops"] == 151552
+    with pytest.raises(FlashDecodeError):
+        ModelCost(small_spec()).prefill(0)
+
+
+def test_stored_formats_tied_head_and_bf16_cache() -> None:
+    spec = small_spec(tie_embeddings=True)
+    formats = {"embed": "Q8_0"}
+    for i in range(2):
+        formats |= {f"layers.{i}.{m}": "Q4_1" for m in ("q", "k", "v", "o", "gate", "up", "down")}
+    formats |= {"rope_freqs": "F32"}  # formats may name tensors the cost model does not read
+    cost = ModelCost(spec, formats, activation_bytes=2, kv_bytes_per_token=2 * 2 * 32 * 2)
+    # layers Q4_1: 73728 * 20 / 32 = 46080; the tied head reads the Q8_0 embedding: 6400 * 34 / 32 = 6800;
+    # norms not listed -> default F32: 320 * 4 = 1280
+    assert cost.resident_weight_bytes() == 46080 + 6800 + 1280
+    assert cost.embedding_row_bytes() == 64 * 34 / 32
+    assert cost.format_of("lm_head") == "Q8_0"
+    assert cost.compute_dtype() == "int8"
+    assert cost.decode_step(1, 10).kv_read_bytes == 10 * 256
+    assert cost.stored_format_summary() == "Q4_1 x14, Q8_0 x1"
+    assert (
+        ModelCost(spec, {"embed": "bfloat16"} | dict.fromkeys(formats, "bfloat16")).compute_dtype() == "bf16"
+    )
+    assert ModelCost(spec).compute_dtype() == "fp32"
+
+
+def test_tinyllama_1b_q4_0_by_hand() -> None:
+    spec = tinyllama_spec()
+    assert spec.num_parameters() == 1_100_048_384  # TinyLlama-1.1B's published count
+    formats = {"embed": "Q4_0", "lm_head": "Q6_K"}
+    for i in range(22):
+        formats |= {f"layers.{i}.{m}": "Q4_0" for m in ("q", "k", "v", "o", "gate", "up", "down")}
+    cost = ModelCost(spec, formats, activation_bytes=4, kv_bytes_per_token=2 * 22 * 256 * 2)
+    # per layer 2 * 2048^2 + 2 * 256 * 2048 + 3 * 5632 * 2048 = 44,040,192; * 22 = 968,884,224
+    assert cost.matmul_params(head=False) == 968_884_224
+    # Q4_0 layers 968884224 * 18 / 32 = 544,997,376; Q6_K head 65,536,000 * 210 / 256 = 53,760,000;
+    # F32 norms (22 * 2 + 1) * 2048 * 4 = 368,640
+    assert cost.resident_weight_bytes() == 544_997_376 + 53_760_000 + 368_640
+    step = cost.decode_step(1, 512)
+    assert step.kv_read_bytes == 512 * 22528  # bf16 KV: 2 * 22 layers * 4 heads * 64 * 2 bytes
+    assert step.flops == 2 * (968_884_224 + 65_536_000) + 4 * 22 * 32 * 64 * 512
+    ceilings = Ceilings(bandwidth=30e9, flops={"fp32": 2e11, "bf16": 7e11, "int8": 1.4e12}, threads=2)
+    assert step.limit(ceilings, "int8") == "memory"
+    assert step.tokens_per_s(ceilings, "int8") == pytest.approx(30e9 / step.bytes)
+    assert 45 < step.tokens_per_s(ceilings, "int8") < 50  # ~0.61 GB per token at 30 GB/s
+    prefill = cost.prefill(512)
+    assert prefill.limit(ceilings, "int8") == "compute"
+    assert prefill.tokens_per_s(ceilings, "int8") == pytest.approx(512 / (prefill.flops / 1.4e12))
+
+
+def test_time_bound_is_the_slower_of_memory_and_compute() -> None:
+    step = roofline.StepCost(tokens=4, flops=8e9, weight_bytes=1e9, kv_read_bytes=0, kv_write_bytes=0,
+                             activation_bytes=0)  # fmt: skip
+    c = Ceilings(bandwidth=10e9, flops={"fp32": 1e11, "int8": 0.0}, threads=1)
+    assert step.memory_time(c) == pytest.approx(0.1)
+    assert step.compute_time(c, "fp32") == pytest.approx(0.08)
+    assert step.time_bound(c, "fp32") == pytest.approx(0.1)
+    assert step.tokens_per_s(c, "fp32") == pytest.approx(40)
+    assert step.limit(c, "fp32") == "memory"
+    with pytest.raises(FlashDecodeError, match="no measured matmul throughput"):
+        step.time_bound(c, "int8")
+
+
+def test_model_cost_of_a_loaded_quantized_gguf(gguf_model) -> None:
+    """Formats as the real loader reports them, on a Q4_0 GGUF of known shape."""
+    from flashdecode.models.loader import load_model
+
+    path = gguf_model("llama", "Q4_0")
+    loaded = load_model(path)
+    cost = ModelCost(loaded.spec, loaded.formats)
+    s = loaded.spec  # hidden 96, 2 layers, 6 heads of 16, 2 KV heads, intermediate 288, vocab 512
+    layer = 96 * 96 * 2 + 2 * 32 * 96 + 3 * 288 * 96
+    assert cost.matmul_params(head=False) == 2 * layer
+    expected = sum(
+        t.numel() * bytes_per_weight(loaded.formats[name])
+        for name, t in loaded.weights.items()
+        if name != "embed"
+    )
+    assert cost.resident_weight_bytes() == pytest.approx(expected)
+    assert s.num_kv_heads == 2
+    spec, formats, _ = roofline.describe_model(str(path))  # the metadata-only path agrees
+    assert spec == loaded.spec
+    assert ModelCost(spec, formats).resident_weight_bytes() == cost.resident_weight_bytes()
+
+
+# --- the machine -------------------------------------------------------------------------------------
+
+
+def test_measurements_are_positive_and_quick() -> None:
+    assert probe.measure_memory_bandwidth(1, nbytes=8 << 20, min_time=0.02) > 1e8
+    assert probe.measure_matmul_flops("fp32", 1, sizes=(64,), min_time=0.02) > 1e7
+    assert probe.measure_matmul_flops("int8", 1, sizes=(64,), min_time=0.02) >= 0.0
+    with pytest.raises(ValueError):
+        probe.measure_matmul_flops("fp8")
+
+
+def test_ceilings_are_cached_in_the_cache_dir(_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"bw": 0, "mm": 0}
+
+    def fake_bw(threads, *a, **k):
+        calls["bw"] += 1
+        return 20e9 + calls["bw"] * 10e9
+
+    def fake_mm(dtype, threads, *a, **k):
+        calls["mm"] += 1
+        return {"fp32": 1e11, "bf16": 5e11, "int8": 1e12}[dtype]
+
+    monkeypatch.setattr(probe, "measure_memory_bandwidth", fake_bw)
+    monkeypatch.setattr(probe, "measure_matmul_flops", fake_mm)
+    first = roofline.machine_ceilings(2)
+    assert (first.bandwidth, first.flops["bf16"], first.threads) == (30e9, 5e11, 2)
+    assert first.bandwidth_fresh
+    data = json.loads((_cache_dir / roofline.CACHE_FILE).read_text())
+    assert data["version"] == roofline.CACHE_VERSION
+    again = roofline.machine_ceilings(2)
+    assert calls == {"bw": 1, "mm": 3} and not again.bandwidth_fresh and again.bandwidth == 30e9
+    fresh = roofline.machine_ceilings(2, fresh_bandwidth=True)  # measured now: 40e9, and cached as the best
+    assert fresh.bandwidth == 40e9 and fresh.bandwidth_fresh and calls["mm"] == 3
+    assert roofline.machine_ceilings(2).bandwidth == 40e9
+    roofline.machine_ceilings(2, refresh=True)
+    assert calls == {"bw": 3, "mm": 6}
+    roofline.machine_ceilings(1)  # another thread count is another entry
+    assert calls["mm"] == 9
+
+
+def test_cache_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("FLASHDECODE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert probe.cache_dir() == tmp_path / "xdg" / "flashdecode"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert probe.cache_dir() == tmp_path / ".cache" / "flashdecode"
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+
+def _seed_cache() -> None:
+    """Cached ceilings for 1 thread, so the command measures nothing."""
+    key = roofline._cache_key(1)
+    entry = {"bandwidth": 30e9, "flops": {"fp32": 2e11, "bf16": 7e11, "int8": 1.4e12}, "measured_at": "t"}
+    probe.store_cached(roofline.CACHE_FILE, {"version": roofline.CACHE_VERSION, key: entry})
+
+
+def test_roofline_command(gguf_model, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("matplotlib")
+    _seed_cache()
+    path = gguf_model("llama", "Q4_0")
+    out_json, png = tmp_path / "r.json", tmp_path / "roofline.png"
+    bench_json = tmp_path / "bench.json"
+    cell = {"batch": 1, "prompt_len": 8, "gen_len": 4, "decode_tok_s": {"median": 50.0}}
+    bench_json.write_text(json.dumps({"cells": [cell | {"prefill_tok_s": {"median": 400.0}}]}))
+    argv = ["roofline", "--model", str(path), "--threads", "1", "--batch", "1,8", "--context", "64"]
+    argv += ["--prompt-len", "16,32", "--json", str(out_json), "--plot", str(png), "--bench", str(bench_json)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "30.0 GB/s" in out and "decode, each sequence at context 64" in out and "prefill" in out
+    report = json.loads(out_json.read_text())
+    assert [r["batch"] for r in report["decode"]] == [1, 8]
+    assert report["compute"] == "int8"
+    assert report["decode"][0]["tokens_per_s"] == pytest.approx(30e9 / report["decode"][0]["bytes"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch", "1,x"], "--batch"),
+        (["--batch", "0"], "--batch"),
+        (["--context", "0"], "--context"),
+        (["--compute", "fp8"], "--compute"),
+        (["--kv-dtype", "fp8"], "--kv-dtype"),
+        (["--model", "/nonexistent/model.gguf"], "does not exist"),
+        (["--bench", "/nonexistent/bench.json"], "--bench"),
+    ],
+)
+def test_roofline_bad_input_is_one_line(argv, message, capsys: pytest.CaptureFixture) -> None:
+    _seed_cache()
+    assert main(["roofline", "--threads", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_kv_bytes_per_token_of_an_engine_cache() -> None:
+    import torch
+
+    class FakeCache:  # int8 values and one fp32 scale per token and head, as a quantized cache holds
+        def __init__(self) -> None:
+            self.k = torch.empty(2, 10, 2, 16, dtype=torch.int8)
+            self.v = torch.empty(2, 10, 2, 16, dtype=torch.int8)
+            self.k_scale = torch.empty(2, 10, 2)
+            self.v_scale = torch.empty(2, 10, 2)
+
+    spec = small_spec()
+    assert roofline.kv_bytes_per_token_of(FakeCache(), spec, 4) == 2 * 2 * 2 * (16 + 4)
+    assert roofline.kv_bytes_per_token_of(None, spec, 4) == 512  # no cache object: the dtype's size

@@ -1,0 +1,145 @@
+"""The tuned dataflow (hardware/tuner.py): measuring, crossovers, the table on disk, and dispatch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashdecode.hardware import tuner
+from flashdecode.ops import cpu_kernels
+from flashdecode.ops.linear import Linear, configure, default_plan
+from flashdecode.ops.quant import quantize
+
+cpu_kernels.load()  # built (or found) in the user's cache before any test points the cache elsewhere
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("FLASHDECODE_CACHE_DIR", str(tmp_path))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path
+    torch.set_num_threads(before)
+
+
+def small_linear(fmt: str = "Q4_1", n: int = 48, k: int = 64) -> Linear:
+    return Linear(quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(0)), fmt))
+
+
+def test_tune_linear_and_table_round_trip(isolated_cache: Path) -> None:
+    lin = small_linear()
+    result = tuner.tune_linear(lin, m_grid=(1, 2, 4, 8), budget_s=0.005, min_reps=2, rotate_bytes=1 << 20)
+    assert result.plan[0][0] == 1
+    assert all(name in lin.candidates() for _, name in result.plan)
+    assert set(result.times) <= set(lin.candidates()) and all(result.times.values())
+    table = tuner.DataflowTable(fingerprint=tuner.fingerprint(), shapes={lin.shape_key(): result})
+    path = table.save()
+    assert path.parent == isolated_cache / "dataflow"
+    loaded = tuner.load_table()
+    assert loaded is not None and loaded.to_json() == table.to_json()
+    assert loaded.plan_for(lin) == result.plan
+    # the shape is what matters, not the weight's values
+    assert loaded.plan_for(small_linear()) == result.plan
+    assert loaded.plan_for(small_linear(n=16)) is None
+    # another thread count is another machine configuration
+    torch.set_num_threads(2)
+    assert tuner.load_table() is None
+
+
+def test_corrupt_or_stale_tables_are_ignored(isolated_cache: Path) -> None:
+    path = tuner.table_path()
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    assert tuner.load_table() is None
+    path.write_text(json.dumps({"version": 0, "fingerprint": tuner.fingerprint(), "shapes": {}}))
+    assert tuner.load_table() is None
+    lin = small_linear()
+    assert configure([lin], "auto") == {"table": 0, "default": 1, "static": 0}
+    assert lin.plan == default_plan(lin)
+
+
+def test_dispatch_follows_the_table() -> None:
+    lin, other = small_linear(), small_linear("Q8_0")
+    plan = [(1, "dequant_f32"), (7, "native")] if "native" in lin.candidates() else [(1, "dequant_f32")]
+    table = tuner.DataflowTable(
+        fingerprint=tuner.fingerprint(),
+        shapes={lin.shape_key(): tuner.ShapeResult(plan=plan, times={}, crossovers=[7])},
+    )
+    counts = configure([lin, other], "auto", table=table)
+    assert counts == {"table": 1, "default": 1, "static": 0}
+    assert lin.plan == plan and other.plan == default_plan(other)
+    assert lin._by_m[6] is lin.impl("dequant_f32") and lin._by_m[7] is lin.impl(plan[-1][1])
+    # a plan naming a kernel this machine lacks is not followed
+    table.shapes[lin.shape_key()].plan = [(1, "torch_f32")]
+    assert configure([lin], "auto", table=table)["default"] == 1
+    configure([lin], "off")
+    assert len(lin.plan) == 1
+
+
+def test_crossovers_are_bisected_and_hopeless_candidates_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Synthetic timings: "a" = 1 + 0.1 M wins below M = 44.4, "b" = 5 + 0.01 M above it; "c" is
+    compute-bound and far slower everywhere, so it stops being measured."""
+    cost = {"a": lambda m: 1 + 0.1 * m, "b": lambda m: 5 + 0.01 * m, "c": lambda m: 40.0 * m}
+    measured: list[tuple[int, tuple[str, ...]]] = []
+
+    def fake_measure(fns, x, **kwargs):
+        m = x.shape[0]
+        measured.append((m, tuple(sorted(fns))))
+        return {name: cost[name](m) for name in fns}
+
+    lin = small_linear()
+    monkeypatch.setattr(lin, "candidates", lambda allow_approx=False: ["a", "b", "c"])
+    monkeypatch.setattr(lin, "impl", lambda name: lambda x: None)
+    monkeypatch.setattr(tuner, "measure", fake_measure)
+    result = tuner.tune_linear(lin, rotate_bytes=1)
+    assert [name for _, name in result.plan] == ["a", "b"]
+    crossover = result.crossovers[0]
+    assert 40 <= crossover <= 52
+    grid_points = [m for m, _ in measured if m in tuner.M_GRID]
+    assert sorted(grid_points) == list(tuner.M_GRID)
+    assert len(measured) - len(tuner.M_GRID) <= 4  # a few dense points, only near the crossover
+    assert all("c" not in names for m, names in measured if m >= 64)
+
+
+def test_embedded_model_greedy_text_is_the_same_with_any_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every exact candidate computes with the stored weights in fp32: tables change only summation
+    order, so greedy text is identical with the dataflow off, the default plan, and a table that
+    switches kernels at several M."""
+    from flashdecode import LLM, SamplingParams
+
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    def run(dataflow: str, table=None) -> tuple[list[list[int]], LLM]:
+        monkeypatch.setattr(tuner, "load_table", lambda num_threads=None: table)
+        llm = LLM(max_model_len=128, num_threads=1, dataflow=dataflow)
+        outs = llm.generate(prompts, params)
+        return [o.outputs[0].token_ids for o in outs], llm
+
+    off, llm = run("off")
+    default, _ = run("auto")
+    shapes = {}
+    for key, lin in tuner.distinct_linears(llm.engine.model.linears()).items():
+        names = lin.candidates()
+        plan = [(1, names[0])] + [(m, names[i % len(names)]) for i, m in enumerate((2, 3, 6, 9), start=1)]
+        shapes[key] = tuner.ShapeResult(plan=plan, times={}, crossovers=[])
+    mixed, llm_mixed = run("auto", tuner.DataflowTable(fingerprint=tuner.fingerprint(), shapes=shapes))
+    assert llm_mixed.engine.model.dataflow["table"] == len(llm_mixed.engine.model.linears())
+    assert off == default == mixed
+
+
+def test_tune_command(isolated_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flashdecode.cli import main
+
+    assert main(["tune", "--quick", "--no-progress", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Q8_0:49152x576" in out and "table:" in out
+    files = list((isolated_cache / "dataflow").glob("*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["fingerprint"]["threads"] == 1 and len(data["shapes"]) == 5
+    assert main(["tune", "--threads", "0"]) == 2
+    assert main(["tune", "--model", str(isolated_cache / "missing.gguf")]) == 2
