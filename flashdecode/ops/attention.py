@@ -51,7 +51,7 @@ from .kv_cache import KVCache
 # (a, b) bounds on (max_j x_j - phi), certified through l as explained in the module docstring
 WINDOW_FP32 = (-60.0, 60.0)  # exp in fp32: e^60 * |v| stays finite, e^-60 is far above fp32's normal min
 WINDOW_FP16 = (-9.0, 11.0)  # probabilities cast to fp16 for the PV dot: e^11 < 65504, e^-9 > 6.1e-5
-MAX_ABS_PHI = 80.0  # exp(-phi) of a zeroed padding row must stay finite in fp32
+MAX_ABS_PHI = 80.0  # fp32 exp overflows at 88.7: a phi beyond this is a corrupt calibration
 
 DECODE_PARTITION = 512  # keys per partition of the synchronised split-K baseline
 PREFILL_BLOCK_Q = 64  # query tokens per block of the chunked prefill paths
@@ -222,6 +222,7 @@ def window_ok(lsum: torch.Tensor, n: torch.Tensor, window: tuple[float, float]) 
 # --- decode ------------------------------------------------------------------------------------
 # q: [B, H, D]; k, v: [B, L, KVH, D] padded to the longest row (views from ``gather_decode`` cost
 # no copy; any layout works); context_lens: [B]. Outputs [B, H, D] in q's dtype, computed in fp32.
+# The padding positions of an fp32 v are zeroed in place (they hold garbage by definition).
 
 
 def decode_attention_softmax(
