@@ -272,7 +272,8 @@ def test_paged_attention_unified_equals_exact_and_counts(kv_cache_dtype) -> None
 def test_gather_decode_needs_no_copy(kv_cache_dtype) -> None:
     """The key-major gather makes every (sequence, kv head) pair one slice of a strided batch."""
     _, cache, meta = paged_step(kv_cache_dtype)
-    k, v = A.gather_decode(cache, 0, meta.decode_slots, torch.float32)
+    # clones: a gather's result is a scratch view that the next gather overwrites
+    k, v = (t.clone() for t in A.gather_decode(cache, 0, meta.decode_slots, torch.float32))
     ref_k, ref_v = cache.gather(0, meta.decode_slots, torch.float32)
     assert torch.equal(k, ref_k) and torch.equal(v, ref_v)
     assert A._pairs(k).data_ptr() == k.data_ptr() and A._pairs(v).data_ptr() == v.data_ptr()

@@ -37,6 +37,7 @@ class KVCache:
         if self.quantized:
             self.k_scale = torch.empty(shape[:3], dtype=torch.float32)
             self.v_scale = torch.empty(shape[:3], dtype=torch.float32)
+        self._scratch: list[torch.Tensor | None] = [None] * 4  # k, v, k_scale, v_scale
 
     @staticmethod
     def bytes_per_token(
@@ -69,9 +70,28 @@ class KVCache:
     def gather(
         self, layer: int, slots: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V at ``slots`` (any shape), as ``dtype``: [*slots.shape, KVH, D] each."""
+        """K and V at ``slots`` (any shape), as ``dtype``: [*slots.shape, KVH, D] each.
+
+        The result may be a view of a scratch buffer that the next ``gather`` overwrites: use it
+        before gathering again. Reusing the buffer matters: a fresh multi-megabyte tensor per layer
+        per step costs more in page faults than the copy itself at long contexts."""
         if self.quantized:
-            k = self.k[layer][slots].float() * self.k_scale[layer][slots].unsqueeze(-1)
-            v = self.v[layer][slots].float() * self.v_scale[layer][slots].unsqueeze(-1)
+            k = (
+                self._select(self.k[layer], slots, 0).float()
+                * self._select(self.k_scale[layer], slots, 2)[..., None]
+            )
+            v = (
+                self._select(self.v[layer], slots, 1).float()
+                * self._select(self.v_scale[layer], slots, 3)[..., None]
+            )
             return k.to(dtype), v.to(dtype)
-        return self.k[layer][slots].to(dtype), self.v[layer][slots].to(dtype)
+        return self._select(self.k[layer], slots, 0).to(dtype), self._select(self.v[layer], slots, 1).to(
+            dtype
+        )
+
+    def _select(self, source: torch.Tensor, slots: torch.Tensor, buffer: int) -> torch.Tensor:
+        out = self._scratch[buffer]
+        if out is None or out.dtype != source.dtype:
+            out = self._scratch[buffer] = torch.empty(0, dtype=source.dtype)
+        torch.index_select(source, 0, slots.reshape(-1), out=out)
+        return out.view(*slots.shape, *source.shape[1:])
