@@ -90,8 +90,12 @@ class KVCache:
         )
 
     def _select(self, source: torch.Tensor, slots: torch.Tensor, buffer: int) -> torch.Tensor:
-        out = self._scratch[buffer]
-        if out is None or out.dtype != source.dtype:
-            out = self._scratch[buffer] = torch.empty(0, dtype=source.dtype)
+        row = source.shape[1:]
+        need = slots.numel() * row.numel()
+        scratch = self._scratch[buffer]
+        if scratch is None or scratch.dtype != source.dtype or scratch.numel() < need:
+            # grow geometrically so a context that lengthens by one token a step rarely reallocates
+            scratch = self._scratch[buffer] = torch.empty(need + need // 4, dtype=source.dtype)
+        out = scratch[:need].view(slots.numel(), *row)
         torch.index_select(source, 0, slots.reshape(-1), out=out)
-        return out.view(*slots.shape, *source.shape[1:])
+        return out.view(*slots.shape, *row)
