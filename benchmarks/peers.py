@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import json
 import os
 import platform
@@ -495,11 +496,19 @@ def run_worker(engine: str, path: str, tasks: list[dict[str, Any]], args: argpar
     return {"engine": engine, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
 
 
-def roofline_bound(model_file: str, task: dict[str, Any], bandwidth: float, threads: int) -> float:
-    """tokens/s bound of a task at ``bandwidth``, weights in their stored format, a 16-bit KV cache."""
-    from flashdecode.hardware.roofline import Ceilings, ModelCost, describe_model, machine_ceilings
+@functools.cache
+def _describe(model_file: str) -> tuple[Any, dict[str, str]]:
+    from flashdecode.hardware.roofline import describe_model
 
     spec, formats, _ = describe_model(model_file)
+    return spec, formats
+
+
+def roofline_bound(model_file: str, task: dict[str, Any], bandwidth: float, threads: int) -> float:
+    """tokens/s bound of a task at ``bandwidth``, weights in their stored format, a 16-bit KV cache."""
+    from flashdecode.hardware.roofline import Ceilings, ModelCost, machine_ceilings
+
+    spec, formats = _describe(model_file)
     cost = ModelCost(
         spec, formats, activation_bytes=2, kv_bytes_per_token=2 * spec.num_layers * spec.kv_size * 2
     )
@@ -770,7 +779,29 @@ def render_markdown(report: dict[str, Any], chart_name: str | None, roofline_nam
             "",
         ]
     lines += ["## Headline", ""] + headline(summary) + [""]
+    spread = noisy_cells(summary)
+    caveats = [report["note"], ""] if report.get("note") else []
+    if spread:
+        caveats += [
+            f"{len(spread)} of the figures below spread more than 2x between repetitions "
+            f"({', '.join(spread[:6])}{', ...' if len(spread) > 6 else ''}): the machine was not quiet "
+            "during this run, and those medians say more about the other load than about the engines.",
+            "",
+        ]
+    if caveats:  # right under the title, before any figure
+        lines[4:4] = ["## Caveats", "", *caveats]
     return "\n".join(lines)
+
+
+def noisy_cells(summary: dict[str, Any], factor: float = 2.0) -> list[str]:
+    """The (model, task, engine) figures whose max/min over repetitions exceeds ``factor``."""
+    out = []
+    for row in summary["rows"]:
+        for engine, e in row["engines"].items():
+            s = e["tok_s"]
+            if s and s["n"] > 1 and s["min"] > 0 and s["max"] / s["min"] > factor:
+                out.append(f"{engine} {row['model']} {row['task']}")
+    return out
 
 
 def headline(summary: dict[str, Any]) -> list[str]:
@@ -861,10 +892,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     commands = [] if args.quick else ["bash benchmarks/setup_peers.sh   # once, about 15 minutes"]
     commands.append(f"{script} {argv}".strip())
     if not args.quick:
+        q4_0 = "bench-env/models/llama-1.1b-q4_0.gguf"
         commands += [
-            "flashdecode roofline --model bench-env/models/llama-1.1b-q4_0.gguf --plot docs/roofline.png",
+            f"flashdecode bench --model {q4_0} --batch 1,8,32 --prompt-len 128,512 --gen-len 128 "
+            "--json bench-env/bench-q4_0.json",
+            f"flashdecode roofline --model {q4_0} --bench bench-env/bench-q4_0.json --plot docs/roofline.png",
             "bench-env/bin/python benchmarks/peers.py report   # re-renders this page with the roofline",
-            "flashdecode bench --batch 1,8,32 --prompt-len 128,512 --gen-len 128 --json bench.json",
         ]
     report = {
         "quick": args.quick,
@@ -879,6 +912,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "results": results,
         "summary": summary,
         "commands": commands,
+        "note": args.note,
     }
     (out_dir / "benchmarks.json").write_text(json.dumps(report, indent=2))
     write_report(report, out_dir)
@@ -903,7 +937,11 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     """Re-render benchmarks.md and the chart from a saved benchmarks.json (no measurement)."""
     path = Path(args.json)
-    write_report(json.loads(path.read_text()), path.parent)
+    report = json.loads(path.read_text())
+    if args.note is not None:
+        report["note"] = args.note
+        path.write_text(json.dumps(report, indent=2))
+    write_report(report, path.parent)
     return 0
 
 
@@ -924,6 +962,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="one measurement in this process (internal)", allow_abbrev=False)
     report = sub.add_parser("report", help="re-render benchmarks.md from benchmarks.json", allow_abbrev=False)
     report.add_argument("--json", default=str(ROOT / "docs" / "benchmarks.json"))
+    report.add_argument("--note", default=None, help="a caveat paragraph for the page (kept in the JSON)")
     for q in (p, run):
         q.add_argument("--quick", action="store_true", help="CI: tiny model, 1 rep, no compiled peer")
         q.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick 1)")
@@ -941,6 +980,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--work-dir", default=None)
         q.add_argument("--worker-timeout", type=int, default=1800)
         q.add_argument("--bandwidth-time", type=float, default=0.5, help="seconds per bandwidth probe")
+        q.add_argument("--note", default=None, help="a caveat paragraph for the page")
     prep.add_argument("--out", default=str(DEFAULT_MODELS_DIR))
     prep.add_argument(
         "--llama-cpp-src", required=True, help="unpacked llama-cpp-python sdist (vendor/llama.cpp inside)"

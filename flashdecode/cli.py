@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also consider kernels that round weights or activations (bf16)",
     )
     tune.add_argument("--quick", action="store_true", help="a coarse M grid and short timings (a smoke test)")
+    tune.add_argument(
+        "--quantization", choices=("int8", "int4"), default=None, help="tune a float model served quantized"
+    )
     tune.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -257,6 +260,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         num_threads=args.threads,
         allow_approx=args.allow_approx,
         quick=args.quick,
+        quantization=args.quantization,
         progress=not args.no_progress,
     )
     print(f"table: {path}")

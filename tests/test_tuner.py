@@ -88,19 +88,19 @@ def test_crossovers_are_bisected_and_hopeless_candidates_dropped(monkeypatch: py
     def fake_measure(fns, x, **kwargs):
         m = x.shape[0]
         measured.append((m, tuple(sorted(fns))))
-        return {name: cost[name](m) for name in fns}
+        return {name: [cost[name](m)] for name in fns}
 
     lin = small_linear()
     monkeypatch.setattr(lin, "candidates", lambda allow_approx=False: ["a", "b", "c"])
     monkeypatch.setattr(lin, "impl", lambda name: lambda x: None)
-    monkeypatch.setattr(tuner, "measure", fake_measure)
+    monkeypatch.setattr(tuner, "measure_samples", fake_measure)
     result = tuner.tune_linear(lin, rotate_bytes=1)
     assert [name for _, name in result.plan] == ["a", "b"]
     crossover = result.crossovers[0]
     assert 40 <= crossover <= 52
-    grid_points = [m for m, _ in measured if m in tuner.M_GRID]
-    assert sorted(grid_points) == list(tuner.M_GRID)
-    assert len(measured) - len(tuner.M_GRID) <= 4  # a few dense points, only near the crossover
+    assert [m for m, _ in measured[: len(tuner.M_GRID)]] == list(tuner.M_GRID)
+    extra = [m for m, _ in measured[len(tuner.M_GRID) :]]
+    assert len(extra) <= 8 and all(32 <= m <= 64 for m in extra)  # only around the crossover
     assert all("c" not in names for m, names in measured if m >= 64)
 
 
@@ -143,3 +143,55 @@ def test_tune_command(isolated_cache: Path, capsys: pytest.CaptureFixture[str]) 
     assert data["fingerprint"]["threads"] == 1 and len(data["shapes"]) == 5
     assert main(["tune", "--threads", "0"]) == 2
     assert main(["tune", "--model", str(isolated_cache / "missing.gguf")]) == 2
+
+
+def test_plans_from_measurements() -> None:
+    times = {
+        "native": {1: 1.0, 8: 2.0, 64: 9.0, 512: 80.0},
+        "dequant_f32": {1: 5.0, 8: 5.5, 64: 8.9, 512: 40.0},  # within 3% at 64: native is kept there
+        "native_i8": {1: 0.5, 8: 1.0, 64: 3.0, 512: 30.0},
+    }
+    assert tuner.result_from_times(times).plan == [(1, "native_i8")]
+    result = tuner.result_from_times(times, exclude=["native_i8"])
+    assert result.plan == [(1, "native"), (512, "dequant_f32")] and result.crossovers == [512]
+    assert not result.allow_approx and tuner.result_from_times(times).allow_approx
+
+
+def test_approximate_kernels_pass_the_perplexity_gate_and_stay_close() -> None:
+    """The approximate kernels on the embedded model, each at every M of every projection: held-out
+    perplexity near the exact kernels' (the gate `tune --allow-approx` applies keeps those within 1%;
+    on the 835 held-out tokens bf16 gives -0.3% and int8 activations +0.75%), and per-token
+    log-probabilities close: mean |difference| < 0.2 nats and the same top-1 token at >= 90% of the
+    held-out positions (measured: int8 activations 0.09 nats, 97%; bf16 0.03 nats, 99%). Greedy text
+    may differ after a few tokens, unlike with exact kernels."""
+    from flashdecode import LLM, SamplingParams
+    from flashdecode.ops.linear import iter_linears, static_candidate
+
+    names = ["dequant_bf16"] + (["native_i8"] if cpu_kernels.load() and cpu_kernels.load().has_i8 else [])
+    gate = tuner.perplexity_gate(None, names, num_threads=1)  # all of heldout.txt, as `tune` runs it
+    assert gate["tokens"] > 500
+    assert gate["allowed"] == [n for n in names if gate["ppl"][n] <= gate["exact"] * 1.01]
+    assert "dequant_bf16" in gate["allowed"]  # measured: -0.3%
+    assert all(gate["ppl"][n] <= gate["exact"] * 1.02 for n in names), gate  # int8 measured: +0.75%
+
+    llm = LLM(max_model_len=256, num_threads=1, dataflow="off")
+    text = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg " * 4
+    ids = llm.get_tokenizer().encode(text)[:96]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=1)
+
+    def scores() -> list[tuple[float, int]]:
+        out = llm.generate({"prompt_token_ids": ids}, params)[0]
+        return [
+            (entry[ids[t]].logprob, max(entry.items(), key=lambda kv: kv[1].logprob)[0])
+            for t, entry in enumerate(out.prompt_logprobs)
+            if entry is not None
+        ]
+
+    exact = scores()
+    for name in names:
+        for lin in iter_linears(llm.engine.model.linears()):
+            lin.set_plan([(1, name if name in lin.candidates(allow_approx=True) else static_candidate(lin))])
+        approx = scores()
+        diff = sum(abs(a[0] - b[0]) for a, b in zip(exact, approx)) / len(exact)
+        agree = sum(a[1] == b[1] for a, b in zip(exact, approx)) / len(exact)
+        assert diff < 0.2 and agree >= 0.9, (name, diff, agree)

@@ -16,6 +16,7 @@
  * Threads: OpenMP. Loaded into a process that already holds torch's libgomp.so.1, the dynamic linker
  * resolves our libgomp.so.1 to that same library, so the kernels share torch's thread pool.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -438,23 +439,23 @@ int fd_linear(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const 
     int64_t wstride = row_bytes(fmt, K);
     int64_t ntiles = (N + NR_MAX - 1) / NR_MAX;
     int nt = pick_threads(nthreads, ntiles, (double)N * (double)K * (double)(M < 8 ? M : 8));
+    (void)nt; /* unused without OpenMP */
     int nb = (int)(K / 32);
     int failed = 0;
+    /* tiles are claimed in chunks (dynamic schedule): a thread slowed by another process on its core
+       does fewer of them instead of holding everyone at the join */
+    int64_t chunk = ntiles / ((int64_t)nt * 8);
+    if (chunk < 1) chunk = 1;
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
     {
-        int t = 0, T = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
-        int64_t t0 = ntiles * t / T, t1 = ntiles * (t + 1) / T;
         size_t sbytes = sizeof(float) * (size_t)(NR_MAX * (nb > 0 ? nb : 1));
         float *db = (float *)malloc(sbytes), *mb = (float *)malloc(sbytes);
         float *wbuf = M >= BUF_MIN_M ? (float *)malloc(sizeof(float) * (size_t)(NR_MAX * K + VL)) : NULL;
-        if (!db || !mb || (M >= BUF_MIN_M && !wbuf)) {
-            failed = 1;
-        } else {
-            for (int64_t tile = t0; tile < t1; tile++) {
+        int ok = db && mb && (M < BUF_MIN_M || wbuf);
+        if (!ok) failed = 1;
+#pragma omp for schedule(dynamic, chunk)
+        for (int64_t tile = 0; tile < ntiles; tile++) {
+            if (ok) {
                 int64_t n0 = tile * NR_MAX;
                 int nr = (int)(N - n0 < NR_MAX ? N - n0 : NR_MAX);
                 switch (fmt) {
@@ -484,6 +485,7 @@ int fd_dequant(int fmt, const uint8_t *w, const uint16_t *d, const uint16_t *m, 
             if (rows[i] < 0 || rows[i] >= N) return -1;
     int64_t wstride = row_bytes(fmt, K);
     int nt = pick_threads(nthreads, nrows, (double)nrows * (double)K);
+    (void)nt;
     int nb = (int)(K / 32);
     int failed = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
@@ -518,6 +520,182 @@ int fd_dequant(int fmt, const uint8_t *w, const uint16_t *d, const uint16_t *m, 
     return failed ? -2 : 0;
 }
 
+/* ---------------------------------------------------------------- int8 activations (AVX512-VNNI)
+ *
+ * llama.cpp's way for quantized dot products: each activation row is quantized per 32-block to int8
+ * (xq = round(x / dx), dx = max|x| / 127) and multiplied with the integer weights by vpdpbusd
+ * (64 multiply-adds per instruction, against 16 for an fp32 FMA). Approximate: the activations are
+ * rounded (relative error about 1/254 per element); the engine uses it only where a tuned table
+ * allows it after the perplexity check.
+ *
+ * Weights are repacked (ops/linear.py) so that a vector lane is a weight row: groups of 16 rows,
+ * per (group, block):
+ *   Q4_0/Q4_1  4 x 64 bytes: vector i holds, for each of the 16 rows, elements 4i..4i+3 of the
+ *              block in the low nibbles of 4 bytes and elements 4(i+4)..4(i+4)+3 in the high nibbles
+ *   Q8_0       8 x 64 bytes: vector j holds elements 4j..4j+3 of each of the 16 rows (int8)
+ *   d, m       [groups, K/32, 16] fp16 (rows padded to a multiple of 16 with zeros)
+ * so a block's dot product for 16 rows is 8 vpdpbusd with a broadcast of 4 activation bytes, and
+ * no horizontal sums are needed. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__GNUC__)
+#define FD_HAVE_I8 1
+#define I8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+#define I8_MR 8 /* activation rows per register tile */
+
+I8_TARGET static inline void i8_group(const int FMT, const int MR, const int8_t *xq, const float *dx,
+                                      const float *sx, int64_t K, const uint8_t *qp, const uint16_t *dp,
+                                      const uint16_t *mp, __m512 *acc) {
+    const int nb = (int)(K / 32);
+    const __m512i nib = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
+    for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dp + (int64_t)b * 16)));
+        __m512 mv = FMT == FD_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mp + (int64_t)b * 16)))
+                                   : _mm512_mul_ps(dv, _mm512_set1_ps(-8.0f));
+        __m512i wv[8];
+        __m512i wsum128 = _mm512_setzero_si512();
+        if (FMT == FD_Q8_0) {
+            const uint8_t *blk = qp + (int64_t)b * 512;
+            for (int j = 0; j < 8; j++) {
+                wv[j] = _mm512_loadu_si512((const void *)(blk + 64 * j));
+                wsum128 = _mm512_dpbusd_epi32(wsum128, ones, wv[j]);
+            }
+            wsum128 = _mm512_slli_epi32(wsum128, 7); /* 128 * sum of the block's weights, per row */
+        } else {
+            const uint8_t *blk = qp + (int64_t)b * 256;
+            for (int i = 0; i < 4; i++) {
+                __m512i z = _mm512_loadu_si512((const void *)(blk + 64 * i));
+                wv[i] = _mm512_and_si512(z, nib);
+                wv[i + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), nib);
+            }
+        }
+        for (int r = 0; r < MR; r++) {
+            const int8_t *xb = xq + r * K + (int64_t)b * 32;
+            __m512i isum = _mm512_setzero_si512();
+            for (int j = 0; j < 8; j++) {
+                int32_t quad;
+                memcpy(&quad, xb + 4 * j, 4);
+                if (FMT == FD_Q8_0) /* unsigned activations (xq + 128) against signed weights */
+                    isum = _mm512_dpbusd_epi32(isum, _mm512_set1_epi32(quad ^ (int32_t)0x80808080), wv[j]);
+                else /* unsigned 4-bit weights against signed activations */
+                    isum = _mm512_dpbusd_epi32(isum, wv[j], _mm512_set1_epi32(quad));
+            }
+            if (FMT == FD_Q8_0) isum = _mm512_sub_epi32(isum, wsum128);
+            float dxr = dx[r * nb + b];
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dv, _mm512_set1_ps(dxr)), acc[r]);
+            if (FMT != FD_Q8_0) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * nb + b]), acc[r]);
+        }
+    }
+}
+
+/* Quantize activation rows to int8 per 32-block: xq, dx (scale), sx = dx * sum(xq). */
+static void i8_quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx) {
+    const int nb = (int)(K / 32);
+    for (int64_t r = 0; r < M; r++)
+        for (int b = 0; b < nb; b++) {
+            const float *xs = x + r * ldx + (int64_t)b * 32;
+            float amax = 0.0f;
+            for (int j = 0; j < 32; j++) amax = fabsf(xs[j]) > amax ? fabsf(xs[j]) : amax;
+            float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+            int sum = 0;
+            for (int j = 0; j < 32; j++) {
+                int q = (int)roundf(xs[j] * inv);
+                q = q > 127 ? 127 : (q < -127 ? -127 : q);
+                xq[r * K + (int64_t)b * 32 + j] = (int8_t)q;
+                sum += q;
+            }
+            dx[r * nb + b] = d;
+            sx[r * nb + b] = d * (float)sum;
+        }
+}
+
+I8_TARGET static void i8_run(int fmt, const int8_t *xq, const float *dx, const float *sx, int64_t M, int64_t K,
+                             const uint8_t *qp, const uint16_t *dp, const uint16_t *mp, const float *bias,
+                             float *y, int64_t ldy, int64_t N, int nt) {
+    const int64_t groups = (N + 15) / 16, nb = K / 32;
+    const int64_t gbytes = nb * (fmt == FD_Q8_0 ? 512 : 256);
+    (void)nt;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 1)
+    for (int64_t g = 0; g < groups; g++) {
+        __m512 acc[I8_MR];
+        float out[16];
+        const uint8_t *q = qp + g * gbytes;
+        const uint16_t *d = dp + g * nb * 16, *mm = mp ? mp + g * nb * 16 : NULL;
+        for (int64_t r0 = 0; r0 < M; r0 += I8_MR) {
+            const int mr = (int)(M - r0 < I8_MR ? M - r0 : I8_MR);
+            const int8_t *xr = xq + r0 * K;
+            const float *dxr = dx + r0 * nb, *sxr = sx + r0 * nb;
+#define I8_CALL(F, R) i8_group(F, R, xr, dxr, sxr, K, q, d, mm, acc)
+#define I8_ROWS(F)                                                                                  \
+    switch (mr) {                                                                                   \
+    case 1: I8_CALL(F, 1); break;                                                                   \
+    case 2: I8_CALL(F, 2); break;                                                                   \
+    case 3: I8_CALL(F, 3); break;                                                                   \
+    case 4: I8_CALL(F, 4); break;                                                                   \
+    case 5: I8_CALL(F, 5); break;                                                                   \
+    case 6: I8_CALL(F, 6); break;                                                                   \
+    case 7: I8_CALL(F, 7); break;                                                                   \
+    default: I8_CALL(F, 8); break;                                                                  \
+    }
+            if (fmt == FD_Q4_0) {
+                I8_ROWS(FD_Q4_0)
+            } else if (fmt == FD_Q4_1) {
+                I8_ROWS(FD_Q4_1)
+            } else {
+                I8_ROWS(FD_Q8_0)
+            }
+#undef I8_ROWS
+#undef I8_CALL
+            const int64_t n0 = g * 16;
+            const int cols = (int)(N - n0 < 16 ? N - n0 : 16);
+            for (int r = 0; r < mr; r++) {
+                _mm512_storeu_ps(out, acc[r]);
+                for (int c = 0; c < cols; c++) y[(r0 + r) * ldy + n0 + c] = out[c] + (bias ? bias[n0 + c] : 0.0f);
+            }
+        }
+    }
+}
+#endif
+
+/* 1 when fd_linear_i8 runs on this CPU (an AVX-512 build on a CPU with AVX512-VNNI), else 0. */
+int fd_i8_available(void) {
+#ifdef FD_HAVE_I8
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+/* y = x W^T (+ bias) with int8 activations, W repacked as described above. Returns 0, -1 on bad
+ * arguments, -2 out of memory, -3 when this build or CPU has no VNNI. */
+int fd_linear_i8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *qp,
+                 const uint16_t *dp, const uint16_t *mp, const float *bias, float *y, int64_t ldy, int64_t N,
+                 int nthreads) {
+    if (!fd_i8_available()) return -3;
+    if (fmt < FD_Q4_0 || fmt > FD_Q8_0 || K % 32 || M < 0 || N < 0 || (fmt == FD_Q4_1 && !mp)) return -1;
+    if (M == 0 || N == 0) return 0;
+#ifdef FD_HAVE_I8
+    const int64_t nb = K / 32;
+    int8_t *xq = (int8_t *)malloc((size_t)(M * K));
+    float *dx = (float *)malloc(sizeof(float) * (size_t)(M * nb)), *sx = (float *)malloc(sizeof(float) * (size_t)(M * nb));
+    int rc = 0;
+    if (!xq || !dx || !sx) {
+        rc = -2;
+    } else {
+        i8_quantize_rows(x, ldx, M, K, xq, dx, sx);
+        int nt = pick_threads(nthreads, (N + 15) / 16, (double)N * (double)K * (double)(M < 8 ? M : 8) / 4.0);
+        i8_run(fmt, xq, dx, sx, M, K, qp, dp, mp, bias, y, ldy, N, nt);
+    }
+    free(xq);
+    free(dx);
+    free(sx);
+    return rc;
+#else
+    (void)x; (void)ldx; (void)qp; (void)dp; (void)bias; (void)y; (void)ldy; (void)nthreads;
+    return -3;
+#endif
+}
+
 const char *fd_isa(void) { return FD_ISA; }
 
-int fd_abi_version(void) { return 1; }
+int fd_abi_version(void) { return 2; }

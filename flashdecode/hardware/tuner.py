@@ -4,10 +4,12 @@ For each distinct linear shape of a model (storage format and [N, K]: fused qkv,
 down, lm_head), every applicable candidate kernel (ops/linear.py) is timed at M = 1, 2, 4, ..., 512
 with cold weights: each call runs on the next of several copies of the weight whose total size is
 at least twice the last-level cache, so every call streams its weights from memory as decoding
-does. Candidates are interleaved round-robin and each time is a median, so drift and noise from
-other processes hit all candidates alike. A candidate far slower than the best is dropped for larger
-M (the answer is clear there); where the winner changes between two grid points the gap is bisected
-to find the crossover. The result, per shape, is a ``Plan``: the winner per M range.
+does. Candidates are interleaved round-robin, so drift and load from other processes hit all candidates
+alike, and each time is the median of the faster half of its samples (``robust_time``); the grid
+points next to a change of winner are measured again before a crossover is accepted. A candidate
+far slower than the best is dropped for larger M (the answer is clear there); where the winner
+changes between two grid points the gap is bisected to find the crossover. The result, per shape,
+is a ``Plan``: the winner per M range.
 
 Tables live in the user cache directory (``$FLASHDECODE_CACHE_DIR``, ``$XDG_CACHE_HOME/flashdecode``
 or ``~/.cache/flashdecode``) under ``dataflow/<fingerprint>.json``, one file per hardware fingerprint
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -116,6 +119,7 @@ class DataflowTable:
     fingerprint: dict[str, Any]
     shapes: dict[str, ShapeResult] = field(default_factory=dict)
     models: dict[str, list[str]] = field(default_factory=dict)  # model source -> its shape keys
+    gates: dict[str, dict[str, Any]] = field(default_factory=dict)  # model source -> perplexity gate
 
     def plan_for(self, linear: Linear) -> Plan | None:
         """The tuned plan for this Linear's shape, if the table has it and every kernel in it can run."""
@@ -132,6 +136,7 @@ class DataflowTable:
             "version": TABLE_VERSION,
             "fingerprint": self.fingerprint,
             "models": self.models,
+            "gates": self.gates,
             "shapes": {key: r.to_json() for key, r in sorted(self.shapes.items())},
         }
 
@@ -143,6 +148,7 @@ class DataflowTable:
             fingerprint=dict(data["fingerprint"]),
             shapes={k: ShapeResult.from_json(v) for k, v in data.get("shapes", {}).items()},
             models={k: list(v) for k, v in data.get("models", {}).items()},
+            gates=dict(data.get("gates", {})),
         )
 
     def save(self, path: Path | None = None) -> Path:
@@ -206,17 +212,24 @@ class ColdRunner:
         return run
 
 
-def measure(
+def robust_time(samples: list[float]) -> float:
+    """The median of the faster half of the samples: other processes only ever add time, in bursts,
+    so the slow half is where the noise is; on a quiet machine this is the median."""
+    ordered = sorted(samples)
+    return statistics.median(ordered[: (len(ordered) + 1) // 2])
+
+
+def measure_samples(
     fns: dict[str, Callable[[torch.Tensor], Any]],
     x: torch.Tensor,
     min_reps: int = 5,
     max_reps: int = 40,
     budget_s: float = 0.4,
     drop_after: float = DROP_FACTOR,
-) -> dict[str, float]:
-    """Median seconds per call of each candidate, interleaved round-robin after one warm-up call each.
-    A candidate whose warm-up is ``drop_after`` times the fastest warm-up is timed once more (its
-    answer is clear: the faster of the two calls stands)."""
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, interleaved round-robin after one warm-up call each, so
+    drift and bursts of load hit every candidate alike. A candidate whose warm-up is ``drop_after``
+    times the fastest warm-up is timed once more (its answer is clear)."""
     warm = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
@@ -239,7 +252,25 @@ def measure(
             fns[name](x)
             times[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {n: statistics.median(ts) for n, ts in times.items()}
+    return times
+
+
+def measure(
+    fns: dict[str, Callable[[torch.Tensor], Any]],
+    x: torch.Tensor,
+    min_reps: int = 5,
+    max_reps: int = 40,
+    budget_s: float = 0.4,
+    drop_after: float = DROP_FACTOR,
+) -> dict[str, float]:
+    """``robust_time`` per candidate of ``measure_samples``."""
+    samples = measure_samples(fns, x, min_reps, max_reps, budget_s, drop_after)
+    return {n: robust_time(ts) for n, ts in samples.items()}
+
+
+def is_approx(name: str) -> bool:
+    candidate = CANDIDATES.get(name)
+    return candidate is not None and not candidate.exact
 
 
 def _hopeless(times: dict[int, float], m: int, best: float) -> bool:
@@ -284,27 +315,51 @@ def tune_linear(
     gen = torch.Generator().manual_seed(0)
     k = linear.in_features
     xs = torch.randn(max(m_grid), k, generator=gen).to(dtype)
-    times: dict[str, dict[int, float]] = {name: {} for name in names}
+    samples: dict[str, dict[int, list[float]]] = {name: {} for name in names}
     live = list(names)
-    winners: dict[int, str] = {}
-    previous = None
 
     def run(m: int, cands: list[str]) -> dict[str, float]:
-        return measure({c: fns[c] for c in cands}, xs[:m], min_reps=min_reps, budget_s=budget_s)
+        got = measure_samples({c: fns[c] for c in cands}, xs[:m], min_reps=min_reps, budget_s=budget_s)
+        for name, ts in got.items():
+            samples[name].setdefault(m, []).extend(ts)
+        return {name: robust_time(samples[name][m]) for name in cands}
+
+    def times() -> dict[str, dict[int, float]]:
+        return {n: {m: robust_time(ts) for m, ts in sorted(t.items())} for n, t in samples.items() if t}
+
+    def winners_on(grid: list[int]) -> dict[int, str]:
+        out, previous = {}, None
+        for m in grid:
+            got = {n: t[m] for n, t in times().items() if m in t}
+            previous = out[m] = _winner(got, previous)
+        return out
 
     with torch.inference_mode():
+        previous = None
         for m in sorted(m_grid):
             got = run(m, live)
-            for name, t in got.items():
-                times[name][m] = t
-            previous = winners[m] = _winner(got, previous)
-            best = got[winners[m]]
-            live = [n for n in live if not _hopeless(times[n], m, best)]
+            previous = _winner(got, previous)
+            live = [n for n in live if not _hopeless(times()[n], m, got[previous])]
             if progress:
                 progress()
+        grid = sorted(m_grid)
+        # confirm: grid points next to a change of winner are measured again (more samples where the
+        # answer matters, so one burst of load cannot place a crossover)
+        for _ in range(2 if refine else 0):
+            winners = winners_on(grid)
+            suspects = {
+                grid[j]
+                for i in range(1, len(grid))
+                if winners[grid[i]] != winners[grid[i - 1]]
+                for j in (i - 1, i)
+            }
+            if not suspects:
+                break
+            for m in sorted(suspects):
+                near = [winners[g] for g in grid if abs(grid.index(g) - grid.index(m)) <= 1]
+                run(m, sorted(set(near)))
         # bisect between grid points whose winners differ
-        grid = sorted(winners)
-        points = dict(winners)
+        winners = winners_on(grid)
         if refine:
             for a, b in zip(grid, grid[1:]):
                 lo, hi = a, b
@@ -314,13 +369,23 @@ def tune_linear(
                 while hi - lo > max(1, lo // 4):
                     mid = (lo + hi) // 2
                     got = run(mid, pair)
-                    for name, t in got.items():
-                        times[name][mid] = t
-                    points[mid] = _winner(got, pair[0])
-                    if points[mid] == pair[0]:
+                    if _winner(got, pair[0]) == pair[0]:
                         lo = mid
                     else:
                         hi = mid
+    return result_from_times(times())
+
+
+def result_from_times(times: dict[str, dict[int, float]], exclude: Iterable[str] = ()) -> ShapeResult:
+    """The plan the measurements give: at every measured M the fastest candidate measured there (the
+    previous winner kept within ``HYSTERESIS``), as ranges; candidates in ``exclude`` never win."""
+    exclude = set(exclude)
+    points: dict[int, str] = {}
+    previous = None
+    for m in sorted({m for ts in times.values() for m in ts}):
+        got = {n: ts[m] for n, ts in times.items() if m in ts and n not in exclude}
+        if got:
+            previous = points[m] = _winner(got, previous)
     plan: Plan = []
     for m in sorted(points):
         if not plan or plan[-1][1] != points[m]:
@@ -328,9 +393,9 @@ def tune_linear(
     plan[0] = (1, plan[0][1])
     return ShapeResult(
         plan=plan,
-        times={n: dict(sorted(t.items())) for n, t in times.items() if t},
+        times=times,
         crossovers=[m for m, _ in plan[1:]],
-        allow_approx=allow_approx and any(not CANDIDATES[n].exact for _, n in plan),
+        allow_approx=any(is_approx(n) for _, n in plan),
     )
 
 
@@ -347,6 +412,7 @@ def tune_model(
     num_threads: int | None = None,
     allow_approx: bool = False,
     quick: bool = False,
+    quantization: str | None = None,
     save: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -359,7 +425,7 @@ def tune_model(
     torch.set_num_threads(threads)
     loaded = load_model(model)
     dtype = torch.bfloat16 if loaded.formats.get("embed") in ("BF16", "bfloat16") else torch.float32
-    decoder = Decoder(loaded, dtype, dataflow="off")
+    decoder = Decoder(loaded, dtype, dataflow="off", quantization=quantization)
     shapes = distinct_linears(decoder.linears())
     grid = (1, 4, 16, 64) if quick else M_GRID
     fp = fingerprint(threads)
@@ -389,11 +455,65 @@ def tune_model(
     finally:
         if bar is not None:
             bar.close()
-    table.models[str(loaded.source)] = list(shapes)
+    source = str(loaded.source)
+    table.models[source] = list(shapes)
+    approx = sorted({n for k in shapes for _, n in table.shapes[k].plan if is_approx(n)})
+    if approx:
+        # approximate kernels must keep held-out perplexity within PPL_TOLERANCE of the exact path
+        del decoder
+        gate = perplexity_gate(model, approx, threads)
+        table.gates[source] = gate
+        failed = [n for n in approx if n not in gate["allowed"]]
+        for key in shapes:
+            if failed:
+                table.shapes[key] = result_from_times(table.shapes[key].times, exclude=failed)
+        log(
+            f"perplexity gate (held-out text, {gate['tokens']} tokens): exact {gate['exact']:.4f}; "
+            + ", ".join(
+                f"{n} {gate['ppl'][n]:.4f} ({'kept' if n in gate['allowed'] else 'dropped'})" for n in approx
+            )
+        )
     path = table.save() if save else None
     for key in shapes:
         log(f"{key:>22}  {format_plan(table.shapes[key].plan)}")
     return table, path
+
+
+PPL_TOLERANCE = 0.01  # an approximate kernel may raise held-out perplexity by at most 1%
+
+
+def heldout_perplexity(llm: Any, ids: list[int]) -> float:
+    """Perplexity of the token ids under the model (teacher forcing, prompt logprobs)."""
+    from ..sampling_params import SamplingParams
+
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
+    logprobs = [entry[ids[t]].logprob for t, entry in enumerate(out.prompt_logprobs) if entry is not None]
+    return math.exp(-statistics.fmean(logprobs))
+
+
+def perplexity_gate(
+    model: str | None, candidates: Iterable[str], num_threads: int | None = None, max_tokens: int = 1024
+) -> dict[str, Any]:
+    """Held-out perplexity (flashdecode/data/heldout.txt) with the exact kernels, and with each
+    approximate candidate run at every M of every Linear that can use it: the worst case of any plan
+    that contains it. A candidate is allowed when it stays within ``PPL_TOLERANCE``."""
+    from importlib import resources
+
+    from ..llm import LLM
+    from ..ops.linear import static_candidate
+
+    text = resources.files("flashdecode").joinpath("data/heldout.txt").read_text(encoding="utf-8")
+    llm = LLM(model=model, dataflow="off", num_threads=num_threads, max_num_seqs=1)
+    ids = llm.get_tokenizer().encode(text)[: min(max_tokens, llm.engine.max_model_len - 1)]
+    linears = list(iter_linears(llm.engine.model.linears()))
+    exact = heldout_perplexity(llm, ids)
+    ppl = {}
+    for name in candidates:
+        for lin in linears:
+            lin.set_plan([(1, name if name in lin.candidates(allow_approx=True) else static_candidate(lin))])
+        ppl[name] = heldout_perplexity(llm, ids)
+    allowed = [n for n, p in ppl.items() if p <= exact * (1 + PPL_TOLERANCE)]
+    return {"tokens": len(ids), "exact": exact, "ppl": ppl, "allowed": allowed, "tolerance": PPL_TOLERANCE}
 
 
 def format_plan(plan: Plan) -> str:

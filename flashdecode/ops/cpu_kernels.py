@@ -31,7 +31,7 @@ import torch
 from ..hardware.probe import cache_dir, cpu_flags
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "flat_gemm.c"
-ABI_VERSION = 1
+ABI_VERSION = 2
 FORMAT_IDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "BF16": 3}
 
 # build name -> (cpuinfo flags the build needs, compiler flags)
@@ -65,8 +65,13 @@ class NativeKernels:
         self.lib.fd_linear.restype = i32
         self.lib.fd_dequant.argtypes = [i32, vp, vp, vp, i64, i64, vp, i64, vp, i32, i32]
         self.lib.fd_dequant.restype = i32
+        self.lib.fd_linear_i8.argtypes = [i32, vp, i64, i64, i64, vp, vp, vp, vp, vp, i64, i64, i32]
+        self.lib.fd_linear_i8.restype = i32
+        self.lib.fd_i8_available.restype = i32
         self._linear = self.lib.fd_linear
+        self._linear_i8 = self.lib.fd_linear_i8
         self._dequant = self.lib.fd_dequant
+        self.has_i8 = bool(self.lib.fd_i8_available())
 
     def linear(
         self,
@@ -100,6 +105,38 @@ class NativeKernels:
         )
         if rc != 0:
             raise RuntimeError(f"fd_linear({fmt}, M={m_rows}, N={n}, K={k}) failed with code {rc}")
+        return out
+
+    def linear_i8(
+        self,
+        fmt: str,
+        x: torch.Tensor,
+        packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        n: int,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """y = x W^T (+ bias) with x quantized to int8 per 32-block (AVX512-VNNI; approximate), W
+        repacked by ``repack_i8``."""
+        m_rows, k = x.shape
+        out = torch.empty(m_rows, n, dtype=torch.float32)
+        qp, dp, mp = packed
+        rc = self._linear_i8(
+            FORMAT_IDS[fmt],
+            x.data_ptr(),
+            x.stride(0),
+            m_rows,
+            k,
+            qp.data_ptr(),
+            dp.data_ptr(),
+            None if mp is None else mp.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            out.data_ptr(),
+            out.stride(0),
+            n,
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"fd_linear_i8({fmt}, M={m_rows}, N={n}, K={k}) failed with code {rc}")
         return out
 
     def dequant_into(self, qt, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
@@ -156,6 +193,30 @@ class NativeKernels:
         return out
 
 
+def repack_i8(qt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A ``QuantizedTensor`` in the int8-activation kernel's layout (csrc/flat_gemm.c): groups of 16
+    rows (zero-padded), per block 4 (Q4) or 8 (Q8_0) vectors of 16 rows x 4 elements; d and m as
+    [groups, K/32, 16] fp16. Values are moved, never changed."""
+    n, k = qt.shape
+    nb, groups = k // 32, -(-n // 16)
+    pad = groups * 16 - n
+
+    def rows16(t: torch.Tensor) -> torch.Tensor:  # [N, nb, ...] -> [groups, nb, 16, ...]
+        t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) if pad else t
+        t = t.reshape(groups, 16, nb, *t.shape[2:])
+        return t.transpose(1, 2)
+
+    if qt.format == "Q8_0":
+        q = rows16(qt.qs).reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)  # [g, b, quad, row, 4]
+    else:
+        q = torch.cat([qt.qs & 0x0F, qt.qs >> 4], dim=-1)  # [N, nb, 32] values 0..15, element order
+        q = rows16(q).reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)
+        q = q[:, :, :4] | (q[:, :, 4:] << 4)  # quads i and i + 4 share a byte: low and high nibble
+    d = rows16(qt.d).contiguous()
+    m = None if qt.m is None else rows16(qt.m).contiguous()
+    return q.contiguous(), d, m
+
+
 def supported_builds(flags: set[str] | None = None) -> list[str]:
     """The builds this CPU can run, best first (the portable build always)."""
     flags = cpu_flags() if flags is None else flags
@@ -199,7 +260,7 @@ def _build(isa: str, cc: str) -> Path:
         os.close(fd)
         try:
             proc = subprocess.run(
-                [cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+                [cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
             )
             if proc.returncode == 0:
                 os.replace(tmp, path)
@@ -230,6 +291,13 @@ def _self_test(kernels: NativeKernels) -> None:
             y = kernels.linear(fmt, x[:m], (qt.qs, qt.d, qt.m), 13)
             if not torch.allclose(y.double(), x[:m].double() @ ref.double().T, rtol=1e-4, atol=1e-4):
                 raise RuntimeError(f"self-test: {fmt} product differs at M={m}")
+    if kernels.has_i8:
+        for fmt in ("Q4_0", "Q4_1", "Q8_0"):
+            qt = quantize(w, fmt)
+            ref = x.double() @ qt._dequant_torch().double().T
+            y = kernels.linear_i8(fmt, x, repack_i8(qt), 13)
+            if not torch.allclose(y.double(), ref, rtol=0.05, atol=0.05 * float(ref.abs().max())):
+                raise RuntimeError(f"self-test: {fmt} int8-activation product differs")
     wb = w[:, :77].bfloat16()
     y = kernels.linear("BF16", x[:, :77].contiguous(), (wb, None, None), 13)
     if not torch.allclose(y.double(), x[:, :77].double() @ wb.double().T, rtol=1e-4, atol=1e-4):

@@ -11,6 +11,8 @@ the exact weight format it consumes once, on first use:
     torch_bf16   torch F.linear on a bf16 weight (exact for bf16 checkpoints, approximate otherwise)
     torch_int4   torch's int4 weight-only kernel on an exact repack of Q4_0/Q4_1 (N % 16 == 0)
     dequant_bf16 dequantize to bf16, then torch's bf16 GEMM (approximate: rounds the weights)
+    native_i8    int8 activations (per 32-block scales, as llama.cpp) times the integer weights with
+                 AVX512-VNNI dot products (approximate: rounds the activations)
 
 "exact" candidates compute with exactly the stored weights and fp32 accumulation (they differ only
 in summation order); "approx" ones round weights or activations and are used only when a tuned table
@@ -19,7 +21,7 @@ allows them (``flashdecode tune --allow-approx``).
 Dispatch (paper section 5): a ``Plan`` lists (first M, candidate) ranges; ``Linear.set_plan`` turns it
 into a list indexed by M, so picking the kernel for a step is one list lookup. ``configure`` applies
 the machine's tuned table (hardware/tuner.py) or, without one, ``default_plan``; ``dataflow="off"``
-fixes ``static_candidate`` for every M.
+fixes ``static_candidate`` (the weight format's own kernel) for every M.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .quant import QuantizedTensor
 
 Plan = list[tuple[int, str]]  # [(first M, candidate), ...], ascending; the last range is unbounded
 MAX_PLAN_M = 512  # the table covers M = 1..MAX_PLAN_M; larger M uses the last range
-DEFAULT_NATIVE_MAX_M = 64  # without a table, quantized/bf16 weights use the flat GEMM up to this M
+DEFAULT_BF16_NATIVE_MAX_M = 2  # without a table, bf16 weights use the flat GEMM up to this M
 
 
 SCRATCH_BYTES = 4 << 20  # dequant_* candidates dequantize slabs of about this size (stays in cache)
@@ -66,6 +68,7 @@ CANDIDATES = {
         Candidate("torch_bf16", True, "torch F.linear, bf16 weight"),
         Candidate("torch_int4", True, "torch _weight_int4pack_mm_for_cpu, exact Q4 repack"),
         Candidate("dequant_bf16", False, "dequantize to bf16, then torch bf16 GEMM"),
+        Candidate("native_i8", False, "int8 activations per 32-block x quantized weights (AVX512-VNNI)"),
         Candidate("torch_bf16_cast", False, "torch F.linear, fp32 weight rounded to bf16"),
     )
 }
@@ -115,6 +118,8 @@ class Linear:
                 names.append("torch_int4")
             if allow_approx:
                 names.append("dequant_bf16")
+                if native and cpu_kernels.load().has_i8:
+                    names.append("native_i8")
         elif self.format == "BF16":
             names = (["native"] if native else []) + ["torch_bf16"]
         else:
@@ -151,6 +156,17 @@ class Linear:
                 return y if x.dtype == torch.float32 else y.to(x.dtype)
 
             return native
+        if name == "native_i8":
+            lib = cpu_kernels.load()
+            fmt, n = self.format, self.out_features
+            packed = cpu_kernels.repack_i8(w)
+
+            def native_i8(x: torch.Tensor) -> torch.Tensor:
+                xf = x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous()
+                y = lib.linear_i8(fmt, xf, packed, n, bias32)
+                return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+            return native_i8
         if name in ("dequant_f32", "dequant_bf16"):
             dtype = torch.float32 if name == "dequant_f32" else torch.bfloat16
             bias_t = None if bias is None else bias.to(dtype)
@@ -306,13 +322,16 @@ def static_candidate(linear: Linear) -> str:
 
 
 def default_plan(linear: Linear) -> Plan:
-    """Without a tuned table: the flat GEMM up to M = DEFAULT_NATIVE_MAX_M, then dequantize + torch
-    GEMM (quantized weights) or torch bf16 (bf16 weights); fp32 weights always use torch."""
+    """Without a tuned table (measured on a 2-core Zen AVX-512 machine): quantized weights use the
+    flat GEMM at every M (it beat dequantize + torch's fp32 GEMM at every M up to 512, its fp32 FMA
+    loop running faster than torch's); bf16 weights use it up to M = DEFAULT_BF16_NATIVE_MAX_M and
+    torch's bf16 GEMM (AVX512-BF16 dot products) above; fp32 weights always use torch."""
     names = linear.candidates()
     if "native" not in names:
         return [(1, names[0])]
-    large = "dequant_f32" if isinstance(linear.weight, QuantizedTensor) else "torch_bf16"
-    return [(1, "native"), (DEFAULT_NATIVE_MAX_M + 1, large)]
+    if isinstance(linear.weight, QuantizedTensor):
+        return [(1, "native")]
+    return [(1, "native"), (DEFAULT_BF16_NATIVE_MAX_M + 1, "torch_bf16")]
 
 
 def configure(modules: Iterable[Linear | SplitLinear], dataflow: str = "auto", table=None) -> dict[str, int]:
