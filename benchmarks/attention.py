@@ -83,8 +83,9 @@ def decode_case(batch: int, length: int, reps: int, gen: torch.Generator) -> dic
     q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen)
     scale = HEAD_DIM**-0.5
     fallbacks = []
-    k_ref, v_ref = cache.gather(0, slots, torch.float32)  # the exact reference's layout
-    k, v = gather_decode(cache, 0, slots, torch.float32)  # the fast paths' (key-major views)
+    # clones: a gather returns views of scratch buffers that the next gather overwrites
+    k_ref, v_ref = (t.clone() for t in cache.gather(0, slots, torch.float32))  # the exact reference's layout
+    k, v = (t.clone() for t in gather_decode(cache, 0, slots, torch.float32))  # the fast paths' (key-major)
 
     def unified():
         out, fb = decode_attention_unified(q, k, v, lens, scale, PHI, WINDOW_FP32)
