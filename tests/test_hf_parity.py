@@ -268,7 +268,14 @@ def test_quantized_gguf_matches_transformers_dequantized(
 ) -> None:
     """(d) a quantized GGUF matches transformers running the same file (which dequantizes every tensor
     with gguf-py): the engine's quantized weights must decode to the same values."""
+    from flashdecode.models.loader import load_model
+    from flashdecode.ops.quant import QuantizedTensor
+
     path = gguf_model(arch, tensor_type, **overrides)
+    # every projection runs in its stored format (K-quants repacked exactly), none inflated to float
+    weights = load_model(path).weights
+    assert {w.format for w in weights.values() if isinstance(w, QuantizedTensor)} == {tensor_type}
+    assert isinstance(weights["layers.0.down"], QuantizedTensor)
     ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     run_parity(path, ref, f"{arch} gguf {tensor_type}")
 

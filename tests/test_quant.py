@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from flashdecode.ops import cpu_kernels
-from flashdecode.ops.quant import NATIVE_FORMATS, QuantizedTensor, prepare_weights, quantize
+from flashdecode.ops.quant import (
+    BYTE_FORMATS,
+    NATIVE_FORMATS,
+    REPACKED_FORMATS,
+    QuantizedTensor,
+    prepare_weights,
+    quantize,
+)
 
 gguf = pytest.importorskip("gguf")
 
@@ -32,7 +39,50 @@ def awkward_matrix(n: int, k: int, seed: int) -> np.ndarray:
     return w
 
 
-@pytest.mark.parametrize("fmt", NATIVE_FORMATS)
+def random_k_blocks(fmt: str, n: int, k: int, seed: int) -> np.ndarray:
+    """K-quant super-blocks of random bytes (every value, sub-scale and high-bit pattern occurs) with
+    finite fp16 super-scales of both signs, subnormals and zeros included."""
+    rng = np.random.default_rng(seed)
+    qtype = gguf.GGMLQuantizationType[fmt]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n * k // block, size), dtype=np.uint8)
+    scales = rng.standard_normal((raw.shape[0], 2)).astype(np.float16)
+    scales[::7] = np.float16(3e-6)  # subnormal
+    scales[::11, 0] = 0.0
+    at = [size - 2] if fmt == "Q6_K" else [0, 2]  # Q6_K keeps its d last; Q4_K/Q5_K lead with d, dmin
+    for i, pos in enumerate(at):
+        raw[:, pos : pos + 2] = scales[:, i : i + 1].view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+def k_quant_cases() -> list[tuple[str, np.ndarray, int, int]]:
+    from model_factory import quantize as encode  # tests/model_factory.py: Q4_K and Q6_K encoders
+
+    shapes = ((7, 256), (33, 512))
+    cases = [(fmt, random_k_blocks(fmt, n, k, seed=n), n, k) for fmt in REPACKED_FORMATS for n, k in shapes]
+    for fmt in ("Q4_K", "Q6_K"):  # real encodings of awkward weights
+        cases.append((fmt, encode(awkward_matrix(9, 512, seed=5), gguf.GGMLQuantizationType[fmt]), 9, 512))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(REPACKED_FORMATS) * 2 + 2))
+def test_k_quant_repack_is_bit_exact_against_gguf(case: int) -> None:
+    fmt, blocks, n, k = k_quant_cases()[case]
+    qt = QuantizedTensor.from_gguf_blocks(fmt, blocks, (n, k))
+    assert tuple(qt.shape) == (n, k)
+    ref = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[fmt]).reshape(n, k))
+    assert torch.equal(qt._dequant_torch().view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(qt.dequantize().view(torch.int32), ref.view(torch.int32))
+    ids = torch.tensor([[n - 1, 0], [1 % n, n // 2]])
+    assert torch.equal(qt.rows(ids), ref[ids])
+    assert torch.equal(qt.dequantize(torch.bfloat16), ref.bfloat16())
+    with pytest.raises(ValueError, match="repacked"):
+        qt.to_gguf_blocks()
+    with pytest.raises(ValueError, match="multiple of 256"):
+        QuantizedTensor.from_gguf_blocks(fmt, blocks, (n, k - 32))
+
+
+@pytest.mark.parametrize("fmt", BYTE_FORMATS)
 @pytest.mark.parametrize("shape", [(7, 64), (33, 96), (64, 576)])
 def test_repack_is_bit_exact_against_gguf(fmt: str, shape: tuple[int, int]) -> None:
     n, k = shape
@@ -50,7 +100,7 @@ def test_repack_is_bit_exact_against_gguf(fmt: str, shape: tuple[int, int]) -> N
     assert torch.equal(qt.dequantize(torch.bfloat16), ref.bfloat16())
 
 
-@pytest.mark.parametrize("fmt", NATIVE_FORMATS)
+@pytest.mark.parametrize("fmt", BYTE_FORMATS)
 def test_quantize_matches_llama_cpp_reference(fmt: str) -> None:
     w = awkward_matrix(16, 128, seed=3)
     ours = quantize(torch.from_numpy(w), fmt).to_gguf_blocks().reshape(-1)
@@ -140,17 +190,22 @@ def test_isa_probing() -> None:
 def test_every_build_this_cpu_runs_is_correct(isa: str) -> None:
     if isa not in cpu_kernels.supported_builds():
         pytest.skip(f"this CPU cannot run the {isa} build")
-    lib = cpu_kernels.load(isa)
-    if lib is None:
+    if cpu_kernels._compiler() is None:
         pytest.skip("no C compiler")
+    lib = cpu_kernels.load(isa)
+    assert lib is not None  # built and passed its self-test
     assert lib.isa == isa
     gen = torch.Generator().manual_seed(1)
     for fmt in NATIVE_FORMATS:
-        w = quantize(torch.randn(37, 96, generator=gen), fmt)
+        if fmt in BYTE_FORMATS:
+            w = quantize(torch.randn(37, 96, generator=gen), fmt)
+        else:
+            w = QuantizedTensor.from_gguf_blocks(fmt, random_k_blocks(fmt, 37, 256, seed=2), (37, 256))
+        k = w.shape[1]
         ref_w = w._dequant_torch().double()
         assert torch.equal(lib.dequant(w), w._dequant_torch())
         for m in (1, 3, 4, 5, 8, 13, 40):
-            x = torch.randn(m, 96, generator=gen)
+            x = torch.randn(m, k, generator=gen)
             bias = torch.randn(37, generator=gen)
             y = lib.linear(fmt, x, (w.qs, w.d, w.m), 37, bias)
             ref = x.double() @ ref_w.T + bias.double()

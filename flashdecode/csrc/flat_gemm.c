@@ -7,6 +7,11 @@
  *   FD_Q4_1  as Q4_0 plus m [N, K/32] fp16;         w = d * q + m
  *   FD_Q8_0  qs [N, K/32, 32] int8, d [N, K/32] fp16; w = d * q
  *   FD_BF16  qs [N, K] bfloat16 (any K)
+ * and GGUF's K-quants, repacked exactly (every value and scale moved, none rounded) with the products
+ * d * sc and dmin * m of their two-level scales precomputed in fp32, where they are exact:
+ *   FD_Q4_K  qs as Q4_1, d [N, K/32] fp32, m [N, K/32] fp32 (= -dmin * min); w = d * q + m
+ *   FD_Q5_K  qs [N, K/32, 32] uint8 (0..31), d and m as Q4_K;              w = d * q + m
+ *   FD_Q6_K  qs [N, K/32, 32] int8 (-32..31), d [N, K/16] fp32 (one per 16); w = d * q
  * Every dequantized weight is bit for bit the fp32 number the gguf package's dequantization gives
  * (d * q + m as one fused multiply-add: d * q is exact, so there is one rounding either way; signed
  * zeros included); products are accumulated in fp32.
@@ -31,6 +36,16 @@
 #define FD_Q4_1 1
 #define FD_Q8_0 2
 #define FD_BF16 3
+#define FD_Q4_K 4
+#define FD_Q5_K 5
+#define FD_Q6_K 6
+#define FD_LAST FD_Q6_K
+
+/* format traits: every branch on them folds away where the format is a compile-time constant */
+#define FMT_F32_SCALES(f) ((f) >= FD_Q4_K)
+#define FMT_HAS_MIN(f) ((f) == FD_Q4_1 || (f) == FD_Q4_K || (f) == FD_Q5_K)
+#define FMT_SCALES_PER_BLOCK(f) ((f) == FD_Q6_K ? 2 : 1)
+#define FMT_QBYTES(f) ((f) == FD_Q4_0 || (f) == FD_Q4_1 || (f) == FD_Q4_K ? 16 : 32)
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -80,26 +95,30 @@ INLINE vf v_load(const float *p) { return _mm512_loadu_ps(p); }
 INLINE vf v_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 INLINE float v_sum(vf a) { return _mm512_reduce_add_ps(a); }
 INLINE void v_store(float *p, vf a) { _mm512_storeu_ps(p, a); }
-/* one 32-element block into 2 vectors */
+/* One 32-element block into 2 vectors. A 4-bit block looks its 16 possible values up in a table built
+ * once per block (vpermps reads only the low 4 bits of each index lane, so no masking): fewer
+ * instructions per weight than widening and converting every nibble, and the same fp32 values. */
+INLINE __m512 iota16(void) { return _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
+INLINE void dq_lut4(const uint8_t *q, vf lut, vf *w) {
+    __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    w[0] = _mm512_permutexvar_ps(idx, lut);
+    w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), lut);
+}
 INLINE void dq_q4(const uint8_t *q, float d, float m, vf *w) {
-    __m128i b = _mm_loadu_si128((const __m128i *)q), mask = _mm_set1_epi8(0x0F);
-    __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-    vf vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
-    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), vd, vm);
-    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), vd, vm);
+    dq_lut4(q, _mm512_fmadd_ps(iota16(), _mm512_set1_ps(d), _mm512_set1_ps(m)), w);
 }
 INLINE void dq_q40(const uint8_t *q, float d, vf *w) { /* (q - 8) * d, signed zeros as gguf gives */
-    __m128i b = _mm_loadu_si128((const __m128i *)q), mask = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-    __m128i lo = _mm_sub_epi8(_mm_and_si128(b, mask), eight);
-    __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask), eight);
-    vf vd = _mm512_set1_ps(d);
-    w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), vd);
-    w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), vd);
+    dq_lut4(q, _mm512_mul_ps(_mm512_sub_ps(iota16(), _mm512_set1_ps(8.0f)), _mm512_set1_ps(d)), w);
 }
-INLINE void dq_q8(const uint8_t *q, float d, vf *w) {
-    vf vd = _mm512_set1_ps(d);
-    w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), vd);
-    w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))), vd);
+INLINE void dq_q8x2(const uint8_t *q, float d0, float d1, vf *w) {
+    w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), _mm512_set1_ps(d0));
+    w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))), _mm512_set1_ps(d1));
+}
+INLINE void dq_q8(const uint8_t *q, float d, vf *w) { dq_q8x2(q, d, d, w); }
+INLINE void dq_u8(const uint8_t *q, float d, float m, vf *w) {
+    vf vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q))), vd, vm);
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))), vd, vm);
 }
 INLINE vf ld_bf16(const uint16_t *p) {
     __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
@@ -146,10 +165,16 @@ INLINE void dq_q40(const uint8_t *q, float d, vf *w) {
     w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), vd);
     w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), vd);
 }
-INLINE void dq_q8(const uint8_t *q, float d, vf *w) {
-    vf vd = _mm256_set1_ps(d);
+INLINE void dq_q8x2(const uint8_t *q, float d0, float d1, vf *w) {
     for (int i = 0; i < 4; i++)
-        w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * i)))), vd);
+        w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * i)))),
+                             _mm256_set1_ps(i < 2 ? d0 : d1));
+}
+INLINE void dq_q8(const uint8_t *q, float d, vf *w) { dq_q8x2(q, d, d, w); }
+INLINE void dq_u8(const uint8_t *q, float d, float m, vf *w) {
+    vf vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+    for (int i = 0; i < 4; i++)
+        w[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * i)))), vd, vm);
 }
 INLINE vf ld_bf16(const uint16_t *p) {
     __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -178,8 +203,12 @@ INLINE void dq_q4(const uint8_t *q, float d, float m, vf *w) {
         w[j + 16] = (float)(q[j] >> 4) * d + m;
     }
 }
-INLINE void dq_q8(const uint8_t *q, float d, vf *w) {
-    for (int j = 0; j < 32; j++) w[j] = (float)(int8_t)q[j] * d;
+INLINE void dq_q8x2(const uint8_t *q, float d0, float d1, vf *w) {
+    for (int j = 0; j < 32; j++) w[j] = (float)(int8_t)q[j] * (j < 16 ? d0 : d1);
+}
+INLINE void dq_q8(const uint8_t *q, float d, vf *w) { dq_q8x2(q, d, d, w); }
+INLINE void dq_u8(const uint8_t *q, float d, float m, vf *w) {
+    for (int j = 0; j < 32; j++) w[j] = fmaf((float)q[j], d, m);
 }
 INLINE void dq_q40(const uint8_t *q, float d, vf *w) {
     for (int j = 0; j < 16; j++) {
@@ -198,18 +227,29 @@ INLINE void cvt_h2f_row(const uint16_t *h, float *f, int n) {
 #define MT_CAP 8     /* the largest register tile in any path */
 #define BUF_MIN_M 32 /* from this M on, weight tiles are dequantized once into a buffer */
 
-INLINE void row_scales(int fmt, const uint16_t *d, const uint16_t *m, int nb, float *db, float *mb) {
-    cvt_h2f_row(d, db, nb);
-    if (fmt == FD_Q4_1) cvt_h2f_row(m, mb, nb);
+/* Weight row `row`'s scales (and minimums) as fp32, into db [nb * FMT_SCALES_PER_BLOCK] and mb [nb]. */
+INLINE void row_scales(int fmt, const void *d, const void *m, int64_t row, int nb, float *db, float *mb) {
+    if (FMT_F32_SCALES(fmt)) {
+        const int ns = nb * FMT_SCALES_PER_BLOCK(fmt);
+        memcpy(db, (const float *)d + row * ns, sizeof(float) * (size_t)ns);
+        if (FMT_HAS_MIN(fmt)) memcpy(mb, (const float *)m + row * nb, sizeof(float) * (size_t)nb);
+        return;
+    }
+    cvt_h2f_row((const uint16_t *)d + row * nb, db, nb);
+    if (fmt == FD_Q4_1) cvt_h2f_row((const uint16_t *)m + row * nb, mb, nb);
 }
 
-INLINE void dq_block(int fmt, const uint8_t *q, int b, float d, float m, vf *w) {
-    if (fmt == FD_Q8_0)
-        dq_q8(q + (int64_t)b * 32, d, w);
-    else if (fmt == FD_Q4_0)
-        dq_q40(q + (int64_t)b * 16, d, w);
-    else
-        dq_q4(q + (int64_t)b * 16, d, m, w);
+/* Block b of a weight row (q: the row's bytes; db, mb: its scales from row_scales). */
+INLINE void dq_block(int fmt, const uint8_t *q, int b, const float *db, const float *mb, vf *w) {
+    const uint8_t *qb = q + (int64_t)b * FMT_QBYTES(fmt);
+    switch (fmt) {
+    case FD_Q4_0: dq_q40(qb, db[b], w); break;
+    case FD_Q4_1:
+    case FD_Q4_K: dq_q4(qb, db[b], mb[b], w); break;
+    case FD_Q5_K: dq_u8(qb, db[b], mb[b], w); break;
+    case FD_Q6_K: dq_q8x2(qb, db[2 * b], db[2 * b + 1], w); break;
+    default: dq_q8(qb, db[b], w); break;
+    }
 }
 
 /* A register tile: MT activation rows x NR weight rows, dequantizing in registers. */
@@ -238,13 +278,13 @@ INLINE void tile_fused(const int FMT, const int MT, const int NR, const float *x
             }
         return;
     }
-    const int qb = FMT == FD_Q8_0 ? 32 : 16;
+    const int qb = FMT_QBYTES(FMT), ns = nb * FMT_SCALES_PER_BLOCK(FMT);
     for (int b = 0; b < nb; b++) {
         vf wv[NR_MAX][BV];
         /* the next tile's rows, one tile ahead: the hardware prefetcher alone falls behind when few
            row streams are consumed slowly (many activation rows per weight byte) */
         for (int j = 0; j < NR; j++) __builtin_prefetch(w + (NR + j) * wstride + (int64_t)b * qb, 0, 3);
-        for (int j = 0; j < NR; j++) dq_block(FMT, w + j * wstride, b, db[j * nb + b], mb[j * nb + b], wv[j]);
+        for (int j = 0; j < NR; j++) dq_block(FMT, w + j * wstride, b, db + j * ns, mb + j * nb, wv[j]);
         for (int r = 0; r < MT; r++)
             for (int v = 0; v < BV; v++) {
                 vf xv = v_load(x + r * ldx + (int64_t)b * 32 + v * VL);
@@ -280,7 +320,7 @@ INLINE void tile_buf(const int MT, const int NR, const float *x, int64_t ldx, in
 }
 
 /* Dequantize weight rows [n0, n0 + nr) into dst [nr][K] fp32. */
-INLINE void dequant_rows(int fmt, const uint8_t *w, int64_t wstride, const uint16_t *d, const uint16_t *m,
+INLINE void dequant_rows(int fmt, const uint8_t *w, int64_t wstride, const void *d, const void *m,
                          int64_t n0, int nr, int64_t K, float *db, float *mb, float *dst) {
     int nb = (int)(K / 32);
     for (int j = 0; j < nr; j++) {
@@ -293,10 +333,10 @@ INLINE void dequant_rows(int fmt, const uint8_t *w, int64_t wstride, const uint1
             for (int64_t k = kv; k < K; k++) o[k] = fd_bf2f(h[k]);
             continue;
         }
-        row_scales(fmt, d + (n0 + j) * nb, m ? m + (n0 + j) * nb : NULL, nb, db, mb);
+        row_scales(fmt, d, m, n0 + j, nb, db, mb);
         for (int b = 0; b < nb; b++) {
             vf wv[BV];
-            dq_block(fmt, wr, b, db[b], mb[b], wv);
+            dq_block(fmt, wr, b, db, mb, wv);
             for (int v = 0; v < BV; v++) v_store(o + b * 32 + v * VL, wv[v]);
         }
     }
@@ -304,15 +344,15 @@ INLINE void dequant_rows(int fmt, const uint8_t *w, int64_t wstride, const uint1
 
 /* One tile of nr (<= NR_MAX) weight rows against all M activation rows. */
 INLINE void run_tile(const int FMT, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
-                     int64_t wstride, const uint16_t *d, const uint16_t *m, const float *bias, float *y,
+                     int64_t wstride, const void *d, const void *m, const float *bias, float *y,
                      int64_t ldy, int64_t n0, int nr, float *db, float *mb, float *wbuf) {
-    int nb = (int)(K / 32);
+    const int nb = (int)(K / 32), ns = nb * FMT_SCALES_PER_BLOCK(FMT);
     float out[MT_CAP][NR_MAX];
     const uint8_t *wt = w + n0 * wstride;
     if (M <= MT_MAX) {
         if (FMT != FD_BF16)
             for (int j = 0; j < nr; j++)
-                row_scales(FMT, d + (n0 + j) * nb, m ? m + (n0 + j) * nb : NULL, nb, db + j * nb, mb + j * nb);
+                row_scales(FMT, d, m, n0 + j, nb, db + j * ns, mb + j * nb);
         const int mt = (int)M;
 #define FUSED(MTV, NRV) tile_fused(FMT, MTV, NRV, x, ldx, K, wt, wstride, db, mb, nb, out)
 #define FUSED_M(NRV)                                                                                \
@@ -328,7 +368,7 @@ INLINE void run_tile(const int FMT, const float *x, int64_t ldx, int64_t M, int6
             for (int j = 0; j < nr; j++) { /* the N tail: one weight row at a time */
                 float o1[MT_CAP][NR_MAX];
                 const uint8_t *wj = wt + j * wstride;
-                const float *dj = db + j * nb, *mj = mb + j * nb;
+                const float *dj = db + j * ns, *mj = mb + j * nb;
                 switch (mt) {
                 case 1: tile_fused(FMT, 1, 1, x, ldx, K, wj, wstride, dj, mj, nb, o1); break;
                 case 2: tile_fused(FMT, 2, 1, x, ldx, K, wj, wstride, dj, mj, nb, o1); break;
@@ -349,11 +389,11 @@ INLINE void run_tile(const int FMT, const float *x, int64_t ldx, int64_t M, int6
            once per MT_MID rows */
         if (FMT != FD_BF16)
             for (int j = 0; j < nr; j++)
-                row_scales(FMT, d + (n0 + j) * nb, m ? m + (n0 + j) * nb : NULL, nb, db + j * nb, mb + j * nb);
+                row_scales(FMT, d, m, n0 + j, nb, db + j * ns, mb + j * nb);
         for (int j0 = 0; j0 < nr; j0 += NR_MID) {
             const int nrr = nr - j0 < NR_MID ? nr - j0 : NR_MID;
             const uint8_t *wj = wt + j0 * wstride;
-            const float *dj = db + j0 * nb, *mj = mb + j0 * nb;
+            const float *dj = db + j0 * ns, *mj = mb + j0 * nb;
             for (int64_t r0 = 0; r0 < M; r0 += MT_MID) {
                 const int mt = (int)(M - r0 < MT_MID ? M - r0 : MT_MID);
                 const float *xr = x + r0 * ldx;
@@ -414,8 +454,11 @@ INLINE void run_tile(const int FMT, const float *x, int64_t ldx, int64_t M, int6
 static int64_t row_bytes(int fmt, int64_t K) {
     switch (fmt) {
     case FD_Q4_0:
-    case FD_Q4_1: return K / 2;
-    case FD_Q8_0: return K;
+    case FD_Q4_1:
+    case FD_Q4_K: return K / 2;
+    case FD_Q8_0:
+    case FD_Q5_K:
+    case FD_Q6_K: return K;
     case FD_BF16: return 2 * K;
     }
     return -1;
@@ -430,11 +473,11 @@ static int pick_threads(int nthreads, int64_t ntiles, double work) {
 
 /* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) W^T + bias. Returns 0, or -1 on bad arguments. */
 int fd_linear(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
-              const uint16_t *d, const uint16_t *m, const float *bias, float *y, int64_t ldy, int64_t N,
+              const void *d, const void *m, const float *bias, float *y, int64_t ldy, int64_t N,
               int nthreads) {
-    if (fmt < 0 || fmt > FD_BF16 || M < 0 || N < 0 || K < 0) return -1;
+    if (fmt < 0 || fmt > FD_LAST || M < 0 || N < 0 || K < 0) return -1;
     if (fmt != FD_BF16 && K % 32) return -1;
-    if (fmt == FD_Q4_1 && !m) return -1;
+    if (FMT_HAS_MIN(fmt) && !m) return -1;
     if (M == 0 || N == 0) return 0;
     int64_t wstride = row_bytes(fmt, K);
     int64_t ntiles = (N + NR_MAX - 1) / NR_MAX;
@@ -448,7 +491,7 @@ int fd_linear(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const 
     if (chunk < 1) chunk = 1;
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
     {
-        size_t sbytes = sizeof(float) * (size_t)(NR_MAX * (nb > 0 ? nb : 1));
+        size_t sbytes = sizeof(float) * (size_t)(2 * NR_MAX * (nb > 0 ? nb : 1)); /* Q6_K: 2 per block */
         float *db = (float *)malloc(sbytes), *mb = (float *)malloc(sbytes);
         float *wbuf = M >= BUF_MIN_M ? (float *)malloc(sizeof(float) * (size_t)(NR_MAX * K + VL)) : NULL;
         int ok = db && mb && (M < BUF_MIN_M || wbuf);
@@ -462,6 +505,9 @@ int fd_linear(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const 
                 case FD_Q4_0: run_tile(FD_Q4_0, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
                 case FD_Q4_1: run_tile(FD_Q4_1, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
                 case FD_Q8_0: run_tile(FD_Q8_0, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
+                case FD_Q4_K: run_tile(FD_Q4_K, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
+                case FD_Q5_K: run_tile(FD_Q5_K, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
+                case FD_Q6_K: run_tile(FD_Q6_K, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
                 default: run_tile(FD_BF16, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
                 }
             }
@@ -475,11 +521,11 @@ int fd_linear(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const 
 
 /* Dequantize rows of W: out[i, :] = W[rows[i], :] (rows NULL: every row in order), as fp32 (out_bf16 = 0)
  * or bfloat16 rounded to nearest even (out_bf16 = 1). */
-int fd_dequant(int fmt, const uint8_t *w, const uint16_t *d, const uint16_t *m, int64_t N, int64_t K,
+int fd_dequant(int fmt, const uint8_t *w, const void *d, const void *m, int64_t N, int64_t K,
                const int64_t *rows, int64_t nrows, void *out, int out_bf16, int nthreads) {
-    if (fmt < 0 || fmt > FD_BF16 || K < 0 || nrows < 0) return -1;
+    if (fmt < 0 || fmt > FD_LAST || K < 0 || nrows < 0) return -1;
     if (fmt != FD_BF16 && K % 32) return -1;
-    if (fmt == FD_Q4_1 && !m) return -1;
+    if (FMT_HAS_MIN(fmt) && !m) return -1;
     if (rows)
         for (int64_t i = 0; i < nrows; i++)
             if (rows[i] < 0 || rows[i] >= N) return -1;
@@ -496,7 +542,7 @@ int fd_dequant(int fmt, const uint8_t *w, const uint16_t *d, const uint16_t *m, 
         T = omp_get_num_threads();
 #endif
         int64_t i0 = nrows * t / T, i1 = nrows * (t + 1) / T;
-        float *db = (float *)malloc(sizeof(float) * (size_t)(nb + 1));
+        float *db = (float *)malloc(sizeof(float) * (size_t)(2 * nb + 1));
         float *mb = (float *)malloc(sizeof(float) * (size_t)(nb + 1));
         float *tmp = out_bf16 ? (float *)malloc(sizeof(float) * (size_t)(K + VL)) : NULL;
         if (!db || !mb || (out_bf16 && !tmp)) {
@@ -698,4 +744,4 @@ int fd_linear_i8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
 
 const char *fd_isa(void) { return FD_ISA; }
 
-int fd_abi_version(void) { return 2; }
+int fd_abi_version(void) { return 3; }

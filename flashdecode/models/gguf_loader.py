@@ -1,8 +1,8 @@
 """GGUF files (llama.cpp's format) -> ``ModelSpec`` + canonical weights + tokenizer.
 
-Matrices in a format with a native kernel (Q4_0, Q4_1, Q8_0) keep their blocks as a
-``QuantizedTensor`` (ops/quant.py) and run quantized; every other format the ``gguf`` package knows
-(K-quants, ...) is dequantized here with its reference code. The raw type of every tensor is
+Matrices in a format with a native kernel (Q4_0, Q4_1, Q8_0 as stored; Q4_K, Q5_K, Q6_K repacked
+exactly) become a ``QuantizedTensor`` (ops/quant.py) and run quantized; every other format the ``gguf``
+package knows is dequantized here with its reference code. The raw type of every tensor is
 recorded for ``flashdecode info``.
 """
 

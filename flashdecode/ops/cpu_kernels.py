@@ -31,8 +31,8 @@ import torch
 from ..hardware.probe import cache_dir, cpu_flags
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "flat_gemm.c"
-ABI_VERSION = 2
-FORMAT_IDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "BF16": 3}
+ABI_VERSION = 3
+FORMAT_IDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "BF16": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
 
 # build name -> (cpuinfo flags the build needs, compiler flags)
 ISA_BUILDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -143,7 +143,6 @@ class NativeKernels:
         """Dequantize rows [n0, n1) of a ``QuantizedTensor`` into the fp32 or bf16 ``out`` [n1 - n0, K]
         (a reusable scratch buffer)."""
         n, k = qt.shape
-        nb = k // 32
         if not (0 <= n0 <= n1 <= n) or out.shape != (n1 - n0, k) or not out.is_contiguous():
             raise ValueError("dequant_into: bad row range or output buffer")
         if out.dtype not in (torch.float32, torch.bfloat16):
@@ -151,8 +150,8 @@ class NativeKernels:
         rc = self._dequant(
             FORMAT_IDS[qt.format],
             qt.qs.data_ptr() + n0 * qt.qs.stride(0),
-            qt.d.data_ptr() + n0 * nb * 2,
-            None if qt.m is None else qt.m.data_ptr() + n0 * nb * 2,
+            qt.d.data_ptr() + n0 * qt.d.stride(0) * qt.d.element_size(),
+            None if qt.m is None else qt.m.data_ptr() + n0 * qt.m.stride(0) * qt.m.element_size(),
             n1 - n0,
             k,
             None,
@@ -191,6 +190,9 @@ class NativeKernels:
         if rc != 0:
             raise RuntimeError(f"fd_dequant({qt.format}) failed with code {rc}")
         return out
+
+
+I8_FORMATS = ("Q4_0", "Q4_1", "Q8_0")  # the formats fd_linear_i8 runs
 
 
 def repack_i8(qt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -276,13 +278,22 @@ def _build(isa: str, cc: str) -> Path:
 
 def _self_test(kernels: NativeKernels) -> None:
     """A small product in every format against a float64 reference, before any real use."""
-    from .quant import quantize
+    from .quant import QuantizedTensor, quantize
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 96, generator=gen)
     w = torch.randn(13, 96, generator=gen)
-    for fmt in ("Q4_0", "Q4_1", "Q8_0"):
-        qt = quantize(w, fmt)
+
+    def k_quant(fmt: str) -> QuantizedTensor:  # random planes: the kernels never look at how they arose
+        lo, hi = {"Q4_K": (0, 256), "Q5_K": (0, 32), "Q6_K": (-32, 32)}[fmt]
+        qs = torch.randint(lo, hi, (13, 3, 16 if fmt == "Q4_K" else 32), generator=gen).to(torch.int8)
+        # fp16-representable scales, as real ones are (an fp16 times a small integer): d * q is exact
+        d = torch.randn(13, 6 if fmt == "Q6_K" else 3, generator=gen).half().float()
+        m = None if fmt == "Q6_K" else torch.randn(13, 3, generator=gen)
+        return QuantizedTensor(fmt, qs.view(torch.uint8), d, m)
+
+    for fmt in ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"):
+        qt = quantize(w, fmt) if fmt[-1] != "K" else k_quant(fmt)
         ref = qt._dequant_torch()
         got_w = kernels.dequant(qt)
         if not torch.equal(got_w, ref):
@@ -292,7 +303,7 @@ def _self_test(kernels: NativeKernels) -> None:
             if not torch.allclose(y.double(), x[:m].double() @ ref.double().T, rtol=1e-4, atol=1e-4):
                 raise RuntimeError(f"self-test: {fmt} product differs at M={m}")
     if kernels.has_i8:
-        for fmt in ("Q4_0", "Q4_1", "Q8_0"):
+        for fmt in I8_FORMATS:
             qt = quantize(w, fmt)
             ref = x.double() @ qt._dequant_torch().double().T
             y = kernels.linear_i8(fmt, x, repack_i8(qt), 13)

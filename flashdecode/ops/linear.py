@@ -118,7 +118,7 @@ class Linear:
                 names.append("torch_int4")
             if allow_approx:
                 names.append("dequant_bf16")
-                if native and cpu_kernels.load().has_i8:
+                if native and cpu_kernels.load().has_i8 and self.format in cpu_kernels.I8_FORMATS:
                     names.append("native_i8")
         elif self.format == "BF16":
             names = (["native"] if native else []) + ["torch_bf16"]

@@ -3,12 +3,19 @@
 A ``QuantizedTensor`` holds a [N, K] matrix of one of the GGUF block formats that flashdecode runs
 without dequantizing (``NATIVE_FORMATS``), split into planes that SIMD kernels load directly:
 
-    Q4_0  qs uint8 [N, K/32, 16]  d fp16 [N, K/32]               w = d * (q - 8)
-    Q4_1  qs uint8 [N, K/32, 16]  d fp16 [N, K/32]  m fp16 [...]  w = d * q + m
-    Q8_0  qs uint8 [N, K/32, 32]  d fp16 [N, K/32]               w = d * int8(q)
+    Q4_0  qs uint8 [N, K/32, 16]  d fp16 [N, K/32]                 w = d * (q - 8)
+    Q4_1  qs uint8 [N, K/32, 16]  d fp16 [N, K/32]  m fp16 [...]    w = d * q + m
+    Q8_0  qs uint8 [N, K/32, 32]  d fp16 [N, K/32]                 w = d * int8(q)
+    Q4_K  qs uint8 [N, K/32, 16]  d fp32 [N, K/32]  m fp32 [...]    w = d * q + m
+    Q5_K  qs uint8 [N, K/32, 32]  d fp32 [N, K/32]  m fp32 [...]    w = d * q + m   (q = 0..31)
+    Q6_K  qs uint8 [N, K/32, 32]  d fp32 [N, K/16]                 w = d * int8(q) (q = -32..31)
 
 (in a 4-bit block, byte j holds element j in its low nibble and element j + 16 in its high nibble).
-The split moves bytes and never rounds: ``to_gguf_blocks`` gives back the file's bytes and
+The first three (``BYTE_FORMATS``) are the file's bytes split, never rounded: ``to_gguf_blocks`` gives
+them back. The K-quants (``REPACKED_FORMATS``) store 256-element super-blocks with two-level scales
+(an fp16 scale times a 6- or 8-bit sub-scale); they are repacked at load into the planes above, with
+the products d * sc and dmin * min taken in fp32, where they are exact (at most 11 + 8 significant
+bits), so ``w = d * q + m`` is the one rounding gguf's own dequantization makes. Either way
 ``dequantize`` gives bit for bit what ``gguf.quants.dequantize`` gives.
 
 ``quantize`` makes these formats from float weights (``quantization="int8"`` -> Q8_0, ``"int4"`` ->
@@ -24,9 +31,13 @@ import numpy as np
 import torch
 
 BLOCK = 32
-NATIVE_FORMATS = ("Q4_0", "Q4_1", "Q8_0")
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-_QS_BYTES = {"Q4_0": 16, "Q4_1": 16, "Q8_0": 32}
+QK_K = 256  # a K-quant super-block
+BYTE_FORMATS = ("Q4_0", "Q4_1", "Q8_0")
+REPACKED_FORMATS = ("Q4_K", "Q5_K", "Q6_K")
+NATIVE_FORMATS = BYTE_FORMATS + REPACKED_FORMATS
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+_QS_BYTES = {"Q4_0": 16, "Q4_1": 16, "Q8_0": 32, "Q4_K": 16, "Q5_K": 32, "Q6_K": 32}
+_HAS_MIN = ("Q4_1", "Q4_K", "Q5_K")
 QUANTIZATION_FORMATS = {"int8": "Q8_0", "int4": "Q4_1"}  # load-time quantization of float weights
 
 
@@ -34,17 +45,24 @@ QUANTIZATION_FORMATS = {"int8": "Q8_0", "int4": "Q4_1"}  # load-time quantizatio
 class QuantizedTensor:
     format: str
     qs: torch.Tensor  # uint8 [N, K/32, 16 or 32]
-    d: torch.Tensor  # float16 [N, K/32]
-    m: torch.Tensor | None = None  # float16 [N, K/32] (Q4_1 only)
+    d: torch.Tensor  # float16 [N, K/32]; K-quants: float32 [N, K/32] (Q6_K: [N, K/16])
+    m: torch.Tensor | None = None  # Q4_1: float16 [N, K/32]; Q4_K, Q5_K: float32 [N, K/32]
 
     def __post_init__(self) -> None:
-        if self.format not in NATIVE_FORMATS:
-            raise ValueError(f"{self.format} has no native kernel; expected one of {NATIVE_FORMATS}")
-        n, nb = self.d.shape
-        if self.qs.shape != (n, nb, _QS_BYTES[self.format]) or self.qs.dtype != torch.uint8:
-            raise ValueError(f"{self.format}: qs has shape {tuple(self.qs.shape)} for {n} x {nb} blocks")
-        if (self.m is not None) != (self.format == "Q4_1"):
-            raise ValueError(f"{self.format}: m is {'missing' if self.m is None else 'unexpected'}")
+        fmt = self.format
+        if fmt not in NATIVE_FORMATS:
+            raise ValueError(f"{fmt} has no native kernel; expected one of {NATIVE_FORMATS}")
+        if self.qs.dim() != 3 or self.qs.shape[2] != _QS_BYTES[fmt] or self.qs.dtype != torch.uint8:
+            raise ValueError(f"{fmt}: qs has shape {tuple(self.qs.shape)}, dtype {self.qs.dtype}")
+        n, nb = self.qs.shape[:2]
+        scale_dtype = torch.float32 if fmt in REPACKED_FORMATS else torch.float16
+        per_block = 2 if fmt == "Q6_K" else 1
+        if self.d.shape != (n, nb * per_block) or self.d.dtype != scale_dtype:
+            raise ValueError(f"{fmt}: d has shape {tuple(self.d.shape)}, dtype {self.d.dtype}")
+        if (self.m is not None) != (fmt in _HAS_MIN):
+            raise ValueError(f"{fmt}: m is {'missing' if self.m is None else 'unexpected'}")
+        if self.m is not None and (self.m.shape != (n, nb) or self.m.dtype != scale_dtype):
+            raise ValueError(f"{fmt}: m has shape {tuple(self.m.shape)}, dtype {self.m.dtype}")
         self.qs = self.qs.contiguous()
         self.d = self.d.contiguous()
         self.m = None if self.m is None else self.m.contiguous()
@@ -53,7 +71,7 @@ class QuantizedTensor:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self.d.shape[0], self.d.shape[1] * BLOCK))
+        return torch.Size((self.qs.shape[0], self.qs.shape[1] * BLOCK))
 
     @property
     def nbytes(self) -> int:
@@ -72,12 +90,18 @@ class QuantizedTensor:
     def from_gguf_blocks(
         cls, fmt: str, raw: np.ndarray | torch.Tensor, shape: Sequence[int]
     ) -> QuantizedTensor:
-        """Split a [N, K] tensor's raw GGUF blocks (any uint8 array holding N * K/32 blocks) into planes."""
+        """Split a [N, K] tensor's raw GGUF blocks (any uint8 array holding its blocks) into planes."""
         if fmt not in NATIVE_FORMATS:
             raise ValueError(f"{fmt} has no native kernel")
         n, k = (int(s) for s in shape)
-        if k % BLOCK:
-            raise ValueError(f"{fmt}: row length {k} is not a multiple of {BLOCK}")
+        block = QK_K if fmt in REPACKED_FORMATS else BLOCK
+        if k % block:
+            raise ValueError(f"{fmt}: row length {k} is not a multiple of {block}")
+        if fmt in REPACKED_FORMATS:
+            raw = np.asarray(raw).view(np.uint8).reshape(-1)
+            if raw.size != n * (k // QK_K) * _BLOCK_BYTES[fmt]:
+                raise ValueError(f"{fmt}: {raw.size} bytes for a [{n}, {k}] tensor")
+            return _repack_k_quant(fmt, raw.reshape(n * (k // QK_K), _BLOCK_BYTES[fmt]), n, k)
         nb = k // BLOCK
         blocks = torch.from_numpy(np.array(np.asarray(raw).view(np.uint8), copy=True))
         if blocks.numel() != n * nb * _BLOCK_BYTES[fmt]:
@@ -90,7 +114,10 @@ class QuantizedTensor:
         return cls(fmt, blocks[..., 2:].contiguous(), d)
 
     def to_gguf_blocks(self) -> np.ndarray:
-        """The GGUF bytes back, [N, K/32 * block bytes] uint8."""
+        """The GGUF bytes back, [N, K/32 * block bytes] uint8 (``BYTE_FORMATS`` only: a K-quant's
+        two-level scales were multiplied out at load)."""
+        if self.format not in BYTE_FORMATS:
+            raise ValueError(f"{self.format} is repacked at load; its file bytes are not kept")
         n, nb = self.d.shape
         parts = [self.d.contiguous().view(torch.uint8).reshape(n, nb, 2)]
         if self.m is not None:
@@ -105,13 +132,21 @@ class QuantizedTensor:
         if rows is not None:
             qs, d = qs[rows], d[rows]
             m = None if m is None else m[rows]
+        n = qs.shape[0]
+        if self.format == "Q6_K":  # a scale per 16 values
+            return (qs.view(torch.int8).float().reshape(n, -1, 16) * d.unsqueeze(-1)).reshape(n, -1)
         d = d.float().unsqueeze(-1)
-        if self.format == "Q8_0":
-            w = qs.view(torch.int8).float() * d
+        if self.format in ("Q8_0", "Q5_K"):
+            q = qs.view(torch.int8) if self.format == "Q8_0" else qs
         else:
-            q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()
-            w = (q - 8.0) * d if self.format == "Q4_0" else q * d + m.float().unsqueeze(-1)
-        return w.reshape(w.shape[0], -1)
+            q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+        if self.format == "Q4_0":
+            w = (q.float() - 8.0) * d
+        elif m is None:
+            w = q.float() * d
+        else:  # one rounding, as gguf's d * q - dmin * min (d * q and the minimum are exact)
+            w = torch.addcmul(m.float().unsqueeze(-1), q.float(), d)
+        return w.reshape(n, -1)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float matrix, bit-exact with ``gguf.quants.dequantize`` in fp32."""
@@ -137,19 +172,51 @@ class QuantizedTensor:
         fmt = parts[0].format
         if any(p.format != fmt or p.shape[1] != parts[0].shape[1] for p in parts):
             raise ValueError("only matrices of one format and row length can be concatenated")
-        m = None if fmt != "Q4_1" else torch.cat([p.m for p in parts])
+        m = None if parts[0].m is None else torch.cat([p.m for p in parts])
         return QuantizedTensor(fmt, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m)
 
     def to(self, *args, **kwargs) -> QuantizedTensor:  # a float cast of the model leaves blocks alone
         return self
 
 
+def _repack_k_quant(fmt: str, blocks: np.ndarray, n: int, k: int) -> QuantizedTensor:
+    """K-quant super-blocks [N * K/256, bytes] into planes, unpacking the values and scales the way
+    ``gguf.quants`` does (its ``get_scale_min`` reads the 6-bit scales)."""
+    from gguf.quants import Q4_K
+
+    count = blocks.shape[0]
+
+    def bits(packed: np.ndarray, width: int, shifts: list[int], mask: int) -> np.ndarray:
+        """Runs of ``width`` bytes, each read at every shift in turn, as [count, values / 32, 32]."""
+        runs = packed.reshape(count, -1, 1, width) >> np.array(shifts, dtype=np.uint8).reshape(1, 1, -1, 1)
+        return (runs & mask).reshape(count, -1, 32)
+
+    if fmt == "Q6_K":
+        ql, qh, sc, d = np.split(blocks, [128, 192, 208], axis=1)  # 4 + 2 bits per value, 16 scales, d
+        q = (bits(ql, 64, [0, 4], 0x0F) | (bits(qh, 32, [0, 2, 4, 6], 0x03) << 4)).astype(np.int8) - 32
+        scale = d.copy().view(np.float16).astype(np.float32) * sc.copy().view(np.int8).astype(np.float32)
+        qs_t = torch.from_numpy(q.view(np.uint8).reshape(n, k // BLOCK, 32))
+        return QuantizedTensor(fmt, qs_t, torch.from_numpy(scale.reshape(n, -1)))
+    d, dmin = (blocks[:, i : i + 2].copy().view(np.float16).astype(np.float32) for i in (0, 2))
+    sc, mins = Q4_K.get_scale_min(blocks[:, 4:16].copy())
+    scale = d * sc.astype(np.float32)
+    low = -(dmin * mins.astype(np.float32))  # exact: an fp16 times a 6-bit integer
+    q = bits(blocks[:, -128:], 32, [0, 4], 0x0F)
+    if fmt == "Q5_K":
+        q = q | (bits(blocks[:, 16:48], 32, list(range(8)), 0x01) << 4)
+    else:
+        q = q[..., :16] | (q[..., 16:] << 4)  # element j low nibble, j + 16 high, as Q4_1
+    planes = (np.ascontiguousarray(a) for a in (q, scale, low))
+    qs_t, d_t, m_t = (torch.from_numpy(a) for a in planes)
+    return QuantizedTensor(fmt, qs_t.reshape(n, k // BLOCK, -1), d_t.reshape(n, -1), m_t.reshape(n, -1))
+
+
 def quantize(weight: torch.Tensor, fmt: str) -> QuantizedTensor:
     """Quantize a float [N, K] matrix (K a multiple of 32) group-wise into a native GGUF format, with
     llama.cpp's reference rounding (Q8_0: round-half-away of w/d with d = absmax/127; Q4_0: d =
     signed-absmax/-8; Q4_1: d = (max - min)/15, m = min)."""
-    if fmt not in NATIVE_FORMATS:
-        raise ValueError(f"cannot quantize to {fmt}; expected one of {NATIVE_FORMATS}")
+    if fmt not in BYTE_FORMATS:
+        raise ValueError(f"cannot quantize to {fmt}; expected one of {BYTE_FORMATS}")
     n, k = weight.shape
     if k % BLOCK:
         raise ValueError(f"row length {k} is not a multiple of {BLOCK}")
