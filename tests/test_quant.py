@@ -213,6 +213,21 @@ def test_every_build_this_cpu_runs_is_correct(isa: str) -> None:
             assert ((y.double() - ref).abs() <= bound).all(), (fmt, m)
 
 
+def test_large_m_runs_in_passes_that_match_one_product() -> None:
+    """M large enough that fd_linear splits the activations into L2-sized passes (K = 2048: 48 rows a
+    pass), with uneven passes and a bias: the same result as the reference."""
+    lib = cpu_kernels.load()
+    if lib is None:
+        pytest.skip("native kernels unavailable")
+    gen = torch.Generator().manual_seed(3)
+    w = quantize(torch.randn(21, 2048, generator=gen), "Q4_1")
+    x, bias = torch.randn(101, 2048, generator=gen), torch.randn(21, generator=gen)
+    ref_w = w._dequant_torch().double()
+    ref = x.double() @ ref_w.T + bias.double()
+    y = lib.linear("Q4_1", x, (w.qs, w.d, w.m), 21, bias)
+    assert ((y.double() - ref).abs() <= 1e-5 * (x.double().abs() @ ref_w.abs().T) + 1e-5).all()
+
+
 def test_failed_build_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setenv("FLASHDECODE_CACHE_DIR", str(tmp_path))

@@ -88,6 +88,7 @@ INLINE uint16_t fd_f2bf(float f) { /* round to nearest even; NaN stays NaN */
 #define VL 16
 #define NR_MAX 4
 #define MT_MID 8 /* 4 < M < BUF_MIN_M: register tiles of MT_MID rows x NR_MID weight rows */
+#define MT_BUF 6 /* M >= BUF_MIN_M: register tiles of MT_BUF rows x NR_MAX buffered weight rows */
 #define NR_MID 2
 typedef __m512 vf;
 INLINE vf v_zero(void) { return _mm512_setzero_ps(); }
@@ -135,6 +136,7 @@ INLINE void cvt_h2f_row(const uint16_t *h, float *f, int n) {
 #define NR_MAX 2
 #define MT_MID 4
 #define NR_MID 1
+#define MT_BUF 4
 typedef __m256 vf;
 INLINE vf v_zero(void) { return _mm256_setzero_ps(); }
 INLINE vf v_load(const float *p) { return _mm256_loadu_ps(p); }
@@ -191,6 +193,7 @@ INLINE void cvt_h2f_row(const uint16_t *h, float *f, int n) {
 #define NR_MAX 1
 #define MT_MID 4
 #define NR_MID 1
+#define MT_BUF 4
 typedef float vf;
 INLINE vf v_zero(void) { return 0.0f; }
 INLINE vf v_load(const float *p) { return *p; }
@@ -424,28 +427,32 @@ INLINE void run_tile(const int FMT, const float *x, int64_t ldx, int64_t M, int6
         return;
     }
     dequant_rows(FMT, w, wstride, d, m, n0, nr, K, db, mb, wbuf);
-    for (int64_t r0 = 0; r0 < M; r0 += MT_MAX) {
-        int mt = (int)(M - r0 < MT_MAX ? M - r0 : MT_MAX);
+    for (int64_t r0 = 0; r0 < M; r0 += MT_BUF) {
+        int mt = (int)(M - r0 < MT_BUF ? M - r0 : MT_BUF);
         const float *xr = x + r0 * ldx;
+#define BUF(MTV, NRV, WB, O) tile_buf((MTV) < MT_BUF ? (MTV) : MT_BUF, NRV, xr, ldx, K, WB, O)
+#define BUF_M(NRV, WB, O)                                                                           \
+    switch (mt) {                                                                                   \
+    case 1: BUF(1, NRV, WB, O); break;                                                              \
+    case 2: BUF(2, NRV, WB, O); break;                                                              \
+    case 3: BUF(3, NRV, WB, O); break;                                                              \
+    case 4: BUF(4, NRV, WB, O); break;                                                              \
+    case 5: BUF(5, NRV, WB, O); break;                                                              \
+    case 6: BUF(6, NRV, WB, O); break;                                                              \
+    case 7: BUF(7, NRV, WB, O); break;                                                              \
+    default: BUF(8, NRV, WB, O); break;                                                             \
+    }
         if (nr == NR_MAX) {
-            switch (mt) {
-            case 1: tile_buf(1, NR_MAX, xr, ldx, K, wbuf, out); break;
-            case 2: tile_buf(2, NR_MAX, xr, ldx, K, wbuf, out); break;
-            case 3: tile_buf(3, NR_MAX, xr, ldx, K, wbuf, out); break;
-            default: tile_buf(4, NR_MAX, xr, ldx, K, wbuf, out); break;
-            }
+            BUF_M(NR_MAX, wbuf, out)
         } else {
             for (int j = 0; j < nr; j++) {
                 float o1[MT_CAP][NR_MAX];
-                switch (mt) {
-                case 1: tile_buf(1, 1, xr, ldx, K, wbuf + j * K, o1); break;
-                case 2: tile_buf(2, 1, xr, ldx, K, wbuf + j * K, o1); break;
-                case 3: tile_buf(3, 1, xr, ldx, K, wbuf + j * K, o1); break;
-                default: tile_buf(4, 1, xr, ldx, K, wbuf + j * K, o1); break;
-                }
+                BUF_M(1, wbuf + j * K, o1)
                 for (int r = 0; r < mt; r++) out[r][j] = o1[r][0];
             }
         }
+#undef BUF_M
+#undef BUF
         for (int r = 0; r < mt; r++)
             for (int j = 0; j < nr; j++) y[(r0 + r) * ldy + n0 + j] = out[r][j] + (bias ? bias[n0 + j] : 0.0f);
     }
@@ -471,14 +478,9 @@ static int pick_threads(int nthreads, int64_t ntiles, double work) {
     return nt < 1 ? 1 : nt;
 }
 
-/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) W^T + bias. Returns 0, or -1 on bad arguments. */
-int fd_linear(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
-              const void *d, const void *m, const float *bias, float *y, int64_t ldy, int64_t N,
-              int nthreads) {
-    if (fmt < 0 || fmt > FD_LAST || M < 0 || N < 0 || K < 0) return -1;
-    if (fmt != FD_BF16 && K % 32) return -1;
-    if (FMT_HAS_MIN(fmt) && !m) return -1;
-    if (M == 0 || N == 0) return 0;
+static int linear_rows(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
+                       const void *d, const void *m, const float *bias, float *y, int64_t ldy, int64_t N,
+                       int nthreads) {
     int64_t wstride = row_bytes(fmt, K);
     int64_t ntiles = (N + NR_MAX - 1) / NR_MAX;
     int nt = pick_threads(nthreads, ntiles, (double)N * (double)K * (double)(M < 8 ? M : 8));
@@ -517,6 +519,30 @@ int fd_linear(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const 
         free(wbuf);
     }
     return failed ? -2 : 0;
+}
+
+#define X_PANEL_BYTES (384 * 1024) /* activation rows per pass: their panel stays in a core's L2 */
+
+/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) W^T + bias. Returns 0, -1 on bad arguments, -2
+ * out of memory. Large M runs in passes of rows whose activations fit in L2: every weight tile sweeps
+ * the whole panel, and a panel streamed from L3 for each tile starves the FMAs (2x slower at M=256). */
+int fd_linear(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
+              const void *d, const void *m, const float *bias, float *y, int64_t ldy, int64_t N,
+              int nthreads) {
+    if (fmt < 0 || fmt > FD_LAST || M < 0 || N < 0 || K < 0) return -1;
+    if (fmt != FD_BF16 && K % 32) return -1;
+    if (FMT_HAS_MIN(fmt) && !m) return -1;
+    if (M == 0 || N == 0) return 0;
+    int64_t fit = X_PANEL_BYTES / (int64_t)(sizeof(float) * (size_t)(K > 0 ? K : 1));
+    if (fit < BUF_MIN_M) fit = BUF_MIN_M;
+    int64_t passes = (M + fit - 1) / fit, rows = (M + passes - 1) / passes;
+    rows = (rows + MT_BUF - 1) / MT_BUF * MT_BUF; /* whole register tiles */
+    for (int64_t r0 = 0; r0 < M; r0 += rows) {
+        int64_t mr = M - r0 < rows ? M - r0 : rows;
+        int rc = linear_rows(fmt, x + r0 * ldx, ldx, mr, K, w, d, m, bias, y + r0 * ldy, ldy, N, nthreads);
+        if (rc) return rc;
+    }
+    return 0;
 }
 
 /* Dequantize rows of W: out[i, :] = W[rows[i], :] (rows NULL: every row in order), as fp32 (out_bf16 = 0)
