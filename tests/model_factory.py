@@ -475,6 +475,24 @@ def quantize_q6_k(data: np.ndarray) -> np.ndarray:
     return blocks.reshape(*x.shape[:-1], x.shape[-1] // QK_K * 210)
 
 
+def random_k_blocks(fmt: str, n: int, k: int, seed: int) -> np.ndarray:
+    """K-quant super-blocks of random bytes (every value, sub-scale and high-bit pattern occurs) with
+    finite fp16 super-scales of both signs, subnormals and zeros included."""
+    rng = np.random.default_rng(seed)
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[fmt]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n * k // block, size), dtype=np.uint8)
+    scales = rng.standard_normal((raw.shape[0], 2)).astype(np.float16)
+    scales[::7] = np.float16(3e-6)  # subnormal
+    scales[::11, 0] = 0.0
+    at = [size - 2] if fmt == "Q6_K" else [0, 2]  # Q6_K keeps its d last; Q4_K/Q5_K lead with d, dmin
+    for i, pos in enumerate(at):
+        raw[:, pos : pos + 2] = scales[:, i : i + 1].view(np.uint8)
+    return raw.reshape(n, -1)
+
+
 def quantize(data: np.ndarray, qtype: Any) -> np.ndarray:
     """``gguf.quants.quantize`` plus the K-quant encoders above."""
     import gguf

@@ -13,7 +13,9 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("triton was imported without the interpreter and there is no GPU", allow_module_level=True)
 
-from flashdecode.ops.quant import quantize  # noqa: E402
+from model_factory import random_k_blocks  # noqa: E402
+
+from flashdecode.ops.quant import QuantizedTensor, quantize  # noqa: E402
 from flashdecode.ops.triton.flat_gemm import flat_gemm  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -58,3 +60,16 @@ def test_odd_k_for_float_weights() -> None:
     assert torch.allclose(y.double(), reference(x, w, None), atol=1e-4)
     with pytest.raises(ValueError):
         flat_gemm(x, torch.randn(9, 44))
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("m", [1, 17])
+def test_k_quants_match_the_reference(fmt: str, m: int) -> None:
+    gen = torch.Generator().manual_seed(m)
+    weight = QuantizedTensor.from_gguf_blocks(fmt, random_k_blocks(fmt, 37, 512, seed=m), (37, 512))
+    x = torch.randn(m, 512, generator=gen)
+    y = flat_gemm(x, weight, block_n=32, block_k=64)
+    wd = weight._dequant_torch().double()
+    assert (
+        (y.double() - reference(x, weight, None)).abs() <= 1e-4 * (x.double().abs() @ wd.abs().T) + 1e-4
+    ).all()

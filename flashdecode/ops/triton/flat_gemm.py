@@ -6,8 +6,8 @@ across programs (``BLOCK_N`` rows of W each: the parallelism of a flat GEMM live
 program loops over K in ``BLOCK_K`` steps with ``tl.range(num_stages=...)``, which software-pipelines
 the loads of step k + 1 under the math of step k: the paper's double buffering.
 
-Weights: fp32/fp16/bf16 tensors, or a ``QuantizedTensor`` (Q4_0, Q4_1, Q8_0 planes as
-ops/quant.py stores them), dequantized in registers right after the load: each weight byte is read
+Weights: fp32/fp16/bf16 tensors, or a ``QuantizedTensor`` (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K planes
+as ops/quant.py stores them), dequantized in registers right after the load: each weight byte is read
 once. Accumulation is fp32; fp32 operands use IEEE dots (no TF32).
 
 On a CPU the kernel runs under ``TRITON_INTERPRET=1`` (set before triton is first imported), which
@@ -29,7 +29,9 @@ BLOCK_N = 64
 BLOCK_K = 64  # a multiple of 32: whole quantization blocks per step
 NUM_STAGES = 2
 
-_FORMATS = {"F": 0, "Q4_0": 1, "Q4_1": 2, "Q8_0": 3}
+# FMT: 0 float; 1 Q4 - 8; 2 Q4 with a minimum; 3 int8; 4 a byte per value with a minimum; 5 int8 with
+# a scale per 16 values
+_FORMATS = {"F": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 2, "Q8_0": 3, "Q5_K": 4, "Q6_K": 5}
 
 
 @triton.jit
@@ -75,10 +77,15 @@ def _flat_gemm_kernel(
             w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
         else:
             blk = offs_k // 32
-            d = tl.load(D + offs_n[:, None] * stride_dn + blk[None, :], mask=wmask, other=0.0).to(tl.float32)
-            if FMT == 3:  # Q8_0: int8 values
+            sblk = offs_k // 16 if FMT == 5 else blk
+            d = tl.load(D + offs_n[:, None] * stride_dn + sblk[None, :], mask=wmask, other=0.0).to(tl.float32)
+            if FMT == 3 or FMT == 5:  # int8 values
                 q = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0)
                 w = q.to(tl.int8).to(tl.float32) * d
+            elif FMT == 4:  # a byte per value (0..31) with a minimum
+                q = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0)
+                mn = tl.load(MIN + offs_n[:, None] * stride_dn + blk[None, :], mask=wmask, other=0.0)
+                w = q.to(tl.float32) * d + mn.to(tl.float32)
             else:  # Q4: byte j of a block holds element j (low nibble) and element j + 16 (high nibble)
                 inner = offs_k % 32
                 byte = blk * 16 + inner % 16
