@@ -86,10 +86,9 @@ INLINE uint16_t fd_f2bf(float f) { /* round to nearest even; NaN stays NaN */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define FD_ISA "avx512"
 #define VL 16
+/* register tile: MT activation rows x NR_MAX weight rows = 24 accumulators of the 32 zmm registers */
 #define NR_MAX 4
-#define MT_MID 8 /* 4 < M < BUF_MIN_M: register tiles of MT_MID rows x NR_MID weight rows */
-#define MT_BUF 6 /* M >= BUF_MIN_M: register tiles of MT_BUF rows x NR_MAX buffered weight rows */
-#define NR_MID 2
+#define MT 6
 typedef __m512 vf;
 INLINE vf v_zero(void) { return _mm512_setzero_ps(); }
 INLINE vf v_load(const float *p) { return _mm512_loadu_ps(p); }
@@ -134,9 +133,7 @@ INLINE void cvt_h2f_row(const uint16_t *h, float *f, int n) {
 #define FD_ISA "avx2"
 #define VL 8
 #define NR_MAX 2
-#define MT_MID 4
-#define NR_MID 1
-#define MT_BUF 4
+#define MT 3 /* 6 accumulators + 8 dequantized weight vectors of the 16 ymm registers */
 typedef __m256 vf;
 INLINE vf v_zero(void) { return _mm256_setzero_ps(); }
 INLINE vf v_load(const float *p) { return _mm256_loadu_ps(p); }
@@ -191,9 +188,7 @@ INLINE void cvt_h2f_row(const uint16_t *h, float *f, int n) {
 #define FD_ISA "generic"
 #define VL 1
 #define NR_MAX 1
-#define MT_MID 4
-#define NR_MID 1
-#define MT_BUF 4
+#define MT 4
 typedef float vf;
 INLINE vf v_zero(void) { return 0.0f; }
 INLINE vf v_load(const float *p) { return *p; }
@@ -226,9 +221,6 @@ INLINE void cvt_h2f_row(const uint16_t *h, float *f, int n) {
 #endif
 
 #define BV (32 / VL) /* vectors per 32-element block */
-#define MT_MAX 4     /* activation rows per register tile when M <= MT_MAX */
-#define MT_CAP 8     /* the largest register tile in any path */
-#define BUF_MIN_M 32 /* from this M on, weight tiles are dequantized once into a buffer */
 
 /* Weight row `row`'s scales (and minimums) as fp32, into db [nb * FMT_SCALES_PER_BLOCK] and mb [nb]. */
 INLINE void row_scales(int fmt, const void *d, const void *m, int64_t row, int nb, float *db, float *mb) {
@@ -255,24 +247,25 @@ INLINE void dq_block(int fmt, const uint8_t *q, int b, const float *db, const fl
     }
 }
 
-/* A register tile: MT activation rows x NR weight rows, dequantizing in registers. */
-INLINE void tile_fused(const int FMT, const int MT, const int NR, const float *x, int64_t ldx, int64_t K,
+/* A register tile: R (<= MT) activation rows x NR weight rows, dequantizing in registers: every
+ * weight block is dequantized once per R rows and read from memory once per pass over M. */
+INLINE void tile_fused(const int FMT, const int R, const int NR, const float *x, int64_t ldx, int64_t K,
                        const uint8_t *w, int64_t wstride, const float *db, const float *mb, int nb,
-                       float out[MT_CAP][NR_MAX]) {
-    vf acc[MT_CAP][NR_MAX];
-    for (int r = 0; r < MT; r++)
+                       float out[MT][NR_MAX]) {
+    vf acc[MT][NR_MAX];
+    for (int r = 0; r < R; r++)
         for (int j = 0; j < NR; j++) acc[r][j] = v_zero();
     if (FMT == FD_BF16) {
         int64_t kv = K - K % VL;
         for (int64_t k = 0; k < kv; k += VL) {
             vf wv[NR_MAX];
             for (int j = 0; j < NR; j++) wv[j] = ld_bf16((const uint16_t *)(w + j * wstride) + k);
-            for (int r = 0; r < MT; r++) {
+            for (int r = 0; r < R; r++) {
                 vf xv = v_load(x + r * ldx + k);
                 for (int j = 0; j < NR; j++) acc[r][j] = v_fma(wv[j], xv, acc[r][j]);
             }
         }
-        for (int r = 0; r < MT; r++)
+        for (int r = 0; r < R; r++)
             for (int j = 0; j < NR; j++) {
                 float s = v_sum(acc[r][j]);
                 const uint16_t *wr = (const uint16_t *)(w + j * wstride);
@@ -288,38 +281,14 @@ INLINE void tile_fused(const int FMT, const int MT, const int NR, const float *x
            row streams are consumed slowly (many activation rows per weight byte) */
         for (int j = 0; j < NR; j++) __builtin_prefetch(w + (NR + j) * wstride + (int64_t)b * qb, 0, 3);
         for (int j = 0; j < NR; j++) dq_block(FMT, w + j * wstride, b, db + j * ns, mb + j * nb, wv[j]);
-        for (int r = 0; r < MT; r++)
-            for (int v = 0; v < BV; v++) {
+        for (int v = 0; v < BV; v++)
+            for (int r = 0; r < R; r++) {
                 vf xv = v_load(x + r * ldx + (int64_t)b * 32 + v * VL);
                 for (int j = 0; j < NR; j++) acc[r][j] = v_fma(wv[j][v], xv, acc[r][j]);
             }
     }
-    for (int r = 0; r < MT; r++)
+    for (int r = 0; r < R; r++)
         for (int j = 0; j < NR; j++) out[r][j] = v_sum(acc[r][j]);
-}
-
-/* A register tile over weights already dequantized into an fp32 buffer wb [NR_MAX][K] (K % VL tail in
- * scalar). */
-INLINE void tile_buf(const int MT, const int NR, const float *x, int64_t ldx, int64_t K, const float *wb,
-                     float out[MT_CAP][NR_MAX]) {
-    vf acc[MT_CAP][NR_MAX];
-    for (int r = 0; r < MT; r++)
-        for (int j = 0; j < NR; j++) acc[r][j] = v_zero();
-    int64_t kv = K - K % VL;
-    for (int64_t k = 0; k < kv; k += VL) {
-        vf wv[NR_MAX];
-        for (int j = 0; j < NR; j++) wv[j] = v_load(wb + j * K + k);
-        for (int r = 0; r < MT; r++) {
-            vf xv = v_load(x + r * ldx + k);
-            for (int j = 0; j < NR; j++) acc[r][j] = v_fma(wv[j], xv, acc[r][j]);
-        }
-    }
-    for (int r = 0; r < MT; r++)
-        for (int j = 0; j < NR; j++) {
-            float s = v_sum(acc[r][j]);
-            for (int64_t k = kv; k < K; k++) s += wb[j * K + k] * x[r * ldx + k];
-            out[r][j] = s;
-        }
 }
 
 /* Dequantize weight rows [n0, n0 + nr) into dst [nr][K] fp32. */
@@ -345,115 +314,41 @@ INLINE void dequant_rows(int fmt, const uint8_t *w, int64_t wstride, const void 
     }
 }
 
-/* One tile of nr (<= NR_MAX) weight rows against all M activation rows. */
+/* One tile of nr (<= NR_MAX) weight rows against all M activation rows, MT rows at a time. */
 INLINE void run_tile(const int FMT, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
                      int64_t wstride, const void *d, const void *m, const float *bias, float *y,
-                     int64_t ldy, int64_t n0, int nr, float *db, float *mb, float *wbuf) {
+                     int64_t ldy, int64_t n0, int nr, float *db, float *mb) {
     const int nb = (int)(K / 32), ns = nb * FMT_SCALES_PER_BLOCK(FMT);
-    float out[MT_CAP][NR_MAX];
     const uint8_t *wt = w + n0 * wstride;
-    if (M <= MT_MAX) {
-        if (FMT != FD_BF16)
-            for (int j = 0; j < nr; j++)
-                row_scales(FMT, d, m, n0 + j, nb, db + j * ns, mb + j * nb);
-        const int mt = (int)M;
-#define FUSED(MTV, NRV) tile_fused(FMT, MTV, NRV, x, ldx, K, wt, wstride, db, mb, nb, out)
-#define FUSED_M(NRV)                                                                                \
-    switch (mt) {                                                                                   \
-    case 1: FUSED(1, NRV); break;                                                                   \
-    case 2: FUSED(2, NRV); break;                                                                   \
-    case 3: FUSED(3, NRV); break;                                                                   \
-    default: FUSED(4, NRV); break;                                                                  \
+    if (FMT != FD_BF16)
+        for (int j = 0; j < nr; j++) row_scales(FMT, d, m, n0 + j, nb, db + j * ns, mb + j * nb);
+    for (int64_t r0 = 0; r0 < M; r0 += MT) {
+        const int rows = (int)(M - r0 < MT ? M - r0 : MT);
+        const float *xr = x + r0 * ldx;
+        float out[MT][NR_MAX];
+/* a row count known at compile time, so that every tile keeps its accumulators in registers */
+#define TILE(RV, NRV, WT, DB, MB, O) tile_fused(FMT, (RV) < MT ? (RV) : MT, NRV, xr, ldx, K, WT, wstride, DB, MB, nb, O)
+#define TILE_ROWS(NRV, WT, DB, MB, O)                                                               \
+    switch (rows) {                                                                                 \
+    case 1: TILE(1, NRV, WT, DB, MB, O); break;                                                     \
+    case 2: TILE(2, NRV, WT, DB, MB, O); break;                                                     \
+    case 3: TILE(3, NRV, WT, DB, MB, O); break;                                                     \
+    case 4: TILE(4, NRV, WT, DB, MB, O); break;                                                     \
+    case 5: TILE(5, NRV, WT, DB, MB, O); break;                                                     \
+    default: TILE(6, NRV, WT, DB, MB, O); break;                                                    \
     }
         if (nr == NR_MAX) {
-            FUSED_M(NR_MAX)
+            TILE_ROWS(NR_MAX, wt, db, mb, out)
         } else {
             for (int j = 0; j < nr; j++) { /* the N tail: one weight row at a time */
-                float o1[MT_CAP][NR_MAX];
-                const uint8_t *wj = wt + j * wstride;
-                const float *dj = db + j * ns, *mj = mb + j * nb;
-                switch (mt) {
-                case 1: tile_fused(FMT, 1, 1, x, ldx, K, wj, wstride, dj, mj, nb, o1); break;
-                case 2: tile_fused(FMT, 2, 1, x, ldx, K, wj, wstride, dj, mj, nb, o1); break;
-                case 3: tile_fused(FMT, 3, 1, x, ldx, K, wj, wstride, dj, mj, nb, o1); break;
-                default: tile_fused(FMT, 4, 1, x, ldx, K, wj, wstride, dj, mj, nb, o1); break;
-                }
-                for (int r = 0; r < mt; r++) out[r][j] = o1[r][0];
+                float o1[MT][NR_MAX];
+                TILE_ROWS(1, wt + j * wstride, db + j * ns, mb + j * nb, o1)
+                for (int r = 0; r < rows; r++) out[r][j] = o1[r][0];
             }
         }
-#undef FUSED_M
-#undef FUSED
-        for (int r = 0; r < mt; r++)
-            for (int j = 0; j < nr; j++) y[r * ldy + n0 + j] = out[r][j] + (bias ? bias[n0 + j] : 0.0f);
-        return;
-    }
-    if (M < BUF_MIN_M) {
-        /* register tiles of MT_MID activation rows x NR_MID weight rows, dequantizing in registers
-           once per MT_MID rows */
-        if (FMT != FD_BF16)
-            for (int j = 0; j < nr; j++)
-                row_scales(FMT, d, m, n0 + j, nb, db + j * ns, mb + j * nb);
-        for (int j0 = 0; j0 < nr; j0 += NR_MID) {
-            const int nrr = nr - j0 < NR_MID ? nr - j0 : NR_MID;
-            const uint8_t *wj = wt + j0 * wstride;
-            const float *dj = db + j0 * ns, *mj = mb + j0 * nb;
-            for (int64_t r0 = 0; r0 < M; r0 += MT_MID) {
-                const int mt = (int)(M - r0 < MT_MID ? M - r0 : MT_MID);
-                const float *xr = x + r0 * ldx;
-#define MID(MTV, NRV) tile_fused(FMT, MTV, NRV, xr, ldx, K, wj, wstride, dj, mj, nb, out)
-#define MID_M(NRV)                                                                                  \
-    switch (mt) {                                                                                   \
-    case 1: MID(1, NRV); break;                                                                     \
-    case 2: MID(2, NRV); break;                                                                     \
-    case 3: MID(3, NRV); break;                                                                     \
-    case 4: MID(4, NRV); break;                                                                     \
-    case 5: MID((5 < MT_MID ? 5 : MT_MID), NRV); break;                                             \
-    case 6: MID((6 < MT_MID ? 6 : MT_MID), NRV); break;                                             \
-    case 7: MID((7 < MT_MID ? 7 : MT_MID), NRV); break;                                             \
-    default: MID(MT_MID, NRV); break;                                                               \
-    }
-                if (nrr == NR_MID) {
-                    MID_M(NR_MID)
-                } else {
-                    MID_M(1)
-                }
-#undef MID_M
-#undef MID
-                for (int r = 0; r < mt; r++)
-                    for (int j = 0; j < nrr; j++)
-                        y[(r0 + r) * ldy + n0 + j0 + j] = out[r][j] + (bias ? bias[n0 + j0 + j] : 0.0f);
-            }
-        }
-        return;
-    }
-    dequant_rows(FMT, w, wstride, d, m, n0, nr, K, db, mb, wbuf);
-    for (int64_t r0 = 0; r0 < M; r0 += MT_BUF) {
-        int mt = (int)(M - r0 < MT_BUF ? M - r0 : MT_BUF);
-        const float *xr = x + r0 * ldx;
-#define BUF(MTV, NRV, WB, O) tile_buf((MTV) < MT_BUF ? (MTV) : MT_BUF, NRV, xr, ldx, K, WB, O)
-#define BUF_M(NRV, WB, O)                                                                           \
-    switch (mt) {                                                                                   \
-    case 1: BUF(1, NRV, WB, O); break;                                                              \
-    case 2: BUF(2, NRV, WB, O); break;                                                              \
-    case 3: BUF(3, NRV, WB, O); break;                                                              \
-    case 4: BUF(4, NRV, WB, O); break;                                                              \
-    case 5: BUF(5, NRV, WB, O); break;                                                              \
-    case 6: BUF(6, NRV, WB, O); break;                                                              \
-    case 7: BUF(7, NRV, WB, O); break;                                                              \
-    default: BUF(8, NRV, WB, O); break;                                                             \
-    }
-        if (nr == NR_MAX) {
-            BUF_M(NR_MAX, wbuf, out)
-        } else {
-            for (int j = 0; j < nr; j++) {
-                float o1[MT_CAP][NR_MAX];
-                BUF_M(1, wbuf + j * K, o1)
-                for (int r = 0; r < mt; r++) out[r][j] = o1[r][0];
-            }
-        }
-#undef BUF_M
-#undef BUF
-        for (int r = 0; r < mt; r++)
+#undef TILE_ROWS
+#undef TILE
+        for (int r = 0; r < rows; r++)
             for (int j = 0; j < nr; j++) y[(r0 + r) * ldy + n0 + j] = out[r][j] + (bias ? bias[n0 + j] : 0.0f);
     }
 }
@@ -495,8 +390,7 @@ static int linear_rows(int fmt, const float *x, int64_t ldx, int64_t M, int64_t 
     {
         size_t sbytes = sizeof(float) * (size_t)(2 * NR_MAX * (nb > 0 ? nb : 1)); /* Q6_K: 2 per block */
         float *db = (float *)malloc(sbytes), *mb = (float *)malloc(sbytes);
-        float *wbuf = M >= BUF_MIN_M ? (float *)malloc(sizeof(float) * (size_t)(NR_MAX * K + VL)) : NULL;
-        int ok = db && mb && (M < BUF_MIN_M || wbuf);
+        int ok = db && mb;
         if (!ok) failed = 1;
 #pragma omp for schedule(dynamic, chunk)
         for (int64_t tile = 0; tile < ntiles; tile++) {
@@ -504,19 +398,18 @@ static int linear_rows(int fmt, const float *x, int64_t ldx, int64_t M, int64_t 
                 int64_t n0 = tile * NR_MAX;
                 int nr = (int)(N - n0 < NR_MAX ? N - n0 : NR_MAX);
                 switch (fmt) {
-                case FD_Q4_0: run_tile(FD_Q4_0, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
-                case FD_Q4_1: run_tile(FD_Q4_1, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
-                case FD_Q8_0: run_tile(FD_Q8_0, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
-                case FD_Q4_K: run_tile(FD_Q4_K, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
-                case FD_Q5_K: run_tile(FD_Q5_K, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
-                case FD_Q6_K: run_tile(FD_Q6_K, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
-                default: run_tile(FD_BF16, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb, wbuf); break;
+                case FD_Q4_0: run_tile(FD_Q4_0, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb); break;
+                case FD_Q4_1: run_tile(FD_Q4_1, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb); break;
+                case FD_Q8_0: run_tile(FD_Q8_0, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb); break;
+                case FD_Q4_K: run_tile(FD_Q4_K, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb); break;
+                case FD_Q5_K: run_tile(FD_Q5_K, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb); break;
+                case FD_Q6_K: run_tile(FD_Q6_K, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb); break;
+                default: run_tile(FD_BF16, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb); break;
                 }
             }
         }
         free(db);
         free(mb);
-        free(wbuf);
     }
     return failed ? -2 : 0;
 }
@@ -534,9 +427,9 @@ int fd_linear(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const 
     if (FMT_HAS_MIN(fmt) && !m) return -1;
     if (M == 0 || N == 0) return 0;
     int64_t fit = X_PANEL_BYTES / (int64_t)(sizeof(float) * (size_t)(K > 0 ? K : 1));
-    if (fit < BUF_MIN_M) fit = BUF_MIN_M;
+    if (fit < 4 * MT) fit = 4 * MT;
     int64_t passes = (M + fit - 1) / fit, rows = (M + passes - 1) / passes;
-    rows = (rows + MT_BUF - 1) / MT_BUF * MT_BUF; /* whole register tiles */
+    rows = (rows + MT - 1) / MT * MT; /* whole register tiles */
     for (int64_t r0 = 0; r0 < M; r0 += rows) {
         int64_t mr = M - r0 < rows ? M - r0 : rows;
         int rc = linear_rows(fmt, x + r0 * ldx, ldx, mr, K, w, d, m, bias, y + r0 * ldy, ldy, N, nthreads);
