@@ -40,30 +40,25 @@ class ModelRunner:
     def _decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded key-slot matrix [B, max_context] and context lengths [B] for the decode batch."""
         bs = self.block_size
-        lens = torch.tensor([s.num_tokens for s in seqs], dtype=torch.long)
+        lens = [s.num_tokens for s in seqs]
         width = max(len(s.block_table) for s in seqs)
-        tables = torch.zeros(len(seqs), width, dtype=torch.long)
-        for row, s in enumerate(seqs):
-            tables[row, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.long)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
         slots = (tables[:, :, None] * bs + torch.arange(bs)).reshape(len(seqs), -1)
-        return slots[:, : int(lens.max())], lens
+        return slots[:, : max(lens)], torch.tensor(lens)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
-        ids: list[int] = []
-        pos: list[torch.Tensor] = []
-        slot_parts: list[torch.Tensor] = []
+        # each decoding sequence's one new token, at position num_tokens - 1: its inputs come from
+        # Python ints in one go, since per-sequence tensors cost more than the arithmetic every step
+        bs = self.block_size
+        decode_pos = [seq.num_tokens - 1 for seq in batch.decodes]
+        ids = [seq.token_ids[p] for seq, p in zip(batch.decodes, decode_pos)]
+        pos = [torch.tensor(decode_pos, dtype=torch.long)]
+        new_slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(batch.decodes, decode_pos)]
+        slot_parts = [torch.tensor(new_slots, dtype=torch.long)]
         meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), num_decode=len(batch.decodes))
-        sample_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
-
-        for seq in batch.decodes:
-            p = seq.num_tokens - 1
-            ids.append(seq.token_ids[p])
-            pos.append(torch.tensor([p]))
-            slot_parts.append(self._slots(seq, p, p + 1))
-            sample_rows.append(len(ids) - 1)
-            sample_seqs.append(seq)
+        sample_rows = list(range(len(ids)))
+        sample_seqs = list(batch.decodes)
         if batch.decodes:
             meta.decode_slots, meta.decode_context_lens = self._decode_inputs(batch.decodes)
 
@@ -88,7 +83,8 @@ class ModelRunner:
 
         meta.slot_mapping = torch.cat(slot_parts)
         hidden = self.model.forward(torch.tensor(ids, dtype=torch.long), torch.cat(pos), self.cache, meta)
-        logits = self.model.logits(hidden[sample_rows])
+        # sample_rows ascend, so when every row is sampled (a pure decode step) they are all of hidden
+        logits = self.model.logits(hidden if len(sample_rows) == len(hidden) else hidden[sample_rows])
         prompt_logits = [
             (seq, first, self.model.logits(hidden[flat : flat + count]))
             for seq, flat, first, count in prompt_spans

@@ -15,16 +15,17 @@ from ..ops.attention import AttentionMetadata, SoftmaxPolicy, paged_attention
 from ..ops.kv_cache import KVCache
 from ..ops.linear import Linear, SplitLinear, configure, fused_linear
 from ..ops.quant import QuantizedTensor, prepare_weights
-from ..ops.rope import RotaryEmbedding
+from ..ops.rope import RotaryEmbedding, apply_rope
 from .spec import ModelSpec
 from .weights import LoadedModel
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim; ``weight`` broadcasts against x (per-head q/k norms pass [heads, D])."""
+    if x.dtype == torch.float32 and weight.shape == x.shape[-1:]:
+        return F.rms_norm(x, weight.shape, weight, eps)  # one op, bit-identical to the line below in fp32
     # normalise in fp32 and scale after casting back, as the reference implementations do
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 class DecoderLayer:
@@ -37,8 +38,17 @@ class DecoderLayer:
             qkv_bias = [w[prefix + "q_bias"], w[prefix + "k_bias"], w[prefix + "v_bias"]]
         self.qkv = fused_linear([w[prefix + "q"], w[prefix + "k"], w[prefix + "v"]], qkv_bias)
         self.o = Linear(w[prefix + "o"])
-        self.q_norm = w.get(prefix + "q_norm")
-        self.k_norm = w.get(prefix + "k_norm")
+        # q and k are adjacent in the QKV output and normalise and rotate alike, so each runs as one
+        # call over q's and k's heads together; the per-head norms become one [heads, head_dim] weight
+        self.qk_heads = spec.num_heads + spec.num_kv_heads
+        self.qk_norm = None
+        if prefix + "q_norm" in w:
+            self.qk_norm = torch.cat(
+                [
+                    w[prefix + "q_norm"].expand(spec.num_heads, spec.head_dim),
+                    w[prefix + "k_norm"].expand(spec.num_kv_heads, spec.head_dim),
+                ]
+            )
         self.gate_up = fused_linear([w[prefix + "gate"], w[prefix + "up"]])
         self.down = Linear(w[prefix + "down"])
 
@@ -46,29 +56,26 @@ class DecoderLayer:
         self,
         index: int,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache,
         meta: AttentionMetadata,
         softmax: SoftmaxPolicy | None = None,
     ) -> torch.Tensor:
+        """``rope``: the step's cos/sin rows (``RotaryEmbedding.tables``)."""
         s = self.spec
         t = x.shape[0]
-        h = rms_norm(x, self.attn_norm, s.norm_eps)
-        q, k, v = self.qkv(h).split([s.q_size, s.kv_size, s.kv_size], dim=-1)
-        q = q.view(t, s.num_heads, s.head_dim)
-        k = k.view(t, s.num_kv_heads, s.head_dim)
-        v = v.view(t, s.num_kv_heads, s.head_dim)
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, s.norm_eps)
-            k = rms_norm(k, self.k_norm, s.norm_eps)
-        q = rope(q, positions)
-        k = rope(k, positions)
+        qkv = self.qkv(rms_norm(x, self.attn_norm, s.norm_eps))
+        qk = qkv[:, : -s.kv_size].view(t, self.qk_heads, s.head_dim)
+        v = qkv[:, -s.kv_size :].view(t, s.num_kv_heads, s.head_dim)
+        if self.qk_norm is not None:
+            qk = rms_norm(qk, self.qk_norm, s.norm_eps)
+        qk = apply_rope(qk, *rope)
+        q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]
         cache.write(index, meta.slot_mapping, k, v)
         attn = paged_attention(q, cache, index, meta, s.head_dim**-0.5, softmax)
         x = x + self.o(attn.reshape(t, s.q_size))
-        h = rms_norm(x, self.mlp_norm, s.norm_eps)
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        gate_up = self.gate_up(rms_norm(x, self.mlp_norm, s.norm_eps))
+        gate, up = gate_up[:, : s.intermediate_size], gate_up[:, s.intermediate_size :]
         return x + self.down(F.silu(gate) * up)
 
 
@@ -105,8 +112,9 @@ class Decoder:
             x = self.embed.rows(input_ids, self.dtype)
         else:
             x = F.embedding(input_ids, self.embed)
+        rope = self.rope.tables(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(i, x, positions, self.rope, cache, meta, self.softmax)
+            x = layer(i, x, rope, cache, meta, self.softmax)
         return rms_norm(x, self.norm, self.spec.norm_eps)
 
     @torch.inference_mode()

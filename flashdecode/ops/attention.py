@@ -10,9 +10,11 @@ Two softmax paths sit side by side here (``SoftmaxPolicy.mode``):
 **exact** (the reference): softmax(x) = exp(x - max x) / sum exp(x - max x). Split over key
 partitions (Flash-Decoding's split-K, FlashAttention's key blocks), each partition needs its own
 running max, and merging partitions rescales every partial sum by exp(m_p - m): a synchronisation.
-``decode_attention_exact`` / ``prefill_attention_exact`` are the monolithic references the engine
-has always used; ``decode_attention_splitk`` / ``prefill_attention_online`` are the synchronised
-split-K / online-softmax formulations the paper compares against (same blocking as the fast path).
+``decode_attention_exact`` / ``prefill_attention_exact`` are the monolithic references; the engine's
+exact path runs ``prefill_attention_exact`` and, for decode, ``decode_attention_softmax`` (the same
+whole-row softmax on the unified path's copy-free operands). ``decode_attention_splitk`` /
+``prefill_attention_online`` are the synchronised split-K / online-softmax formulations the paper
+compares against (same blocking as the fast path).
 
 **unified** (FlashDecoding++, Hong et al., MLSys 2024, section 3, "asynchronized softmax with unified
 max value"): softmax is unchanged by subtracting any constant phi, so with one phi per layer chosen
@@ -190,8 +192,8 @@ def _pairs(x: torch.Tensor) -> torch.Tensor:
 
 def _padded_rows(context_lens: torch.Tensor, length: int) -> list[tuple[int, int]]:
     """(row, valid length) of the decode rows shorter than the padded width."""
-    short = torch.nonzero(context_lens < length).flatten().tolist()
-    return [(i, int(context_lens[i])) for i in short]
+    # a list, not a tensor compare and nonzero: this runs for every layer and B is small
+    return [(i, n) for i, n in enumerate(context_lens.tolist()) if n < length]
 
 
 def _decode_scores(
@@ -532,8 +534,12 @@ def paged_attention(
         _observe(q, cache, layer, meta, scale, softmax)
     if softmax is None or softmax.mode == "exact":
         if nd:
-            k, v = cache.gather(layer, meta.decode_slots, q.dtype)
-            out[:nd] = decode_attention_exact(q[:nd], k, v, meta.decode_context_lens, scale)
+            # the fused-softmax formulation of the exact reference, on copy-free operands
+            k, v = gather_decode(cache, layer, meta.decode_slots, q.dtype)
+            res = decode_attention_softmax(q[:nd], k, v, meta.decode_context_lens, scale)
+            if not meta.prefills:
+                return res
+            out[:nd] = res
         for seg in meta.prefills:
             sl = slice(seg.start, seg.start + seg.num_query)
             k, v = cache.gather(layer, seg.slots, q.dtype)

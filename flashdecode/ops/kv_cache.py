@@ -30,14 +30,24 @@ class KVCache:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected one of {KV_CACHE_DTYPES}")
         self.quantized = kv_cache_dtype == "int8"
         storage = {"auto": compute_dtype, "bf16": torch.bfloat16, "int8": torch.int8}[kv_cache_dtype]
-        shape = (num_layers, num_slots, num_kv_heads, head_dim)
+        # a slot's K and V side by side per head: one index_copy_ writes both and one index_select
+        # gathers both, and K and V stay [.., KVH, D] views whose (sequence, head) pairs merge into
+        # one stride (ops/attention.py, ``_pairs``)
+        shape = (num_layers, num_slots, num_kv_heads, 2, head_dim)
         # torch.empty: pages the OS has not yet touched cost no RAM, so a generous budget is cheap
-        self.k = torch.empty(shape, dtype=storage)
-        self.v = torch.empty(shape, dtype=storage)
+        self.kv = torch.empty(shape, dtype=storage)
         if self.quantized:
-            self.k_scale = torch.empty(shape[:3], dtype=torch.float32)
-            self.v_scale = torch.empty(shape[:3], dtype=torch.float32)
-        self._scratch: list[torch.Tensor | None] = [None] * 4  # k, v, k_scale, v_scale
+            self.kv_scale = torch.empty(shape[:4], dtype=torch.float32)
+        self._scratch: list[torch.Tensor | None] = [None] * 2  # kv, kv_scale
+
+    @property
+    def k(self) -> torch.Tensor:
+        """[num_layers, num_slots, num_kv_heads, head_dim] view of the keys."""
+        return self.kv[..., 0, :]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[..., 1, :]
 
     @staticmethod
     def bytes_per_token(
@@ -56,16 +66,11 @@ class KVCache:
         return q, scale
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        kv = torch.stack((k, v), dim=2)
         if self.quantized:
-            kq, ks = self._quantize(k)
-            vq, vs = self._quantize(v)
-            self.k[layer].index_copy_(0, slot_mapping, kq)
-            self.v[layer].index_copy_(0, slot_mapping, vq)
-            self.k_scale[layer].index_copy_(0, slot_mapping, ks)
-            self.v_scale[layer].index_copy_(0, slot_mapping, vs)
-            return
-        self.k[layer].index_copy_(0, slot_mapping, k.to(self.k.dtype))
-        self.v[layer].index_copy_(0, slot_mapping, v.to(self.v.dtype))
+            kv, scale = self._quantize(kv)
+            self.kv_scale[layer].index_copy_(0, slot_mapping, scale)
+        self.kv[layer].index_copy_(0, slot_mapping, kv.to(self.kv.dtype))
 
     def gather(
         self, layer: int, slots: torch.Tensor, dtype: torch.dtype
@@ -75,27 +80,18 @@ class KVCache:
         The result may be a view of a scratch buffer that the next ``gather`` overwrites: use it
         before gathering again. Reusing the buffer matters: a fresh multi-megabyte tensor per layer
         per step costs more in page faults than the copy itself at long contexts."""
+        kv = self._select(self.kv[layer], slots, 0)
         if self.quantized:
-            k = (
-                self._select(self.k[layer], slots, 0).float()
-                * self._select(self.k_scale[layer], slots, 2)[..., None]
-            )
-            v = (
-                self._select(self.v[layer], slots, 1).float()
-                * self._select(self.v_scale[layer], slots, 3)[..., None]
-            )
-            return k.to(dtype), v.to(dtype)
-        return self._select(self.k[layer], slots, 0).to(dtype), self._select(self.v[layer], slots, 1).to(
-            dtype
-        )
+            kv = kv.float() * self._select(self.kv_scale[layer], slots, 1)[..., None]
+        k, v = kv.to(dtype).unbind(-2)
+        return k, v
 
     def _select(self, source: torch.Tensor, slots: torch.Tensor, buffer: int) -> torch.Tensor:
-        row = source.shape[1:]
-        need = slots.numel() * row.numel()
+        # each buffer serves one source, so it is kept in rows of the source's row shape
+        n = slots.numel()
         scratch = self._scratch[buffer]
-        if scratch is None or scratch.dtype != source.dtype or scratch.numel() < need:
+        if scratch is None or scratch.dtype != source.dtype or scratch.shape[0] < n:
             # grow geometrically so a context that lengthens by one token a step rarely reallocates
-            scratch = self._scratch[buffer] = torch.empty(need + need // 4, dtype=source.dtype)
-        out = scratch[:need].view(slots.numel(), *row)
-        torch.index_select(source, 0, slots.reshape(-1), out=out)
-        return out.view(*slots.shape, *row)
+            scratch = self._scratch[buffer] = torch.empty((n + n // 4, *source.shape[1:]), dtype=source.dtype)
+        out = torch.index_select(source, 0, slots.reshape(-1), out=scratch[:n])
+        return out.view(*slots.shape, *source.shape[1:])

@@ -42,10 +42,20 @@ class RotaryEmbedding:
         self.cos = angles.cos()
         self.sin = angles.sin()
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]; positions: [T]."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return rotated.to(x.dtype)
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-width cos and sin rows for ``positions`` [T], as [T, 1, head_dim] for ``apply_rope``.
+
+        Every layer of a step rotates the same positions: gather these once per step, not per layer.
+        sin carries rotate-half's sign in its first half, so ``apply_rope`` is two products and a sum."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim] (any heads: q and k can rotate together); cos, sin from ``tables``.
+
+    Computed in fp32 (the tables' dtype promotes x), as Hugging Face's x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    out = x * cos + rotated * sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)  # a no-op .to still costs a dispatch
