@@ -40,6 +40,7 @@
 #define FD_Q5_K 5
 #define FD_Q6_K 6
 #define FD_LAST FD_Q6_K
+#define PF_BYTES 8192 /* software prefetch distance in a weight plane */
 
 /* format traits: every branch on them folds away where the format is a compile-time constant */
 #define FMT_F32_SCALES(f) ((f) >= FD_Q4_K)
@@ -277,9 +278,11 @@ INLINE void tile_fused(const int FMT, const int R, const int NR, const float *x,
     const int qb = FMT_QBYTES(FMT), ns = nb * FMT_SCALES_PER_BLOCK(FMT);
     for (int b = 0; b < nb; b++) {
         vf wv[NR_MAX][BV];
-        /* the next tile's rows, one tile ahead: the hardware prefetcher alone falls behind when few
-           row streams are consumed slowly (many activation rows per weight byte) */
-        for (int j = 0; j < NR; j++) __builtin_prefetch(w + (NR + j) * wstride + (int64_t)b * qb, 0, 3);
+        /* rows PF_BYTES ahead in the plane (whole rows, at least the next tile's): the hardware
+           prefetcher alone falls behind on rows a few hundred bytes long and on row streams that
+           are consumed slowly (many activation rows per weight byte) */
+        const int64_t pf = (PF_BYTES / wstride > NR ? PF_BYTES / wstride : NR) * wstride;
+        for (int j = 0; j < NR; j++) __builtin_prefetch(w + j * wstride + (int64_t)b * qb + pf, 0, 3);
         for (int j = 0; j < NR; j++) dq_block(FMT, w + j * wstride, b, db + j * ns, mb + j * nb, wv[j]);
         for (int v = 0; v < BV; v++)
             for (int r = 0; r < R; r++) {
