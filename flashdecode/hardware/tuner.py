@@ -76,7 +76,9 @@ def fingerprint(num_threads: int | None = None) -> dict[str, Any]:
         "cores": physical_cores(),
         "threads": num_threads or torch.get_num_threads(),
         "torch": torch.__version__,
-        "native": None if native is None else native.isa,
+        # the build's name carries the hash of the kernel source and flags: timings of an older
+        # kernel must not drive dispatch, so a rebuilt kernel starts a new table
+        "native": None if native is None else native.path.stem,
     }
 
 
