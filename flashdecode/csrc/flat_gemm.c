@@ -536,20 +536,22 @@ I8_TARGET static inline void i8_group(const int FMT, const int MR, const int8_t 
                 wv[i + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), nib);
             }
         }
-        for (int r = 0; r < MR; r++) {
-            const int8_t *xb = xq + r * K + (int64_t)b * 32;
-            __m512i isum = _mm512_setzero_si512();
-            for (int j = 0; j < 8; j++) {
+        /* rows innermost: MR independent dot-product chains in flight, not one chain of 8 */
+        __m512i isum[I8_MR];
+        for (int r = 0; r < MR; r++) isum[r] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j++)
+            for (int r = 0; r < MR; r++) {
                 int32_t quad;
-                memcpy(&quad, xb + 4 * j, 4);
+                memcpy(&quad, xq + r * K + (int64_t)b * 32 + 4 * j, 4);
                 if (FMT == FD_Q8_0) /* unsigned activations (xq + 128) against signed weights */
-                    isum = _mm512_dpbusd_epi32(isum, _mm512_set1_epi32(quad ^ (int32_t)0x80808080), wv[j]);
+                    isum[r] = _mm512_dpbusd_epi32(isum[r], _mm512_set1_epi32(quad ^ (int32_t)0x80808080), wv[j]);
                 else /* unsigned 4-bit weights against signed activations */
-                    isum = _mm512_dpbusd_epi32(isum, wv[j], _mm512_set1_epi32(quad));
+                    isum[r] = _mm512_dpbusd_epi32(isum[r], wv[j], _mm512_set1_epi32(quad));
             }
-            if (FMT == FD_Q8_0) isum = _mm512_sub_epi32(isum, wsum128);
+        for (int r = 0; r < MR; r++) {
+            if (FMT == FD_Q8_0) isum[r] = _mm512_sub_epi32(isum[r], wsum128);
             float dxr = dx[r * nb + b];
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dv, _mm512_set1_ps(dxr)), acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(dv, _mm512_set1_ps(dxr)), acc[r]);
             if (FMT != FD_Q8_0) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * nb + b]), acc[r]);
         }
     }
