@@ -268,15 +268,18 @@ def decode_rate(engine: Any, batch: int, prompt_len: int, gen: int, seed: int = 
 
 
 def e2e(name: str, loaded: Any, table: tuner.DataflowTable, threads: int, batches: tuple[int, ...],
-        gen: int, prompt_len: int, bandwidth: float) -> list[dict[str, Any]]:  # fmt: skip
+        gen: int, prompt_len: int, bandwidth: float, reps: int) -> list[dict[str, Any]]:  # fmt: skip
+    """Decode tokens/s per dataflow mode and batch: the three engines built once, then ``reps`` rounds
+    that run every mode in turn, so drift and bursts of load hit them alike; medians reported."""
     import flashdecode.engine.llm_engine as llm_engine
     from flashdecode.config import EngineConfig
 
-    rows = []
+    modes = ("table", "default", "off")
+    engines = {}
     real_load, real_table = llm_engine.load_model, tuner.load_table
     try:
         llm_engine.load_model = lambda model=None: loaded
-        for mode in ("table", "default", "off"):
+        for mode in modes:
             tuner.load_table = (
                 (lambda num_threads=None: table) if mode == "table" else (lambda num_threads=None: None)
             )
@@ -287,37 +290,45 @@ def e2e(name: str, loaded: Any, table: tuner.DataflowTable, threads: int, batche
                 max_num_seqs=max(batches),
                 kv_cache_bytes=None,
             )
-            engine = llm_engine.LLMEngine(config)
-            step_bytes = weight_bytes_per_step(engine.model)
-            decode_rate(engine, 1, 4, 3, seed=99)  # warm-up
-            for b in batches:
-                rate = decode_rate(engine, b, prompt_len, gen)
-                steps_per_s = rate / b
-                rows.append(
-                    {
-                        "model": name,
-                        "dataflow": mode,
-                        "batch": b,
-                        "tokens_per_s": rate,
-                        "weight_bytes_per_step": step_bytes,
-                        "weight_bytes_per_token": step_bytes / b,
-                        "bandwidth_fraction": steps_per_s * step_bytes / bandwidth,
-                    }
-                )
-            del engine
+            engines[mode] = llm_engine.LLMEngine(config)
+            decode_rate(engines[mode], 1, 4, 3, seed=99)  # warm-up
     finally:
         llm_engine.load_model, tuner.load_table = real_load, real_table
+    rates: dict[tuple[str, int], list[float]] = {(m, b): [] for m in modes for b in batches}
+    for rep in range(reps):
+        for b in batches:
+            for mode in modes:
+                rates[mode, b].append(decode_rate(engines[mode], b, prompt_len, gen, seed=rep))
+    rows = []
+    for (mode, b), got in rates.items():
+        step_bytes = weight_bytes_per_step(engines[mode].model)
+        rate = statistics.median(got)
+        rows.append(
+            {
+                "model": name,
+                "dataflow": mode,
+                "batch": b,
+                "tokens_per_s": rate,
+                "tokens_per_s_runs": got,
+                "weight_bytes_per_step": step_bytes,
+                "weight_bytes_per_token": step_bytes / b,
+                "bandwidth_fraction": rate / b * step_bytes / bandwidth,
+            }
+        )
     return rows
 
 
 def format_e2e(rows: list[dict[str, Any]], bandwidth: float) -> str:
     lines = [f"\n== end to end decode (memory bandwidth measured here: {bandwidth / 1e9:.1f} GB/s)"]
     lines.append(
-        f"{'model':>14} {'dataflow':>8} {'batch':>5} {'tok/s':>8} {'MB/step':>8} {'MB/token':>9} {'of BW':>6}"
+        f"{'model':>14} {'dataflow':>8} {'batch':>5} {'tok/s':>8} {'(min-max)':>13} {'MB/step':>8} "
+        f"{'MB/token':>9} {'of BW':>6}"
     )
     for r in rows:
+        runs = r.get("tokens_per_s_runs") or [r["tokens_per_s"]]
+        spread = f"({min(runs):.1f}-{max(runs):.1f})"
         lines.append(
-            f"{r['model']:>14} {r['dataflow']:>8} {r['batch']:>5} {r['tokens_per_s']:8.1f} "
+            f"{r['model']:>14} {r['dataflow']:>8} {r['batch']:>5} {r['tokens_per_s']:8.1f} {spread:>13} "
             f"{r['weight_bytes_per_step'] / 1e6:8.1f} {r['weight_bytes_per_token'] / 1e6:9.1f} "
             f"{r['bandwidth_fraction'] * 100:5.0f}%"
         )
@@ -394,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_e2e:
         bandwidth = measure_memory_bandwidth(threads, nbytes=(64 << 20) if quick else (512 << 20))
         rows = []
-        gen, prompt_len = (4, 8) if quick else (32, 64)
+        gen, prompt_len, e2e_reps = (4, 8, 1) if quick else (64, 64, 3)
         batches = (1, 8) if not quick else (1, 2)
         for model in models:
             if model == "smollm2":
@@ -403,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 loaded = load_model(None)
             else:
                 loaded = llama_model({"q4_0": "Q4_0", "bf16": "BF16"}[model.split("-", 1)[1]])
-            rows += e2e(model, loaded, tables[model], threads, batches, gen, prompt_len, bandwidth)
+            rows += e2e(model, loaded, tables[model], threads, batches, gen, prompt_len, bandwidth, e2e_reps)
             del loaded
         print(format_e2e(rows, bandwidth))
         report["e2e"] = rows
