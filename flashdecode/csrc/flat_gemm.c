@@ -258,8 +258,11 @@ INLINE void tile_fused(const int FMT, const int R, const int NR, const float *x,
         for (int j = 0; j < NR; j++) acc[r][j] = v_zero();
     if (FMT == FD_BF16) {
         int64_t kv = K - K % VL;
+        const int64_t pf = (PF_BYTES / wstride > NR ? PF_BYTES / wstride : NR) * wstride;
         for (int64_t k = 0; k < kv; k += VL) {
             vf wv[NR_MAX];
+            if (k % 32 == 0) /* a cache line per row every 32 values */
+                for (int j = 0; j < NR; j++) __builtin_prefetch(w + j * wstride + 2 * k + pf, 0, 3);
             for (int j = 0; j < NR; j++) wv[j] = ld_bf16((const uint16_t *)(w + j * wstride) + k);
             for (int r = 0; r < R; r++) {
                 vf xv = v_load(x + r * ldx + k);
