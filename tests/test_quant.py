@@ -40,6 +40,18 @@ def awkward_matrix(n: int, k: int, seed: int) -> np.ndarray:
     return w
 
 
+def assert_decodes_as_gguf(qt: QuantizedTensor, blocks: np.ndarray) -> None:
+    """Bit for bit what gguf-py decodes the file's blocks to, on every path: the torch reference, the
+    native dequantizer, embedding rows, and bf16 (rounded once, from the exact values)."""
+    n, k = qt.shape
+    ref = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qt.format]).reshape(n, k))
+    assert torch.equal(qt._dequant_torch().view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(qt.dequantize().view(torch.int32), ref.view(torch.int32))
+    ids = torch.tensor([[n - 1, 0], [1 % n, n // 2]])
+    assert torch.equal(qt.rows(ids), ref[ids])
+    assert torch.equal(qt.dequantize(torch.bfloat16), ref.bfloat16())
+
+
 def k_quant_cases() -> list[tuple[str, np.ndarray, int, int]]:
     from model_factory import quantize as encode  # tests/model_factory.py: Q4_K and Q6_K encoders
 
@@ -55,12 +67,7 @@ def test_k_quant_repack_is_bit_exact_against_gguf(case: int) -> None:
     fmt, blocks, n, k = k_quant_cases()[case]
     qt = QuantizedTensor.from_gguf_blocks(fmt, blocks, (n, k))
     assert tuple(qt.shape) == (n, k)
-    ref = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[fmt]).reshape(n, k))
-    assert torch.equal(qt._dequant_torch().view(torch.int32), ref.view(torch.int32))
-    assert torch.equal(qt.dequantize().view(torch.int32), ref.view(torch.int32))
-    ids = torch.tensor([[n - 1, 0], [1 % n, n // 2]])
-    assert torch.equal(qt.rows(ids), ref[ids])
-    assert torch.equal(qt.dequantize(torch.bfloat16), ref.bfloat16())
+    assert_decodes_as_gguf(qt, blocks)
     with pytest.raises(ValueError, match="repacked"):
         qt.to_gguf_blocks()
     with pytest.raises(ValueError, match="multiple of 256"):
@@ -76,13 +83,7 @@ def test_repack_is_bit_exact_against_gguf(fmt: str, shape: tuple[int, int]) -> N
     assert tuple(qt.shape) == (n, k)
     assert qt.nbytes == blocks.nbytes  # planes hold exactly the file's bytes, no more
     np.testing.assert_array_equal(qt.to_gguf_blocks().reshape(-1), blocks.reshape(-1))
-    ref = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[fmt]).reshape(n, k))
-    # bit for bit, on both paths: the torch reference and the native dequantizer
-    assert torch.equal(qt._dequant_torch().view(torch.int32), ref.view(torch.int32))
-    assert torch.equal(qt.dequantize().view(torch.int32), ref.view(torch.int32))
-    ids = torch.tensor([[n - 1, 0], [1 % n, n // 2]])
-    assert torch.equal(qt.rows(ids), ref[ids])
-    assert torch.equal(qt.dequantize(torch.bfloat16), ref.bfloat16())
+    assert_decodes_as_gguf(qt, blocks)
 
 
 @pytest.mark.parametrize("fmt", BYTE_FORMATS)
