@@ -37,7 +37,7 @@ from .quant import QuantizedTensor
 
 Plan = list[tuple[int, str]]  # [(first M, candidate), ...], ascending; the last range is unbounded
 MAX_PLAN_M = 512  # the table covers M = 1..MAX_PLAN_M; larger M uses the last range
-DEFAULT_BF16_NATIVE_MAX_M = 2  # without a table, bf16 weights use the flat GEMM up to this M
+DEFAULT_BF16_NATIVE_MAX_M = 4  # without a table, bf16 weights use the flat GEMM up to this M
 
 
 SCRATCH_BYTES = 4 << 20  # dequant_* candidates dequantize slabs of about this size (stays in cache)
