@@ -256,9 +256,12 @@ INLINE void tile_fused(const int FMT, const int R, const int NR, const float *x,
     vf acc[MT][NR_MAX];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < NR; j++) acc[r][j] = v_zero();
+    /* prefetch rows PF_BYTES ahead in the plane (whole rows, at least the next tile's): the hardware
+       prefetcher alone falls behind on rows a few hundred bytes long and on row streams that are
+       consumed slowly (many activation rows per weight byte) */
+    const int64_t pf = (PF_BYTES / wstride > NR ? PF_BYTES / wstride : NR) * wstride;
     if (FMT == FD_BF16) {
         int64_t kv = K - K % VL;
-        const int64_t pf = (PF_BYTES / wstride > NR ? PF_BYTES / wstride : NR) * wstride;
         for (int64_t k = 0; k < kv; k += VL) {
             vf wv[NR_MAX];
             if (k % 32 == 0) /* a cache line per row every 32 values */
@@ -281,10 +284,6 @@ INLINE void tile_fused(const int FMT, const int R, const int NR, const float *x,
     const int qb = FMT_QBYTES(FMT), ns = nb * FMT_SCALES_PER_BLOCK(FMT);
     for (int b = 0; b < nb; b++) {
         vf wv[NR_MAX][BV];
-        /* rows PF_BYTES ahead in the plane (whole rows, at least the next tile's): the hardware
-           prefetcher alone falls behind on rows a few hundred bytes long and on row streams that
-           are consumed slowly (many activation rows per weight byte) */
-        const int64_t pf = (PF_BYTES / wstride > NR ? PF_BYTES / wstride : NR) * wstride;
         for (int j = 0; j < NR; j++) __builtin_prefetch(w + j * wstride + (int64_t)b * qb + pf, 0, 3);
         for (int j = 0; j < NR; j++) dq_block(FMT, w + j * wstride, b, db + j * ns, mb + j * nb, wv[j]);
         for (int v = 0; v < BV; v++)
