@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from flashdecode.ops.attention import (
+from flashdecode.layers.attention import (
     DECODE_PARTITION,
     WINDOW_FP32,
     decode_attention_exact,
@@ -44,7 +44,7 @@ from flashdecode.ops.attention import (
     prefill_attention_online,
     prefill_attention_unified,
 )
-from flashdecode.ops.kv_cache import KVCache
+from flashdecode.layers.kv_cache import KVCache
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 4, 64
 BLOCK = 16

@@ -38,11 +38,13 @@ from typing import Any
 
 import torch
 
-from flashdecode.hardware import tuner
-from flashdecode.hardware.probe import measure_memory_bandwidth, physical_cores
-from flashdecode.ops import cpu_kernels
-from flashdecode.ops.linear import Linear, iter_linears
-from flashdecode.ops.quant import QuantizedTensor, quantize
+from flashdecode.kernels.cpu import build as cpu_kernels
+from flashdecode.layers.dataflow import DataflowTable, fingerprint, format_plan
+from flashdecode.layers.linear import Linear, iter_linears
+from flashdecode.layers.quant import QuantizedTensor, quantize
+from flashdecode.tools import tune as tuner
+from flashdecode.tools.probe import measure_memory_bandwidth
+from flashdecode.utils.cpuinfo import last_level_cache_bytes, physical_cores
 
 LLAMA_1B = dict(hidden=2048, layers=22, heads=32, kv_heads=4, head_dim=64, inter=5632, vocab=32000)
 
@@ -186,7 +188,7 @@ def format_shapes(model: str, shapes: dict[str, dict[str, Any]], grid: tuple[int
     ]
     for key, r in shapes.items():
         names = list(r["times"])
-        lines.append(f"{key}   table: {tuner.format_plan(r['plan'])}")
+        lines.append(f"{key}   table: {format_plan(r['plan'])}")
         lines.append("     M " + "".join(f"{n:>15}" for n in names))
         for m in grid:
             choice = plan_at(r["plan"], m)
@@ -267,33 +269,26 @@ def decode_rate(engine: Any, batch: int, prompt_len: int, gen: int, seed: int = 
     return (sum(produced.values()) - tokens_at_start) / elapsed if elapsed > 0 else float("nan")
 
 
-def e2e(name: str, loaded: Any, table: tuner.DataflowTable, threads: int, batches: tuple[int, ...],
+def e2e(name: str, loaded: Any, table: DataflowTable, threads: int, batches: tuple[int, ...],
         gen: int, prompt_len: int, bandwidth: float, reps: int) -> list[dict[str, Any]]:  # fmt: skip
     """Decode tokens/s per dataflow mode and batch: the three engines built once, then ``reps`` rounds
     that run every mode in turn, so drift and bursts of load hit them alike; medians reported."""
-    import flashdecode.engine.llm_engine as llm_engine
     from flashdecode.config import EngineConfig
+    from flashdecode.engine.llm_engine import LLMEngine
 
     modes = ("table", "default", "off")
     engines = {}
-    real_load, real_table = llm_engine.load_model, tuner.load_table
-    try:
-        llm_engine.load_model = lambda model=None: loaded
-        for mode in modes:
-            tuner.load_table = (
-                (lambda num_threads=None: table) if mode == "table" else (lambda num_threads=None: None)
-            )
-            config = EngineConfig(
-                dataflow="off" if mode == "off" else "auto",
-                num_threads=threads,
-                max_model_len=prompt_len + gen + 8,
-                max_num_seqs=max(batches),
-                kv_cache_bytes=None,
-            )
-            engines[mode] = llm_engine.LLMEngine(config)
-            decode_rate(engines[mode], 1, 4, 3, seed=99)  # warm-up
-    finally:
-        llm_engine.load_model, tuner.load_table = real_load, real_table
+    no_table = DataflowTable(fingerprint={})  # every shape on the default plan
+    for mode in modes:
+        config = EngineConfig(
+            dataflow="off" if mode == "off" else "auto",
+            num_threads=threads,
+            max_model_len=prompt_len + gen + 8,
+            max_num_seqs=max(batches),
+            kv_cache_bytes=None,
+        )
+        engines[mode] = LLMEngine(config, loaded=loaded, table=table if mode == "table" else no_table)
+        decode_rate(engines[mode], 1, 4, 3, seed=99)  # warm-up
     rates: dict[tuple[str, int], list[float]] = {(m, b): [] for m in modes for b in batches}
     for rep in range(reps):
         for b in batches:
@@ -369,11 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     cap = args.cap if args.cap is not None else (0.2 if quick else 2.0)
     budget, reps = (0.0, 1) if quick else (0.3, 5)
-    rotate = (4 << 20) if quick else 2 * tuner.last_level_cache_bytes()
+    rotate = (4 << 20) if quick else 2 * last_level_cache_bytes()
 
-    report: dict[str, Any] = {"fingerprint": tuner.fingerprint(threads), "grid": list(grid), "models": {}}
+    report: dict[str, Any] = {"fingerprint": fingerprint(threads), "grid": list(grid), "models": {}}
     all_shapes: dict[str, dict[str, dict[str, Any]]] = {}
-    tables: dict[str, tuner.DataflowTable] = {}
+    tables: dict[str, DataflowTable] = {}
     for model in models:
         if model == "smollm2":
             lins = embedded_linears()
@@ -389,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             shapes[key] = bench_shape(lin, grid, args.allow_approx, budget, reps, cap, rotate)
             print(f"  {model} {key}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         all_shapes[model] = shapes
-        tables[model] = tuner.DataflowTable(
-            fingerprint=tuner.fingerprint(threads), shapes={k: r["result"] for k, r in shapes.items()}
+        tables[model] = DataflowTable(
+            fingerprint=fingerprint(threads), shapes={k: r["result"] for k, r in shapes.items()}
         )
         print(format_shapes(model, shapes, grid))
         report["models"][model] = {

@@ -11,7 +11,7 @@ Tasks: decode tokens/s at batch 1 and 8 (``--decode-prompt`` tokens of context, 
 tokens generated; the steps after the first token are timed) and prefill tokens/s for 128- and
 512-token prompts (one prompt; the time to its first token). Figures are medians with min-max over
 repetitions, ratios flashdecode / peer, and fractions of the roofline bound
-(``flashdecode.hardware.roofline``) at each process's own bandwidth.
+(``flashdecode.tools.roofline``) at each process's own bandwidth.
 
 Subcommands: ``run`` (the default), ``prepare`` (the shared weights; setup_peers.sh calls it) and
 ``worker`` (one measurement; internal).
@@ -203,7 +203,7 @@ def _random_ids(rng: random.Random, vocab: int, n: int, avoid: set[int]) -> list
 
 class FlashdecodeRunner:
     def __init__(self, model: str, threads: int, tasks: list[dict[str, Any]]):
-        from flashdecode.llm import LLM
+        from flashdecode.entrypoints.llm import LLM
 
         longest = max(t["prompt_len"] + t.get("gen_len", 1) for t in tasks) + 1
         batch = max(t.get("batch", 1) for t in tasks)
@@ -217,17 +217,17 @@ class FlashdecodeRunner:
         self.rng = random.Random(0)
 
     def warmup(self) -> None:
-        from flashdecode.bench import run_cell
+        from flashdecode.tools.bench import run_cell
 
         run_cell(self.engine, 1, 8, 2, self.rng)
 
     def decode(self, batch: int, prompt_len: int, gen_len: int) -> float:
-        from flashdecode.bench import run_cell
+        from flashdecode.tools.bench import run_cell
 
         return run_cell(self.engine, batch, prompt_len, gen_len, self.rng).decode_tok_s
 
     def prefill(self, prompt_len: int) -> float:
-        from flashdecode.bench import run_cell
+        from flashdecode.tools.bench import run_cell
 
         return run_cell(self.engine, 1, prompt_len, 2, self.rng).prefill_tok_s
 
@@ -376,7 +376,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Measure one engine on one model: bandwidth first (this process's), then every task."""
     import torch
 
-    from flashdecode.hardware import probe
+    from flashdecode.tools import probe
 
     torch.set_num_threads(args.threads)
     tasks = json.loads(args.tasks)
@@ -498,7 +498,7 @@ def run_worker(engine: str, path: str, tasks: list[dict[str, Any]], args: argpar
 
 @functools.cache
 def _describe(model_file: str) -> tuple[Any, dict[str, str]]:
-    from flashdecode.hardware.roofline import describe_model
+    from flashdecode.tools.roofline import describe_model
 
     spec, formats, _ = describe_model(model_file)
     return spec, formats
@@ -506,7 +506,7 @@ def _describe(model_file: str) -> tuple[Any, dict[str, str]]:
 
 def roofline_bound(model_file: str, task: dict[str, Any], bandwidth: float, threads: int) -> float:
     """tokens/s bound of a task at ``bandwidth``, weights in their stored format, a 16-bit KV cache."""
-    from flashdecode.hardware.roofline import Ceilings, ModelCost, machine_ceilings
+    from flashdecode.tools.roofline import Ceilings, ModelCost, machine_ceilings
 
     spec, formats = _describe(model_file)
     cost = ModelCost(
@@ -597,9 +597,9 @@ def _frac(entry: dict[str, Any]) -> str:
 
 
 def machine_description(threads: int) -> dict[str, Any]:
-    from flashdecode.hardware import probe
+    from flashdecode.utils import cpuinfo
 
-    flags = probe.cpu_flags()
+    flags = cpuinfo.cpu_flags()
     wanted = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"]
     wanted += ["avx512vbmi", "amx_tile", "amx_bf16", "amx_int8"]
     mem_gib = 0.0
@@ -628,8 +628,8 @@ def machine_description(threads: int) -> dict[str, Any]:
     except OSError:
         commit = "?"
     return {
-        "cpu": probe.cpu_model(),
-        "physical_cores": probe.physical_cores(),
+        "cpu": cpuinfo.cpu_model(),
+        "physical_cores": cpuinfo.physical_cores(),
         "threads": threads,
         "memory_gib": round(mem_gib, 1),
         "flags": [f for f in wanted if f in flags],
@@ -643,7 +643,7 @@ def machine_description(threads: int) -> dict[str, Any]:
 def serve_status() -> str:
     from flashdecode import cli
 
-    if "serve" not in cli.COMMANDS:
+    if "serve" not in cli.build_parser()._subparsers._group_actions[0].choices:
         return "not measured: `flashdecode serve` does not exist yet"
     return "not measured: `flashdecode serve` exists but this script does not drive it yet"
 
@@ -729,7 +729,7 @@ def render_markdown(report: dict[str, Any], chart_name: str | None, roofline_nam
         f"{report['decode_prompt']}-token prompts, {report['decode_len']} tokens generated, the steps "
         "after the first token timed. Prefill: one prompt, time to its first token. Roofline: the bound "
         "at the bandwidth measured in the same processes, weights in their stored format, a 16-bit KV cache "
-        "(`flashdecode/hardware/roofline.py`); each engine's figure as a fraction of the bound of its "
+        "(`flashdecode/tools/roofline.py`); each engine's figure as a fraction of the bound of its "
         "own process.",
         "",
     ]
@@ -838,7 +838,7 @@ def headline(summary: dict[str, Any]) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flashdecode.hardware.roofline import machine_ceilings
+    from flashdecode.tools.roofline import machine_ceilings
 
     if args.quick:
         args.reps = args.reps or 1

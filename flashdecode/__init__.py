@@ -1,6 +1,9 @@
 """flashdecode: an LLM inference engine built on FlashDecoding++ (Hong et al., MLSys 2024)."""
 
+from ._version import __version__
 from .config import EngineConfig
+from .entrypoints.async_engine import AsyncLLMEngine
+from .entrypoints.llm import LLM
 from .errors import (
     FlashDecodeError,
     InvalidPromptError,
@@ -9,13 +12,13 @@ from .errors import (
     PromptTooLongError,
     UnsupportedArchitectureError,
 )
-from .llm import LLM
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import SamplingParams
 
-__version__ = "0.1.0"
 __all__ = [
+    "__version__",
     "LLM",
+    "AsyncLLMEngine",
     "SamplingParams",
     "RequestOutput",
     "CompletionOutput",

@@ -1,287 +1,44 @@
-"""``flashdecode generate | chat | info``.
+"""``flashdecode``: the command table, the one module above every layer.
 
-Bad input never produces a traceback here: every ``FlashDecodeError`` becomes one line on stderr and
-exit code 2.
+Each command lives with the code it drives: ``generate``, ``chat`` and ``info`` in
+entrypoints/cli.py; ``roofline``, ``bench``, ``calibrate`` and ``tune`` in tools/. Bad input never
+produces a traceback: every ``FlashDecodeError`` becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
-from typing import Any
 
+from .entrypoints import cli as engine_commands
 from .errors import FlashDecodeError
+from .tools import bench, calibrate, roofline, tune
 
 EXIT_BAD_INPUT = 2
 
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=None, help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M)"
-    )
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length per sequence")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    p.add_argument(
-        "--softmax",
-        choices=("auto", "exact", "unified"),
-        default="auto",
-        help="attention softmax: exact, unified (FlashDecoding++'s unified max value), or auto "
-        "(unified when `flashdecode calibrate` has calibrated the model)",
-    )
-    p.add_argument(
-        "--dataflow",
-        choices=("auto", "off"),
-        default="auto",
-        help="linear kernels: auto (the table `flashdecode tune` wrote for this machine, else the default "
-        "plan) or off (one fixed kernel per weight format)",
-    )
-    p.add_argument(
-        "--quantization",
-        choices=("int8", "int4"),
-        default=None,
-        help="quantize float weights at load: int8 (Q8_0) or int4 (Q4_1), group size 32",
-    )
-
-
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+TOOLS = {
+    "roofline": (roofline, "this machine's ceilings and the model's bound on tokens/s"),
+    "bench": (bench, "offline prefill/decode throughput, latency vs the roofline"),
+    "calibrate": (calibrate, "choose the unified softmax max value (phi) for a model"),
+    "tune": (tune, "time the linear kernels per shape and M; write this machine's table"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashdecode", description="FlashDecoding++ LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
-    gen.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin)")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    _add_model_args(gen)
-    _add_sampling_args(gen)
-
-    chat = sub.add_parser("chat", help="interactive chat in the terminal")
-    chat.add_argument("--system", default=None, help="system prompt")
-    _add_model_args(chat)
-    _add_sampling_args(chat)
-
-    info = sub.add_parser("info", help="describe a model: architecture, size, formats, context")
-    info.add_argument("--model", default=None)
-
-    from . import bench
-    from .hardware import roofline
-
-    roof = sub.add_parser("roofline", help="this machine's ceilings and the model's bound on tokens/s")
-    roofline.add_arguments(roof)
-    bench_parser = sub.add_parser("bench", help="offline prefill/decode throughput, latency vs the roofline")
-    bench.add_arguments(bench_parser)
-
-    cal = sub.add_parser("calibrate", help="choose the unified softmax max value (phi) for a model")
-    cal.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: embedded)")
-    cal.add_argument("--text", default=None, help="calibration text file (default: the shipped sample)")
-    cal.add_argument("--heldout", default=None, help="held-out text file for the fallback rate")
-    cal.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-
-    tune = sub.add_parser("tune", help="time the linear kernels per shape and M; write this machine's table")
-    tune.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: embedded)")
-    tune.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    tune.add_argument(
-        "--allow-approx",
-        action="store_true",
-        help="also consider kernels that round weights or activations (bf16)",
-    )
-    tune.add_argument("--quick", action="store_true", help="a coarse M grid and short timings (a smoke test)")
-    tune.add_argument(
-        "--quantization", choices=("int8", "int4"), default=None, help="tune a float model served quantized"
-    )
-    tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    engine_commands.add_commands(sub)
+    for name, (module, summary) in TOOLS.items():
+        p = sub.add_parser(name, help=summary)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
     return parser
-
-
-def _make_llm(args: argparse.Namespace) -> Any:
-    from .llm import LLM
-
-    return LLM(
-        model=args.model,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        num_threads=args.threads,
-        softmax=args.softmax,
-        dataflow=args.dataflow,
-        quantization=args.quantization,
-    )
-
-
-def _sampling(args: argparse.Namespace) -> Any:
-    from .sampling_params import SamplingParams
-
-    return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
-
-
-def stream_text(llm: Any, prompt: Any, params: Any) -> Iterator[str]:
-    """Yield the text of one request as the engine produces it."""
-    engine = llm.engine
-    request_id = f"cli-{id(prompt)}"
-    engine.add_request(request_id, prompt, params)
-    emitted = 0
-    try:
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                text = out.outputs[0].text
-                if len(text) > emitted:
-                    yield text[emitted:]
-                    emitted = len(text)
-    finally:
-        engine.abort(request_id)
-
-
-def _chat_prompt(llm: Any, messages: list[dict[str, str]]) -> dict[str, Any]:
-    tok = llm.get_tokenizer()
-    text = tok.apply_chat_template(messages, add_generation_prompt=True)
-    return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    llm = _make_llm(args)
-    request = _chat_prompt(llm, [{"role": "user", "content": prompt}]) if args.chat else prompt
-    for piece in stream_text(llm, request, _sampling(args)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    return 0
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    llm = _make_llm(args)
-    params = _sampling(args)
-    messages: list[dict[str, str]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    print("flashdecode chat: empty line or Ctrl-D to quit", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        messages.append({"role": "user", "content": line})
-        reply = []
-        for piece in stream_text(llm, _chat_prompt(llm, messages), params):
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
-    return 0
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    from collections import Counter
-
-    from .models.loader import load_model
-
-    loaded = load_model(args.model)
-    spec = loaded.spec
-    formats = Counter(loaded.formats.values())
-    rows = [
-        ("source", loaded.source),
-        ("architecture", spec.family.name),
-        ("parameters", f"{spec.num_parameters():,}"),
-        ("layers", spec.num_layers),
-        ("hidden size", spec.hidden_size),
-        ("attention heads", f"{spec.num_heads} (kv {spec.num_kv_heads}, head dim {spec.head_dim})"),
-        ("intermediate size", spec.intermediate_size),
-        ("vocabulary", spec.vocab_size),
-        ("context length", spec.max_position),
-        (
-            "rope",
-            f"theta {spec.rope_theta:g}"
-            + (f", {spec.rope_scaling.kind} scaling" if spec.rope_scaling else ""),
-        ),
-        ("tied embeddings", "yes" if spec.tie_embeddings else "no"),
-        ("tensor formats", ", ".join(f"{name} x{count}" for name, count in formats.most_common())),
-        ("chat template", "yes" if loaded.tokenizer.chat_template else "no"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-    return 0
-
-
-def cmd_roofline(args: argparse.Namespace) -> int:
-    from .hardware.roofline import cmd_roofline as run
-
-    return run(args)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import cmd_bench as run
-
-    return run(args)
-
-
-def _read_text(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FlashDecodeError(f"cannot read {path}: {exc}") from exc
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .hardware.calibrate import calibrate, format_report
-
-    text, heldout = _read_text(args.text), _read_text(args.heldout)
-    calibration, path = calibrate(args.model, text, heldout, num_threads=args.threads)
-    print(format_report(calibration, path))
-    return 0
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    from .hardware.tuner import tune_model
-
-    if args.threads is not None and args.threads < 1:
-        raise FlashDecodeError(f"--threads {args.threads}: must be a positive integer")
-    _, path = tune_model(
-        args.model,
-        num_threads=args.threads,
-        allow_approx=args.allow_approx,
-        quick=args.quick,
-        quantization=args.quantization,
-        progress=not args.no_progress,
-    )
-    print(f"table: {path}")
-    return 0
-
-
-COMMANDS = {
-    "generate": cmd_generate,
-    "chat": cmd_chat,
-    "info": cmd_info,
-    "roofline": cmd_roofline,
-    "bench": cmd_bench,
-    "calibrate": cmd_calibrate,
-    "tune": cmd_tune,
-}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return args.run(args)
     except FlashDecodeError as exc:
         print(f"flashdecode: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

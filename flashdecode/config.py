@@ -7,8 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from .errors import FlashDecodeError
-from .ops.attention import SOFTMAX_MODES
-from .ops.kv_cache import KV_CACHE_DTYPES
+
+# the choices of the engine's options, named once here for every layer that checks them
+SOFTMAX_MODES = ("auto", "exact", "unified")  # FlashDecoding++ section 3 (layers/attention.py)
+DATAFLOW_MODES = ("auto", "off")  # FlashDecoding++ section 5 (layers/dataflow.py)
+KV_CACHE_DTYPES = ("auto", "bf16", "int8")
+QUANTIZATIONS = (None, "int8", "int4")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -60,9 +64,9 @@ class EngineConfig:
             raise FlashDecodeError(f"kv_cache_memory_fraction={fraction!r} must be in (0, 0.95]")
         if fraction is not None and self.kv_cache_bytes is not None:
             raise FlashDecodeError("give kv_cache_bytes or kv_cache_memory_fraction, not both")
-        if self.dataflow not in ("auto", "off"):
-            raise FlashDecodeError(f"dataflow={self.dataflow!r}: expected auto or off")
-        if self.quantization not in (None, "int8", "int4"):
+        if self.dataflow not in DATAFLOW_MODES:
+            raise FlashDecodeError(f"dataflow={self.dataflow!r}: expected one of {DATAFLOW_MODES}")
+        if self.quantization not in QUANTIZATIONS:
             raise FlashDecodeError(f"quantization={self.quantization!r}: expected None, int8 or int4")
         if self.softmax not in SOFTMAX_MODES:
             raise FlashDecodeError(f"softmax={self.softmax!r}: expected one of {SOFTMAX_MODES}")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the random reference models of tests/model_factory.py, built once per session."""
+"""Shared fixtures: every test's own cache directory, and the random reference models of
+tests/model_factory.py, built once per session."""
 
 from __future__ import annotations
 
@@ -14,6 +15,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import model_factory  # noqa: E402  (tests/ is on sys.path: pytest's rootdir conftest import mode)
+
+from flashdecode.kernels.cpu import kernel_dir  # noqa: E402
+
+# Built kernels are keyed by their source and flags, so sharing the user's saves a rebuild per test;
+# tuned tables, calibrations and measured ceilings are never shared (``isolated_cache_dir``).
+os.environ.setdefault("FLASHDECODE_KERNEL_DIR", str(kernel_dir()))
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets an empty cache directory of its own: whatever ``flashdecode tune`` or
+    ``calibrate`` left in the user's cache (a table tuned under load, say) cannot change a result."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("FLASHDECODE_CACHE_DIR", str(path))
+    return path
 
 
 def _quiet_transformers() -> None:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from flashdecode.ops import attention as A
-from flashdecode.ops.attention import (
+from flashdecode.layers import attention as A
+from flashdecode.layers.attention import (
     WINDOW_FP16,
     WINDOW_FP32,
     AttentionMetadata,
@@ -16,7 +16,7 @@ from flashdecode.ops.attention import (
     SoftmaxPolicy,
     paged_attention,
 )
-from flashdecode.ops.kv_cache import KVCache
+from flashdecode.layers.kv_cache import KVCache
 
 DECODE_SHAPES = [  # batch, padded length, heads, kv heads, head dim
     (1, 1, 4, 2, 16),

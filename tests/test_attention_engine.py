@@ -9,7 +9,7 @@ import pytest
 
 from flashdecode import LLM, SamplingParams
 from flashdecode.cli import build_parser
-from flashdecode.ops.attention import WINDOW_FP16, SoftmaxPolicy
+from flashdecode.layers.attention import WINDOW_FP16, SoftmaxPolicy
 
 PROMPTS = [
     "The capital of France is",

@@ -13,9 +13,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from flashdecode.ops import attention as A  # noqa: E402
-from flashdecode.ops.attention import WINDOW_FP16, SoftmaxPolicy, paged_attention  # noqa: E402
-from flashdecode.ops.triton.attention import decode_attention_triton, prefill_attention_triton  # noqa: E402
+from flashdecode.kernels.triton.attention import decode_attention_triton, prefill_attention_triton  # noqa: E402
+from flashdecode.layers import attention as A  # noqa: E402
+from flashdecode.layers.attention import WINDOW_FP16, SoftmaxPolicy, paged_attention  # noqa: E402
 
 # fp32: float rounding; fp16/bf16: the probabilities enter the PV dot rounded to the input dtype
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from flashdecode import bench
 from flashdecode.cli import main
 from flashdecode.errors import FlashDecodeError
-from flashdecode.hardware import probe, roofline
-from flashdecode.hardware.roofline import Ceilings
+from flashdecode.tools import bench, roofline
+from flashdecode.tools.roofline import Ceilings
+from flashdecode.utils.paths import cache_dir, write_json
 
 CEILINGS = Ceilings(bandwidth=30e9, flops={"fp32": 2e11, "bf16": 7e11, "int8": 1.4e12}, threads=1)
 
@@ -74,7 +74,7 @@ def test_quick_bench_on_a_tiny_model(tiny_gguf: Path) -> None:
 def test_bench_command_writes_json(tiny_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     key = roofline._cache_key(1)
     entry = {"bandwidth": 30e9, "flops": {"fp32": 2e11, "bf16": 7e11, "int8": 1.4e12}, "measured_at": "t"}
-    probe.store_cached(roofline.CACHE_FILE, {"version": roofline.CACHE_VERSION, key: entry})
+    write_json(cache_dir() / roofline.CACHE_FILE, {"version": roofline.CACHE_VERSION, key: entry})
     out = tmp_path / "bench.json"
     argv = ["bench", "--model", str(tiny_gguf), "--batch", "1,2", "--prompt-len", "8", "--gen-len", "3"]
     assert main([*argv, "--threads", "1", "--json", str(out), "--no-progress"]) == 0

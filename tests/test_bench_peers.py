@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flashdecode.hardware import probe, roofline
+from flashdecode.tools import roofline
+from flashdecode.utils.paths import cache_dir, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,9 +28,8 @@ def peers():
 def _cached_ceilings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLASHDECODE_CACHE_DIR", str(tmp_path / "cache"))
     entry = {"bandwidth": 30e9, "flops": {"fp32": 2e11, "bf16": 7e11, "int8": 1.4e12}, "measured_at": "t"}
-    probe.store_cached(
-        roofline.CACHE_FILE, {"version": roofline.CACHE_VERSION, roofline._cache_key(2): entry}
-    )
+    data = {"version": roofline.CACHE_VERSION, roofline._cache_key(2): entry}
+    write_json(cache_dir() / roofline.CACHE_FILE, data)
 
 
 def test_summary_ratios_fractions_and_report(peers, gguf_model, tmp_path: Path) -> None:

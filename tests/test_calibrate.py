@@ -1,4 +1,4 @@
-"""Calibration of the unified max value (hardware/calibrate.py) and the ``flashdecode calibrate`` CLI."""
+"""Calibration of the unified max value (tools/calibrate.py, engine/calibration.py) and its CLI."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 
 from flashdecode import LLM, FlashDecodeError, SamplingParams
 from flashdecode.cli import main
-from flashdecode.hardware import calibrate as C
-from flashdecode.ops.attention import WINDOW_FP16
+from flashdecode.engine import calibration as K
+from flashdecode.layers.attention import WINDOW_FP16
+from flashdecode.tools import calibrate as C
 
 
 @pytest.fixture(autouse=True)
@@ -50,36 +51,36 @@ def test_choose_phi_maximises_coverage() -> None:
 def test_cache_key_follows_the_model_files(tmp_path: Path, tmp_cache: Path) -> None:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF" + b"\0" * 100)
-    key = C.model_key(model)
-    assert C.calibration_path(model) == tmp_cache / "models" / key / "softmax.json"
+    key = K.model_key(model)
+    assert K.calibration_path(model) == tmp_cache / "models" / key / "softmax.json"
     os.utime(model, ns=(1, 1))
-    assert C.model_key(model) != key  # an edited model never matches a stale calibration
+    assert K.model_key(model) != key  # an edited model never matches a stale calibration
 
 
 def test_policy_resolution(tiny_model: Path) -> None:
     layers = 2
-    assert C.softmax_policy("auto", tiny_model, layers).mode == "exact"
-    assert C.softmax_policy("exact", tiny_model, layers).mode == "exact"
-    unified = C.softmax_policy("unified", tiny_model, layers)
+    assert K.softmax_policy("auto", tiny_model, layers).mode == "exact"
+    assert K.softmax_policy("exact", tiny_model, layers).mode == "exact"
+    unified = K.softmax_policy("unified", tiny_model, layers)
     assert unified.mode == "unified" and unified.phi == (0.0,)
     with pytest.raises(FlashDecodeError):
-        C.softmax_policy("fastest", tiny_model, layers)
+        K.softmax_policy("fastest", tiny_model, layers)
 
-    path = C.save_calibration(tiny_model, C.Calibration(phi=[1.5, -2.0], phi_global=0.5, per_layer=True))
-    auto = C.softmax_policy("auto", tiny_model, layers)
+    path = K.save_calibration(tiny_model, K.Calibration(phi=[1.5, -2.0], phi_global=0.5, per_layer=True))
+    auto = K.softmax_policy("auto", tiny_model, layers)
     assert auto.mode == "unified" and auto.phi == (1.5, -2.0)
-    assert C.softmax_policy("auto", tiny_model, 3).mode == "exact"  # wrong layer count: not this model
+    assert K.softmax_policy("auto", tiny_model, 3).mode == "exact"  # wrong layer count: not this model
     path.write_text("{not json")
-    assert C.softmax_policy("auto", tiny_model, layers).mode == "exact"
-    path.write_text(json.dumps({"format": C.FORMAT, "version": C.VERSION, "phi": [1e9, 0.0]}))
-    assert C.load_calibration(tiny_model) is None
+    assert K.softmax_policy("auto", tiny_model, layers).mode == "exact"
+    path.write_text(json.dumps({"format": K.FORMAT, "version": K.VERSION, "phi": [1e9, 0.0]}))
+    assert K.load_calibration(tiny_model) is None
 
 
 def test_calibrate_stores_phi_and_the_engine_uses_it(tiny_model: Path, tmp_cache: Path) -> None:
     calibration, path = C.calibrate(tiny_model, short("calibration.txt"), short("heldout.txt"), num_threads=1)
     assert path is not None and path.is_file() and tmp_cache in path.parents
     data = json.loads(path.read_text())
-    assert data["format"] == C.FORMAT and len(data["phi"]) == 2 and data["model"]["path"] == str(tiny_model)
+    assert data["format"] == K.FORMAT and len(data["phi"]) == 2 and data["model"]["path"] == str(tiny_model)
     held = data["heldout"]
     assert held["rows"] > 0 and held["engine"]["rows_checked"] == held["rows"]
     for rate in (*held["fallback_rate"].values(), *data["calibration"]["fallback_rate"].values()):

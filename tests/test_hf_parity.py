@@ -268,8 +268,8 @@ def test_quantized_gguf_matches_transformers_dequantized(
 ) -> None:
     """(d) a quantized GGUF matches transformers running the same file (which dequantizes every tensor
     with gguf-py): the engine's quantized weights must decode to the same values."""
+    from flashdecode.layers.quant import QuantizedTensor
     from flashdecode.models.loader import load_model
-    from flashdecode.ops.quant import QuantizedTensor
 
     path = gguf_model(arch, tensor_type, **overrides)
     # every projection runs in its stored format (K-quants repacked exactly), none inflated to float

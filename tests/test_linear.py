@@ -1,4 +1,4 @@
-"""Every candidate kernel of ops/linear.py against the reference x @ dequant(W)^T, and the dispatch."""
+"""Every candidate kernel of layers/linear.py against the reference x @ dequant(W)^T, and the dispatch."""
 
 from __future__ import annotations
 
@@ -7,17 +7,16 @@ import zlib
 import pytest
 import torch
 
-from flashdecode.ops import cpu_kernels
-from flashdecode.ops.linear import (
+from flashdecode.kernels.cpu import build as cpu_kernels
+from flashdecode.layers.dataflow import configure, default_plan, static_candidate
+from flashdecode.layers.linear import (
     CANDIDATES,
     MAX_PLAN_M,
     Linear,
     SplitLinear,
-    default_plan,
     fused_linear,
-    static_candidate,
 )
-from flashdecode.ops.quant import QuantizedTensor, quantize
+from flashdecode.layers.quant import QuantizedTensor, quantize
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +100,7 @@ def test_inputs_of_any_layout() -> None:
     gen = torch.Generator().manual_seed(2)
     w = quantize(torch.randn(40, 64, generator=gen), "Q4_1")
     lin = Linear(w)
+    configure([lin])
     base = torch.randn(6, 128, generator=gen)
     x = base[:, ::2]  # non-unit column stride
     assert_close(lin(x), x, w, None, True, "strided")
@@ -148,6 +148,7 @@ def test_fused_projections_of_mixed_formats() -> None:
     bias = [torch.randn(8, generator=gen), torch.randn(4, generator=gen)]
     fused = fused_linear(parts, bias)
     assert isinstance(fused, SplitLinear) and fused.out_features == 12
+    configure([fused])
     x = torch.randn(3, 64, generator=gen)
     ref = torch.cat([reference(x, p, b) for p, b in zip(parts, bias)], dim=-1)
     assert torch.allclose(fused(x).double(), ref, atol=1e-4)

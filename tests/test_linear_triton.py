@@ -15,8 +15,8 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 
 from model_factory import random_k_blocks  # noqa: E402
 
-from flashdecode.ops.quant import QuantizedTensor, quantize  # noqa: E402
-from flashdecode.ops.triton.flat_gemm import flat_gemm  # noqa: E402
+from flashdecode.kernels.triton.flat_gemm import flat_gemm  # noqa: E402
+from flashdecode.layers.quant import QuantizedTensor, quantize  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 

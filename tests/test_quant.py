@@ -10,8 +10,8 @@ import pytest
 import torch
 from model_factory import random_k_blocks  # tests/ is on sys.path (conftest)
 
-from flashdecode.ops import cpu_kernels
-from flashdecode.ops.quant import (
+from flashdecode.kernels.cpu import build as cpu_kernels
+from flashdecode.layers.quant import (
     BYTE_FORMATS,
     NATIVE_FORMATS,
     REPACKED_FORMATS,
@@ -117,17 +117,18 @@ def test_prepare_weights_quantizes_float_matrices_only() -> None:
         "layers.0.q_bias": torch.randn(64),
         "layers.0.down": torch.randn(64, 48),  # rows not a multiple of 32: stays float
     }
-    out = prepare_weights(weights, torch.float32, "int4")
+    matrices = {"embed", "layers.0.q", "layers.0.down"}  # what ModelSpec.matrices() names
+    out = prepare_weights(weights, torch.float32, matrices, "int4")
     assert isinstance(out["embed"], QuantizedTensor) and out["embed"].format == "Q4_1"
     assert isinstance(out["layers.0.q"], QuantizedTensor)
     assert not isinstance(out["layers.0.down"], QuantizedTensor)
     assert out["layers.0.attn_norm"].dtype == torch.float32
-    assert prepare_weights(weights, torch.float32, "int8")["layers.0.q"].format == "Q8_0"
+    assert prepare_weights(weights, torch.float32, matrices, "int8")["layers.0.q"].format == "Q8_0"
     # quantization error of group-wise int8 is small
     err = (out["layers.0.q"].dequantize() - weights["layers.0.q"]).abs().max()
     assert err < 0.5
     with pytest.raises(ValueError):
-        prepare_weights(weights, torch.float32, "int3")
+        prepare_weights(weights, torch.float32, matrices, "int3")
 
 
 def test_embedded_model_keeps_its_blocks() -> None:
@@ -189,7 +190,7 @@ def test_every_build_this_cpu_runs_is_correct(isa: str) -> None:
             w = QuantizedTensor.from_gguf_blocks(fmt, random_k_blocks(fmt, 37, 256, seed=2), (37, 256))
         k = w.shape[1]
         ref_w = w._dequant_torch().double()
-        assert torch.equal(lib.dequant(w), w._dequant_torch())
+        assert torch.equal(lib.dequant(fmt, w.planes()), w._dequant_torch())
         for m in (1, 3, 4, 5, 8, 13, 40):
             x = torch.randn(m, k, generator=gen)
             bias = torch.randn(37, generator=gen)
@@ -214,18 +215,31 @@ def test_large_m_runs_in_passes_that_match_one_product() -> None:
     assert ((y.double() - ref).abs() <= 1e-5 * (x.double().abs() @ ref_w.abs().T) + 1e-5).all()
 
 
-def test_failed_build_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def _failing_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setattr(cpu_kernels, "_state", {})
-    monkeypatch.setenv("FLASHDECODE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FLASHDECODE_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "false")
+
+
+def test_failed_build_is_an_error_where_native_kernels_are_required(monkeypatch, tmp_path) -> None:
+    _failing_compiler(monkeypatch, tmp_path)
+    monkeypatch.setenv("FLASHDECODE_REQUIRE_NATIVE", "1")  # as CI sets it
+    with pytest.raises(RuntimeError, match="FLASHDECODE_REQUIRE_NATIVE"):
+        cpu_kernels.load()
+
+
+def test_failed_build_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    _failing_compiler(monkeypatch, tmp_path)
+    monkeypatch.delenv("FLASHDECODE_REQUIRE_NATIVE", raising=False)
     with pytest.warns(RuntimeWarning, match="native CPU kernels unavailable"):
         assert cpu_kernels.load() is None
     # the engine's weights still load: blocks are dequantized once, with the warning already given
     weights = {"layers.0.q": quantize(torch.randn(8, 32), "Q8_0")}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = prepare_weights(weights, torch.float32)
+        native = cpu_kernels.load() is not None
+        out = prepare_weights(weights, torch.float32, {"layers.0.q"}, keep_blocks=native)
     assert isinstance(out["layers.0.q"], torch.Tensor)
     assert torch.equal(out["layers.0.q"], weights["layers.0.q"]._dequant_torch())
 

@@ -10,9 +10,10 @@ import pytest
 
 from flashdecode.cli import main
 from flashdecode.errors import FlashDecodeError
-from flashdecode.hardware import probe, roofline
-from flashdecode.hardware.roofline import Ceilings, ModelCost, bytes_per_weight
 from flashdecode.models.spec import FAMILIES, ModelSpec
+from flashdecode.tools import probe, roofline
+from flashdecode.tools.roofline import Ceilings, ModelCost, bytes_per_weight
+from flashdecode.utils.paths import cache_dir, write_json
 
 
 @pytest.fixture(autouse=True)
@@ -289,10 +290,10 @@ def test_ceilings_are_cached_in_the_cache_dir(_cache_dir: Path, monkeypatch: pyt
 def test_cache_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("FLASHDECODE_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert probe.cache_dir() == tmp_path / "xdg" / "flashdecode"
+    assert cache_dir() == tmp_path / "xdg" / "flashdecode"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert probe.cache_dir() == tmp_path / ".cache" / "flashdecode"
+    assert cache_dir() == tmp_path / ".cache" / "flashdecode"
 
 
 # --- the command -------------------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def _seed_cache() -> None:
     """Cached ceilings for 1 thread, so the command measures nothing."""
     key = roofline._cache_key(1)
     entry = {"bandwidth": 30e9, "flops": {"fp32": 2e11, "bf16": 7e11, "int8": 1.4e12}, "measured_at": "t"}
-    probe.store_cached(roofline.CACHE_FILE, {"version": roofline.CACHE_VERSION, key: entry})
+    write_json(cache_dir() / roofline.CACHE_FILE, {"version": roofline.CACHE_VERSION, key: entry})
 
 
 def test_roofline_command(gguf_model, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -344,16 +345,20 @@ def test_roofline_bad_input_is_one_line(argv, message, capsys: pytest.CaptureFix
     assert err.count("\n") == 1 and message in err
 
 
-def test_kv_bytes_per_token_of_an_engine_cache() -> None:
+@pytest.mark.parametrize(
+    ("kv_dtype", "per_head"), [("auto", 2 * 16 * 4), ("bf16", 2 * 16 * 2), ("int8", 2 * (16 + 4))]
+)
+def test_kv_bytes_per_token_of_the_real_cache(kv_dtype: str, per_head: int) -> None:
+    """What the roofline charges per cached token is what the engine's KV cache holds: K and V of
+    every layer and kv head (int8: values and one fp32 scale each), counted by hand."""
     import torch
 
-    class FakeCache:  # int8 values and one fp32 scale per token and head, as a quantized cache holds
-        def __init__(self) -> None:
-            self.k = torch.empty(2, 10, 2, 16, dtype=torch.int8)
-            self.v = torch.empty(2, 10, 2, 16, dtype=torch.int8)
-            self.k_scale = torch.empty(2, 10, 2)
-            self.v_scale = torch.empty(2, 10, 2)
+    from flashdecode.layers.kv_cache import KVCache
 
-    spec = small_spec()
-    assert roofline.kv_bytes_per_token_of(FakeCache(), spec, 4) == 2 * 2 * 2 * (16 + 4)
-    assert roofline.kv_bytes_per_token_of(None, spec, 4) == 512  # no cache object: the dtype's size
+    cache = KVCache(3, 10, 2, 16, torch.float32, kv_dtype)
+    assert cache.bytes_per_slot == 3 * 2 * per_head
+    assert cache.bytes_per_slot == KVCache.bytes_per_token(3, 2, 16, torch.float32, kv_dtype)
+    slots = cache.kv.shape[1]
+    held = cache.kv.numel() * cache.kv.element_size()
+    held += cache.kv_scale.numel() * cache.kv_scale.element_size() if kv_dtype == "int8" else 0
+    assert held == slots * cache.bytes_per_slot

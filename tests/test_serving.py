@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flashdecode import LLM, SamplingParams
-from flashdecode.engine.async_engine import AsyncLLMEngine
 from flashdecode.engine.detokenizer import append_new_text
 from flashdecode.engine.llm_engine import LLMEngine
 from flashdecode.engine.sequence import Request, Sequence
+from flashdecode.entrypoints.async_engine import AsyncLLMEngine
 
 HELDOUT = files("flashdecode").joinpath("data/heldout.txt").read_text()
 TOPICS = ["the sea", "a cat", "Paris", "numbers", "music", "trees", "the moon", "bread"]

@@ -1,4 +1,4 @@
-"""The tuned dataflow (hardware/tuner.py): measuring, crossovers, the table on disk, and dispatch."""
+"""The tuned dataflow (layers/dataflow.py, tools/tune.py): measuring, crossovers, the table, dispatch."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashdecode.hardware import tuner
-from flashdecode.ops import cpu_kernels
-from flashdecode.ops.linear import Linear, configure, default_plan
-from flashdecode.ops.quant import quantize
+from flashdecode.kernels.cpu import build as cpu_kernels
+from flashdecode.layers import dataflow
+from flashdecode.layers.dataflow import configure, default_plan
+from flashdecode.layers.linear import Linear
+from flashdecode.layers.quant import quantize
+from flashdecode.tools import tune as tuner
 
 cpu_kernels.load()  # built (or found) in the user's cache before any test points the cache elsewhere
 
@@ -35,10 +37,10 @@ def test_tune_linear_and_table_round_trip(isolated_cache: Path) -> None:
     assert result.plan[0][0] == 1
     assert all(name in lin.candidates() for _, name in result.plan)
     assert set(result.times) <= set(lin.candidates()) and all(result.times.values())
-    table = tuner.DataflowTable(fingerprint=tuner.fingerprint(), shapes={lin.shape_key(): result})
+    table = dataflow.DataflowTable(fingerprint=dataflow.fingerprint(), shapes={lin.shape_key(): result})
     path = table.save()
     assert path.parent == isolated_cache / "dataflow"
-    loaded = tuner.load_table()
+    loaded = dataflow.load_table()
     assert loaded is not None and loaded.to_json() == table.to_json()
     assert loaded.plan_for(lin) == result.plan
     # the shape is what matters, not the weight's values
@@ -46,16 +48,16 @@ def test_tune_linear_and_table_round_trip(isolated_cache: Path) -> None:
     assert loaded.plan_for(small_linear(n=16)) is None
     # another thread count is another machine configuration
     torch.set_num_threads(2)
-    assert tuner.load_table() is None
+    assert dataflow.load_table() is None
 
 
 def test_corrupt_or_stale_tables_are_ignored(isolated_cache: Path) -> None:
-    path = tuner.table_path()
+    path = dataflow.table_path()
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
-    assert tuner.load_table() is None
-    path.write_text(json.dumps({"version": 0, "fingerprint": tuner.fingerprint(), "shapes": {}}))
-    assert tuner.load_table() is None
+    assert dataflow.load_table() is None
+    path.write_text(json.dumps({"version": 0, "fingerprint": dataflow.fingerprint(), "shapes": {}}))
+    assert dataflow.load_table() is None
     lin = small_linear()
     assert configure([lin], "auto") == {"table": 0, "default": 1, "static": 0}
     assert lin.plan == default_plan(lin)
@@ -64,9 +66,9 @@ def test_corrupt_or_stale_tables_are_ignored(isolated_cache: Path) -> None:
 def test_dispatch_follows_the_table() -> None:
     lin, other = small_linear(), small_linear("Q8_0")
     plan = [(1, "dequant_f32"), (7, "native")] if "native" in lin.candidates() else [(1, "dequant_f32")]
-    table = tuner.DataflowTable(
-        fingerprint=tuner.fingerprint(),
-        shapes={lin.shape_key(): tuner.ShapeResult(plan=plan, times={}, crossovers=[7])},
+    table = dataflow.DataflowTable(
+        fingerprint=dataflow.fingerprint(),
+        shapes={lin.shape_key(): dataflow.ShapeResult(plan=plan, times={}, crossovers=[7])},
     )
     counts = configure([lin, other], "auto", table=table)
     assert counts == {"table": 1, "default": 1, "static": 0}
@@ -104,7 +106,7 @@ def test_crossovers_are_bisected_and_hopeless_candidates_dropped(monkeypatch: py
     assert all("c" not in names for m, names in measured if m >= 64)
 
 
-def test_embedded_model_greedy_text_is_the_same_with_any_table(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embedded_model_greedy_text_is_the_same_with_any_table() -> None:
     """Every exact candidate computes with the stored weights in fp32: tables change only summation
     order, so greedy text is identical with the dataflow off, the default plan, and a table that
     switches kernels at several M."""
@@ -113,9 +115,12 @@ def test_embedded_model_greedy_text_is_the_same_with_any_table(monkeypatch: pyte
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
-    def run(dataflow: str, table=None) -> tuple[list[list[int]], LLM]:
-        monkeypatch.setattr(tuner, "load_table", lambda num_threads=None: table)
-        llm = LLM(max_model_len=128, num_threads=1, dataflow=dataflow)
+    def run(mode: str, table=None) -> tuple[list[list[int]], LLM]:
+        # the table on disk, where the engine looks for it (this test's own cache directory)
+        dataflow.table_path(dataflow.fingerprint(1)).unlink(missing_ok=True)
+        if table is not None:
+            table.save()
+        llm = LLM(max_model_len=128, num_threads=1, dataflow=mode)
         outs = llm.generate(prompts, params)
         return [o.outputs[0].token_ids for o in outs], llm
 
@@ -125,8 +130,8 @@ def test_embedded_model_greedy_text_is_the_same_with_any_table(monkeypatch: pyte
     for key, lin in tuner.distinct_linears(llm.engine.model.linears()).items():
         names = lin.candidates()
         plan = [(1, names[0])] + [(m, names[i % len(names)]) for i, m in enumerate((2, 3, 6, 9), start=1)]
-        shapes[key] = tuner.ShapeResult(plan=plan, times={}, crossovers=[])
-    mixed, llm_mixed = run("auto", tuner.DataflowTable(fingerprint=tuner.fingerprint(), shapes=shapes))
+        shapes[key] = dataflow.ShapeResult(plan=plan, times={}, crossovers=[])
+    mixed, llm_mixed = run("auto", dataflow.DataflowTable(fingerprint=dataflow.fingerprint(), shapes=shapes))
     assert llm_mixed.engine.model.dataflow["table"] == len(llm_mixed.engine.model.linears())
     assert off == default == mixed
 
@@ -165,7 +170,8 @@ def test_approximate_kernels_pass_the_perplexity_gate_and_stay_close() -> None:
     held-out positions (measured: int8 activations 0.09 nats, 97%; bf16 0.03 nats, 99%). Greedy text
     may differ after a few tokens, unlike with exact kernels."""
     from flashdecode import LLM, SamplingParams
-    from flashdecode.ops.linear import iter_linears, static_candidate
+    from flashdecode.layers.dataflow import static_candidate
+    from flashdecode.layers.linear import iter_linears
 
     names = ["dequant_bf16"] + (["native_i8"] if cpu_kernels.load() and cpu_kernels.load().has_i8 else [])
     gate = tuner.perplexity_gate(None, names, num_threads=1)  # all of heldout.txt, as `tune` runs it

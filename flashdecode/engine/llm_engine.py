@@ -12,14 +12,16 @@ import torch
 
 from ..config import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from ..errors import FlashDecodeError, InvalidPromptError, PromptTooLongError
-from ..hardware.calibrate import softmax_policy
-from ..hardware.probe import available_memory_bytes, physical_cores
+from ..layers.dataflow import DataflowTable, load_table
+from ..layers.kv_cache import KVCache
 from ..models.decoder import Decoder
 from ..models.loader import load_model
-from ..ops.kv_cache import KVCache
+from ..models.weights import LoadedModel
 from ..outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
+from ..utils.cpuinfo import available_memory_bytes, physical_cores
 from .block_manager import BlockManager
+from .calibration import softmax_policy
 from .detokenizer import append_new_text, find_stop_string
 from .model_runner import ModelRunner
 from .sampler import Sampler, SamplingRow, prompt_logprobs
@@ -55,23 +57,30 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
-    # unified-max softmax (ops/attention.py): attention rows checked against the safe window, and the
+    # unified-max softmax (layers/attention.py): attention rows checked against the safe window, and the
     # rows that left it and were recomputed with the exact softmax
     attention_rows_checked: int = 0
     attention_fallbacks: int = 0
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(
+        self, config: EngineConfig, loaded: LoadedModel | None = None, table: DataflowTable | None = None
+    ):
+        """``loaded``: an already loaded model (else ``config.model`` is loaded); ``table``: the dataflow
+        table to follow (else, with ``dataflow="auto"``, this machine's from the cache directory)."""
         self.config = config
         torch.set_num_threads(config.num_threads or physical_cores())
-        loaded = load_model(config.model)
+        loaded = load_model(config.model) if loaded is None else loaded
         self.tokenizer = loaded.tokenizer
         self.spec = loaded.spec
         self.formats = loaded.formats
         self.dtype = config.torch_dtype(loaded.formats.get("embed", ""))
         self.max_model_len = self._resolve_max_model_len()
-        self.model = Decoder(loaded, self.dtype, dataflow=config.dataflow, quantization=config.quantization)
+        # the tables offline tools wrote for this machine and model, read here and handed down
+        if table is None and config.dataflow == "auto":
+            table = load_table()
+        self.model = Decoder(loaded, self.dtype, config.dataflow, table, config.quantization)
         del loaded
         self.model.softmax = softmax_policy(config.softmax, config.model, self.spec.num_layers)
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..layers.attention import AttentionMetadata, PrefillSegment
+from ..layers.kv_cache import KVCache
 from ..models.decoder import Decoder
-from ..ops.attention import AttentionMetadata, PrefillSegment
-from ..ops.kv_cache import KVCache
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 

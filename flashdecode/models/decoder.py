@@ -11,21 +11,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops.attention import AttentionMetadata, SoftmaxPolicy, paged_attention
-from ..ops.kv_cache import KVCache
-from ..ops.linear import Linear, SplitLinear, configure, fused_linear
-from ..ops.quant import QuantizedTensor, prepare_weights
-from ..ops.rope import RotaryEmbedding, apply_rope
+from ..kernels import cpu
+from ..layers.attention import AttentionMetadata, SoftmaxPolicy, paged_attention
+from ..layers.dataflow import DataflowTable, configure
+from ..layers.kv_cache import KVCache
+from ..layers.linear import Linear, SplitLinear, fused_linear
+from ..layers.norms import rms_norm
+from ..layers.quant import QuantizedTensor, prepare_weights
+from ..layers.rope import RotaryEmbedding, apply_rope
 from .spec import ModelSpec
 from .weights import LoadedModel
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim; ``weight`` broadcasts against x (per-head q/k norms pass [heads, D])."""
-    if x.dtype == torch.float32 and weight.shape == x.shape[-1:]:
-        return F.rms_norm(x, weight.shape, weight, eps)  # one op, bit-identical to the line below in fp32
-    # normalise in fp32 and scale after casting back, as the reference implementations do
-    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 class DecoderLayer:
@@ -81,11 +76,19 @@ class DecoderLayer:
 
 class Decoder:
     def __init__(
-        self, loaded: LoadedModel, dtype: torch.dtype, dataflow: str = "auto", quantization: str | None = None
+        self,
+        loaded: LoadedModel,
+        dtype: torch.dtype,
+        dataflow: str = "auto",
+        table: DataflowTable | None = None,
+        quantization: str | None = None,
     ):
+        """``dataflow`` and ``table``: how every projection picks its kernel per M (layers/dataflow.py);
+        the engine hands down the tuned table it read, if any."""
         spec = loaded.spec
-        # float tensors cast to dtype; GGUF blocks kept (ops/quant.py); optional int8/int4 quantization
-        w = prepare_weights(loaded.weights, dtype, quantization)
+        # float tensors cast to dtype; GGUF blocks kept (layers/quant.py); optional int8/int4 quantization
+        keep_blocks = cpu.load() is not None
+        w = prepare_weights(loaded.weights, dtype, spec.matrices(), quantization, keep_blocks)
         self.spec = spec
         self.dtype = dtype
         self.embed = w["embed"]
@@ -93,9 +96,9 @@ class Decoder:
         self.norm = w["norm"]
         self.lm_head = Linear(self.embed if spec.tie_embeddings else w["lm_head"])
         self.rope = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.rope_scaling)
-        self.softmax: SoftmaxPolicy | None = None  # None: exact attention (ops/attention.py)
+        self.softmax: SoftmaxPolicy | None = None  # None: exact attention (layers/attention.py)
         # every projection's kernel per M: the tuned table, the default plan, or one static kernel
-        self.dataflow = configure(self.linears(), dataflow)
+        self.dataflow = configure(self.linears(), dataflow, table)
 
     def linears(self) -> list[Linear | SplitLinear]:
         mods: list[Linear | SplitLinear] = [self.lm_head]

@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp's format) -> ``ModelSpec`` + canonical weights + tokenizer.
 
 Matrices in a format with a native kernel (Q4_0, Q4_1, Q8_0 as stored; Q4_K, Q5_K, Q6_K repacked
-exactly) become a ``QuantizedTensor`` (ops/quant.py) and run quantized; every other format the ``gguf``
+exactly) become a ``QuantizedTensor`` (layers/quant.py) and run quantized; every other format the ``gguf``
 package knows is dequantized here with its reference code. The raw type of every tensor is
 recorded for ``flashdecode info``.
 """
@@ -15,29 +15,15 @@ import numpy as np
 import torch
 
 from ..errors import ModelLoadError
-from ..ops.quant import NATIVE_FORMATS, QuantizedTensor
-from .spec import ModelSpec, RopeScaling, family_for
+from ..kernels.formats import NATIVE_FORMATS
+from ..layers.quant import QuantizedTensor
+from ..layers.rope import RopeScaling
+from .spec import GLOBAL_TENSORS, LAYER_TENSORS, ModelSpec, family_for
 from .tokenizer import Tokenizer
 from .weights import LoadedModel
 
-# GGUF tensor name (after "blk.N.") -> canonical name (after "layers.N.")
-_LAYER_TENSORS = {
-    "attn_norm.weight": "attn_norm",
-    "attn_q.weight": "q",
-    "attn_k.weight": "k",
-    "attn_v.weight": "v",
-    "attn_output.weight": "o",
-    "attn_q.bias": "q_bias",
-    "attn_k.bias": "k_bias",
-    "attn_v.bias": "v_bias",
-    "attn_q_norm.weight": "q_norm",
-    "attn_k_norm.weight": "k_norm",
-    "ffn_norm.weight": "mlp_norm",
-    "ffn_gate.weight": "gate",
-    "ffn_up.weight": "up",
-    "ffn_down.weight": "down",
-}
-_GLOBAL_TENSORS = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
+_LAYER_TENSORS = {t.gguf: t.name for t in LAYER_TENSORS}  # GGUF name after "blk.N." -> canonical
+_GLOBAL_TENSORS = {t.gguf: t.name for t in GLOBAL_TENSORS}
 
 
 def _reader_class() -> type:
@@ -45,7 +31,7 @@ def _reader_class() -> type:
 
     class Reader(gguf.GGUFReader):
         """``GGUFReader`` over a plain ndarray view of its memory map: numpy's memmap subclass costs
-        microseconds per slice, and the reader slices once per vocabulary string (5x faster load)."""
+        microseconds per slice, and the reader slices once per vocabulary string."""
 
         @property
         def data(self) -> np.ndarray:
@@ -148,34 +134,51 @@ def _tensor_to_torch(t: Any) -> torch.Tensor | QuantizedTensor:
     return torch.from_numpy(np.ascontiguousarray(arr).reshape(shape))
 
 
-def load_gguf(path: str | Path) -> LoadedModel:
+def _canonical_name(name: str, family: str) -> str:
+    if name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[name]
+    if name.startswith("blk."):
+        _, layer, rest = name.split(".", 2)
+        if rest in _LAYER_TENSORS and layer.isdigit():
+            return f"layers.{int(layer)}.{_LAYER_TENSORS[rest]}"
+        raise ModelLoadError(f"unexpected tensor {name!r} for architecture {family}")
+    if name == "rope_freqs.weight":
+        return "rope_freqs"
+    raise ModelLoadError(f"unexpected tensor {name!r}")
+
+
+def _open(path: str | Path) -> tuple[Any, ModelSpec, Tokenizer, dict[str, Any]]:
+    """Reader, spec, tokenizer and the tensors by canonical name, without reading any tensor data."""
     reader = read_gguf(path)
     meta = gguf_metadata(reader)
     family_for(str(meta.get("general.architecture")))  # an unsupported model fails first, by name
     tokenizer = Tokenizer.from_gguf_metadata(meta)
-    by_name = {t.name: t for t in reader.tensors}
-    spec = _spec_from_metadata(meta, set(by_name), tokenizer)
+    spec = _spec_from_metadata(meta, {t.name for t in reader.tensors}, tokenizer)
+    try:
+        tensors = {_canonical_name(t.name, spec.family.name): t for t in reader.tensors}
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
+    return reader, spec, tokenizer, tensors
 
+
+def describe_gguf(path: str | Path) -> tuple[ModelSpec, dict[str, str]]:
+    """The spec and the stored format of every tensor (canonical name -> GGUF type name), from the
+    header alone: nothing is dequantized."""
+    _, spec, _, tensors = _open(path)
+    return spec, {name: t.tensor_type.name for name, t in tensors.items()}
+
+
+def load_gguf(path: str | Path) -> LoadedModel:
+    _, spec, tokenizer, tensors = _open(path)
     weights: dict[str, torch.Tensor] = {}
     formats: dict[str, str] = {}
-    for name, t in by_name.items():
-        if name in _GLOBAL_TENSORS:
-            canonical = _GLOBAL_TENSORS[name]
-        elif name.startswith("blk."):
-            _, layer, rest = name.split(".", 2)
-            if rest not in _LAYER_TENSORS:
-                raise ModelLoadError(
-                    f"{path}: unexpected tensor {name!r} for architecture {spec.family.name}"
-                )
-            canonical = f"layers.{int(layer)}.{_LAYER_TENSORS[rest]}"
-        elif name == "rope_freqs.weight":
-            canonical = "rope_freqs"
-        else:
-            raise ModelLoadError(f"{path}: unexpected tensor {name!r}")
+    for canonical, t in tensors.items():
         try:
             weights[canonical] = _tensor_to_torch(t)
         except Exception as exc:
-            raise ModelLoadError(f"{path}: tensor {name!r} cannot be read (truncated file?): {exc}") from exc
+            raise ModelLoadError(
+                f"{path}: tensor {t.name!r} cannot be read (truncated file?): {exc}"
+            ) from exc
         formats[canonical] = t.tensor_type.name
 
     if "rope_freqs" in weights:

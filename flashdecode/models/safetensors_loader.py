@@ -13,12 +13,14 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
+from ..layers.rope import RopeScaling
 from .spec import (
+    GLOBAL_TENSORS,
     HF_ARCHITECTURES,
     HF_MODEL_TYPES,
+    LAYER_TENSORS,
     Family,
     ModelSpec,
-    RopeScaling,
     family_for,
     supported_architectures,
 )
@@ -26,27 +28,8 @@ from .tokenizer import Tokenizer
 from .weights import LoadedModel
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_LAYER_TENSORS = {
-    "input_layernorm.weight": "attn_norm",
-    "self_attn.q_proj.weight": "q",
-    "self_attn.k_proj.weight": "k",
-    "self_attn.v_proj.weight": "v",
-    "self_attn.o_proj.weight": "o",
-    "self_attn.q_proj.bias": "q_bias",
-    "self_attn.k_proj.bias": "k_bias",
-    "self_attn.v_proj.bias": "v_bias",
-    "self_attn.q_norm.weight": "q_norm",
-    "self_attn.k_norm.weight": "k_norm",
-    "post_attention_layernorm.weight": "mlp_norm",
-    "mlp.gate_proj.weight": "gate",
-    "mlp.up_proj.weight": "up",
-    "mlp.down_proj.weight": "down",
-}
-_GLOBAL_TENSORS = {
-    "model.embed_tokens.weight": "embed",
-    "model.norm.weight": "norm",
-    "lm_head.weight": "lm_head",
-}
+_LAYER_TENSORS = {t.hf: t.name for t in LAYER_TENSORS}  # name after "model.layers.N." -> canonical
+_GLOBAL_TENSORS = {t.hf: t.name for t in GLOBAL_TENSORS}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -2,16 +2,24 @@
 
 A ``ModelSpec`` holds everything the one decoder (``models/decoder.py``) needs to run a model; a
 family (Llama, Mistral, Qwen2, ...) is a set of feature flags in ``FAMILIES``, not a model file.
-Both loaders (GGUF and Hugging Face) produce a ``ModelSpec`` plus weights under the canonical names
-listed in ``weight_names``.
+``TENSORS`` is the one list of the weights a model has: canonical name, GGUF and Hugging Face names,
+shape, and whether it is a projection matrix. Both loaders (GGUF and Hugging Face) read it to map
+names and produce a ``ModelSpec`` plus weights under the canonical names of ``ModelSpec.tensors``;
+the decoder, load-time quantization and the roofline read it too.
+
+A new family: one ``FAMILIES`` entry (and its Hugging Face names below), its extra tensors in
+``TENSORS`` behind a ``when``, and, only where its math differs, a small module of its own.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
+from ..layers.rope import RopeScaling
 
 
 @dataclass(frozen=True)
@@ -53,19 +61,6 @@ def family_for(name: str) -> Family:
             f"unsupported architecture {name!r}; supported: {supported_architectures()}"
         )
     return family
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """RoPE frequency scaling: "llama3" (Llama 3.1's smooth NTK-by-parts), "linear" (positions divided
-    by ``factor``) or "freq_factors" (explicit per-frequency divisors, as GGUF files store Llama 3's)."""
-
-    kind: str
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position: int = 8192
-    factors: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,27 +114,82 @@ class ModelSpec:
     def with_(self, **changes: Any) -> ModelSpec:
         return replace(self, **changes)
 
-    def weight_names(self) -> list[str]:
-        """The canonical weight names the decoder expects, in load order."""
-        names = ["embed"]
+    def tensors(self) -> dict[str, tuple[int, ...]]:
+        """Canonical name -> shape of every weight this model has."""
+        out = {}
         for i in range(self.num_layers):
-            p = f"layers.{i}."
-            names += [p + n for n in ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")]
-            if self.family.qkv_bias:
-                names += [p + "q_bias", p + "k_bias", p + "v_bias"]
-            if self.family.qk_norm:
-                names += [p + "q_norm", p + "k_norm"]
-        names.append("norm")
-        if not self.tie_embeddings:
-            names.append("lm_head")
-        return names
+            out |= {f"layers.{i}.{t.name}": t.shape(self) for t in LAYER_TENSORS if t.present(self)}
+        return {t.name: t.shape(self) for t in GLOBAL_TENSORS if t.present(self)} | out
+
+    def weight_names(self) -> list[str]:
+        return list(self.tensors())
+
+    def matrices(self) -> set[str]:
+        """The weights that are projection matrices (the embedding too: it serves a tied head)."""
+        return {n for n in self.tensors() if TENSOR_BY_NAME[n.rsplit(".", 1)[-1]].matrix}
 
     def num_parameters(self) -> int:
-        h, kv, inter = self.hidden_size, self.kv_size, self.intermediate_size
-        per_layer = h * self.q_size + 2 * h * kv + self.q_size * h + 3 * h * inter + 2 * h
-        if self.family.qkv_bias:
-            per_layer += self.q_size + 2 * kv
-        if self.family.qk_norm:
-            per_layer += 2 * self.head_dim
-        head = 0 if self.tie_embeddings else self.vocab_size * h
-        return self.vocab_size * h + self.num_layers * per_layer + h + head
+        return sum(math.prod(shape) for shape in self.tensors().values())
+
+
+@dataclass(frozen=True)
+class TensorDef:
+    """One weight: canonical name (after ``layers.N.`` for a layer's), GGUF name (after ``blk.N.``),
+    Hugging Face name (after ``model.layers.N.``), shape, and the condition under which it exists."""
+
+    name: str
+    gguf: str
+    hf: str
+    shape: Callable[[ModelSpec], tuple[int, ...]]
+    matrix: bool = False  # a projection: runs through a Linear, counted as matmul work, quantizable
+    when: Callable[[ModelSpec], bool] | None = None
+
+    def present(self, spec: ModelSpec) -> bool:
+        return self.when is None or self.when(spec)
+
+
+def _dims(*fields: str) -> Callable[[ModelSpec], tuple[int, ...]]:
+    """The shape whose dims are these ``ModelSpec`` fields."""
+    return lambda spec: tuple(getattr(spec, f) for f in fields)
+
+
+_hidden = _dims("hidden_size")
+_up = _dims("intermediate_size", "hidden_size")  # gate and up
+_vocab = _dims("vocab_size", "hidden_size")  # embedding and head
+_down = _dims("hidden_size", "intermediate_size")
+
+
+def _qkv_bias(s: ModelSpec) -> bool:
+    return s.family.qkv_bias
+
+
+def _qk_norm(s: ModelSpec) -> bool:
+    return s.family.qk_norm
+
+
+def _untied(s: ModelSpec) -> bool:
+    return not s.tie_embeddings
+
+
+LAYER_TENSORS = (
+    TensorDef("attn_norm", "attn_norm.weight", "input_layernorm.weight", _hidden),
+    TensorDef("q", "attn_q.weight", "self_attn.q_proj.weight", _dims("q_size", "hidden_size"), True),
+    TensorDef("k", "attn_k.weight", "self_attn.k_proj.weight", _dims("kv_size", "hidden_size"), True),
+    TensorDef("v", "attn_v.weight", "self_attn.v_proj.weight", _dims("kv_size", "hidden_size"), True),
+    TensorDef("o", "attn_output.weight", "self_attn.o_proj.weight", _dims("hidden_size", "q_size"), True),
+    TensorDef("mlp_norm", "ffn_norm.weight", "post_attention_layernorm.weight", _hidden),
+    TensorDef("gate", "ffn_gate.weight", "mlp.gate_proj.weight", _up, True),
+    TensorDef("up", "ffn_up.weight", "mlp.up_proj.weight", _up, True),
+    TensorDef("down", "ffn_down.weight", "mlp.down_proj.weight", _down, True),
+    TensorDef("q_bias", "attn_q.bias", "self_attn.q_proj.bias", _dims("q_size"), when=_qkv_bias),
+    TensorDef("k_bias", "attn_k.bias", "self_attn.k_proj.bias", _dims("kv_size"), when=_qkv_bias),
+    TensorDef("v_bias", "attn_v.bias", "self_attn.v_proj.bias", _dims("kv_size"), when=_qkv_bias),
+    TensorDef("q_norm", "attn_q_norm.weight", "self_attn.q_norm.weight", _dims("head_dim"), when=_qk_norm),
+    TensorDef("k_norm", "attn_k_norm.weight", "self_attn.k_norm.weight", _dims("head_dim"), when=_qk_norm),
+)  # fmt: skip
+GLOBAL_TENSORS = (
+    TensorDef("embed", "token_embd.weight", "model.embed_tokens.weight", _vocab, True),
+    TensorDef("norm", "output_norm.weight", "model.norm.weight", _hidden),
+    TensorDef("lm_head", "output.weight", "lm_head.weight", _vocab, True, when=_untied),
+)  # fmt: skip
+TENSOR_BY_NAME = {t.name: t for t in LAYER_TENSORS + GLOBAL_TENSORS}

@@ -19,35 +19,10 @@ class LoadedModel:
     formats: dict[str, str] = field(default_factory=dict)  # canonical name -> stored format (Q4_1, F32...)
     source: str = ""
 
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        s = self.spec
-        h, q, kv, inter, d = s.hidden_size, s.q_size, s.kv_size, s.intermediate_size, s.head_dim
-        per_layer = {
-            "attn_norm": (h,),
-            "q": (q, h),
-            "k": (kv, h),
-            "v": (kv, h),
-            "o": (h, q),
-            "mlp_norm": (h,),
-            "gate": (inter, h),
-            "up": (inter, h),
-            "down": (h, inter),
-            "q_bias": (q,),
-            "k_bias": (kv,),
-            "v_bias": (kv,),
-            "q_norm": (d,),
-            "k_norm": (d,),
-        }
-        shapes = {"embed": (s.vocab_size, h), "norm": (h,), "lm_head": (s.vocab_size, h)}
-        for name in s.weight_names():
-            if name.startswith("layers."):
-                shapes[name] = per_layer[name.rsplit(".", 1)[1]]
-        return shapes
-
     def validate(self) -> None:
         """Every weight the spec needs is present with the right shape; nothing else is left over."""
-        expected = self.expected_shapes()
-        needed = set(self.spec.weight_names())
+        expected = self.spec.tensors()
+        needed = set(expected)
         missing = sorted(needed - set(self.weights))
         if missing:
             more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""

@@ -1,4 +1,4 @@
-"""The native CPU kernels (flashdecode/csrc/flat_gemm.c): built at first use, loaded with ctypes.
+"""The native CPU kernels (flat_gemm.c beside this file): built at first use, loaded with ctypes.
 
 The C source has no Python or torch dependency. It is compiled with the system C compiler into the
 user cache directory (``$FLASHDECODE_CACHE_DIR``, else ``$XDG_CACHE_HOME/flashdecode``, else
@@ -9,7 +9,10 @@ The instruction set is probed before anything runs: the AVX-512 build is used on
 /proc/cpuinfo lists every extension it was compiled for, then AVX2, then a portable build with no
 ISA flags. Each build passes a numerical self-test before it is used. If no build works (no
 compiler, a sandbox without exec...), ``load()`` returns None with one warning and the engine runs
-on torch kernels. ``FLASHDECODE_NATIVE=0`` disables the native kernels.
+on torch kernels. ``FLASHDECODE_NATIVE=0`` disables the native kernels; ``FLASHDECODE_REQUIRE_NATIVE=1``
+(set by CI) turns a missing build into an error instead, so a suite cannot pass without them.
+Built libraries go to ``$FLASHDECODE_KERNEL_DIR``, else ``kernels/`` in the cache directory: a build
+is keyed by its source, so it may be shared where tuned tables must not be (the tests do).
 """
 
 from __future__ import annotations
@@ -28,11 +31,15 @@ from pathlib import Path
 
 import torch
 
-from ..hardware.probe import cache_dir, cpu_flags
+from ...utils.cpuinfo import cpu_flags
+from ...utils.paths import cache_dir
+from .. import reference
+from ..formats import BF16_KERNEL_ID, I8_FORMATS, NATIVE
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "flat_gemm.c"
+SOURCE = Path(__file__).resolve().parent / "flat_gemm.c"
 ABI_VERSION = 3
-FORMAT_IDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "BF16": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
+FORMAT_IDS = {"BF16": BF16_KERNEL_ID} | {fmt: layout.kernel_id for fmt, layout in NATIVE.items()}
+Planes = reference.Planes
 
 # build name -> (cpuinfo flags the build needs, compiler flags)
 ISA_BUILDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -139,19 +146,20 @@ class NativeKernels:
             raise RuntimeError(f"fd_linear_i8({fmt}, M={m_rows}, N={n}, K={k}) failed with code {rc}")
         return out
 
-    def dequant_into(self, qt, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
-        """Dequantize rows [n0, n1) of a ``QuantizedTensor`` into the fp32 or bf16 ``out`` [n1 - n0, K]
+    def dequant_into(self, fmt: str, planes: Planes, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+        """Dequantize rows [n0, n1) of a matrix in ``fmt`` into the fp32 or bf16 ``out`` [n1 - n0, K]
         (a reusable scratch buffer)."""
-        n, k = qt.shape
-        if not (0 <= n0 <= n1 <= n) or out.shape != (n1 - n0, k) or not out.is_contiguous():
+        qs, d, m = planes
+        k = qs.shape[1] * 32
+        if not (0 <= n0 <= n1 <= qs.shape[0]) or out.shape != (n1 - n0, k) or not out.is_contiguous():
             raise ValueError("dequant_into: bad row range or output buffer")
         if out.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dequant_into: {out.dtype} output")
         rc = self._dequant(
-            FORMAT_IDS[qt.format],
-            qt.qs.data_ptr() + n0 * qt.qs.stride(0),
-            qt.d.data_ptr() + n0 * qt.d.stride(0) * qt.d.element_size(),
-            None if qt.m is None else qt.m.data_ptr() + n0 * qt.m.stride(0) * qt.m.element_size(),
+            FORMAT_IDS[fmt],
+            qs.data_ptr() + n0 * qs.stride(0),
+            d.data_ptr() + n0 * d.stride(0) * d.element_size(),
+            None if m is None else m.data_ptr() + n0 * m.stride(0) * m.element_size(),
             n1 - n0,
             k,
             None,
@@ -161,24 +169,25 @@ class NativeKernels:
             torch.get_num_threads(),
         )
         if rc != 0:
-            raise RuntimeError(f"fd_dequant({qt.format}) failed with code {rc}")
+            raise RuntimeError(f"fd_dequant({fmt}) failed with code {rc}")
         return out
 
     def dequant(
-        self, qt, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None
+        self, fmt: str, planes: Planes, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """Dequantize a ``QuantizedTensor`` (or its ``rows``) to fp32 or bf16; None for other dtypes."""
+        """Dequantize a matrix in ``fmt`` (or its ``rows``) to fp32 or bf16; None for other dtypes."""
         if dtype not in (torch.float32, torch.bfloat16):
             return None
-        n, k = qt.shape
+        qs, d, m = planes
+        n, k = qs.shape[0], qs.shape[1] * 32
         idx = None if rows is None else rows.reshape(-1).long().contiguous()
         count = n if idx is None else idx.numel()
         out = torch.empty(count, k, dtype=dtype)
         rc = self._dequant(
-            FORMAT_IDS[qt.format],
-            qt.qs.data_ptr(),
-            qt.d.data_ptr(),
-            None if qt.m is None else qt.m.data_ptr(),
+            FORMAT_IDS[fmt],
+            qs.data_ptr(),
+            d.data_ptr(),
+            None if m is None else m.data_ptr(),
             n,
             k,
             None if idx is None else idx.data_ptr(),
@@ -188,18 +197,16 @@ class NativeKernels:
             torch.get_num_threads(),
         )
         if rc != 0:
-            raise RuntimeError(f"fd_dequant({qt.format}) failed with code {rc}")
+            raise RuntimeError(f"fd_dequant({fmt}) failed with code {rc}")
         return out
 
 
-I8_FORMATS = ("Q4_0", "Q4_1", "Q8_0")  # the formats fd_linear_i8 runs
-
-
-def repack_i8(qt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A ``QuantizedTensor`` in the int8-activation kernel's layout (csrc/flat_gemm.c): groups of 16
-    rows (zero-padded), per block 4 (Q4) or 8 (Q8_0) vectors of 16 rows x 4 elements; d and m as
+def repack_i8(fmt: str, planes: Planes) -> Planes:
+    """A matrix in ``fmt`` in the int8-activation kernel's layout (flat_gemm.c): groups of 16 rows
+    (zero-padded), per block 4 (Q4) or 8 (Q8_0) vectors of 16 rows x 4 elements; d and m as
     [groups, K/32, 16] fp16. Values are moved, never changed."""
-    n, k = qt.shape
+    qs, d_plane, m_plane = planes
+    n, k = qs.shape[0], qs.shape[1] * 32
     nb, groups = k // 32, -(-n // 16)
     pad = groups * 16 - n
 
@@ -208,14 +215,14 @@ def repack_i8(qt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         t = t.reshape(groups, 16, nb, *t.shape[2:])
         return t.transpose(1, 2)
 
-    if qt.format == "Q8_0":
-        q = rows16(qt.qs).reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)  # [g, b, quad, row, 4]
+    if fmt == "Q8_0":
+        q = rows16(qs).reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)  # [g, b, quad, row, 4]
     else:
-        q = torch.cat([qt.qs & 0x0F, qt.qs >> 4], dim=-1)  # [N, nb, 32] values 0..15, element order
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # [N, nb, 32] values 0..15, element order
         q = rows16(q).reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)
         q = q[:, :, :4] | (q[:, :, 4:] << 4)  # quads i and i + 4 share a byte: low and high nibble
-    d = rows16(qt.d).contiguous()
-    m = None if qt.m is None else rows16(qt.m).contiguous()
+    d = rows16(d_plane).contiguous()
+    m = None if m_plane is None else rows16(m_plane).contiguous()
     return q.contiguous(), d, m
 
 
@@ -245,6 +252,11 @@ def _compiler_id(cc: str) -> str:
         return cc
 
 
+def kernel_dir() -> Path:
+    explicit = os.environ.get("FLASHDECODE_KERNEL_DIR")
+    return Path(explicit).expanduser() if explicit else cache_dir() / "kernels"
+
+
 def _build(isa: str, cc: str) -> Path:
     source = SOURCE.read_bytes()
     _, isa_flags = ISA_BUILDS[isa]
@@ -253,7 +265,7 @@ def _build(isa: str, cc: str) -> Path:
         key = hashlib.sha256(
             source + " ".join(flags).encode() + _compiler_id(cc).encode() + str(ABI_VERSION).encode()
         ).hexdigest()[:16]
-        directory = cache_dir() / "kernels"
+        directory = kernel_dir()
         path = directory / f"flat_gemm-{isa}-{key}.so"
         if path.exists():
             return path
@@ -278,35 +290,32 @@ def _build(isa: str, cc: str) -> Path:
 
 def _self_test(kernels: NativeKernels) -> None:
     """A small product in every format against a float64 reference, before any real use."""
-    from .quant import QuantizedTensor, quantize
-
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 96, generator=gen)
     w = torch.randn(13, 96, generator=gen)
 
-    def k_quant(fmt: str) -> QuantizedTensor:  # random planes: the kernels never look at how they arose
+    def k_quant(fmt: str) -> Planes:  # random planes: the kernels never look at how they arose
         lo, hi = {"Q4_K": (0, 256), "Q5_K": (0, 32), "Q6_K": (-32, 32)}[fmt]
         qs = torch.randint(lo, hi, (13, 3, 16 if fmt == "Q4_K" else 32), generator=gen).to(torch.int8)
         # fp16-representable scales, as real ones are (an fp16 times a small integer): d * q is exact
         d = torch.randn(13, 6 if fmt == "Q6_K" else 3, generator=gen).half().float()
         m = None if fmt == "Q6_K" else torch.randn(13, 3, generator=gen)
-        return QuantizedTensor(fmt, qs.view(torch.uint8), d, m)
+        return qs.view(torch.uint8), d, m
 
-    for fmt in ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"):
-        qt = quantize(w, fmt) if fmt[-1] != "K" else k_quant(fmt)
-        ref = qt._dequant_torch()
-        got_w = kernels.dequant(qt)
-        if not torch.equal(got_w, ref):
+    for fmt, layout in NATIVE.items():
+        planes = k_quant(fmt) if layout.repacked else reference.quantize(w, fmt)
+        ref = reference.dequantize(fmt, *planes)
+        if not torch.equal(kernels.dequant(fmt, planes), ref):
             raise RuntimeError(f"self-test: {fmt} dequantization differs")
         for m in (1, 6):
-            y = kernels.linear(fmt, x[:m], (qt.qs, qt.d, qt.m), 13)
+            y = kernels.linear(fmt, x[:m], planes, 13)
             if not torch.allclose(y.double(), x[:m].double() @ ref.double().T, rtol=1e-4, atol=1e-4):
                 raise RuntimeError(f"self-test: {fmt} product differs at M={m}")
     if kernels.has_i8:
         for fmt in I8_FORMATS:
-            qt = quantize(w, fmt)
-            ref = x.double() @ qt._dequant_torch().double().T
-            y = kernels.linear_i8(fmt, x, repack_i8(qt), 13)
+            planes = reference.quantize(w, fmt)
+            ref = x.double() @ reference.dequantize(fmt, *planes).double().T
+            y = kernels.linear_i8(fmt, x, repack_i8(fmt, planes), 13)
             if not torch.allclose(y.double(), ref, rtol=0.05, atol=0.05 * float(ref.abs().max())):
                 raise RuntimeError(f"self-test: {fmt} int8-activation product differs")
     wb = w[:, :77].bfloat16()
@@ -350,9 +359,11 @@ def _load(isa: str | None) -> NativeKernels | None:
                 return kernels
             except Exception as exc:  # a failed build must never take the engine down
                 errors.append(f"{name}: {exc}")
+    message = f"native CPU kernels unavailable ({'; '.join(errors)})"
+    if os.environ.get("FLASHDECODE_REQUIRE_NATIVE") == "1":
+        raise RuntimeError(f"flashdecode: {message}, and FLASHDECODE_REQUIRE_NATIVE=1")
     warnings.warn(
-        "flashdecode: native CPU kernels unavailable, quantized weights run on torch kernels "
-        f"({'; '.join(errors)})",
+        f"flashdecode: {message}; quantized weights run on torch kernels",
         RuntimeWarning,
         stacklevel=3,
     )

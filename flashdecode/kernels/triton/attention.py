@@ -15,8 +15,8 @@ accumulators, with no running max and no rescaling (``unified=False``: FlashAtte
 softmax).
 
 Both return the output and the unified row sums ``l`` (float32) so that the caller checks the safe
-window (``ops.attention.window_ok``) and recomputes the rows that left it; the probabilities are fed
-to the PV dot in the inputs' dtype, so for fp16 inputs use ``ops.attention.WINDOW_FP16``.
+window (``layers.attention.window_ok``) and recomputes the rows that left it; the probabilities are fed
+to the PV dot in the inputs' dtype, so for fp16 inputs use ``layers.attention.WINDOW_FP16``.
 Accumulation is in fp32; fp32 inputs use IEEE dots (no TF32).
 
 K and V arrive gathered (``KVCache.gather``; any strides), as the KV cache owns its storage format.

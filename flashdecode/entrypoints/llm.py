@@ -6,12 +6,14 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from .config import EngineConfig
-from .engine.llm_engine import LLMEngine, PromptType
-from .errors import FlashDecodeError, InvalidPromptError
-from .models.tokenizer import Tokenizer
-from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from tqdm import tqdm
+
+from ..config import EngineConfig
+from ..engine.llm_engine import LLMEngine, PromptType
+from ..errors import FlashDecodeError, InvalidPromptError
+from ..models.tokenizer import Tokenizer
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
 
 Conversation = list[dict[str, Any]]
 
@@ -100,8 +102,6 @@ class LLM:
         final: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
-            from tqdm import tqdm
-
             bar = tqdm(total=len(request_ids), desc="Processed prompts")
         try:
             while pending:

@@ -29,15 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gguf.quants import Q4_K
 
-BLOCK = 32
-QK_K = 256  # a K-quant super-block
-BYTE_FORMATS = ("Q4_0", "Q4_1", "Q8_0")
-REPACKED_FORMATS = ("Q4_K", "Q5_K", "Q6_K")
-NATIVE_FORMATS = BYTE_FORMATS + REPACKED_FORMATS
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
-_QS_BYTES = {"Q4_0": 16, "Q4_1": 16, "Q8_0": 32, "Q4_K": 16, "Q5_K": 32, "Q6_K": 32}
-_HAS_MIN = ("Q4_1", "Q4_K", "Q5_K")
+from ..kernels import cpu, reference
+from ..kernels.formats import BLOCK, BYTE_FORMATS, NATIVE, NATIVE_FORMATS, QK_K, REPACKED_FORMATS, block_size
+
 QUANTIZATION_FORMATS = {"int8": "Q8_0", "int4": "Q4_1"}  # load-time quantization of float weights
 
 
@@ -50,16 +46,16 @@ class QuantizedTensor:
 
     def __post_init__(self) -> None:
         fmt = self.format
-        if fmt not in NATIVE_FORMATS:
+        layout = NATIVE.get(fmt)
+        if layout is None:
             raise ValueError(f"{fmt} has no native kernel; expected one of {NATIVE_FORMATS}")
-        if self.qs.dim() != 3 or self.qs.shape[2] != _QS_BYTES[fmt] or self.qs.dtype != torch.uint8:
+        if self.qs.dim() != 3 or self.qs.shape[2] != layout.qs_bytes or self.qs.dtype != torch.uint8:
             raise ValueError(f"{fmt}: qs has shape {tuple(self.qs.shape)}, dtype {self.qs.dtype}")
         n, nb = self.qs.shape[:2]
-        scale_dtype = torch.float32 if fmt in REPACKED_FORMATS else torch.float16
-        per_block = 2 if fmt == "Q6_K" else 1
-        if self.d.shape != (n, nb * per_block) or self.d.dtype != scale_dtype:
+        scale_dtype = getattr(torch, layout.scale_dtype)
+        if self.d.shape != (n, nb * layout.scales_per_block) or self.d.dtype != scale_dtype:
             raise ValueError(f"{fmt}: d has shape {tuple(self.d.shape)}, dtype {self.d.dtype}")
-        if (self.m is not None) != (fmt in _HAS_MIN):
+        if (self.m is not None) != layout.has_min:
             raise ValueError(f"{fmt}: m is {'missing' if self.m is None else 'unexpected'}")
         if self.m is not None and (self.m.shape != (n, nb) or self.m.dtype != scale_dtype):
             raise ValueError(f"{fmt}: m has shape {tuple(self.m.shape)}, dtype {self.m.dtype}")
@@ -94,19 +90,20 @@ class QuantizedTensor:
         if fmt not in NATIVE_FORMATS:
             raise ValueError(f"{fmt} has no native kernel")
         n, k = (int(s) for s in shape)
+        block_bytes = block_size(fmt)[1]
         block = QK_K if fmt in REPACKED_FORMATS else BLOCK
         if k % block:
             raise ValueError(f"{fmt}: row length {k} is not a multiple of {block}")
         if fmt in REPACKED_FORMATS:
             raw = np.asarray(raw).view(np.uint8).reshape(-1)
-            if raw.size != n * (k // QK_K) * _BLOCK_BYTES[fmt]:
+            if raw.size != n * (k // QK_K) * block_bytes:
                 raise ValueError(f"{fmt}: {raw.size} bytes for a [{n}, {k}] tensor")
-            return _repack_k_quant(fmt, raw.reshape(n * (k // QK_K), _BLOCK_BYTES[fmt]), n, k)
+            return _repack_k_quant(fmt, raw.reshape(n * (k // QK_K), block_bytes), n, k)
         nb = k // BLOCK
         blocks = torch.from_numpy(np.array(np.asarray(raw).view(np.uint8), copy=True))
-        if blocks.numel() != n * nb * _BLOCK_BYTES[fmt]:
+        if blocks.numel() != n * nb * block_bytes:
             raise ValueError(f"{fmt}: {blocks.numel()} bytes for a [{n}, {k}] tensor")
-        blocks = blocks.reshape(n, nb, _BLOCK_BYTES[fmt])
+        blocks = blocks.reshape(n, nb, block_bytes)
         d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(n, nb)
         if fmt == "Q4_1":
             m = blocks[..., 2:4].contiguous().view(torch.float16).reshape(n, nb)
@@ -127,33 +124,19 @@ class QuantizedTensor:
 
     # --- float views -----------------------------------------------------------------------------
 
+    def planes(self) -> reference.Planes:
+        return self.qs, self.d, self.m
+
     def _dequant_torch(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        qs, d, m = self.qs, self.d, self.m
-        if rows is not None:
-            qs, d = qs[rows], d[rows]
-            m = None if m is None else m[rows]
-        n = qs.shape[0]
-        if self.format == "Q6_K":  # a scale per 16 values
-            return (qs.view(torch.int8).float().reshape(n, -1, 16) * d.unsqueeze(-1)).reshape(n, -1)
-        d = d.float().unsqueeze(-1)
-        if self.format in ("Q8_0", "Q5_K"):
-            q = qs.view(torch.int8) if self.format == "Q8_0" else qs
-        else:
-            q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)
-        if self.format == "Q4_0":
-            w = (q.float() - 8.0) * d
-        elif m is None:
-            w = q.float() * d
-        else:  # one rounding, as gguf's d * q - dmin * min (d * q and the minimum are exact)
-            w = torch.addcmul(m.float().unsqueeze(-1), q.float(), d)
-        return w.reshape(n, -1)
+        if rows is None:
+            return reference.dequantize(self.format, *self.planes())
+        m = None if self.m is None else self.m[rows]
+        return reference.dequantize(self.format, self.qs[rows], self.d[rows], m)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float matrix, bit-exact with ``gguf.quants.dequantize`` in fp32."""
-        from . import cpu_kernels
-
-        lib = cpu_kernels.load()
-        out = lib.dequant(self, dtype=dtype) if lib is not None else None
+        lib = cpu.load() if self.qs.device.type == "cpu" else None
+        out = lib.dequant(self.format, self.planes(), dtype=dtype) if lib is not None else None
         return self._dequant_torch().to(dtype) if out is None else out
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -175,15 +158,18 @@ class QuantizedTensor:
         m = None if parts[0].m is None else torch.cat([p.m for p in parts])
         return QuantizedTensor(fmt, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m)
 
-    def to(self, *args, **kwargs) -> QuantizedTensor:  # a float cast of the model leaves blocks alone
-        return self
+    @property
+    def device(self) -> torch.device:
+        return self.qs.device
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        """The same blocks on ``device`` (a float cast has no meaning for blocks: only devices)."""
+        return self.map_rows(lambda plane: plane.to(device))
 
 
 def _repack_k_quant(fmt: str, blocks: np.ndarray, n: int, k: int) -> QuantizedTensor:
     """K-quant super-blocks [N * K/256, bytes] into planes, unpacking the values and scales the way
     ``gguf.quants`` does (its ``get_scale_min`` reads the 6-bit scales)."""
-    from gguf.quants import Q4_K
-
     count = blocks.shape[0]
 
     def bits(packed: np.ndarray, width: int, shifts: list[int], mask: int) -> np.ndarray:
@@ -212,64 +198,30 @@ def _repack_k_quant(fmt: str, blocks: np.ndarray, n: int, k: int) -> QuantizedTe
 
 
 def quantize(weight: torch.Tensor, fmt: str) -> QuantizedTensor:
-    """Quantize a float [N, K] matrix (K a multiple of 32) group-wise into a native GGUF format, with
-    llama.cpp's reference rounding (Q8_0: round-half-away of w/d with d = absmax/127; Q4_0: d =
-    signed-absmax/-8; Q4_1: d = (max - min)/15, m = min)."""
-    if fmt not in BYTE_FORMATS:
-        raise ValueError(f"cannot quantize to {fmt}; expected one of {BYTE_FORMATS}")
-    n, k = weight.shape
-    if k % BLOCK:
-        raise ValueError(f"row length {k} is not a multiple of {BLOCK}")
-    w = weight.detach().float().reshape(n, k // BLOCK, BLOCK)
-    if fmt == "Q8_0":
-        d = w.abs().amax(-1) / 127
-        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-        x = w * inv.unsqueeze(-1)
-        q = (torch.sign(x) * torch.floor(x.abs() + 0.5)).clamp(-127, 127).to(torch.int8)
-        return QuantizedTensor(fmt, q.view(torch.uint8), d.half())
-    if fmt == "Q4_0":
-        idx = w.abs().argmax(-1, keepdim=True)
-        d = torch.gather(w, -1, idx).squeeze(-1) / -8
-        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-        q = torch.trunc(w * inv.unsqueeze(-1) + 8.5).clamp(0, 15).to(torch.uint8)
-        m = None
-    else:
-        lo, hi = w.amin(-1), w.amax(-1)
-        d = (hi - lo) / 15
-        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-        q = torch.trunc((w - lo.unsqueeze(-1)) * inv.unsqueeze(-1) + 0.5).clamp(0, 15).to(torch.uint8)
-        m = lo.half()
-    qs = q[..., :16] | (q[..., 16:] << 4)
-    return QuantizedTensor(fmt, qs, d.half(), m)
-
-
-# names of the matrices that load-time quantization applies to (the embedding serves the tied head)
-_QUANTIZABLE = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-def _quantizable(name: str) -> bool:
-    return name in ("embed", "lm_head") or name.rsplit(".", 1)[-1] in _QUANTIZABLE
+    """A float [N, K] matrix quantized group-wise into a native byte format (llama.cpp's rounding)."""
+    return QuantizedTensor(fmt, *reference.quantize(weight, fmt))
 
 
 def prepare_weights(
-    weights: dict[str, torch.Tensor | QuantizedTensor], dtype: torch.dtype, quantization: str | None = None
+    weights: dict[str, torch.Tensor | QuantizedTensor],
+    dtype: torch.dtype,
+    matrices: set[str],
+    quantization: str | None = None,
+    keep_blocks: bool = True,
 ) -> dict[str, torch.Tensor | QuantizedTensor]:
     """The decoder's weights: float tensors cast to the compute ``dtype``; GGUF blocks kept as they
-    are; with ``quantization`` ("int8" -> Q8_0, "int4" -> Q4_1), float matrices whose rows are a
-    multiple of 32 long quantized group-wise. Without native kernels (build failed, with a warning),
-    blocks are dequantized here once, so the model still runs, in float."""
-    from . import cpu_kernels
-
+    are; with ``quantization`` ("int8" -> Q8_0, "int4" -> Q4_1), the float ``matrices`` whose rows are
+    a multiple of 32 long quantized group-wise. Without ``keep_blocks`` (no kernel runs them: the
+    native build failed, with a warning), blocks are dequantized here once, so the model still runs."""
     if quantization is not None and quantization not in QUANTIZATION_FORMATS:
         raise ValueError(
             f"quantization={quantization!r}: expected None or one of {sorted(QUANTIZATION_FORMATS)}"
         )
-    native = cpu_kernels.load() is not None
     out: dict[str, torch.Tensor | QuantizedTensor] = {}
     for name, t in weights.items():
         if isinstance(t, QuantizedTensor):
-            out[name] = t if native else t.dequantize().to(dtype)
-        elif quantization and native and t.dim() == 2 and t.shape[1] % BLOCK == 0 and _quantizable(name):
+            out[name] = t if keep_blocks else t.dequantize().to(dtype)
+        elif quantization and keep_blocks and name in matrices and t.shape[1] % BLOCK == 0:
             out[name] = quantize(t, QUANTIZATION_FORMATS[quantization])
         else:
             out[name] = t.to(dtype)

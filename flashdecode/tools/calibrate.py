@@ -1,4 +1,4 @@
-"""Offline calibration of FlashDecoding++'s unified max value (Hong et al., MLSys 2024, section 3).
+"""``flashdecode calibrate``: FlashDecoding++'s unified max value (Hong et al., MLSys 2024, section 3).
 
 The unified-max softmax (``ops/attention.py``) subtracts one constant phi per layer instead of each
 row's max; a row whose log-sum-exp lands outside the safe window around phi is recomputed exactly.
@@ -15,131 +15,25 @@ layer is kept when it beats a single global phi on the calibration text, else th
 fallback rates are then measured on held-out text, both from the recorded rows and by running the
 engine's unified path and reading its fallback counter.
 
-The result is stored as JSON in the user cache directory (``hardware.probe.cache_dir()``) under
-``models/<key>/softmax.json``, where the key hashes the model files' identity (path, size, mtime),
-so that ``softmax="auto"`` finds it and an edited model is never matched to a stale calibration.
+The result is stored by engine/calibration.py (the file format, and how the engine reads it).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-import os
-import time
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..engine.calibration import Calibration, save_calibration
+from ..entrypoints.llm import LLM
 from ..errors import FlashDecodeError
-from ..ops.attention import MAX_ABS_PHI, SOFTMAX_MODES, WINDOW_FP16, WINDOW_FP32, SoftmaxPolicy
-from .probe import cache_dir
+from ..layers.attention import MAX_ABS_PHI, WINDOW_FP16, WINDOW_FP32, SoftmaxPolicy
+from ..sampling_params import SamplingParams
 
-FORMAT = "flashdecode-softmax-calibration"
-VERSION = 1
 CHUNK_TOKENS = 512  # tokens per calibration prompt: rows see 1..512 keys
-
-
-# --- where calibrations live ------------------------------------------------------------------
-
-
-def model_identity(model: str | Path | None) -> dict[str, Any]:
-    """The resolved model path and (name, size, mtime_ns) of its files: what the cache key hashes."""
-    from ..models.loader import resolve_model_path
-
-    path = resolve_model_path(model).resolve()
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return {
-        "path": str(path),
-        "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
-    }
-
-
-def model_key(model: str | Path | None) -> str:
-    blob = json.dumps(model_identity(model), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def model_cache_dir(model: str | Path | None) -> Path:
-    """This model's directory for tuned data in the user cache: ``<cache>/models/<key>/``."""
-    return cache_dir() / "models" / model_key(model)
-
-
-def calibration_path(model: str | Path | None) -> Path:
-    return model_cache_dir(model) / "softmax.json"
-
-
-@dataclass
-class Calibration:
-    phi: list[float]  # one per layer (a per-layer or a repeated global value)
-    phi_global: float
-    per_layer: bool
-    report: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self, identity: dict[str, Any]) -> dict[str, Any]:
-        from .. import __version__
-
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "flashdecode": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "model": identity,
-            "phi": self.phi,
-            "phi_global": self.phi_global,
-            "per_layer": self.per_layer,
-            "windows": {"fp32": list(WINDOW_FP32), "fp16": list(WINDOW_FP16)},
-            **self.report,
-        }
-
-
-def load_calibration(model: str | Path | None, num_layers: int | None = None) -> Calibration | None:
-    """The stored calibration of this exact model file(s), or None (missing, stale or unreadable)."""
-    try:
-        path = calibration_path(model)
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
-        return None
-    phi = data.get("phi")
-    ok = isinstance(phi, list) and phi and all(isinstance(p, (int, float)) for p in phi)
-    if not ok or (num_layers is not None and len(phi) != num_layers):
-        return None
-    if not all(math.isfinite(p) and abs(p) <= MAX_ABS_PHI for p in phi):
-        return None
-    return Calibration(
-        phi=[float(p) for p in phi],
-        phi_global=float(data.get("phi_global", phi[0])),
-        per_layer=bool(data.get("per_layer", True)),
-        report={k: v for k, v in data.items() if k in ("calibration", "heldout")},
-    )
-
-
-def save_calibration(model: str | Path | None, calibration: Calibration) -> Path:
-    path = calibration_path(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(calibration.to_json(model_identity(model)), indent=1) + "\n")
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
-    return path
-
-
-def softmax_policy(mode: str, model: str | Path | None, num_layers: int) -> SoftmaxPolicy:
-    """The engine's softmax for ``mode``: "exact"; "unified" (the model's calibration, else phi = 0:
-    any phi is exact, calibration only lowers the fallback rate); "auto" (unified when the model
-    has a calibration, else exact)."""
-    if mode not in SOFTMAX_MODES:
-        raise FlashDecodeError(f"softmax={mode!r}: expected one of {SOFTMAX_MODES}")
-    if mode == "exact":
-        return SoftmaxPolicy("exact")
-    calibration = load_calibration(model, num_layers)
-    if calibration is None:
-        return SoftmaxPolicy("unified") if mode == "unified" else SoftmaxPolicy("exact")
-    return SoftmaxPolicy("unified", phi=tuple(calibration.phi))
 
 
 # --- statistics and the choice of phi ---------------------------------------------------------
@@ -231,8 +125,6 @@ def _prompts(llm: Any, text: str) -> list[list[int]]:
 def record_rows(llm: Any, text: str) -> tuple[RowStats, int]:
     """Run ``text`` through the engine with exact attention; return every row's statistics and the
     number of tokens."""
-    from ..sampling_params import SamplingParams
-
     engine = llm.engine
     stats = RowStats(engine.spec.num_layers)
     before = engine.model.softmax
@@ -247,8 +139,6 @@ def record_rows(llm: Any, text: str) -> tuple[RowStats, int]:
 
 def measure_engine_fallbacks(llm: Any, text: str, phi: list[float]) -> tuple[int, int]:
     """(fallback rows, checked rows) of the engine's own unified path over ``text``."""
-    from ..sampling_params import SamplingParams
-
     engine = llm.engine
     before = engine.model.softmax
     policy = SoftmaxPolicy("unified", phi=tuple(phi))
@@ -273,8 +163,6 @@ def calibrate(
     fallback rates on ``heldout`` (default: heldout.txt), and store the result. A given ``llm``
     must have prefix caching off (cached rows are neither observed nor checked)."""
     if llm is None:
-        from ..llm import LLM
-
         # no prefix cache: every pass over a text must compute (and so observe) every row
         llm = LLM(model=model, softmax="exact", num_threads=num_threads, enable_prefix_caching=False)
     text = default_text("calibration.txt") if text is None else text
@@ -343,3 +231,30 @@ def format_report(calibration: Calibration, path: Path | None) -> str:
     if path is not None:
         lines.append(f"saved: {path}")
     return "\n".join(lines)
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: embedded)")
+    p.add_argument("--text", default=None, help="calibration text file (default: the shipped sample)")
+    p.add_argument("--heldout", default=None, help="held-out text file for the fallback rate")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+
+
+def _read_text(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FlashDecodeError(f"cannot read {path}: {exc}") from exc
+
+
+def run(args: Any) -> int:
+    text, heldout = _read_text(args.text), _read_text(args.heldout)
+    calibration, path = calibrate(args.model, text, heldout, num_threads=args.threads)
+    print(format_report(calibration, path))
+    return 0

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..models.spec import RopeScaling
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: "llama3" (Llama 3.1's smooth NTK-by-parts), "linear" (positions divided
+    by ``factor``) or "freq_factors" (explicit per-frequency divisors, as GGUF files store Llama 3's)."""
+
+    kind: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+    factors: tuple[float, ...] = ()
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:

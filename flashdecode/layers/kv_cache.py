@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "bf16", "int8")
+from ..config import KV_CACHE_DTYPES
 
 
 class KVCache:
@@ -48,6 +48,12 @@ class KVCache:
     @property
     def v(self) -> torch.Tensor:
         return self.kv[..., 1, :]
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """Bytes one cached token takes, all layers, K and V (and their scales)."""
+        tensors = [self.kv] + ([self.kv_scale] if self.quantized else [])
+        return sum(t[:, 0].numel() * t.element_size() for t in tensors)
 
     @staticmethod
     def bytes_per_token(

@@ -22,7 +22,7 @@ offline (``flashdecode calibrate``) every partition computes sum_j exp(x_j - phi
 sum_j exp(x_j - phi) on its own and the partials are simply added; one division at the end. Nothing
 waits for a max. Because the partials only add, the CPU path lets the PV GEMM's reduction over the
 keys accumulate them (decode), or adds each key block's partial into the accumulator (prefill); the
-Triton kernels (``ops/triton/attention.py``) run the partitions as parallel programs and add them.
+Triton kernels (``kernels/triton/attention.py``) run the partitions as parallel programs and add them.
 
 **The safe window.** exp(x - phi) must neither overflow nor lose the row's dominant terms. The
 check costs nothing extra: with l = sum_j exp(x_j - phi) over a row of n keys,
@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..kernels import triton as triton_kernels
 from .kv_cache import KVCache
 
 # (a, b) bounds on (max_j x_j - phi), certified through l as explained in the module docstring
@@ -58,8 +59,6 @@ MAX_ABS_PHI = 80.0  # fp32 exp overflows at 88.7: a phi beyond this is a corrupt
 DECODE_PARTITION = 512  # keys per partition of the synchronised split-K baseline
 PREFILL_BLOCK_Q = 64  # query tokens per block of the chunked prefill paths
 PREFILL_BLOCK_K = 256  # keys per block of the chunked prefill paths
-
-SOFTMAX_MODES = ("auto", "exact", "unified")
 
 
 def window_for(dtype: torch.dtype) -> tuple[float, float]:
@@ -511,9 +510,7 @@ def _use_triton(policy: SoftmaxPolicy, q: torch.Tensor) -> bool:
         return True
     if policy.backend == "torch" or not q.is_cuda:
         return False
-    from .triton import available
-
-    return available()
+    return triton_kernels.available()
 
 
 def paged_attention(
@@ -553,7 +550,7 @@ def paged_attention(
         k, v = gather_decode(cache, layer, meta.decode_slots, q.dtype)
         lens = meta.decode_context_lens
         if triton:
-            from .triton.attention import decode_attention_triton
+            from ..kernels.triton.attention import decode_attention_triton
 
             res, lsum = decode_attention_triton(q[:nd], k, v, lens, scale, phi)
             fallback = ~window_ok(lsum, lens[:, None].to(lsum.device), softmax.window_for(q.dtype))
@@ -569,7 +566,7 @@ def paged_attention(
         sl = slice(seg.start, seg.start + seg.num_query)
         k, v = cache.gather(layer, seg.slots, q.dtype)
         if triton:
-            from .triton.attention import prefill_attention_triton
+            from ..kernels.triton.attention import prefill_attention_triton
 
             res, lsum = prefill_attention_triton(q[sl], k, v, scale, phi)
             counts = torch.arange(

@@ -423,7 +423,7 @@ static int linear_rows(int fmt, const float *x, int64_t ldx, int64_t M, int64_t 
 
 /* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) W^T + bias. Returns 0, -1 on bad arguments, -2
  * out of memory. Large M runs in passes of rows whose activations fit in L2: every weight tile sweeps
- * the whole panel, and a panel streamed from L3 for each tile starves the FMAs (2x slower at M=256). */
+ * the whole panel, and a panel streamed from L3 for each tile starves the FMAs. */
 int fd_linear(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
               const void *d, const void *m, const float *bias, float *y, int64_t ldy, int64_t N,
               int nthreads) {

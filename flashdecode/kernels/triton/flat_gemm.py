@@ -6,9 +6,10 @@ across programs (``BLOCK_N`` rows of W each: the parallelism of a flat GEMM live
 program loops over K in ``BLOCK_K`` steps with ``tl.range(num_stages=...)``, which software-pipelines
 the loads of step k + 1 under the math of step k: the paper's double buffering.
 
-Weights: fp32/fp16/bf16 tensors, or a ``QuantizedTensor`` (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K planes
-as ops/quant.py stores them), dequantized in registers right after the load: each weight byte is read
-once. Accumulation is fp32; fp32 operands use IEEE dots (no TF32).
+Weights: fp32/fp16/bf16 tensors, or a quantized matrix's planes (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
+Q6_K, as layers/quant.py's ``QuantizedTensor`` holds them: any object with ``format``, ``qs``, ``d``
+and ``m``), dequantized in registers right after the load: each weight byte is read once.
+Accumulation is fp32; fp32 operands use IEEE dots (no TF32).
 
 On a CPU the kernel runs under ``TRITON_INTERPRET=1`` (set before triton is first imported), which
 is how the tests check it.
@@ -17,12 +18,11 @@ is how the tests check it.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
-
-from ..quant import QuantizedTensor
 
 BLOCK_M = 16
 BLOCK_N = 64
@@ -112,7 +112,7 @@ def _flat_gemm_kernel(
 
 def flat_gemm(
     x: torch.Tensor,
-    weight: torch.Tensor | QuantizedTensor,
+    weight: torch.Tensor | Any,
     bias: torch.Tensor | None = None,
     block_n: int = BLOCK_N,
     block_k: int = BLOCK_K,
@@ -132,7 +132,7 @@ def flat_gemm(
     if m == 0 or n == 0:
         return y
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if isinstance(weight, QuantizedTensor):
+    if not isinstance(weight, torch.Tensor):  # quantized planes
         fmt = _FORMATS[weight.format]
         w = weight.qs.reshape(n, -1)
         d, mins = weight.d, (weight.m if weight.m is not None else weight.d)

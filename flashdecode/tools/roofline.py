@@ -4,7 +4,7 @@ Decode cannot beat memory bandwidth divided by the bytes one step must read; pre
 machine's matmul throughput divided by the FLOPs per token. This module holds both sides:
 
 * ``Ceilings``: the machine's measured memory read bandwidth and matmul throughput per dtype (fp32,
-  bf16, int8), measured once and cached (``machine_ceilings``; ``hardware/probe.py`` measures).
+  bf16, int8), measured once and cached (``machine_ceilings``; ``tools/probe.py`` measures).
 * ``ModelCost``: bytes and FLOPs of one decode step at batch B and context L, and of a prefill, from
   the ``ModelSpec`` and each weight's *stored* format (Q4_1 = 20 bytes per 32 weights, ...), whatever
   the engine happens to keep in memory today: the bound is the one physics sets for that file.
@@ -24,75 +24,29 @@ What is counted (the same arithmetic ``tests/test_roofline.py`` checks by hand):
 
 from __future__ import annotations
 
-import math
+import json
 import platform
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
+from ..config import EngineConfig
 from ..errors import FlashDecodeError
+from ..kernels.formats import bytes_per_weight, canonical, is_quantized
+from ..layers.kv_cache import KVCache
+from ..models.gguf_loader import describe_gguf
+from ..models.loader import load_model, resolve_model_path
 from ..models.spec import ModelSpec
+from ..utils.cpuinfo import cpu_model, physical_cores
+from ..utils.formatting import fmt_bytes, fmt_rate, format_table, parse_int_list
+from ..utils.paths import cache_dir, read_json, write_json
 from . import probe
 
 CACHE_FILE = "ceilings.json"
 CACHE_VERSION = 1
-
-# Stored bytes per block and weights per block for each storage format. GGUF names come first;
-# torch dtype names cover safetensors checkpoints. Anything else falls back to gguf's table.
-_FORMAT_BLOCKS: dict[str, tuple[int, int]] = {
-    "F64": (8, 1),
-    "F32": (4, 1),
-    "F16": (2, 1),
-    "BF16": (2, 1),
-    "I8": (1, 1),
-    "I16": (2, 1),
-    "I32": (4, 1),
-    "I64": (8, 1),
-    "Q4_0": (18, 32),
-    "Q4_1": (20, 32),
-    "Q5_0": (22, 32),
-    "Q5_1": (24, 32),
-    "Q8_0": (34, 32),
-    "Q8_1": (36, 32),
-    "Q2_K": (84, 256),
-    "Q3_K": (110, 256),
-    "Q4_K": (144, 256),
-    "Q5_K": (176, 256),
-    "Q6_K": (210, 256),
-    "Q8_K": (292, 256),
-    "IQ4_NL": (18, 32),
-    "IQ4_XS": (136, 256),
-    "FLOAT64": (8, 1),
-    "FLOAT32": (4, 1),
-    "FLOAT": (4, 1),
-    "FLOAT16": (2, 1),
-    "HALF": (2, 1),
-    "BFLOAT16": (2, 1),
-    "INT8": (1, 1),
-    "UINT8": (1, 1),
-}
-_FLOAT_FORMATS = {"F64", "F32", "F16", "BF16", "FLOAT64", "FLOAT32", "FLOAT", "FLOAT16", "HALF", "BFLOAT16"}
-
-
-def bytes_per_weight(fmt: str) -> float:
-    """Stored bytes per weight of a tensor format name (GGUF ``Q4_1``, torch ``bfloat16``, ...)."""
-    key = str(fmt).upper().removeprefix("TORCH.")
-    if key in _FORMAT_BLOCKS:
-        type_size, block = _FORMAT_BLOCKS[key]
-        return type_size / block
-    try:
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[key]]
-        return type_size / block
-    except (ImportError, KeyError):
-        raise FlashDecodeError(f"unknown weight storage format {fmt!r}") from None
-
-
-def is_quantized(fmt: str) -> bool:
-    return str(fmt).upper().removeprefix("TORCH.") not in _FLOAT_FORMATS | {"I8", "I16", "I32", "I64"}
-
 
 # --- the machine -------------------------------------------------------------------------------------
 
@@ -119,20 +73,18 @@ class Ceilings:
 
 
 def _cache_key(threads: int) -> str:
-    import torch
-
-    return f"{probe.cpu_model()}|{threads} threads|torch {torch.__version__}|{platform.machine()}"
+    return f"{cpu_model()}|{threads} threads|torch {torch.__version__}|{platform.machine()}"
 
 
 def machine_ceilings(
     num_threads: int | None = None, refresh: bool = False, fresh_bandwidth: bool = False
 ) -> Ceilings:
     """This machine's ceilings with ``num_threads`` threads (default: physical cores), measured once
-    and cached in ``probe.cache_dir()``; ``refresh`` measures everything again, ``fresh_bandwidth``
+    and cached in the cache directory; ``refresh`` measures everything again, ``fresh_bandwidth``
     re-measures only the memory bandwidth in this process (about a second) and does not cache it."""
-    threads = num_threads or probe.physical_cores()
+    threads = num_threads or physical_cores()
     key = _cache_key(threads)
-    cached = probe.load_cached(CACHE_FILE) or {}
+    cached = read_json(cache_dir() / CACHE_FILE) or {}
     entry = cached.get(key) if cached.get("version") == CACHE_VERSION else None
     if refresh or entry is None:
         entry = {
@@ -144,7 +96,7 @@ def machine_ceilings(
             cached = {"version": CACHE_VERSION}
         cached[key] = entry
         try:
-            probe.store_cached(CACHE_FILE, cached)
+            write_json(cache_dir() / CACHE_FILE, cached)
         except OSError:
             pass  # a read-only cache directory only costs a re-measurement next time
         fresh = True
@@ -156,14 +108,14 @@ def machine_ceilings(
         if bandwidth > entry["bandwidth"]:  # the cache keeps the best this machine has shown
             entry["bandwidth"] = bandwidth
             try:
-                probe.store_cached(CACHE_FILE, cached)
+                write_json(cache_dir() / CACHE_FILE, cached)
             except OSError:
                 pass
     return Ceilings(
         bandwidth=bandwidth,
         flops=dict(entry["flops"]),
         threads=threads,
-        cpu=probe.cpu_model(),
+        cpu=cpu_model(),
         measured_at=entry["measured_at"],
         bandwidth_fresh=fresh,
     )
@@ -345,8 +297,7 @@ class ModelCost:
         by_kind = {"int8": 0.0, "bf16": 0.0, "fp32": 0.0}
         for name, (r, c) in self.matrix_shapes().items():
             fmt = self.format_of(name)
-            key = str(fmt).upper().removeprefix("TORCH.")
-            kind = "int8" if is_quantized(fmt) else "bf16" if key in {"BF16", "BFLOAT16"} else "fp32"
+            kind = "int8" if is_quantized(fmt) else "bf16" if canonical(fmt) == "BF16" else "fp32"
             by_kind[kind] += self.weight_bytes(name, r * c)
         return max(by_kind, key=lambda k: by_kind[k])
 
@@ -358,22 +309,6 @@ class ModelCost:
         return ", ".join(f"{fmt} x{n}" for fmt, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def kv_bytes_per_token_of(cache: Any, spec: ModelSpec, fallback_itemsize: int) -> float:
-    """Bytes per cached token (all layers, K and V, scales included) of an engine's KV cache object,
-    from the tensors it holds; falls back to ``fallback_itemsize`` per element."""
-    try:
-        import torch
-
-        tensors = [t for t in vars(cache).values() if isinstance(t, torch.Tensor)]
-        slots = cache.k.shape[1]
-        total = sum(t.numel() * t.element_size() for t in tensors)
-        if slots > 0 and total > 0:
-            return total / slots
-    except (AttributeError, IndexError, TypeError):
-        pass
-    return 2 * spec.num_layers * spec.kv_size * fallback_itemsize
-
-
 def model_cost_for_engine(engine: Any) -> ModelCost:
     """The cost model of a running ``LLMEngine``: its spec, stored formats, compute dtype and KV cache."""
     itemsize = engine.dtype.itemsize
@@ -381,76 +316,22 @@ def model_cost_for_engine(engine: Any) -> ModelCost:
         spec=engine.spec,
         formats=dict(engine.formats),
         activation_bytes=itemsize,
-        kv_bytes_per_token=kv_bytes_per_token_of(getattr(engine, "cache", None), engine.spec, itemsize),
+        kv_bytes_per_token=engine.cache.bytes_per_slot,
     )
 
 
 def describe_model(model: str | None) -> tuple[ModelSpec, dict[str, str], str]:
-    """(spec, stored formats, source) of a model without building an engine. A GGUF file is read for
-    its metadata and tensor types only (no dequantization) where the loader's helpers allow it."""
-    from ..models.loader import load_model, resolve_model_path
-
+    """(spec, stored formats, source) of a model without building an engine; a GGUF file is read for
+    its header only (no tensor data)."""
     path = resolve_model_path(model)
     if path.is_file():
-        try:
-            return _describe_gguf(path)
-        except FlashDecodeError:
-            raise
-        except Exception:  # the loader's private helpers moved: load it the slow way
-            pass
+        spec, formats = describe_gguf(path)
+        return spec, formats, str(path)
     loaded = load_model(model)
     return loaded.spec, dict(loaded.formats), loaded.source
 
 
-def _describe_gguf(path: Any) -> tuple[ModelSpec, dict[str, str], str]:
-    from ..models import gguf_loader as g
-    from ..models.tokenizer import Tokenizer
-
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-    reader = g.read_gguf(path)
-    meta = g.gguf_metadata(reader)
-    g.family_for(str(meta.get("general.architecture")))
-    tokenizer = Tokenizer.from_gguf_metadata(meta)
-    names = {t.name for t in reader.tensors}
-    spec = g._spec_from_metadata(meta, names, tokenizer)
-    formats = {}
-    for t in reader.tensors:
-        if t.name in g._GLOBAL_TENSORS:
-            formats[g._GLOBAL_TENSORS[t.name]] = t.tensor_type.name
-        elif t.name.startswith("blk."):
-            _, layer, rest = t.name.split(".", 2)
-            if rest in g._LAYER_TENSORS:
-                formats[f"layers.{int(layer)}.{g._LAYER_TENSORS[rest]}"] = t.tensor_type.name
-    if "embed" not in formats:
-        raise ValueError("no embedding tensor")
-    return spec, formats, str(path)
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.3g} B"
-
-
-def fmt_rate(n: float) -> str:
-    if not math.isfinite(n):
-        return "inf"
-    return f"{n:,.0f}" if n >= 100 else f"{n:.3g}"
-
-
 # --- reports -----------------------------------------------------------------------------------------
-
-
-def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    """A plain text table, numbers right-aligned."""
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
 
 
 def describe_ceilings(c: Ceilings) -> str:
@@ -663,15 +544,12 @@ def add_arguments(p: Any) -> None:
 
 
 def _kv_bytes(spec: ModelSpec, kv_dtype: str, activation_bytes: int) -> float:
-    per_head = {
-        "auto": spec.head_dim * activation_bytes,
-        "fp32": spec.head_dim * 4,
-        "bf16": spec.head_dim * 2,
-        "int8": spec.head_dim + 4,  # int8 values and one fp32 scale per token and head
-    }
-    if kv_dtype not in per_head:
-        raise FlashDecodeError(f"--kv-dtype {kv_dtype!r}: expected one of {sorted(per_head)}")
-    return 2 * spec.num_layers * spec.num_kv_heads * per_head[kv_dtype]
+    """Bytes per cached token for ``--kv-dtype`` (auto: the compute dtype), as the KV cache stores it."""
+    if kv_dtype not in ("auto", "fp32", "bf16", "int8"):
+        raise FlashDecodeError(f"--kv-dtype {kv_dtype!r}: expected auto, fp32, bf16 or int8")
+    compute = torch.float32 if kv_dtype == "fp32" or activation_bytes == 4 else torch.bfloat16
+    storage = "auto" if kv_dtype == "fp32" else kv_dtype
+    return KVCache.bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, compute, storage)
 
 
 def measured_points(bench: dict[str, Any], cost: ModelCost) -> list[tuple[str, float, float]]:
@@ -688,12 +566,7 @@ def measured_points(bench: dict[str, Any], cost: ModelCost) -> list[tuple[str, f
     return points
 
 
-def cmd_roofline(args: Any) -> int:
-    import json
-
-    from ..bench import parse_int_list
-    from ..config import EngineConfig
-
+def run(args: Any) -> int:
     batches = parse_int_list(args.batch, "--batch")
     prompt_lens = parse_int_list(args.prompt_len, "--prompt-len")
     (context,) = parse_int_list(args.context, "--context")

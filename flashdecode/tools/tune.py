@@ -1,7 +1,7 @@
-"""The heuristic dataflow (FlashDecoding++ section 5), tuned per machine: ``flashdecode tune``.
+"""``flashdecode tune``: measures the heuristic dataflow (FlashDecoding++ section 5) on this machine.
 
 For each distinct linear shape of a model (storage format and [N, K]: fused qkv, o, fused gate/up,
-down, lm_head), every applicable candidate kernel (ops/linear.py) is timed at M = 1, 2, 4, ..., 512
+down, lm_head), every applicable candidate kernel (layers/linear.py) is timed at M = 1, 2, 4, ..., 512
 with cold weights: each call runs on the next of several copies of the weight whose total size is
 at least twice the last-level cache, so every call streams its weights from memory as decoding
 does. Candidates are interleaved round-robin, so drift and load from other processes hit all candidates
@@ -11,172 +11,44 @@ far slower than the best is dropped for larger M (the answer is clear there); wh
 changes between two grid points the gap is bisected to find the crossover. The result, per shape,
 is a ``Plan``: the winner per M range.
 
-Tables live in the user cache directory (``$FLASHDECODE_CACHE_DIR``, ``$XDG_CACHE_HOME/flashdecode``
-or ``~/.cache/flashdecode``) under ``dataflow/<fingerprint>.json``, one file per hardware fingerprint
-(CPU model and flags, cores, threads, torch version, native kernel build), holding the shapes of
-every model tuned on it. Rerunning ``tune`` re-measures the model's shapes and replaces them.
+The table it writes, and how the engine follows it, are layers/dataflow.py's. Rerunning ``tune``
+re-measures the model's shapes and replaces them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
-from ..ops import cpu_kernels
-from ..ops.linear import CANDIDATES, MAX_PLAN_M, Linear, Plan, iter_linears
-from ..ops.quant import QuantizedTensor
-from .probe import cache_dir, cpu_flags, cpu_model, physical_cores
+from ..entrypoints.llm import LLM
+from ..errors import FlashDecodeError
+from ..layers.dataflow import (
+    DataflowTable,
+    ShapeResult,
+    fingerprint,
+    format_plan,
+    is_approx,
+    static_plan,
+    table_path,
+)
+from ..layers.linear import Linear, Plan, iter_linears
+from ..layers.quant import QuantizedTensor
+from ..models.decoder import Decoder
+from ..models.loader import load_model
+from ..sampling_params import SamplingParams
+from ..utils.cpuinfo import last_level_cache_bytes, physical_cores
 
-TABLE_VERSION = 1
 M_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 DROP_FACTOR = 4.0  # a candidate this many times slower than the best is not measured at larger M
 HYSTERESIS = 0.03  # keep the previous winner while it is within 3% of the best (fewer noisy switches)
-
-# the CPU flags that decide which kernels exist and how fast they are
-_RELEVANT_FLAGS = (
-    "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
-    "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve",
-)  # fmt: skip
-
-
-def last_level_cache_bytes() -> int:
-    """The largest CPU cache (sysfs), 32 MiB when unknown."""
-    best = 0
-    base = Path("/sys/devices/system/cpu/cpu0/cache")
-    for index in base.glob("index*"):
-        try:
-            text = (index / "size").read_text().strip().upper()
-        except OSError:
-            continue
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        digits = text.rstrip("KMG")
-        if digits.isdigit():
-            best = max(best, int(digits) * scale)
-    return best or 32 << 20
-
-
-def fingerprint(num_threads: int | None = None) -> dict[str, Any]:
-    flags = cpu_flags()
-    native = cpu_kernels.load()
-    return {
-        "cpu": cpu_model(),
-        "machine": platform.machine(),
-        "flags": sorted(f for f in _RELEVANT_FLAGS if f in flags),
-        "cores": physical_cores(),
-        "threads": num_threads or torch.get_num_threads(),
-        "torch": torch.__version__,
-        # the build's name carries the hash of the kernel source and flags: timings of an older
-        # kernel must not drive dispatch, so a rebuilt kernel starts a new table
-        "native": None if native is None else native.path.stem,
-    }
-
-
-def fingerprint_key(fp: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def table_path(fp: dict[str, Any] | None = None) -> Path:
-    fp = fingerprint() if fp is None else fp
-    return cache_dir() / "dataflow" / f"{fingerprint_key(fp)}.json"
-
-
-@dataclass
-class ShapeResult:
-    plan: Plan
-    times: dict[str, dict[int, float]]  # candidate -> M -> median seconds
-    crossovers: list[int]  # M at which the plan switches kernel
-    allow_approx: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "plan": [[m, name] for m, name in self.plan],
-            "times": {c: {str(m): t for m, t in sorted(ts.items())} for c, ts in self.times.items()},
-            "crossovers": self.crossovers,
-            "allow_approx": self.allow_approx,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ShapeResult:
-        return cls(
-            plan=[(int(m), str(name)) for m, name in data["plan"]],
-            times={c: {int(m): float(t) for m, t in ts.items()} for c, ts in data.get("times", {}).items()},
-            crossovers=[int(m) for m in data.get("crossovers", [])],
-            allow_approx=bool(data.get("allow_approx", False)),
-        )
-
-
-@dataclass
-class DataflowTable:
-    fingerprint: dict[str, Any]
-    shapes: dict[str, ShapeResult] = field(default_factory=dict)
-    models: dict[str, list[str]] = field(default_factory=dict)  # model source -> its shape keys
-    gates: dict[str, dict[str, Any]] = field(default_factory=dict)  # model source -> perplexity gate
-
-    def plan_for(self, linear: Linear) -> Plan | None:
-        """The tuned plan for this Linear's shape, if the table has it and every kernel in it can run."""
-        entry = self.shapes.get(linear.shape_key())
-        if entry is None:
-            return None
-        usable = set(linear.candidates(allow_approx=entry.allow_approx))
-        if not all(name in usable for _, name in entry.plan):
-            return None
-        return list(entry.plan)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": TABLE_VERSION,
-            "fingerprint": self.fingerprint,
-            "models": self.models,
-            "gates": self.gates,
-            "shapes": {key: r.to_json() for key, r in sorted(self.shapes.items())},
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DataflowTable:
-        if data.get("version") != TABLE_VERSION:
-            raise ValueError(f"table version {data.get('version')!r}, expected {TABLE_VERSION}")
-        return cls(
-            fingerprint=dict(data["fingerprint"]),
-            shapes={k: ShapeResult.from_json(v) for k, v in data.get("shapes", {}).items()},
-            models={k: list(v) for k, v in data.get("models", {}).items()},
-            gates=dict(data.get("gates", {})),
-        )
-
-    def save(self, path: Path | None = None) -> Path:
-        path = table_path(self.fingerprint) if path is None else path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> DataflowTable | None:
-        try:
-            return cls.from_json(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-
-def load_table(num_threads: int | None = None) -> DataflowTable | None:
-    """This machine's table (for the current thread count), or None if it was never tuned."""
-    fp = fingerprint(num_threads)
-    table = DataflowTable.load(table_path(fp))
-    if table is None or table.fingerprint != fp:
-        return None
-    return table
-
 
 # --- measuring ----------------------------------------------------------------------------------------
 
@@ -268,11 +140,6 @@ def measure(
     """``robust_time`` per candidate of ``measure_samples``."""
     samples = measure_samples(fns, x, min_reps, max_reps, budget_s, drop_after)
     return {n: robust_time(ts) for n, ts in samples.items()}
-
-
-def is_approx(name: str) -> bool:
-    candidate = CANDIDATES.get(name)
-    return candidate is not None and not candidate.exact
 
 
 def _hopeless(times: dict[int, float], m: int, best: float) -> bool:
@@ -420,9 +287,6 @@ def tune_model(
     log: Callable[[str], None] = print,
 ) -> tuple[DataflowTable, Path | None]:
     """Tune every distinct linear shape of ``model`` on this machine and merge them into its table."""
-    from ..models.decoder import Decoder
-    from ..models.loader import load_model
-
     threads = num_threads or physical_cores()
     torch.set_num_threads(threads)
     loaded = load_model(model)
@@ -436,8 +300,6 @@ def tune_model(
         table = DataflowTable(fingerprint=fp)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(shapes) * len(grid), desc="tuning", unit="point")
     try:
         for key, linear in shapes.items():
@@ -486,8 +348,6 @@ PPL_TOLERANCE = 0.01  # an approximate kernel may raise held-out perplexity by a
 
 def heldout_perplexity(llm: Any, ids: list[int]) -> float:
     """Perplexity of the token ids under the model (teacher forcing, prompt logprobs)."""
-    from ..sampling_params import SamplingParams
-
     out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
     logprobs = [entry[ids[t]].logprob for t, entry in enumerate(out.prompt_logprobs) if entry is not None]
     return math.exp(-statistics.fmean(logprobs))
@@ -499,11 +359,6 @@ def perplexity_gate(
     """Held-out perplexity (flashdecode/data/heldout.txt) with the exact kernels, and with each
     approximate candidate run at every M of every Linear that can use it: the worst case of any plan
     that contains it. A candidate is allowed when it stays within ``PPL_TOLERANCE``."""
-    from importlib import resources
-
-    from ..llm import LLM
-    from ..ops.linear import static_candidate
-
     text = resources.files("flashdecode").joinpath("data/heldout.txt").read_text(encoding="utf-8")
     llm = LLM(model=model, dataflow="off", num_threads=num_threads, max_num_seqs=1)
     ids = llm.get_tokenizer().encode(text)[: min(max_tokens, llm.engine.max_model_len - 1)]
@@ -512,30 +367,40 @@ def perplexity_gate(
     ppl = {}
     for name in candidates:
         for lin in linears:
-            lin.set_plan([(1, name if name in lin.candidates(allow_approx=True) else static_candidate(lin))])
+            lin.set_plan([(1, name)] if name in lin.candidates(allow_approx=True) else static_plan(lin))
         ppl[name] = heldout_perplexity(llm, ids)
     allowed = [n for n, p in ppl.items() if p <= exact * (1 + PPL_TOLERANCE)]
     return {"tokens": len(ids), "exact": exact, "ppl": ppl, "allowed": allowed, "tolerance": PPL_TOLERANCE}
 
 
-def format_plan(plan: Plan) -> str:
-    parts = []
-    for i, (start, name) in enumerate(plan):
-        end = plan[i + 1][0] - 1 if i + 1 < len(plan) else None
-        rng = f"M>={start}" if end is None else (f"M={start}" if end == start else f"M={start}-{end}")
-        parts.append(f"{rng}: {name}")
-    return ", ".join(parts)
+# --- command line ---------------------------------------------------------------------------------
 
 
-__all__ = [
-    "DataflowTable",
-    "M_GRID",
-    "MAX_PLAN_M",
-    "ShapeResult",
-    "fingerprint",
-    "load_table",
-    "measure",
-    "table_path",
-    "tune_linear",
-    "tune_model",
-]
+def add_arguments(p: Any) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: embedded)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument(
+        "--allow-approx",
+        action="store_true",
+        help="also consider kernels that round weights or activations (bf16)",
+    )
+    p.add_argument("--quick", action="store_true", help="a coarse M grid and short timings (a smoke test)")
+    p.add_argument(
+        "--quantization", choices=("int8", "int4"), default=None, help="tune a float model served quantized"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: Any) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise FlashDecodeError(f"--threads {args.threads}: must be a positive integer")
+    _, path = tune_model(
+        args.model,
+        num_threads=args.threads,
+        allow_approx=args.allow_approx,
+        quick=args.quick,
+        quantization=args.quantization,
+        progress=not args.no_progress,
+    )
+    print(f"table: {path}")
+    return 0

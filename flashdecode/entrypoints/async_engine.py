@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..config import EngineConfig
+from ..engine.llm_engine import EngineStats, LLMEngine, PromptType
+from ..engine.sequence import Request
 from ..errors import FlashDecodeError
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
-from .llm_engine import EngineStats, LLMEngine, PromptType
-from .sequence import Request
 
 
 class EngineDeadError(RuntimeError):

@@ -24,29 +24,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import FlashDecodeError
+import torch
+from tqdm import tqdm
 
-
-def parse_int_list(text: str | list[int] | int, name: str) -> list[int]:
-    """``"1,8,32"`` -> ``[1, 8, 32]``; anything but positive integers is a ``FlashDecodeError``."""
-    if isinstance(text, int):
-        items: list[Any] = [text]
-    elif isinstance(text, list):
-        items = text
-    else:
-        items = [t.strip() for t in str(text).split(",") if t.strip()]
-    values = []
-    for item in items:
-        try:
-            value = int(item)
-        except (TypeError, ValueError):
-            raise FlashDecodeError(f"{name}: {item!r} is not an integer (expected e.g. 1,8,32)") from None
-        if value < 1:
-            raise FlashDecodeError(f"{name}: {value} must be a positive integer")
-        values.append(value)
-    if not values:
-        raise FlashDecodeError(f"{name}: give at least one value (e.g. 1,8,32)")
-    return values
+from ..entrypoints.llm import LLM
+from ..errors import FlashDecodeError
+from ..sampling_params import SamplingParams
+from ..utils.cpuinfo import cpu_model, physical_cores
+from ..utils.formatting import fmt_bytes, format_table, parse_int_list
+from .roofline import machine_ceilings, model_cost_for_engine
 
 
 @dataclass
@@ -119,8 +105,6 @@ def run_cell(
     engine: Any, batch: int, prompt_len: int, gen_len: int, rng: random.Random, on_tokens: Any = None
 ) -> CellRun:
     """Run one cell through ``engine`` (an ``LLMEngine`` with no other requests)."""
-    from .sampling_params import SamplingParams
-
     avoid = set(engine.eos_token_ids) | {engine.spec.bos_token_id}
     params = SamplingParams(temperature=0.0, max_tokens=gen_len, min_tokens=gen_len, ignore_eos=True)
     prompts = _random_prompts(engine.spec.vocab_size, batch, prompt_len, rng, avoid)
@@ -203,8 +187,6 @@ def summarize_cell(runs: list[CellRun], cost: Any, ceilings: Any, compute: str) 
 
 
 def make_engine(config: BenchConfig) -> Any:
-    from .llm import LLM
-
     longest = max(config.prompt_lens) + config.gen_len + 1
     options: dict[str, Any] = {
         "max_model_len": longest,
@@ -222,10 +204,6 @@ def run_bench(
     config: BenchConfig, progress: bool = True, engine: Any = None, ceilings: Any = None
 ) -> dict[str, Any]:
     """Every cell of ``config`` (interleaved over repetitions); returns the JSON-able result."""
-    import torch
-
-    from .hardware import probe
-    from .hardware.roofline import machine_ceilings, model_cost_for_engine
 
     load_start = time.perf_counter()
     engine = engine if engine is not None else make_engine(config)
@@ -242,8 +220,6 @@ def run_bench(
     total = config.reps * sum(b * (p + config.gen_len) for b, p in cells)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, unit="tok", desc="flashdecode bench", file=sys.stderr, dynamic_ncols=True)
     runs: dict[tuple[int, int], list[CellRun]] = {cell: [] for cell in cells}
     try:
@@ -272,7 +248,7 @@ def run_bench(
             "load_s": load_s,
             "resident_weight_bytes": resident_tensor_bytes(engine.model),
         },
-        "machine": {"cpu": probe.cpu_model(), "physical_cores": probe.physical_cores()},
+        "machine": {"cpu": cpu_model(), "physical_cores": physical_cores()},
         "ceilings": ceilings.to_json(),
         "compute": compute,
         "config": {k: v for k, v in asdict(config).items() if k != "engine_options"},
@@ -283,8 +259,6 @@ def run_bench(
 def resident_tensor_bytes(obj: Any, _seen: set[int] | None = None, _depth: int = 0) -> int:
     """Bytes of the distinct tensor storages reachable from ``obj`` (the weights as the engine holds
     them now, whatever their format), following attributes, lists and dicts."""
-    import torch
-
     seen = _seen if _seen is not None else set()
     if _depth > 6 or id(obj) in seen:
         return 0
@@ -316,8 +290,6 @@ def _num(x: float) -> str:
 
 
 def format_bench_table(result: dict[str, Any]) -> str:
-    from .hardware.roofline import format_table
-
     rows = []
     for c in result["cells"]:
         spread = (
@@ -342,8 +314,6 @@ def format_bench_table(result: dict[str, Any]) -> str:
 
 def describe_result(result: dict[str, Any]) -> str:
     m, e, c = result["model"], result["engine"], result["ceilings"]
-    from .hardware.roofline import fmt_bytes
-
     peak = c["flops"].get(result["compute"], 0) / 1e9
     return (
         f"model: {m['source']} ({m['architecture']}, {m['parameters']:,} parameters; "
@@ -373,7 +343,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     config = BenchConfig(
         model=args.model,
         batches=args.batch,

@@ -1,1 +1,0 @@
-"""What this machine is and what it can do: probes, roofline model, and FlashDecoding++'s offline tuning."""
