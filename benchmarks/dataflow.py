@@ -7,7 +7,7 @@ Models:
   llama1b-bf16  the same, kept in bf16
 
 Part 1, per distinct linear shape (fused qkv, o, fused gate/up, down, lm_head): the median time of
-every candidate kernel (ops/linear.py) at M = 1..512 with cold weights (rotating copies larger than
+every candidate kernel (layers/linear.py) at M = 1..512 with cold weights (rotating copies larger than
 twice the last-level cache, as ``flashdecode tune`` measures), the tuned table's choice (a separate
 ``tune_linear`` run: its own measurements and crossover bisection), and the geometric-mean speedup of
 the table over each single static choice (every shape and M that choice can run). A candidate

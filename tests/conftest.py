@@ -4,6 +4,7 @@ tests/model_factory.py, built once per session."""
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from flashdecode.kernels.cpu import kernel_dir  # noqa: E402
 # Built kernels are keyed by their source and flags, so sharing the user's saves a rebuild per test;
 # tuned tables, calibrations and measured ceilings are never shared (``isolated_cache_dir``).
 os.environ.setdefault("FLASHDECODE_KERNEL_DIR", str(kernel_dir()))
+# module- and session-scoped fixtures (a server process, say) start before any test's own directory
+# exists: they get one for the whole session, never the user's
+os.environ["FLASHDECODE_CACHE_DIR"] = tempfile.mkdtemp(prefix="flashdecode-test-cache-")
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 
@@ -26,28 +27,23 @@ _LAYER_TENSORS = {t.gguf: t.name for t in LAYER_TENSORS}  # GGUF name after "blk
 _GLOBAL_TENSORS = {t.gguf: t.name for t in GLOBAL_TENSORS}
 
 
-def _reader_class() -> type:
-    import gguf
+class _Reader(gguf.GGUFReader):
+    """``GGUFReader`` over a plain ndarray view of its memory map: numpy's memmap subclass costs
+    microseconds per slice, and the reader slices once per vocabulary string."""
 
-    class Reader(gguf.GGUFReader):
-        """``GGUFReader`` over a plain ndarray view of its memory map: numpy's memmap subclass costs
-        microseconds per slice, and the reader slices once per vocabulary string."""
+    @property
+    def data(self) -> np.ndarray:
+        return self._array
 
-        @property
-        def data(self) -> np.ndarray:
-            return self._array
-
-        @data.setter
-        def data(self, value: np.ndarray) -> None:
-            self._array = value.view(np.ndarray)
-
-    return Reader
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._array = value.view(np.ndarray)
 
 
 def read_gguf(path: str | Path) -> Any:
     """Open a GGUF file, turning every way a file can be broken into one ``ModelLoadError``."""
     try:
-        return _reader_class()(str(path), "r")
+        return _Reader(str(path), "r")
     except Exception as exc:  # the reader raises ValueError, IndexError, struct errors... on bad input
         raise ModelLoadError(f"{path}: not a valid GGUF file ({type(exc).__name__}: {exc})") from exc
 
@@ -113,8 +109,6 @@ def _spec_from_metadata(meta: dict[str, Any], tensor_names: set[str], tokenizer:
 
 
 def _tensor_to_torch(t: Any) -> torch.Tensor | QuantizedTensor:
-    import gguf
-
     shape = [int(d) for d in reversed(t.shape)]  # ggml lists the fastest-varying dim first
     data = np.asarray(t.data)
     if t.tensor_type.name in NATIVE_FORMATS and len(shape) == 2:

