@@ -25,6 +25,7 @@ What is counted (the same arithmetic ``tests/test_roofline.py`` checks by hand):
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from collections.abc import Iterable, Mapping
@@ -196,26 +197,15 @@ class ModelCost:
 
     def matrix_shapes(self) -> dict[str, tuple[int, int]]:
         """Every matrix one token goes through (the head included, the embedding gather not)."""
-        s = self.spec
-        h, q, kv, inter = s.hidden_size, s.q_size, s.kv_size, s.intermediate_size
-        per_layer = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (inter, h)}
-        per_layer |= {"up": (inter, h), "down": (h, inter)}
-        shapes = {
-            f"layers.{i}.{name}": shape for i in range(s.num_layers) for name, shape in per_layer.items()
-        }
-        shapes["lm_head"] = (s.vocab_size, h)
+        tensors = self.spec.tensors()
+        shapes = {n: shape for n, shape in tensors.items() if n in self.spec.matrices() and n != "embed"}
+        shapes["lm_head"] = tensors["embed"]  # the tied head reads the embedding matrix
         return shapes
 
     def vector_sizes(self) -> dict[str, int]:
-        s = self.spec
-        per_layer = {"attn_norm": s.hidden_size, "mlp_norm": s.hidden_size}
-        if s.family.qkv_bias:
-            per_layer |= {"q_bias": s.q_size, "k_bias": s.kv_size, "v_bias": s.kv_size}
-        if s.family.qk_norm:
-            per_layer |= {"q_norm": s.head_dim, "k_norm": s.head_dim}
-        sizes = {f"layers.{i}.{n}": size for i in range(s.num_layers) for n, size in per_layer.items()}
-        sizes["norm"] = s.hidden_size
-        return sizes
+        """Every norm weight and bias, read once per step."""
+        matrices = self.spec.matrices()
+        return {n: math.prod(shape) for n, shape in self.spec.tensors().items() if n not in matrices}
 
     def format_of(self, name: str) -> str:
         if name == "lm_head" and (self.spec.tie_embeddings or "lm_head" not in self.formats):
