@@ -45,7 +45,21 @@ NATIVE: dict[str, NativeLayout] = {
 }
 BF16_KERNEL_ID = 3  # bf16 matrices run on the flat GEMM too, as [N, K] bf16 with no scales
 
+# GGUF types with no kernel of their own whose values one native layout holds exactly: they are
+# repacked into it at load (layers/quant.py) and run there, never inflated to float. Q5_0 and Q5_1
+# become Q5_K's byte-per-value planes (w = d * q + m with d * q exact), IQ4_NL becomes Q8_0's (its
+# 16-entry table values are int8), Q3_K and IQ4_XS become Q6_K's (int8 values, an fp32 scale per 16
+# that is an fp16 times a small integer, exact).
+REPACKED_INTO: dict[str, str] = {
+    "Q5_0": "Q5_K",
+    "Q5_1": "Q5_K",
+    "IQ4_NL": "Q8_0",
+    "Q3_K": "Q6_K",
+    "IQ4_XS": "Q6_K",
+}
+
 NATIVE_FORMATS = tuple(NATIVE)
+LOADED_NATIVE = NATIVE_FORMATS + tuple(REPACKED_INTO)  # every GGUF type that loads without inflating
 BYTE_FORMATS = tuple(f for f, layout in NATIVE.items() if not layout.repacked)  # the file's bytes, split
 REPACKED_FORMATS = tuple(f for f, layout in NATIVE.items() if layout.repacked)
 I8_FORMATS = tuple(f for f, layout in NATIVE.items() if layout.int8_activations)

@@ -29,10 +29,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gguf.constants import GGMLQuantizationType
 from gguf.quants import Q4_K
+from gguf.quants import dequantize as gguf_dequantize
 
 from ..kernels import cpu, reference
-from ..kernels.formats import BLOCK, BYTE_FORMATS, NATIVE, NATIVE_FORMATS, QK_K, REPACKED_FORMATS, block_size
+from ..kernels.formats import (
+    BLOCK,
+    BYTE_FORMATS,
+    LOADED_NATIVE,
+    NATIVE,
+    NATIVE_FORMATS,
+    QK_K,
+    REPACKED_FORMATS,
+    REPACKED_INTO,
+    block_size,
+)
 
 QUANTIZATION_FORMATS = {"int8": "Q8_0", "int4": "Q4_1"}  # load-time quantization of float weights
 
@@ -86,10 +98,13 @@ class QuantizedTensor:
     def from_gguf_blocks(
         cls, fmt: str, raw: np.ndarray | torch.Tensor, shape: Sequence[int]
     ) -> QuantizedTensor:
-        """Split a [N, K] tensor's raw GGUF blocks (any uint8 array holding its blocks) into planes."""
-        if fmt not in NATIVE_FORMATS:
+        """Split a [N, K] tensor's raw GGUF blocks (any uint8 array holding its blocks) into planes;
+        a type in ``REPACKED_INTO`` comes back in the native layout that holds it exactly."""
+        if fmt not in LOADED_NATIVE:
             raise ValueError(f"{fmt} has no native kernel")
         n, k = (int(s) for s in shape)
+        if fmt in REPACKED_INTO:
+            return _repack_into_layout(fmt, np.asarray(raw).view(np.uint8), n, k)
         block_bytes = block_size(fmt)[1]
         block = QK_K if fmt in REPACKED_FORMATS else BLOCK
         if k % block:
@@ -195,6 +210,51 @@ def _repack_k_quant(fmt: str, blocks: np.ndarray, n: int, k: int) -> QuantizedTe
     planes = (np.ascontiguousarray(a) for a in (q, scale, low))
     qs_t, d_t, m_t = (torch.from_numpy(a) for a in planes)
     return QuantizedTensor(fmt, qs_t.reshape(n, k // BLOCK, -1), d_t.reshape(n, -1), m_t.reshape(n, -1))
+
+
+def _repack_into_layout(fmt: str, raw: np.ndarray, n: int, k: int) -> QuantizedTensor:
+    """A type of ``REPACKED_INTO`` in its native layout. The integer values and the scales are read by
+    ``gguf``'s own dequantization of blocks whose other fields are overwritten with ones (a unit
+    scale, unit sub-scales, unit values), so every bit layout is gguf's; scales multiply out
+    exactly, so the planes give back bit for bit what ``gguf.quants.dequantize`` gives."""
+    elements, block_bytes = block_size(fmt)
+    if k % elements or raw.size != n * (k // elements) * block_bytes:
+        raise ValueError(f"{fmt}: {raw.size} bytes for a [{n}, {k}] tensor")
+    blocks = raw.reshape(-1, block_bytes)
+    qtype = GGMLQuantizationType[fmt]
+
+    def decoded(**fields: int | float) -> np.ndarray:
+        """gguf's dequantization of the blocks with byte ranges overwritten: name=(start, value)."""
+        b = blocks.copy()
+        for (start, stop), value in fields.values():
+            if isinstance(value, float):
+                b[:, start:stop] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+            else:
+                b[:, start:stop] = value
+        return gguf_dequantize(b, qtype).reshape(n, k // BLOCK, BLOCK)
+
+    one = ((0, 2), 1.0)  # d = 1 (every type here leads with d but Q3_K, which ends with it)
+    if fmt in ("Q5_0", "Q5_1", "IQ4_NL"):
+        d = blocks[:, 0:2].copy().view(np.float16).reshape(n, k // BLOCK)
+        if fmt == "IQ4_NL":  # d * table[q]: the table's int8 values as Q8_0's
+            q = decoded(d=one).astype(np.int8)
+            return QuantizedTensor("Q8_0", torch.from_numpy(q.view(np.uint8)), torch.from_numpy(d))
+        if fmt == "Q5_0":  # d * (q - 16) = d * q + (-16 d), both terms exact in fp32
+            q = decoded(d=one) + 16
+            m = -16 * d.astype(np.float32)
+        else:
+            q = decoded(d=one, m=((2, 4), 0.0))
+            m = blocks[:, 2:4].copy().view(np.float16).reshape(n, k // BLOCK).astype(np.float32)
+        planes = (q.astype(np.uint8), d.astype(np.float32), m)
+        return QuantizedTensor("Q5_K", *(torch.from_numpy(np.ascontiguousarray(a)) for a in planes))
+    if fmt == "Q3_K":  # hmask 32 B, qs 64 B, 12 B of 6-bit sub-scales (each 33: unit), d last
+        q = decoded(s=((96, 104), 0x11), h=((104, 108), 0xAA), d=((108, 110), 1.0))
+        scale = decoded(m=((0, 32), 0xFF), q=((32, 96), 0x55))[..., ::16]  # every value 1: d * sc
+    else:  # IQ4_XS: d, 2 B of high and 4 B of low sub-scale bits (each 33: unit), 4-bit table indices
+        q = decoded(d=one, h=((2, 4), 0xAA), lo=((4, 8), 0x11))
+        scale = decoded(q=((8, 136), 0x88))[..., ::16]  # table index 8 holds 1: the scale per 32
+    planes = (q.astype(np.int8).view(np.uint8), scale.reshape(n, -1).astype(np.float32))
+    return QuantizedTensor("Q6_K", *(torch.from_numpy(np.ascontiguousarray(a)) for a in planes))
 
 
 def quantize(weight: torch.Tensor, fmt: str) -> QuantizedTensor:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelLoadError
-from ..kernels.formats import NATIVE_FORMATS
+from ..kernels.formats import LOADED_NATIVE
 from ..layers.quant import QuantizedTensor
 from ..layers.rope import RopeScaling
 from .spec import GLOBAL_TENSORS, LAYER_TENSORS, ModelSpec, family_for
@@ -111,7 +111,7 @@ def _spec_from_metadata(meta: dict[str, Any], tensor_names: set[str], tokenizer:
 def _tensor_to_torch(t: Any) -> torch.Tensor | QuantizedTensor:
     shape = [int(d) for d in reversed(t.shape)]  # ggml lists the fastest-varying dim first
     data = np.asarray(t.data)
-    if t.tensor_type.name in NATIVE_FORMATS and len(shape) == 2:
+    if t.tensor_type.name in LOADED_NATIVE and len(shape) == 2:
         # formats with a native kernel keep their blocks (ops/quant.py); the rest are dequantized
         return QuantizedTensor.from_gguf_blocks(t.tensor_type.name, data, shape)
     if t.tensor_type == gguf.GGMLQuantizationType.F32:
