@@ -13,6 +13,7 @@ SOFTMAX_MODES = ("auto", "exact", "unified")  # FlashDecoding++ section 3 (layer
 DATAFLOW_MODES = ("auto", "off")  # FlashDecoding++ section 5 (layers/dataflow.py)
 KV_CACHE_DTYPES = ("auto", "bf16", "int8")
 QUANTIZATIONS = (None, "int8", "int4")
+DEVICES = ("cpu", "cuda")  # "cuda": the Triton kernels (layers/device.py resolves it)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -50,6 +51,9 @@ class EngineConfig:
     # tune` wrote for this machine (else a documented default plan); "off": one fixed kernel per format
     dataflow: str = "auto"
     quantization: str | None = None  # None, "int8" (Q8_0) or "int4" (Q4_1): float weights at load
+    # "cpu": the native C kernels and torch; "cuda": the Triton kernels, on a CUDA device (or on host
+    # memory under TRITON_INTERPRET=1, which is how the GPU path is tested without one)
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -70,6 +74,8 @@ class EngineConfig:
             raise FlashDecodeError(f"quantization={self.quantization!r}: expected None, int8 or int4")
         if self.softmax not in SOFTMAX_MODES:
             raise FlashDecodeError(f"softmax={self.softmax!r}: expected one of {SOFTMAX_MODES}")
+        if self.device not in DEVICES:
+            raise FlashDecodeError(f"device={self.device!r}: expected one of {DEVICES}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise FlashDecodeError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r}: expected one of {KV_CACHE_DTYPES}"

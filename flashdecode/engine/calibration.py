@@ -96,15 +96,18 @@ def save_calibration(model: str | Path | None, calibration: Calibration) -> Path
     return write_json(calibration_path(model), calibration.to_json(model_identity(model)))
 
 
-def softmax_policy(mode: str, model: str | Path | None, num_layers: int) -> SoftmaxPolicy:
+def softmax_policy(
+    mode: str, model: str | Path | None, num_layers: int, backend: str = "auto"
+) -> SoftmaxPolicy:
     """The engine's softmax for ``mode``: "exact"; "unified" (the model's calibration, else phi = 0:
     any phi is exact, calibration only lowers the fallback rate); "auto" (unified when the model
-    has a calibration, else exact)."""
+    has a calibration, else exact). ``backend``: ``SoftmaxPolicy.backend`` ("triton" for the engine's
+    triton device backend; the exact mode always runs the torch reference)."""
     if mode not in SOFTMAX_MODES:
         raise FlashDecodeError(f"softmax={mode!r}: expected one of {SOFTMAX_MODES}")
     if mode == "exact":
-        return SoftmaxPolicy("exact")
+        return SoftmaxPolicy("exact", backend=backend)
     calibration = load_calibration(model, num_layers)
     if calibration is None:
-        return SoftmaxPolicy("unified") if mode == "unified" else SoftmaxPolicy("exact")
-    return SoftmaxPolicy("unified", phi=tuple(calibration.phi))
+        return SoftmaxPolicy("unified" if mode == "unified" else "exact", backend=backend)
+    return SoftmaxPolicy("unified", phi=tuple(calibration.phi), backend=backend)

@@ -13,13 +13,14 @@ import torch
 from ..config import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from ..errors import FlashDecodeError, InvalidPromptError, PromptTooLongError
 from ..layers.dataflow import DataflowTable, load_table
+from ..layers.device import resolve_device
 from ..layers.kv_cache import KVCache
 from ..models.decoder import Decoder
 from ..models.loader import load_model
 from ..models.weights import LoadedModel
 from ..outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
-from ..utils.cpuinfo import available_memory_bytes, physical_cores
+from ..utils.cpuinfo import physical_cores
 from .block_manager import BlockManager
 from .calibration import softmax_policy
 from .detokenizer import append_new_text, find_stop_string
@@ -70,6 +71,8 @@ class LLMEngine:
         """``loaded``: an already loaded model (else ``config.model`` is loaded); ``table``: the dataflow
         table to follow (else, with ``dataflow="auto"``, this machine's from the cache directory)."""
         self.config = config
+        # where the model runs (torch device + kernel backend), resolved once and handed down
+        self.device = resolve_device(config.device)
         torch.set_num_threads(config.num_threads or physical_cores())
         loaded = load_model(config.model) if loaded is None else loaded
         self.tokenizer = loaded.tokenizer
@@ -77,12 +80,16 @@ class LLMEngine:
         self.formats = loaded.formats
         self.dtype = config.torch_dtype(loaded.formats.get("embed", ""))
         self.max_model_len = self._resolve_max_model_len()
-        # the tables offline tools wrote for this machine and model, read here and handed down
-        if table is None and config.dataflow == "auto":
+        # the tables offline tools wrote for this machine and model, read here and handed down (the
+        # dataflow table times this CPU's kernels: the triton backend has its own default plan)
+        triton = self.device.backend == "triton"
+        if table is None and config.dataflow == "auto" and not triton:
             table = load_table()
-        self.model = Decoder(loaded, self.dtype, config.dataflow, table, config.quantization)
+        self.model = Decoder(loaded, self.dtype, config.dataflow, table, config.quantization, self.device)
         del loaded
-        self.model.softmax = softmax_policy(config.softmax, config.model, self.spec.num_layers)
+        self.model.softmax = softmax_policy(
+            config.softmax, config.model, self.spec.num_layers, "triton" if triton else "auto"
+        )
 
         bs = config.kv_block_size
         num_blocks = self._num_kv_blocks()
@@ -93,10 +100,11 @@ class LLMEngine:
             self.spec.head_dim,
             self.dtype,
             config.kv_cache_dtype,
+            self.device.torch,
         )
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.cache, bs)
+        self.runner = ModelRunner(self.model, self.cache, bs, self.device.torch)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
@@ -126,12 +134,12 @@ class LLMEngine:
         bytes_per_block = per_token * bs
         min_blocks = -(-self.max_model_len // bs)
         if cfg.kv_cache_memory_fraction is not None:
-            budget = int(cfg.kv_cache_memory_fraction * available_memory_bytes())
+            budget = int(cfg.kv_cache_memory_fraction * self.device.available_memory())
         elif cfg.kv_cache_bytes is not None:
             budget = cfg.kv_cache_bytes
         else:
             # room for every sequence at full length, within a cap that leaves the machine usable
-            cap = min(DEFAULT_KV_CACHE_BYTES, available_memory_bytes() // 4)
+            cap = min(DEFAULT_KV_CACHE_BYTES, self.device.available_memory() // 4)
             return max(min_blocks, min(cfg.max_num_seqs * min_blocks, cap // bytes_per_block))
         blocks = budget // bytes_per_block
         if blocks < min_blocks:

@@ -3,6 +3,9 @@
 Flattened token order: the decoding sequences' single tokens first, then each prefill chunk. Logits
 are computed only where they are needed: at each sequence's last known token (to sample the next
 one) and, for requests that asked for prompt logprobs, at every position of their chunk.
+
+Inputs are built in host memory from the sequences' Python lists; on a device elsewhere (``device=
+"cuda"``) they are moved there in one place, and the logits come back to the host for the sampler.
 """
 
 from __future__ import annotations
@@ -27,10 +30,33 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Decoder, cache: KVCache, block_size: int):
+    def __init__(
+        self, model: Decoder, cache: KVCache, block_size: int, device: torch.device | str | None = None
+    ):
+        """``device``: where the model's tensors live (the engine's ``Device.torch``); None or a
+        CPU device: nothing moves (resolved here, once: the host's step does no extra work)."""
         self.model = model
         self.cache = cache
         self.block_size = block_size
+        device = None if device is None else torch.device(device)
+        self.device = None if device is None or device.type == "cpu" else device
+
+    def _to_device(
+        self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's inputs, moved to ``self.device`` (``meta`` in place)."""
+        dev = self.device
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dev, non_blocking=True)
+
+        meta.slot_mapping = move(meta.slot_mapping)
+        if meta.decode_slots is not None:
+            meta.decode_slots = move(meta.decode_slots)
+            meta.decode_context_lens = move(meta.decode_context_lens)
+        for seg in meta.prefills:
+            seg.slots = move(seg.slots)
+        return move(ids), move(positions)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         positions = torch.arange(start, end)
@@ -82,11 +108,17 @@ class ModelRunner:
                     prompt_spans.append((seq, flat + first - start, first, last - first))
 
         meta.slot_mapping = torch.cat(slot_parts)
-        hidden = self.model.forward(torch.tensor(ids, dtype=torch.long), torch.cat(pos), self.cache, meta)
+        input_ids, positions = torch.tensor(ids, dtype=torch.long), torch.cat(pos)
+        if self.device is not None:
+            input_ids, positions = self._to_device(input_ids, positions, meta)
+        hidden = self.model.forward(input_ids, positions, self.cache, meta)
         # sample_rows ascend, so when every row is sampled (a pure decode step) they are all of hidden
         logits = self.model.logits(hidden if len(sample_rows) == len(hidden) else hidden[sample_rows])
         prompt_logits = [
             (seq, first, self.model.logits(hidden[flat : flat + count]))
             for seq, flat, first, count in prompt_spans
         ]
+        if self.device is not None:  # the sampler runs on the host
+            logits = logits.cpu()
+            prompt_logits = [(seq, first, lg.cpu()) for seq, first, lg in prompt_logits]
         return StepResult(sample_seqs=sample_seqs, logits=logits, prompt_logits=prompt_logits)

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+from ..config import DEVICES
 from ..models.loader import load_model
 from ..sampling_params import SamplingParams
 from .llm import LLM
@@ -20,6 +21,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16")
     p.add_argument("--max-model-len", type=int, default=None, help="context length per sequence")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="cpu (native C kernels and torch) or cuda (the Triton kernels on a CUDA GPU; without one, "
+        "under TRITON_INTERPRET=1 on the CPU, for testing)",
+    )
     p.add_argument(
         "--softmax",
         choices=("auto", "exact", "unified"),
@@ -79,6 +87,7 @@ def _make_llm(args: argparse.Namespace) -> Any:
         softmax=args.softmax,
         dataflow=args.dataflow,
         quantization=args.quantization,
+        device=args.device,
     )
 
 

@@ -28,7 +28,8 @@ class LLM:
         **engine_options: Any,
     ):
         """``engine_options`` are the other ``EngineConfig`` fields (kv_block_size, kv_cache_bytes,
-        max_num_seqs, max_num_batched_tokens, enable_prefix_caching, num_threads)."""
+        max_num_seqs, max_num_batched_tokens, enable_prefix_caching, num_threads, softmax, dataflow,
+        quantization, device: "cpu" or "cuda", the Triton kernels)."""
         known = set(EngineConfig.__dataclass_fields__)
         unknown = sorted(set(engine_options) - known)
         if unknown:

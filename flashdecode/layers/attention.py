@@ -141,7 +141,7 @@ def decode_attention_exact(
     k = k.transpose(1, 2).float().contiguous()
     v = v.transpose(1, 2).float().contiguous()
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, KVH, G, L]
-    pad = torch.arange(k.shape[2]) >= context_lens[:, None]
+    pad = torch.arange(k.shape[2], device=context_lens.device) >= context_lens[:, None]
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     # padding slots hold whatever the cache held (possibly NaN): 0 * NaN would poison the sum
@@ -158,7 +158,8 @@ def prefill_attention_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
     else:
         # query i sits at absolute position length - n + i and sees keys 0..that position
-        mask = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]
+        pos = torch.arange(length, device=q.device)
+        mask = pos[None, :] <= pos[length - n :, None]
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
 

@@ -8,6 +8,7 @@ each. This module is where plans come from:
 * ``static_plan``: the reference, ``dataflow="off"``: the weight format's own kernel at every M;
 * ``default_plan``: without a table: quantized weights on the flat GEMM at every M, bf16 weights on
   it up to ``DEFAULT_BF16_NATIVE_MAX_M`` and on torch's bf16 GEMM above, fp32 weights on torch;
+  on the triton backend (``device="cuda"``) every weight on the Triton flat GEMM, as with "off";
 * a ``DataflowTable``: per shape (storage format and [N, K]), the plan ``flashdecode tune``
   (tools/tune.py) measured on this machine; read by the engine with ``load_table`` and handed to
   ``configure``. Tables live in the cache directory under ``dataflow/<fingerprint>.json``, one per
@@ -42,8 +43,11 @@ DEFAULT_BF16_NATIVE_MAX_M = 4  # without a table, bf16 weights use the flat GEMM
 
 
 def static_candidate(linear: Linear) -> str:
-    """The one kernel ``dataflow="off"`` uses for every M: the weight format's own kernel."""
+    """The one kernel ``dataflow="off"`` uses for every M: the weight format's own kernel (on the
+    triton backend, the Triton flat GEMM for every format)."""
     names = linear.candidates()
+    if "triton" in names:
+        return "triton"
     if linear.format == "F32":
         return "torch_f32"
     return "native" if "native" in names else names[0]
@@ -56,8 +60,10 @@ def static_plan(linear: Linear) -> Plan:
 def default_plan(linear: Linear) -> Plan:
     """Quantized weights: the flat GEMM at every M; bf16: the flat GEMM up to
     ``DEFAULT_BF16_NATIVE_MAX_M``, then torch's bf16 GEMM; fp32: torch (docs/dataflow.md has the
-    measurements behind these choices)."""
+    measurements behind these choices). On the triton backend: the Triton flat GEMM at every M."""
     names = linear.candidates()
+    if "triton" in names:
+        return [(1, "triton")]
     if "native" not in names:
         return [(1, names[0])]
     if linear.quantized:

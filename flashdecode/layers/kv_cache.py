@@ -25,7 +25,9 @@ class KVCache:
         head_dim: int,
         compute_dtype: torch.dtype,
         kv_cache_dtype: str = "auto",
+        device: torch.device | str = "cpu",
     ):
+        """``device``: where the storage lives (the engine's ``Device.torch``)."""
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected one of {KV_CACHE_DTYPES}")
         self.quantized = kv_cache_dtype == "int8"
@@ -35,9 +37,9 @@ class KVCache:
         # one stride (ops/attention.py, ``_pairs``)
         shape = (num_layers, num_slots, num_kv_heads, 2, head_dim)
         # torch.empty: pages the OS has not yet touched cost no RAM, so a generous budget is cheap
-        self.kv = torch.empty(shape, dtype=storage)
+        self.kv = torch.empty(shape, dtype=storage, device=device)
         if self.quantized:
-            self.kv_scale = torch.empty(shape[:4], dtype=torch.float32)
+            self.kv_scale = torch.empty(shape[:4], dtype=torch.float32, device=device)
         self._scratch: list[torch.Tensor | None] = [None] * 2  # kv, kv_scale
 
     @property
@@ -98,6 +100,8 @@ class KVCache:
         scratch = self._scratch[buffer]
         if scratch is None or scratch.dtype != source.dtype or scratch.shape[0] < n:
             # grow geometrically so a context that lengthens by one token a step rarely reallocates
-            scratch = self._scratch[buffer] = torch.empty((n + n // 4, *source.shape[1:]), dtype=source.dtype)
+            scratch = self._scratch[buffer] = torch.empty(
+                (n + n // 4, *source.shape[1:]), dtype=source.dtype, device=source.device
+            )
         out = torch.index_select(source, 0, slots.reshape(-1), out=scratch[:n])
         return out.view(*slots.shape, *source.shape[1:])

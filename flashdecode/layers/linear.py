@@ -15,6 +15,13 @@ first use. A new kernel is one ``@candidate`` entry below:
     native_i8    int8 activations (per 32-block scales, as llama.cpp) times the integer weights with
                  AVX512-VNNI dot products (approximate: rounds the activations)
     torch_bf16_cast  torch F.linear on an fp32 weight rounded to bf16 (approximate)
+    triton       the Triton flat GEMM (kernels/triton/flat_gemm.py), fused dequantization: the GPU
+                 version of ``native``, for float and quantized weights
+
+Each ``Linear`` carries the kernel ``backend`` it was built for (``layers/device.py``: "native" on the
+CPU, "triton" for ``device="cuda"``), handed down by whoever builds it (the decoder). On "native" the
+C and torch candidates apply; on "triton" only ``triton`` and the torch ``F.linear`` ones, which run on
+any device.
 
 "exact" candidates compute with exactly the stored weights and fp32 accumulation (they differ only
 in summation order); approximate ones round weights or activations and run only where a tuned
@@ -34,7 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import cpu
+from ..kernels import triton as triton_kernels
 from ..kernels.formats import I8_FORMATS, canonical
+from .device import BACKENDS
 from .quant import QuantizedTensor
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
@@ -82,10 +91,20 @@ def weight_format(weight: torch.Tensor | QuantizedTensor) -> str:
 
 
 class Linear:
-    def __init__(self, weight: torch.Tensor | QuantizedTensor, bias: torch.Tensor | None = None):
+    def __init__(
+        self,
+        weight: torch.Tensor | QuantizedTensor,
+        bias: torch.Tensor | None = None,
+        backend: str = "native",
+    ):
+        """``backend``: the kernels that may run this weight ("native" or "triton", ``Device.backend``);
+        the weight and bias already live on that backend's device."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
         self.weight = weight if isinstance(weight, QuantizedTensor) else weight.contiguous()
         self.bias = None if bias is None else bias.contiguous()
         self.format = weight_format(self.weight)
+        self.backend = backend
         self._impls: dict[str, Kernel] = {}
         self._by_m: list[Kernel] = []
         self._last: Kernel | None = None
@@ -183,18 +202,20 @@ class SplitLinear:
 
 
 def fused_linear(
-    weights: Sequence[torch.Tensor | QuantizedTensor], biases: Sequence[torch.Tensor] | None = None
+    weights: Sequence[torch.Tensor | QuantizedTensor],
+    biases: Sequence[torch.Tensor] | None = None,
+    backend: str = "native",
 ) -> Linear | SplitLinear:
     """One Linear over weights concatenated along N (q/k/v, gate/up) when they share a format."""
     bias = None if biases is None else torch.cat(list(biases))
     if all(isinstance(w, QuantizedTensor) for w in weights):
         if len({w.format for w in weights}) == 1:
-            return Linear(QuantizedTensor.cat(weights), bias)
+            return Linear(QuantizedTensor.cat(weights), bias, backend)
     elif not any(isinstance(w, QuantizedTensor) for w in weights):
-        return Linear(torch.cat(list(weights)), bias)
+        return Linear(torch.cat(list(weights)), bias, backend)
     splits = [w.shape[0] for w in weights]
     parts_bias = [None] * len(weights) if bias is None else list(bias.split(splits))
-    return SplitLinear([Linear(w, b) for w, b in zip(weights, parts_bias)])
+    return SplitLinear([Linear(w, b, backend) for w, b in zip(weights, parts_bias)])
 
 
 def iter_linears(modules: Iterable[Linear | SplitLinear]) -> Iterable[Linear]:
@@ -212,8 +233,13 @@ def _fp32_input(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous()
 
 
+def _on_host(linear: Linear) -> bool:
+    """The C and CPU-only torch kernels: the native backend, with the weight in host memory."""
+    return linear.backend == "native" and linear.weight.device.type == "cpu"
+
+
 def _has_native(linear: Linear) -> bool:
-    return (linear.quantized or linear.format == "BF16") and cpu.load() is not None
+    return _on_host(linear) and (linear.quantized or linear.format == "BF16") and cpu.load() is not None
 
 
 @candidate("native", True, "flat GEMM, fused dequantization (kernels/cpu/flat_gemm.c)", _has_native)
@@ -263,7 +289,7 @@ def _dequant(dtype: torch.dtype) -> Callable[[Linear], Kernel]:
 
 
 def _quantized(linear: Linear) -> bool:
-    return linear.quantized
+    return linear.quantized and _on_host(linear)
 
 
 candidate("dequant_f32", True, "dequantize to fp32, then torch GEMM", _quantized)(_dequant(torch.float32))
@@ -290,6 +316,29 @@ def _format_is(*formats: str) -> Callable[[Linear], bool]:
 
 candidate("torch_f32", True, "torch F.linear, fp32 weight", _format_is("F32", "F16"))(_torch(torch.float32))
 candidate("torch_bf16", True, "torch F.linear, bf16 weight", _format_is("BF16"))(_torch(torch.bfloat16))
+
+
+def _has_triton(linear: Linear) -> bool:
+    floats = ("F32", "F16", "BF16")
+    return (
+        linear.backend == "triton"
+        and (linear.quantized or linear.format in floats)
+        and triton_kernels.available()
+    )
+
+
+@candidate(
+    "triton", True, "Triton flat GEMM, fused dequantization (kernels/triton/flat_gemm.py)", _has_triton
+)
+def _triton(linear: Linear) -> Kernel:
+    from ..kernels.triton.flat_gemm import flat_gemm  # imports triton: only where it runs
+
+    w, bias = linear.weight, linear.bias_as(torch.float32)
+
+    def triton_linear(x: torch.Tensor) -> torch.Tensor:
+        return flat_gemm(x, w, bias)
+
+    return triton_linear
 
 
 def _int4_repack(w: torch.Tensor | QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -319,7 +368,7 @@ def _int4_repack(w: torch.Tensor | QuantizedTensor) -> tuple[torch.Tensor, torch
     "torch_int4",
     True,
     "torch _weight_int4pack_mm_for_cpu, exact Q4 repack",
-    lambda linear: linear.int4_repack() is not None,
+    lambda linear: _on_host(linear) and linear.int4_repack() is not None,
 )
 def _torch_int4(linear: Linear) -> Kernel:
     (packed, scales_zeros), bias = linear.int4_repack(), linear.bias_as(torch.float32)
@@ -338,7 +387,7 @@ candidate("dequant_bf16", False, "dequantize to bf16, then torch bf16 GEMM", _qu
 
 def _has_i8(linear: Linear) -> bool:
     lib = cpu.load()
-    return linear.format in I8_FORMATS and lib is not None and lib.has_i8
+    return _on_host(linear) and linear.format in I8_FORMATS and lib is not None and lib.has_i8
 
 
 @candidate("native_i8", False, "int8 activations per 32-block x quantized weights (AVX512-VNNI)", _has_i8)

@@ -48,11 +48,20 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 class RotaryEmbedding:
     """cos/sin tables for every position up to ``max_position``, computed once."""
 
-    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: RopeScaling | None):
+    def __init__(
+        self,
+        head_dim: int,
+        max_position: int,
+        theta: float,
+        scaling: RopeScaling | None,
+        device: torch.device | str = "cpu",
+    ):
+        """The tables are computed on the CPU (the same fp32 values on every device) and then
+        live on ``device``, where ``tables`` indexes them with the step's positions."""
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
         angles = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        self.cos = angles.cos()
-        self.sin = angles.sin()
+        self.cos = angles.cos().to(device)
+        self.sin = angles.sin().to(device)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-width cos and sin rows for ``positions`` [T], as [T, 1, head_dim] for ``apply_rope``.

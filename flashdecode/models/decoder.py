@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..kernels import cpu
 from ..layers.attention import AttentionMetadata, SoftmaxPolicy, paged_attention
 from ..layers.dataflow import DataflowTable, configure
+from ..layers.device import CPU, Device
 from ..layers.kv_cache import KVCache
 from ..layers.linear import Linear, SplitLinear, fused_linear
 from ..layers.norms import rms_norm
@@ -24,15 +25,15 @@ from .weights import LoadedModel
 
 
 class DecoderLayer:
-    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], prefix: str):
+    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], prefix: str, backend: str = "native"):
         self.spec = spec
         self.attn_norm = w[prefix + "attn_norm"]
         self.mlp_norm = w[prefix + "mlp_norm"]
         qkv_bias = None
         if spec.family.qkv_bias:
             qkv_bias = [w[prefix + "q_bias"], w[prefix + "k_bias"], w[prefix + "v_bias"]]
-        self.qkv = fused_linear([w[prefix + "q"], w[prefix + "k"], w[prefix + "v"]], qkv_bias)
-        self.o = Linear(w[prefix + "o"])
+        self.qkv = fused_linear([w[prefix + "q"], w[prefix + "k"], w[prefix + "v"]], qkv_bias, backend)
+        self.o = Linear(w[prefix + "o"], backend=backend)
         # q and k are adjacent in the QKV output and normalise and rotate alike, so each runs as one
         # call over q's and k's heads together; the per-head norms become one [heads, head_dim] weight
         self.qk_heads = spec.num_heads + spec.num_kv_heads
@@ -44,8 +45,8 @@ class DecoderLayer:
                     w[prefix + "k_norm"].expand(spec.num_kv_heads, spec.head_dim),
                 ]
             )
-        self.gate_up = fused_linear([w[prefix + "gate"], w[prefix + "up"]])
-        self.down = Linear(w[prefix + "down"])
+        self.gate_up = fused_linear([w[prefix + "gate"], w[prefix + "up"]], backend=backend)
+        self.down = Linear(w[prefix + "down"], backend=backend)
 
     def __call__(
         self,
@@ -82,20 +83,28 @@ class Decoder:
         dataflow: str = "auto",
         table: DataflowTable | None = None,
         quantization: str | None = None,
+        device: Device = CPU,
     ):
         """``dataflow`` and ``table``: how every projection picks its kernel per M (layers/dataflow.py);
-        the engine hands down the tuned table it read, if any."""
+        the engine hands down the tuned table it read, if any. ``device`` (layers/device.py): where the
+        weights, norms and RoPE tables live and which kernel backend every projection runs on."""
         spec = loaded.spec
-        # float tensors cast to dtype; GGUF blocks kept (layers/quant.py); optional int8/int4 quantization
-        keep_blocks = cpu.load() is not None
+        # float tensors cast to dtype; GGUF blocks kept (layers/quant.py) where a kernel runs them (the
+        # Triton flat GEMM, or the native build unless it failed); optional int8/int4 quantization
+        keep_blocks = device.backend == "triton" or cpu.load() is not None
         w = prepare_weights(loaded.weights, dtype, spec.matrices(), quantization, keep_blocks)
+        if not device.on_host:
+            w = {name: t.to(device.torch) for name, t in w.items()}
         self.spec = spec
         self.dtype = dtype
+        self.device = device
         self.embed = w["embed"]
-        self.layers = [DecoderLayer(spec, w, f"layers.{i}.") for i in range(spec.num_layers)]
+        self.layers = [DecoderLayer(spec, w, f"layers.{i}.", device.backend) for i in range(spec.num_layers)]
         self.norm = w["norm"]
-        self.lm_head = Linear(self.embed if spec.tie_embeddings else w["lm_head"])
-        self.rope = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.rope_scaling)
+        self.lm_head = Linear(self.embed if spec.tie_embeddings else w["lm_head"], backend=device.backend)
+        self.rope = RotaryEmbedding(
+            spec.head_dim, spec.max_position, spec.rope_theta, spec.rope_scaling, device.torch
+        )
         self.softmax: SoftmaxPolicy | None = None  # None: exact attention (layers/attention.py)
         # every projection's kernel per M: the tuned table, the default plan, or one static kernel
         self.dataflow = configure(self.linears(), dataflow, table)

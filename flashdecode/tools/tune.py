@@ -60,7 +60,7 @@ def clone_linear(linear: Linear) -> Linear:
         w = QuantizedTensor(w.format, w.qs.clone(), w.d.clone(), None if w.m is None else w.m.clone())
     else:
         w = w.clone()
-    return Linear(w, None if linear.bias is None else linear.bias.clone())
+    return Linear(w, None if linear.bias is None else linear.bias.clone(), linear.backend)
 
 
 def weight_bytes(linear: Linear) -> int:
