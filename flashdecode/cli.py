@@ -1,8 +1,9 @@
 """``flashdecode``: the command table, the one module above every layer.
 
 Each command lives with the code it drives: ``generate``, ``chat`` and ``info`` in
-entrypoints/cli.py; ``roofline``, ``bench``, ``calibrate`` and ``tune`` in tools/. Bad input never
-produces a traceback: every ``FlashDecodeError`` becomes one line on stderr and exit code 2.
+entrypoints/cli.py; ``serve`` in entrypoints/server/; ``roofline``, ``bench``, ``calibrate`` and
+``tune`` in tools/. Bad input never produces a traceback: every ``FlashDecodeError`` becomes one
+line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import sys
 
 from .entrypoints import cli as engine_commands
+from .entrypoints.server import serve
 from .errors import FlashDecodeError
 from .tools import bench, calibrate, roofline, tune
 
@@ -21,6 +23,7 @@ TOOLS = {
     "bench": (bench, "offline prefill/decode throughput, latency vs the roofline"),
     "calibrate": (calibrate, "choose the unified softmax max value (phi) for a model"),
     "tune": (tune, "time the linear kernels per shape and M; write this machine's table"),
+    "serve": (serve, "OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)"),
 }
 
 

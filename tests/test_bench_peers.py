@@ -91,7 +91,7 @@ def test_summary_ratios_fractions_and_report(peers, gguf_model, tmp_path: Path) 
     }
     md = peers.render_markdown(report, "benchmarks.png")
     assert "| tiny Q4_0 | decode B=1 | 120 (100-140) | 25 (20-30) | 400 | 4.80x | 0.30x |" in md
-    assert "`flashdecode serve` does not exist yet" in md
+    assert "`flashdecode serve` exists but this script does not drive it yet" in md
     assert "llama.cpp on embedded: exit 1: boom" in md
     assert "flashdecode / llama.cpp = 0.30x" in md  # the headline quotes the embedded decode ratios
     pytest.importorskip("matplotlib")

@@ -92,12 +92,19 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    @property
+    def errored(self) -> bool:
+        """Whether the engine loop has failed (every later request gets ``EngineDeadError``)."""
+        return self._error is not None
+
     async def shutdown(self) -> None:
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
+                pass
+            except Exception:  # a failed step: already handed to every stream as EngineDeadError
                 pass
             self._task = None
 

@@ -1,0 +1,385 @@
+"""`flashdecode serve` as a client sees it: the official `openai` client (and httpx for raw bodies)
+against a real server process on the embedded model, one server for the module."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from flashdecode.models.loader import load_model
+
+API_KEY = "test-key-123"
+MODEL = "smollm2"
+MAX_MODEL_LEN = 512
+MAX_BODY = 64 << 10
+SECRET_PROMPT = "Zebra-Quokka secret prompt text"
+MESSAGES = [{"role": "user", "content": "Name a colour."}]
+
+
+@dataclass
+class Server:
+    base: str
+    process: subprocess.Popen
+    log: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "flashdecode", "serve", "--port", str(port)]
+    cmd += [
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--served-model-name",
+        MODEL,
+        "--max-body-bytes",
+        str(MAX_BODY),
+    ]
+    env = {**os.environ, "FLASHDECODE_API_KEY": API_KEY}  # the key from the environment
+    with open(log, "wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not become healthy:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield Server(base, process, log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """An independent tokenizer: the embedded model loaded in this process, not the server's."""
+    return load_model().tokenizer
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _metric(server: Server, name: str) -> float:
+    text = httpx.get(f"{server.base}/metrics", timeout=10).text
+    match = re.search(rf"^flashdecode:{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    assert match, f"flashdecode:{name} not in /metrics"
+    return float(match.group(1))
+
+
+def _greedy(**extra):
+    return dict(temperature=0, extra_body={"ignore_eos": True, **extra})
+
+
+# --- the happy paths ---------------------------------------------------------------------------------
+
+
+def test_health_models_and_metrics(server: Server, client: openai.OpenAI) -> None:
+    assert httpx.get(f"{server.base}/health").status_code == 200  # no key needed
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    text = httpx.get(f"{server.base}/metrics").text
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "time_to_first_token_seconds_bucket",
+        "e2e_request_latency_seconds_bucket",
+    ):
+        assert f"flashdecode:{name}" in text
+
+
+def test_completion_stream_matches_non_stream_and_usage(client: openai.OpenAI, tokenizer) -> None:
+    prompt = "The capital of France is"
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, **_greedy())
+    choice = full.choices[0]
+    assert choice.finish_reason == "length" and choice.text
+    assert full.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert full.usage.completion_tokens == 12
+    assert full.usage.total_tokens == full.usage.prompt_tokens + 12
+    assert full.usage.prompt_tokens_details.cached_tokens == 0  # shorter than one KV block
+
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+            **_greedy(),
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_chat_stream_matches_non_stream_and_usage(client: openai.OpenAI, tokenizer) -> None:
+    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, **_greedy())
+    text = full.choices[0].message.content
+    assert full.choices[0].message.role == "assistant" and text
+    rendered = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    assert full.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
+    assert full.usage.completion_tokens == 12
+
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_completion_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        **_greedy(),
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == 12
+
+    # content as a list of text parts renders as the same string
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}]
+    again = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=12, **_greedy())
+    assert again.choices[0].message.content == text
+
+
+def test_chat_logprobs_stop_and_system(client: openai.OpenAI) -> None:
+    messages = [{"role": "system", "content": "You answer briefly."}, *MESSAGES]
+    out = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=8, logprobs=True, top_logprobs=3, **_greedy()
+    )
+    content = out.choices[0].logprobs.content
+    assert len(content) == 8
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy takes the top token
+    text = out.choices[0].message.content
+    stop = text[3:6]
+    stopped = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=8, stop=[stop], **_greedy()
+    )
+    assert stopped.choices[0].message.content == text[: text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_completion_prompt_forms_n_seed_echo_logprobs(client: openai.OpenAI, tokenizer) -> None:
+    prompt = "Once upon a time"
+    ids = tokenizer.encode(prompt)
+    by_text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, **_greedy())
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, **_greedy())
+    assert by_ids.choices[0].text == by_text.choices[0].text
+
+    batch = client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=8, **_greedy())
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert {c.text for c in batch.choices} == {by_text.choices[0].text}
+    assert batch.usage.prompt_tokens == 2 * len(ids)
+
+    sampled = dict(model=MODEL, prompt=[prompt, "Hello"], max_tokens=8, n=2, temperature=1.0, seed=7)
+    first, second = client.completions.create(**sampled), client.completions.create(**sampled)
+    assert [c.index for c in first.choices] == [0, 1, 2, 3]
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]  # seeded
+
+    echoed = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=4, echo=True, logprobs=2, **_greedy()
+    )
+    choice = echoed.choices[0]
+    assert choice.text.startswith(prompt)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 4
+    assert lp.token_logprobs[0] is None and all(v is not None for v in lp.token_logprobs[1:])
+    assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
+
+
+def test_tokenize_and_detokenize(server: Server, tokenizer) -> None:
+    text = "Hello, tokenizer world!"
+    r = httpx.post(f"{server.base}/tokenize", json={"model": MODEL, "prompt": text}, headers=_auth())
+    assert r.status_code == 200
+    body = r.json()
+    assert body["tokens"] == tokenizer.encode(text) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == MAX_MODEL_LEN
+    r = httpx.post(f"{server.base}/tokenize", json={"messages": MESSAGES}, headers=_auth())
+    rendered = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    assert r.json()["tokens"] == tokenizer.encode(rendered, add_special_tokens=False)
+    r = httpx.post(f"{server.base}/detokenize", json={"tokens": body["tokens"]}, headers=_auth())
+    assert r.status_code == 200 and r.json()["prompt"] == text
+
+
+def test_prefix_cache_hits_show_as_cached_tokens(client: openai.OpenAI) -> None:
+    prompt = " ".join(f"word{i}" for i in range(60)) + " and then"
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0 and cached % 16 == 0 and cached < again.usage.prompt_tokens
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_error_statuses(server: Server) -> None:
+    url = f"{server.base}/v1/completions"
+    ok = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    json_headers = {**_auth(), "Content-Type": "application/json"}
+
+    error = _error(httpx.post(url, content=b'{"prompt": "Hi",', headers=json_headers), 400)
+    assert error["code"] == "invalid_json"
+    error = _error(httpx.post(url, json={**ok, "max_tokens": "many"}, headers=_auth()), 400)
+    assert error["param"] == "max_tokens"
+    error = _error(httpx.post(url, json={**ok, "temperature": -1}, headers=_auth()), 400)
+    assert error["param"] == "temperature" and error["type"] == "invalid_request_error"
+
+    error = _error(httpx.post(url, json=ok, headers={"Authorization": "Bearer wrong"}), 401)
+    assert error["code"] == "invalid_api_key"
+    _error(httpx.post(url, json=ok), 401)
+    _error(httpx.get(f"{server.base}/v1/models"), 401)
+
+    error = _error(httpx.post(url, json={**ok, "model": "no-such-model"}, headers=_auth()), 404)
+    assert error["code"] == "model_not_found"
+
+    big = {**ok, "prompt": "word " * MAX_BODY}
+    error = _error(httpx.post(url, json=big, headers=_auth()), 413)
+    assert error["code"] == "request_too_large"
+
+    long_prompt = list(range(1, MAX_MODEL_LEN + 10))
+    error = _error(httpx.post(url, json={**ok, "prompt": long_prompt}, headers=_auth()), 400)
+    assert error["code"] == "context_length_exceeded"
+    chat = {"model": MODEL, "messages": MESSAGES, "max_tokens": MAX_MODEL_LEN}
+    error = _error(httpx.post(f"{server.base}/v1/chat/completions", json=chat, headers=_auth()), 400)
+    assert error["code"] == "context_length_exceeded"
+
+    _error(httpx.post(url, json={**ok, "stream": True, "prompt": [99999999]}, headers=_auth()), 400)
+    _error(httpx.get(f"{server.base}/no/such/route", headers=_auth()), 404)
+
+
+def test_errors_reach_the_openai_client(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=MESSAGES, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=-0.5)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=client.base_url, api_key="nope", max_retries=0).models.list()
+
+
+# --- concurrency and disconnects ---------------------------------------------------------------------
+
+
+def test_eight_concurrent_streams_match_a_single_request(server: Server, client: openai.OpenAI) -> None:
+    prompt = "List some fruits:"
+    single = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, **_greedy()).choices[0].text
+
+    async def run() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+        async def one() -> str:
+            stream = await aclient.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=16, stream=True, **_greedy()
+            )
+            return "".join([c.choices[0].text async for c in stream if c.choices])
+
+        try:
+            return await asyncio.gather(*(one() for _ in range(8)))
+        finally:
+            await aclient.close()
+
+    assert asyncio.run(run()) == [single] * 8
+
+
+def test_closing_a_stream_early_frees_its_kv_blocks(server: Server, client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a very long essay about the sea."}],
+        max_tokens=400,
+        stream=True,
+        **_greedy(),
+    )
+    received = 0
+    for chunk in stream:
+        received += bool(chunk.choices and chunk.choices[0].delta.content)
+        if received >= 3:
+            break
+    assert _metric(server, "kv_cache_usage_perc") > 0  # still generating when the client leaves
+    stream.close()
+    deadline = time.monotonic() + 5
+    while _metric(server, "kv_cache_usage_perc") > 0:
+        assert time.monotonic() < deadline, "the aborted request kept its KV blocks"
+        time.sleep(0.1)
+    assert _metric(server, "num_requests_running") == 0
+
+
+def test_health_answers_while_the_engine_is_busy(server: Server) -> None:
+    async def run() -> float:
+        async with httpx.AsyncClient(timeout=60) as http:
+            body = {"model": MODEL, "prompt": "Count to one hundred:", "max_tokens": 48, "ignore_eos": True}
+            busy = asyncio.ensure_future(
+                http.post(f"{server.base}/v1/completions", json=body, headers=_auth())
+            )
+            await asyncio.sleep(0.5)
+            start = time.monotonic()
+            assert (await http.get(f"{server.base}/health")).status_code == 200
+            waited = time.monotonic() - start
+            assert not busy.done()
+            assert (await busy).status_code == 200
+            return waited
+
+    assert asyncio.run(run()) < 1.0
+
+
+def test_one_log_line_per_request_without_prompt_text(server: Server, client: openai.OpenAI) -> None:
+    client.completions.create(model=MODEL, prompt=SECRET_PROMPT, max_tokens=2, temperature=0)
+    client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": SECRET_PROMPT}], max_tokens=2, temperature=0
+    )
+    time.sleep(0.2)
+    log = server.log.read_text()
+    assert "Zebra" not in log and "Quokka" not in log
+    lines = [line for line in log.splitlines() if "POST /v1/" in line and "prompt_tokens=" in line]
+    assert lines and all(
+        re.search(r" (200|4\d\d) \d+\.\d+s id=\S+ prompt_tokens=\d+", line) for line in lines
+    )
+    assert json.dumps(SECRET_PROMPT)[1:-1] not in log
