@@ -27,6 +27,31 @@ os.environ.setdefault("FLASHDECODE_KERNEL_DIR", str(kernel_dir()))
 os.environ["FLASHDECODE_CACHE_DIR"] = tempfile.mkdtemp(prefix="flashdecode-test-cache-")
 
 
+@pytest.fixture
+def native_kernels() -> Any:
+    """The loaded native CPU kernels (``flashdecode.kernels.cpu.load()``). Where
+    ``FLASHDECODE_REQUIRE_NATIVE=1`` (CI) a missing build fails the test; elsewhere the test is
+    skipped with the reason. Tests that check native behaviour take this fixture instead of testing
+    ``load()`` for None themselves, so no assertion silently drops out when the kernels are missing."""
+    from flashdecode.kernels import cpu
+
+    required = os.environ.get("FLASHDECODE_REQUIRE_NATIVE") == "1"
+    try:
+        lib = cpu.load()
+    except RuntimeError as exc:  # load() raises only under FLASHDECODE_REQUIRE_NATIVE=1
+        pytest.fail(f"native kernels required but unavailable: {exc}")
+    if lib is None:
+        reason = (
+            "disabled by FLASHDECODE_NATIVE=0"
+            if os.environ.get("FLASHDECODE_NATIVE", "1") == "0"
+            else "no build works here (see the RuntimeWarning of flashdecode.kernels.cpu.load)"
+        )
+        if required:
+            pytest.fail(f"FLASHDECODE_REQUIRE_NATIVE=1 but the native kernels are missing: {reason}")
+        pytest.skip(f"native kernels unavailable: {reason}")
+    return lib
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets an empty cache directory of its own: whatever ``flashdecode tune`` or

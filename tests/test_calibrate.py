@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -82,11 +83,19 @@ def test_calibrate_stores_phi_and_the_engine_uses_it(tiny_model: Path, tmp_cache
     data = json.loads(path.read_text())
     assert data["format"] == K.FORMAT and len(data["phi"]) == 2 and data["model"]["path"] == str(tiny_model)
     held = data["heldout"]
-    assert held["rows"] > 0 and held["engine"]["rows_checked"] == held["rows"]
+    # one row per (layer, head, query position): 2 layers x 6 heads of the tiny Llama, every token
+    tok = LLM(model=str(tiny_model), num_threads=1).get_tokenizer()
+    assert held["tokens"] == len(tok.encode(short("heldout.txt")))
+    assert data["calibration"]["tokens"] == len(tok.encode(short("calibration.txt")))
+    assert held["rows"] == 2 * 6 * held["tokens"] and held["engine"]["rows_checked"] == held["rows"]
     for rate in (*held["fallback_rate"].values(), *data["calibration"]["fallback_rate"].values()):
         assert 0.0 <= rate <= 1.0
     assert held["fallback_rate"]["fp32"] == held["engine"]["fallbacks"] / held["rows"]
-    assert "phi" in C.format_report(calibration, path)
+    report = C.format_report(calibration, path).splitlines()
+    # the report shows what was stored: every layer's phi, the row counts, where it went
+    assert ", ".join(f"{p:.2f}" for p in data["phi"]) in report[1]
+    assert f"{held['tokens']} tokens, {held['rows']} attention rows" in report[3]
+    assert report[-1] == f"saved: {path}"
 
     prompts = ["The sea", "Once upon a time", "1, 2, 3,"]
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -108,7 +117,13 @@ def test_cli_calibrate(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureF
     argv = ["calibrate", "--model", str(tiny_model), "--text", str(text), "--heldout", str(held)]
     assert main([*argv, "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert "fallback rate" in out and "saved:" in out
+    saved = K.calibration_path(tiny_model)  # where the engine looks for this model's calibration
+    assert out.strip().splitlines()[-1] == f"saved: {saved}"
+    data = json.loads(saved.read_text())
+    assert data["model"]["path"] == str(tiny_model)
+    assert data["calibration"]["sha256"] == hashlib.sha256(text.read_text().encode()).hexdigest()
+    assert data["heldout"]["sha256"] == hashlib.sha256(held.read_text().encode()).hexdigest()
+    assert ", ".join(f"{p:.2f}" for p in data["phi"]) in out
     assert main(["calibrate", "--model", str(tiny_model), "--text", str(tmp_path / "missing.txt")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flashdecode: error:") and "\n" not in err

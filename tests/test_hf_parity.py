@@ -182,10 +182,10 @@ def check_request(
             f"{where}: sampled {token} ({float(ref[pos][token]):.5f}) but reference argmax is "
             f"{int(ref[pos].argmax())} ({best:.5f})"
         )
-    # cumulative_logprob, where reported, is the sum of the sampled tokens' logprobs
-    if completion.cumulative_logprob is not None:
-        want = sum(float(ref[len(prompt) - 1 + j][t]) for j, t in enumerate(tokens))
-        assert abs(completion.cumulative_logprob - want) < TOL * max_tokens
+    # cumulative_logprob (reported whenever logprobs are, as here) is the sum of the sampled tokens'
+    assert completion.cumulative_logprob is not None, f"{label}: no cumulative_logprob"
+    want = sum(float(ref[len(prompt) - 1 + j][t]) for j, t in enumerate(tokens))
+    assert abs(completion.cumulative_logprob - want) < TOL * max_tokens
 
 
 def check_greedy(out: Any, prompt: list[int], ref_model: Any, label: str) -> None:
@@ -370,3 +370,62 @@ def test_many_prompts_of_mixed_lengths(hf_model: Callable[..., Path], hf_referen
     assert outs[0].prompt_logprobs == [None]
     for k, (out, prompt) in enumerate(zip(outs, prompts)):
         check_request(out, prompt, ref, f"qwen3 mixed request {k} (prompt {len(prompt)})", max_tokens=20)
+
+
+BF16_TOL = 0.15  # measured max |difference| 0.09 (mean 0.025): each side is ~0.1 from fp32 at worst
+BF16_MARGIN = 0.1  # the fp32 reference's top-1 leads its runner-up by at least this at every step
+
+
+def test_bf16_checkpoint_computes_in_bf16_and_matches_transformers_bf16(
+    hf_model: Callable[..., Path], hf_reference: Any, tmp_path: Path
+) -> None:
+    """A Llama saved in bfloat16 (transformers' own cast and save_pretrained) runs in bf16 with
+    dtype="auto": its prompt logprobs are transformers' bf16 forward pass up to bf16 rounding, and its
+    16 greedy tokens are transformers' bf16 greedy generate. The prompt is one where transformers' fp32
+    and bf16 greedy agree with a clear margin at every step, so rounding alone cannot flip a token."""
+    import shutil
+
+    from flashdecode import SamplingParams
+
+    src = hf_model("llama")
+    folder = tmp_path / "llama-bf16"
+    shutil.copytree(src, folder)  # tokenizer and generation config as they are
+    ref16 = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    ref16.save_pretrained(folder)  # config.json now says bfloat16, the weights are bf16
+    ref32 = hf_reference("llama")
+    rng = random.Random(1)  # seeds 0 and 2 have near-ties (< 0.02 nats) that bf16 rounding flips
+    prompt = [rng.randrange(ref32.config.vocab_size - len(mf.SPECIAL_TOKENS)) for _ in range(24)]
+
+    def hf_greedy(model: Any) -> list[int]:
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=16,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        return out[0, len(prompt) :].tolist()
+
+    want = hf_greedy(ref16)
+    assert want == hf_greedy(ref32) and len(want) == 16  # the precondition the prompt was chosen for
+    top2 = reference_logprobs(ref32, prompt + want)[len(prompt) - 1 : -1].topk(2).values
+    assert float((top2[:, 0] - top2[:, 1]).min()) > BF16_MARGIN
+
+    llm = make_llm(folder, dtype="auto")
+    assert llm.engine.dtype == torch.bfloat16
+    out = llm.generate(
+        {"prompt_token_ids": prompt},
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=TOP),
+    )[0]
+    assert list(out.outputs[0].token_ids) == want
+
+    ref = reference_logprobs(ref16, prompt)  # bf16 logits, log_softmax in fp32
+    diffs = []
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for t, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        assert prompt[t] in entry and len(entry) >= TOP
+        diffs += [abs(lp.logprob - float(ref[t - 1, token])) for token, lp in entry.items()]
+    assert max(diffs) <= BF16_TOL, max(diffs)
+    assert sum(diffs) / len(diffs) < 0.05

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import zlib
 
+import gguf
 import pytest
 import torch
 
-from flashdecode.kernels.cpu import build as cpu_kernels
-from flashdecode.layers.dataflow import configure, default_plan, static_candidate
+from flashdecode.layers.dataflow import DEFAULT_BF16_NATIVE_MAX_M, configure, default_plan, static_candidate
 from flashdecode.layers.linear import (
     CANDIDATES,
     MAX_PLAN_M,
@@ -31,21 +31,31 @@ def one_thread():
 MS = (1, 2, 3, 4, 5, 8, 9, 17, 32, 33, 70)
 
 
+def dense(w: torch.Tensor | QuantizedTensor) -> torch.Tensor:
+    """The weight's values in float64: for GGUF blocks, what the ``gguf`` package decodes their bytes
+    to (an independent reference, not the code under test)."""
+    if isinstance(w, QuantizedTensor):
+        blocks = w.to_gguf_blocks()
+        values = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[w.format])
+        return torch.from_numpy(values.reshape(tuple(w.shape))).double()
+    return w.double()
+
+
 def reference(x: torch.Tensor, w: torch.Tensor | QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
-    wd = w._dequant_torch() if isinstance(w, QuantizedTensor) else w
-    y = x.double() @ wd.double().T
+    y = x.double() @ dense(w).T
     return y if bias is None else y + bias.double()
 
 
 def assert_close(y: torch.Tensor, x: torch.Tensor, w, bias, exact: bool, label: str) -> None:
     """Exact candidates: fp32 accumulation error only, bounded by eps * sum |x| |w| (times a small
     factor for summation order). Approximate ones round to bf16 (8 significant bits)."""
-    wd = w._dequant_torch() if isinstance(w, QuantizedTensor) else w
-    scale = x.double().abs() @ wd.double().abs().T
+    wd = dense(w)
+    scale = x.double().abs() @ wd.abs().T
     rel = 2e-6 * max(1, x.shape[1] // 64) if exact else 2.0**-6
     if x.dtype == torch.bfloat16 or (not isinstance(w, QuantizedTensor) and w.dtype == torch.bfloat16):
         rel = max(rel, 2.0**-7)  # bf16 outputs round once more
-    err = (y.double() - reference(x, w, bias)).abs()
+    y_ref = x.double() @ wd.T
+    err = (y.double() - (y_ref if bias is None else y_ref + bias.double())).abs()
     assert (err <= rel * scale + 1e-5).all(), f"{label}: max err {err.max():.3g}, scale {scale.max():.3g}"
 
 
@@ -71,8 +81,6 @@ def test_every_candidate_matches_the_reference(fmt: str, with_bias: bool) -> Non
         bias = torch.randn(n, generator=gen) if with_bias else None
         lin = Linear(w, bias)
         names = lin.candidates(allow_approx=True)
-        if cpu_kernels.load() is not None and fmt != "F32":
-            assert "native" in names
         for name in names:
             fn = lin.impl(name)
             for m in MS:
@@ -81,6 +89,16 @@ def test_every_candidate_matches_the_reference(fmt: str, with_bias: bool) -> Non
                 y = fn(x)
                 assert y.shape == (m, n) and y.dtype == xdtype
                 assert_close(y, x, w, bias, CANDIDATES[name].exact, f"{fmt} {name} N={n} K={k} M={m}")
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "BF16"])
+def test_the_flat_gemm_is_a_candidate_of_every_format_it_runs(fmt: str, native_kernels) -> None:
+    """With the native kernels loaded, every quantized and bf16 weight can run on the flat GEMM (so
+    test_every_candidate_matches_the_reference checks it), and fp32 weights never do."""
+    gen = torch.Generator().manual_seed(9)
+    for n, k in SHAPES:
+        assert "native" in Linear(weights(fmt, n, k, gen)).candidates(), (fmt, n, k)
+    assert "native" not in Linear(weights("F32", 37, 96, gen)).candidates(allow_approx=True)
 
 
 def test_torch_int4_repack_is_exact_where_offered() -> None:
@@ -131,15 +149,42 @@ def test_plan_dispatch_is_what_the_plan_says() -> None:
         lin.set_plan([(1, "torch_f32")])  # not a candidate for quantized weights
 
 
-def test_default_and_static_plans() -> None:
+def kernels_run_at(lin: Linear, ms: list[int]) -> dict[int, str]:
+    """Which candidate the Linear calls for a batch of M rows under its default plan (each candidate's
+    kernel wrapped to record its name, as in test_plan_dispatch_is_what_the_plan_says)."""
+    calls: list[str] = []
+    for name in lin.candidates():
+        real = lin.impl(name)
+        lin._impls[name] = lambda x, real=real, name=name: (calls.append(name), real(x))[1]
+    lin.set_plan(default_plan(lin))
+    seen = {}
+    for m in ms:
+        calls.clear()
+        lin(torch.randn(m, lin.in_features).to(lin.compute_dtype))
+        assert len(calls) == 1, (m, calls)
+        seen[m] = calls[0]
+    return seen
+
+
+def test_default_and_static_plans(native_kernels) -> None:
     q = Linear(quantize(torch.randn(16, 64), "Q4_1"))
     f = Linear(torch.randn(16, 64))
     b = Linear(torch.randn(16, 64).bfloat16())
     assert static_candidate(f) == "torch_f32" and default_plan(f) == [(1, "torch_f32")]
-    if cpu_kernels.load() is not None:
-        assert static_candidate(q) == "native" and static_candidate(b) == "native"
-        assert default_plan(q) == [(1, "native")]
-        assert default_plan(b) == [(1, "native"), (5, "torch_bf16")]  # the flat GEMM for M <= 4
+    assert static_candidate(q) == "native" and static_candidate(b) == "native"
+    ms = list(range(1, 12)) + [31, 64, 200, 512, 600]
+    # quantized weights: the flat GEMM at every M (README: "measured faster than dequantize + torch's
+    # fp32 GEMM up to M = 512")
+    assert set(kernels_run_at(q, ms).values()) == {"native"}
+    # bf16 weights: the flat GEMM at decode sizes, torch's bf16 GEMM at prefill sizes, one switch
+    # between them, right after DEFAULT_BF16_NATIVE_MAX_M
+    assert 1 <= DEFAULT_BF16_NATIVE_MAX_M < 64
+    bf16 = kernels_run_at(b, ms)
+    assert bf16[1] == "native" and bf16[512] == bf16[600] == "torch_bf16"
+    switch = min(m for m in ms if bf16[m] == "torch_bf16")
+    assert switch == DEFAULT_BF16_NATIVE_MAX_M + 1
+    assert all(bf16[m] == ("native" if m < switch else "torch_bf16") for m in ms)
+    assert set(kernels_run_at(f, [1, 5, 600]).values()) == {"torch_f32"}
 
 
 def test_fused_projections_of_mixed_formats() -> None:

@@ -21,16 +21,6 @@ from flashdecode.layers.quant import QuantizedTensor
 N, K = 11, 512
 
 
-@pytest.fixture
-def native_kernels():
-    from flashdecode.kernels import cpu
-
-    lib = cpu.load()  # raises under FLASHDECODE_REQUIRE_NATIVE=1 (CI) when no build works
-    if lib is None:
-        pytest.skip("native kernels unavailable (FLASHDECODE_NATIVE=0 or no compiler)")
-    return lib
-
-
 def random_blocks(fmt: str, seed: int) -> np.ndarray:
     """Random bytes (every value, sub-scale and high-bit pattern occurs) with finite fp16 scales of
     both signs, zeros and subnormals among them, where each type keeps its scales."""

@@ -165,7 +165,8 @@ def summarize_cell(runs: list[CellRun], cost: Any, ceilings: Any, compute: str) 
     first = runs[0]
     b, p, g = first.batch, first.prompt_len, first.gen_len
     prefill_bound = cost.prefill(p, batch=b).tokens_per_s(ceilings, compute)
-    decode_bound = cost.decode_step(b, p + 1 + g // 2).tokens_per_s(ceilings, compute)
+    # the decode steps attend to p + 1, ..., p + g - 1 keys: p + g / 2 on average
+    decode_bound = cost.decode_step(b, p + g // 2).tokens_per_s(ceilings, compute)
     prefill = _median_range([r.prefill_tok_s for r in runs])
     decode = _median_range([r.decode_tok_s for r in runs])
     return {

@@ -547,7 +547,7 @@ def measured_points(bench: dict[str, Any], cost: ModelCost) -> list[tuple[str, f
     points = []
     for c in bench.get("cells", []):
         b, p, g = c["batch"], c["prompt_len"], c["gen_len"]
-        decode = cost.decode_step(b, p + 1 + g // 2)
+        decode = cost.decode_step(b, p + g // 2)  # steps attend to p + 1 .. p + g - 1 keys
         rate = c["decode_tok_s"]["median"]
         points.append((f"bench decode B={b}, ctx {p}", decode.intensity, rate * decode.flops / decode.tokens))
         prefill = cost.prefill(p, batch=b)
