@@ -222,8 +222,12 @@ def test_time_bound_is_the_slower_of_memory_and_compute() -> None:
     assert step.time_bound(c, "fp32") == pytest.approx(0.1)
     assert step.tokens_per_s(c, "fp32") == pytest.approx(40)
     assert step.limit(c, "fp32") == "memory"
+    # no int8 kernel (or a slow one): quantized weights can still be dequantized to fp32 FMAs
+    assert step.compute_time(c, "int8") == pytest.approx(0.08)
+    slow_int8 = Ceilings(bandwidth=10e9, flops={"fp32": 1e11, "int8": 2e9}, threads=1)
+    assert step.compute_time(slow_int8, "int8") == pytest.approx(0.08)
     with pytest.raises(FlashDecodeError, match="no measured matmul throughput"):
-        step.time_bound(c, "int8")
+        step.time_bound(Ceilings(bandwidth=10e9, flops={"fp32": 0.0, "int8": 0.0}, threads=1), "int8")
 
 
 def test_model_cost_of_a_loaded_quantized_gguf(gguf_model) -> None:

@@ -32,7 +32,7 @@ from ..errors import FlashDecodeError
 from ..sampling_params import SamplingParams
 from ..utils.cpuinfo import cpu_model, physical_cores
 from ..utils.formatting import fmt_bytes, format_table, parse_int_list
-from .roofline import machine_ceilings, model_cost_for_engine
+from .roofline import Ceilings, machine_ceilings, model_cost_for_engine
 
 
 @dataclass
@@ -315,7 +315,7 @@ def format_bench_table(result: dict[str, Any]) -> str:
 
 def describe_result(result: dict[str, Any]) -> str:
     m, e, c = result["model"], result["engine"], result["ceilings"]
-    peak = c["flops"].get(result["compute"], 0) / 1e9
+    peak = Ceilings(**c).peak(result["compute"]) / 1e9
     return (
         f"model: {m['source']} ({m['architecture']}, {m['parameters']:,} parameters; "
         f"stored {m['stored_formats']})\n"

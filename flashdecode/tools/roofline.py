@@ -64,7 +64,9 @@ class Ceilings:
     bandwidth_fresh: bool = False  # measured in this process (it can be bimodal between processes)
 
     def peak(self, compute: str) -> float:
-        value = self.flops.get(compute, 0.0)
+        """The matmul ceiling for weights computed as ``compute``: any weight can also be dequantized
+        and multiplied with fp32 FMAs (as the flat GEMM does), so the faster of the two bounds it."""
+        value = max(self.flops.get(compute, 0.0), self.flops.get("fp32", 0.0))
         if value <= 0:
             raise FlashDecodeError(f"no measured matmul throughput for {compute!r} on this machine")
         return value
