@@ -14,7 +14,7 @@ from ..sampling_params import SamplingParams
 from .llm import LLM
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=None, help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M)"
     )
@@ -63,13 +63,13 @@ def add_commands(sub: Any) -> None:
     gen = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
     gen.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    _add_model_args(gen)
+    add_model_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(run=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal")
     chat.add_argument("--system", default=None, help="system prompt")
-    _add_model_args(chat)
+    add_model_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(run=cmd_chat)
 

@@ -14,7 +14,7 @@ from typing import Any
 from ...config import EngineConfig
 from ...errors import FlashDecodeError
 from ...models.loader import EMBEDDED_FILE
-from ..cli import _add_model_args
+from ..cli import add_model_args
 
 API_KEY_ENV = "FLASHDECODE_API_KEY"
 DEFAULT_MAX_BODY_BYTES = 4 << 20
@@ -26,7 +26,7 @@ _RENAMED = {"threads": "num_threads"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """Every parsed option named like an ``EngineConfig`` field (or renamed in ``_RENAMED``) is passed
-    on, so engine options added to ``_add_model_args`` reach the server without an edit here."""
+    on, so engine options added to ``add_model_args`` reach the server without an edit here."""
     fields = set(EngineConfig.__dataclass_fields__)
     options: dict[str, Any] = {}
     for name, value in vars(args).items():
