@@ -10,7 +10,11 @@ They are the correctness oracle of the engine's test suite:
   ``convert_hf_to_gguf.py`` does: same architecture names (Mistral is written as "llama"), metadata
   keys, tensor names, Q/K row permutation for the "llama" architecture, the precomputed
   ``rope_freqs.weight`` for Llama-3 RoPE scaling, F32 for 1-D tensors and norms, the F16 fallback
-  for rows a quantization's block does not divide, and the "gpt2" tokenizer metadata. Tensor types:
+  for rows a quantization's block does not divide, and the "gpt2" tokenizer metadata. Phi-3 follows
+  ``Phi3MiniModel``: fused ``attn_qkv`` and ``ffn_up`` (gate and up) as Hugging Face stores them, Q/K
+  not permuted, ``rope.dimension_count`` from ``partial_rotary_factor``, the original context, and
+  for LongRoPE the ``rope_factors_long`` / ``rope_factors_short`` tensors and ``rope.scaling.attn_factor``
+  (the vocabulary through ``_set_vocab_gpt2``, its Phi-4 path). Tensor types:
   F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (gguf-py's encoders) and Q4_K, Q6_K (encoders below,
   checked against gguf-py's decoders; rows must be a multiple of 256 long: ``KQUANT_OVERRIDES``).
   One deliberate difference: llama.cpp reads Llama-3's ``original_max_position_embeddings`` from
@@ -39,6 +43,10 @@ import numpy as np
 import torch
 
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+# Phi-3 (tests/test_phi3.py): plain; partial rotary (Phi-4-mini's layout, tied head); LongRoPE in its
+# short regime (the engine's max_model_len 256 <= original 256) with partial rotary; LongRoPE in its
+# long regime (original 16 < every sequence). Kept out of ARCHS: its GGUF layout is its own.
+PHI3_ARCHS = ["phi3", "phi3-partial", "phi3-longrope", "phi3-longrope-long"]
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -147,6 +155,81 @@ _ARCH_CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
+
+def _phi3_factors(n: int, start: float, step: float) -> list[float]:
+    """LongRoPE divisors of the shape real checkpoints have: 1 for the fastest frequencies, growing."""
+    return [round(start + step * i * i / max(n - 1, 1), 4) for i in range(n)]
+
+
+_PHI3_BASE: dict[str, Any] = dict(
+    model_type="phi3",
+    vocab_size=512,
+    num_hidden_layers=2,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    sliding_window=None,
+    pad_token_id=None,
+)
+_ARCH_CONFIGS |= {
+    # GQA 8:2, head_dim 24 (every row a multiple of Q8_0's 32 values)
+    "phi3": dict(
+        _PHI3_BASE,
+        hidden_size=192,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=224,
+        max_position_embeddings=512,
+        original_max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
+    # half of each head's 32 dims rotate; MQA 4:1; tied head (Phi-4-mini ties its embeddings)
+    "phi3-partial": dict(
+        _PHI3_BASE,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=192,
+        partial_rotary_factor=0.5,
+        max_position_embeddings=512,
+        original_max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+    # LongRoPE, short regime: context 1024 over an original 256 (factor 4: attention factor
+    # sqrt(1 + ln 4 / ln 256)); 0.75 of each head's 32 dims rotate (Phi-4-mini's fraction)
+    "phi3-longrope": dict(
+        _PHI3_BASE,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=192,
+        partial_rotary_factor=0.75,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=256,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": _phi3_factors(12, 1.0, 0.4),
+            "long_factor": _phi3_factors(12, 1.0, 20.0),
+        },
+        tie_word_embeddings=False,
+    ),
+    # LongRoPE, long regime: original context 16, shorter than every test sequence; head_dim 16
+    "phi3-longrope-long": dict(
+        _PHI3_BASE,
+        hidden_size=96,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        intermediate_size=160,
+        max_position_embeddings=512,
+        original_max_position_embeddings=16,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": _phi3_factors(8, 1.0, 0.3),
+            "long_factor": _phi3_factors(8, 1.0, 6.0),
+        },
+        tie_word_embeddings=False,
+    ),
+}
+
 # Overrides for a model whose every matrix row is a multiple of 256 values long, so that Q4_K/Q6_K
 # (256-value super-blocks) apply to every weight instead of falling back to F16.
 KQUANT_OVERRIDES: dict[str, Any] = dict(
@@ -161,6 +244,8 @@ _TOKENIZER_STYLE: dict[str, dict[str, Any]] = {
     "mistral": dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=True, extra_eos=[]),
     "qwen2": dict(regex=QWEN2_REGEX, bos=None, eos=IM_END, add_bos=False, extra_eos=[EOS]),
     "qwen3": dict(regex=QWEN2_REGEX, bos=None, eos=IM_END, add_bos=False, extra_eos=[EOS]),
+} | {
+    arch: dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=False, extra_eos=[IM_END]) for arch in PHI3_ARCHS
 }
 
 _CORPUS = """\
@@ -289,8 +374,7 @@ def _save_tokenizer(arch: str, out_dir: Path, vocab_size: int) -> dict[str, Any]
 def arch_config(arch: str, **overrides: Any) -> dict[str, Any]:
     if arch not in _ARCH_CONFIGS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
-    cfg = dict(_ARCH_CONFIGS[arch])
-    cfg.update(max_position_embeddings=512)
+    cfg = {"max_position_embeddings": 512, **_ARCH_CONFIGS[arch]}
     cfg.update(overrides)
     return cfg
 
@@ -303,6 +387,7 @@ def _config_class(model_type: str) -> Any:
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
+        "phi3": transformers.Phi3Config,
     }[model_type]
 
 
@@ -514,6 +599,7 @@ _GGUF_ARCH = {
     "mistral": ("LLAMA", True),
     "qwen2": ("QWEN2", False),
     "qwen3": ("QWEN3", False),
+    "phi3": ("PHI3", False),
 }
 
 FILE_TYPES = {
@@ -666,12 +752,29 @@ def hf_to_gguf(hf_dir: Path, out_path: Path, tensor_type: str = "F32") -> Path:
     tensor_map = gguf.get_tensor_name_map(arch, n_layers)
 
     # --- tensors (ModelBase.prepare_tensors) ---
+    phi3_attn_factor = None
+
     def extra_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal phi3_attn_factor
         if arch == gguf.MODEL_ARCH.LLAMA and str(rope.get("rope_type", "")).lower() == "llama3":
             yield (
                 gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                 llama3_rope_factors(rope, head_dim, rope.get("rope_theta", 10000.0)),
             )
+        if arch == gguf.MODEL_ARCH.PHI3 and rope.get("rope_type") in ("longrope", "su"):
+            # Phi3MiniModel.generate_extra_tensors
+            max_pos, orig = hparams["max_position_embeddings"], hparams["original_max_position_embeddings"]
+            scale = max_pos / orig
+            phi3_attn_factor = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+            rope_dims = int(hparams.get("partial_rotary_factor", 1.0) * hparams["hidden_size"]) // n_head
+            long_factors, short_factors = rope["long_factor"], rope["short_factor"]
+            if len(long_factors) != len(short_factors) or len(long_factors) != rope_dims / 2:
+                raise ValueError(f"the rope long and short factors must have {rope_dims / 2} entries")
+            for tensor, factors in (
+                (gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, long_factors),
+                (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, short_factors),
+            ):
+                yield gguf.TENSOR_NAMES[tensor] + ".weight", torch.tensor(factors, dtype=torch.float32)
 
     def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, data in _iter_safetensors(hf_dir):
@@ -704,6 +807,61 @@ def hf_to_gguf(hf_dir: Path, out_path: Path, tensor_type: str = "F32") -> Path:
     # --- metadata (prepare_metadata: set_type, meta model, set_gguf_parameters, quant version) ---
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(hf_dir.name)
+    if arch == gguf.MODEL_ARCH.PHI3:
+        _phi3_gguf_parameters(writer, hparams, ftype, phi3_attn_factor)
+    else:
+        _gguf_parameters(writer, hparams, ftype, arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    # --- vocabulary (_set_vocab_gpt2) ---
+    tokens, toktypes, tokpre = _vocab_base(hf_dir, hparams["vocab_size"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tokpre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(toktypes)
+    special_vocab = gguf.SpecialVocab(hf_dir, load_merges=True)
+    special_vocab.add_to_gguf(writer, quiet=True)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file(path=out_path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_path
+
+
+def _phi3_gguf_parameters(
+    writer: Any, hparams: dict[str, Any], ftype: Any, attn_factor: float | None
+) -> None:
+    """``Phi3MiniModel.set_gguf_parameters`` (it replaces the base class's: no key_length, no
+    vocab_size), plus the attention factor its ``generate_extra_tensors`` writes for LongRoPE."""
+    n_embd, n_head = hparams["hidden_size"], hparams["num_attention_heads"]
+    rope_dims = int(hparams.get("partial_rotary_factor", 1.0) * n_embd) // n_head
+    writer.add_context_length(hparams["max_position_embeddings"])
+    writer.add_rope_scaling_orig_ctx_len(hparams["original_max_position_embeddings"])
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(hparams["intermediate_size"])
+    writer.add_block_count(hparams["num_hidden_layers"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(hparams["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(hparams["rms_norm_eps"])
+    writer.add_rope_dimension_count(rope_dims)
+    writer.add_rope_freq_base(hparams["_rope"]["rope_theta"])
+    writer.add_file_type(ftype)
+    writer.add_sliding_window(hparams.get("sliding_window") or 0)  # 0 marks Phi-4 in llama.cpp
+    if attn_factor is not None:
+        writer.add_rope_scaling_attn_factors(attn_factor)
+
+
+def _gguf_parameters(writer: Any, hparams: dict[str, Any], ftype: Any, arch: Any) -> None:
+    """``TextModel.set_gguf_parameters`` (+ ``LlamaModel``'s) for the other families."""
+    import gguf
+
+    n_layers = hparams["num_hidden_layers"]
+    n_head = hparams["num_attention_heads"]
+    n_head_kv = hparams.get("num_key_value_heads")
+    rope = hparams["_rope"]
+    head_dim = hparams.get("head_dim") or hparams["hidden_size"] // n_head
     writer.add_block_count(n_layers)
     writer.add_context_length(hparams["max_position_embeddings"])
     writer.add_embedding_length(hparams["hidden_size"])
@@ -727,23 +885,6 @@ def hf_to_gguf(hf_dir: Path, out_path: Path, tensor_type: str = "F32") -> Path:
     if arch == gguf.MODEL_ARCH.LLAMA:  # LlamaModel.set_gguf_parameters
         writer.add_vocab_size(hparams["vocab_size"])
         writer.add_rope_dimension_count(head_dim)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    # --- vocabulary (_set_vocab_gpt2) ---
-    tokens, toktypes, tokpre = _vocab_base(hf_dir, hparams["vocab_size"])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(tokpre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(toktypes)
-    special_vocab = gguf.SpecialVocab(hf_dir, load_merges=True)
-    special_vocab.add_to_gguf(writer, quiet=True)
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    writer.write_header_to_file(path=out_path)
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out_path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,6 +75,20 @@ class DecoderLayer:
         return x + self.down(F.silu(gate) * up)
 
 
+def _permute_qk(
+    weights: dict[str, torch.Tensor], spec: ModelSpec, rope: RotaryEmbedding
+) -> dict[str, torch.Tensor]:
+    """A copy of ``weights`` with every q/k projection, bias and per-head norm in ``rope.order``."""
+    out = dict(weights)
+    for i in range(spec.num_layers):
+        for key, heads in (("q", spec.num_heads), ("k", spec.num_kv_heads)):
+            for name, n in ((key, heads), (f"{key}_bias", heads), (f"{key}_norm", 1)):
+                full = f"layers.{i}.{name}"
+                if full in out:
+                    out[full] = rope.permute_heads(out[full], n)
+    return out
+
+
 class Decoder:
     def __init__(
         self,
@@ -84,15 +98,30 @@ class Decoder:
         table: DataflowTable | None = None,
         quantization: str | None = None,
         device: Device = CPU,
+        max_model_len: int | None = None,
     ):
         """``dataflow`` and ``table``: how every projection picks its kernel per M (layers/dataflow.py);
         the engine hands down the tuned table it read, if any. ``device`` (layers/device.py): where the
-        weights, norms and RoPE tables live and which kernel backend every projection runs on."""
+        weights, norms and RoPE tables live and which kernel backend every projection runs on.
+        ``max_model_len``: the longest sequence the engine runs (default: the model's context), which
+        picks LongRoPE's short or long factors (layers/rope.py)."""
         spec = loaded.spec
+        self.rope = RotaryEmbedding(
+            spec.head_dim,
+            spec.max_position,
+            spec.rope_theta,
+            spec.rope_scaling,
+            device.torch,
+            rotary_dim=spec.rotary_dim,
+            context_len=max_model_len,
+        )
+        weights = loaded.weights
+        if self.rope.order is not None:  # partial rotary: q/k head dims reordered once (layers/rope.py)
+            weights = _permute_qk(weights, spec, self.rope)
         # float tensors cast to dtype; GGUF blocks kept (layers/quant.py) where a kernel runs them (the
         # Triton flat GEMM, or the native build unless it failed); optional int8/int4 quantization
         keep_blocks = device.backend == "triton" or cpu.load() is not None
-        w = prepare_weights(loaded.weights, dtype, spec.matrices(), quantization, keep_blocks)
+        w = prepare_weights(weights, dtype, spec.matrices(), quantization, keep_blocks)
         if not device.on_host:
             w = {name: t.to(device.torch) for name, t in w.items()}
         self.spec = spec
@@ -102,9 +131,6 @@ class Decoder:
         self.layers = [DecoderLayer(spec, w, f"layers.{i}.", device.backend) for i in range(spec.num_layers)]
         self.norm = w["norm"]
         self.lm_head = Linear(self.embed if spec.tie_embeddings else w["lm_head"], backend=device.backend)
-        self.rope = RotaryEmbedding(
-            spec.head_dim, spec.max_position, spec.rope_theta, spec.rope_scaling, device.torch
-        )
         self.softmax: SoftmaxPolicy | None = None  # None: exact attention (layers/attention.py)
         # every projection's kernel per M: the tuned table, the default plan, or one static kernel
         self.dataflow = configure(self.linears(), dataflow, table)

@@ -8,6 +8,7 @@ recorded for ``flashdecode info``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,19 @@ from ..errors import ModelLoadError
 from ..kernels.formats import LOADED_NATIVE
 from ..layers.quant import QuantizedTensor
 from ..layers.rope import RopeScaling
-from .spec import GLOBAL_TENSORS, LAYER_TENSORS, ModelSpec, family_for
+from .spec import FUSED_TENSORS, GLOBAL_TENSORS, LAYER_TENSORS, FusedDef, ModelSpec, family_for, split_fused
 from .tokenizer import Tokenizer
 from .weights import LoadedModel
 
 _LAYER_TENSORS = {t.gguf: t.name for t in LAYER_TENSORS}  # GGUF name after "blk.N." -> canonical
 _GLOBAL_TENSORS = {t.gguf: t.name for t in GLOBAL_TENSORS}
+_FUSED_TENSORS = {t.gguf: t for t in FUSED_TENSORS}
+# tensors that are model metadata, not weights: popped into the spec by ``load_gguf``
+_ROPE_TENSORS = {
+    "rope_freqs.weight": "rope_freqs",  # Llama 3's per-frequency divisors
+    "rope_factors_long.weight": "rope_factors_long",  # Phi-3's LongRoPE divisors
+    "rope_factors_short.weight": "rope_factors_short",
+}
 
 
 class _Reader(gguf.GGUFReader):
@@ -89,6 +97,17 @@ def _spec_from_metadata(meta: dict[str, Any], tensor_names: set[str], tokenizer:
     rope_scaling = None
     if get("rope.scaling.type", None, required=False) == "linear":
         rope_scaling = RopeScaling(kind="linear", factor=float(get("rope.scaling.factor")))
+    if "rope_factors_long.weight" in tensor_names or "rope_factors_short.weight" in tensor_names:
+        # Phi-3 LongRoPE as convert_hf_to_gguf.py writes it: the factors as tensors (filled in by
+        # load_gguf), the attention factor and the original context as metadata
+        original = get("rope.scaling.original_context_length")
+        rope_scaling = RopeScaling(
+            kind="longrope",
+            original_max_position=int(original),
+            attention_factor=float(get("rope.scaling.attn_factor", 1.0, required=False)),
+        )
+    rotary_dim = get("rope.dimension_count", None, required=False)
+    rotary_dim = None if rotary_dim is None or int(rotary_dim) == head_dim else int(rotary_dim)
     return ModelSpec(
         family=family,
         vocab_size=int(vocab),
@@ -103,6 +122,7 @@ def _spec_from_metadata(meta: dict[str, Any], tensor_names: set[str], tokenizer:
         max_position=int(get("context_length", 2048)),
         tie_embeddings="output.weight" not in tensor_names,
         rope_scaling=rope_scaling,
+        rotary_dim=rotary_dim,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_ids=tuple(sorted(tokenizer.stop_token_ids)),
     )
@@ -128,57 +148,85 @@ def _tensor_to_torch(t: Any) -> torch.Tensor | QuantizedTensor:
     return torch.from_numpy(np.ascontiguousarray(arr).reshape(shape))
 
 
-def _canonical_name(name: str, family: str) -> str:
+def _canonical_names(name: str, spec: ModelSpec) -> tuple[list[str], FusedDef | None]:
+    """The canonical names one stored tensor holds: itself, or a fused tensor's parts (Phi-3)."""
     if name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[name]
+        return [_GLOBAL_TENSORS[name]], None
     if name.startswith("blk."):
         _, layer, rest = name.split(".", 2)
+        fused = _FUSED_TENSORS.get(rest)
+        if layer.isdigit() and fused is not None and fused.when(spec):
+            return [f"layers.{int(layer)}.{part}" for part in fused.parts], fused
         if rest in _LAYER_TENSORS and layer.isdigit():
-            return f"layers.{int(layer)}.{_LAYER_TENSORS[rest]}"
-        raise ModelLoadError(f"unexpected tensor {name!r} for architecture {family}")
-    if name == "rope_freqs.weight":
-        return "rope_freqs"
+            return [f"layers.{int(layer)}.{_LAYER_TENSORS[rest]}"], None
+        raise ModelLoadError(f"unexpected tensor {name!r} for architecture {spec.family.name}")
+    if name in _ROPE_TENSORS:
+        return [_ROPE_TENSORS[name]], None
     raise ModelLoadError(f"unexpected tensor {name!r}")
 
 
-def _open(path: str | Path) -> tuple[Any, ModelSpec, Tokenizer, dict[str, Any]]:
-    """Reader, spec, tokenizer and the tensors by canonical name, without reading any tensor data."""
+def _open(path: str | Path) -> tuple[Any, ModelSpec, Tokenizer, dict[str, Any], dict[str, FusedDef]]:
+    """Reader, spec, tokenizer, the tensors by canonical name (a fused tensor under each of its parts'
+    names) and the fused definition of every fused tensor by its GGUF name, without reading any
+    tensor data."""
     reader = read_gguf(path)
     meta = gguf_metadata(reader)
     family_for(str(meta.get("general.architecture")))  # an unsupported model fails first, by name
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     spec = _spec_from_metadata(meta, {t.name for t in reader.tensors}, tokenizer)
+    tensors: dict[str, Any] = {}
+    fused: dict[str, FusedDef] = {}
     try:
-        tensors = {_canonical_name(t.name, spec.family.name): t for t in reader.tensors}
+        for t in reader.tensors:
+            names, definition = _canonical_names(t.name, spec)
+            tensors |= {name: t for name in names}
+            if definition is not None:
+                fused[t.name] = definition
     except ModelLoadError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
-    return reader, spec, tokenizer, tensors
+    return reader, spec, tokenizer, tensors, fused
 
 
 def describe_gguf(path: str | Path) -> tuple[ModelSpec, dict[str, str]]:
     """The spec and the stored format of every tensor (canonical name -> GGUF type name), from the
     header alone: nothing is dequantized."""
-    _, spec, _, tensors = _open(path)
+    _, spec, _, tensors, _ = _open(path)
     return spec, {name: t.tensor_type.name for name, t in tensors.items()}
 
 
 def load_gguf(path: str | Path) -> LoadedModel:
-    _, spec, tokenizer, tensors = _open(path)
+    _, spec, tokenizer, tensors, fused = _open(path)
     weights: dict[str, torch.Tensor] = {}
     formats: dict[str, str] = {}
     for canonical, t in tensors.items():
+        if canonical in weights:
+            continue  # a fused tensor's later part: split with its first
         try:
-            weights[canonical] = _tensor_to_torch(t)
+            w = _tensor_to_torch(t)
         except Exception as exc:
             raise ModelLoadError(
                 f"{path}: tensor {t.name!r} cannot be read (truncated file?): {exc}"
             ) from exc
-        formats[canonical] = t.tensor_type.name
+        if t.name in fused:
+            layer = canonical.split(".")[1]
+            parts = split_fused(fused[t.name], spec, w, f"{path}: tensor {t.name!r}")
+            weights |= {f"layers.{layer}.{part}": p for part, p in parts.items()}
+        else:
+            weights[canonical] = w
+    formats |= {canonical: t.tensor_type.name for canonical, t in tensors.items()}
 
     if "rope_freqs" in weights:
         # llama.cpp bakes Llama-3 RoPE scaling into per-frequency divisors instead of metadata
         factors = tuple(float(f) for f in weights.pop("rope_freqs").flatten())
         spec = spec.with_(rope_scaling=RopeScaling(kind="freq_factors", factors=factors))
+    if spec.rope_scaling is not None and spec.rope_scaling.kind == "longrope":
+        longrope: dict[str, tuple[float, ...]] = {}
+        for kind in ("long", "short"):
+            if f"rope_factors_{kind}" not in weights:
+                raise ModelLoadError(f"{path}: LongRoPE needs both rope_factors_long and rope_factors_short")
+            longrope[kind] = tuple(float(f) for f in weights.pop(f"rope_factors_{kind}").flatten())
+        scaling = replace(spec.rope_scaling, long_factors=longrope["long"], short_factors=longrope["short"])
+        spec = spec.with_(rope_scaling=scaling)
     if spec.family.gguf_permuted_qk:
         for i in range(spec.num_layers):
             for key, heads in (("q", spec.num_heads), ("k", spec.num_kv_heads)):

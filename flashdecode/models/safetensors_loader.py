@@ -6,6 +6,7 @@ Only safetensors are read: pickle checkpoints (``*.bin``, ``*.pt``) can run arbi
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,16 @@ from safetensors import safe_open
 from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..layers.rope import RopeScaling
 from .spec import (
+    FUSED_TENSORS,
     GLOBAL_TENSORS,
     HF_ARCHITECTURES,
     HF_MODEL_TYPES,
     LAYER_TENSORS,
     Family,
+    FusedDef,
     ModelSpec,
     family_for,
+    split_fused,
     supported_architectures,
 )
 from .tokenizer import Tokenizer
@@ -31,6 +35,7 @@ from .weights import LoadedModel
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_TENSORS = {t.hf: t.name for t in LAYER_TENSORS}  # name after "model.layers.N." -> canonical
 _GLOBAL_TENSORS = {t.hf: t.name for t in GLOBAL_TENSORS}
+_FUSED_TENSORS = {t.hf: t for t in FUSED_TENSORS}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -60,7 +65,34 @@ def _rope_scaling(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         )
     if kind == "linear":
         return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
-    raise ModelLoadError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3)")
+    if kind in ("longrope", "su"):  # Phi-3: transformers' _compute_longrope_parameters
+        original = int(
+            params.get("original_max_position_embeddings") or config["original_max_position_embeddings"]
+        )
+        factor = params.get("factor")
+        if factor is None:  # Phi-3 leaves it out: the ratio of the extended to the original context
+            factor = int(config.get("max_position_embeddings", original)) / original
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return theta, RopeScaling(
+            kind="longrope",
+            factor=float(factor),
+            original_max_position=original,
+            short_factors=tuple(float(f) for f in params["short_factor"]),
+            long_factors=tuple(float(f) for f in params["long_factor"]),
+            attention_factor=float(attention_factor),
+        )
+    raise ModelLoadError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3, longrope)")
+
+
+def _rotary_dim(config: dict[str, Any], head_dim: int) -> int | None:
+    """``partial_rotary_factor`` (top level, or in transformers 5's rope_parameters) as the number of
+    rotated dims, as transformers computes it: int(head_dim * factor). None when every dim rotates."""
+    params = config.get("rope_parameters") or {}
+    fraction = float(params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) or 1.0)
+    dim = int(head_dim * fraction)
+    return None if dim == head_dim else dim
 
 
 def hf_family(config: dict[str, Any]) -> Family:
@@ -81,6 +113,7 @@ def spec_from_hf_config(config: dict[str, Any], tokenizer: Tokenizer | None = No
     try:
         hidden = int(config["hidden_size"])
         n_head = int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or hidden // n_head)
         theta, scaling = _rope_scaling(config)
         eos = config.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
@@ -93,13 +126,14 @@ def spec_from_hf_config(config: dict[str, Any], tokenizer: Tokenizer | None = No
             num_layers=int(config["num_hidden_layers"]),
             num_heads=n_head,
             num_kv_heads=int(config.get("num_key_value_heads") or n_head),
-            head_dim=int(config.get("head_dim") or hidden // n_head),
+            head_dim=head_dim,
             intermediate_size=int(config["intermediate_size"]),
             norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             max_position=int(config.get("max_position_embeddings", 2048)),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             rope_scaling=scaling,
+            rotary_dim=_rotary_dim(config, head_dim),
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
@@ -137,6 +171,27 @@ def _canonical_name(name: str) -> str | None:
     return None
 
 
+def _fused(name: str, spec: ModelSpec) -> tuple[int, FusedDef] | None:
+    """(layer, definition) when ``name`` is a fused tensor of this family (Phi-3's qkv, gate_up)."""
+    m = _LAYER_RE.match(name)
+    fused = _FUSED_TENSORS.get(m.group(2)) if m else None
+    return (int(m.group(1)), fused) if m and fused is not None and fused.when(spec) else None
+
+
+def _known(name: str, spec: ModelSpec) -> bool:
+    return _fused(name, spec) is not None or _canonical_name(name) is not None
+
+
+def _canonical_tensors(name: str, tensor: Any, spec: ModelSpec) -> dict[str, Any]:
+    """Canonical name -> tensor for one known stored tensor: itself, or a fused one's parts."""
+    fused = _fused(name, spec)
+    if fused is not None:
+        layer, definition = fused
+        parts = split_fused(definition, spec, tensor, name)
+        return {f"layers.{layer}.{part}": w for part, w in parts.items()}
+    return {str(_canonical_name(name)): tensor}
+
+
 def load_hf_folder(folder: str | Path) -> LoadedModel:
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -155,16 +210,16 @@ def load_hf_folder(folder: str | Path) -> LoadedModel:
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
-                    canonical = _canonical_name(name)
-                    if canonical is None:
+                    if not _known(name, spec):
                         if name.endswith("rotary_emb.inv_freq"):
                             continue  # a buffer some old checkpoints saved; recomputed from the config
                         raise ModelLoadError(
                             f"{file.name}: unexpected tensor {name!r} for {spec.family.name}"
                         )
                     tensor = f.get_tensor(name)
-                    formats[canonical] = str(tensor.dtype).removeprefix("torch.")
-                    weights[canonical] = tensor
+                    for canonical, part in _canonical_tensors(name, tensor, spec).items():
+                        formats[canonical] = str(tensor.dtype).removeprefix("torch.")
+                        weights[canonical] = part
         except ModelLoadError:
             raise
         except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers

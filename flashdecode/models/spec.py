@@ -9,6 +9,8 @@ the decoder, load-time quantization and the roofline read it too.
 
 A new family: one ``FAMILIES`` entry (and its Hugging Face names below), its extra tensors in
 ``TENSORS`` behind a ``when``, and, only where its math differs, a small module of its own.
+``FUSED_TENSORS`` lists stored tensors that stack several canonical ones along their rows (Phi-3's
+qkv and gate_up): the loaders split them into the canonical parts (the decoder fuses them again).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Family:
     qkv_bias: bool = False  # Qwen2: biases on q, k and v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     gguf_permuted_qk: bool = False  # llama.cpp's converter reorders Q/K rows for interleaved RoPE
+    fused_projections: bool = False  # Phi-3: q/k/v stored as one qkv matrix, gate/up as one (FUSED_TENSORS)
 
 
 # Keyed by the name GGUF files use in ``general.architecture``.
@@ -38,6 +41,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("mistral", gguf_permuted_qk=True),
     "qwen2": Family("qwen2", qkv_bias=True),
     "qwen3": Family("qwen3", qk_norm=True),
+    "phi3": Family("phi3", fused_projections=True),
 }
 
 # Hugging Face ``config.json`` "architectures" / "model_type" -> family.
@@ -46,8 +50,15 @@ HF_ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
 }
-HF_MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+HF_MODEL_TYPES: dict[str, str] = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+}
 
 
 def supported_architectures() -> str:
@@ -78,6 +89,9 @@ class ModelSpec:
     max_position: int
     tie_embeddings: bool
     rope_scaling: RopeScaling | None = None
+    rotary_dim: int | None = (
+        None  # the dims of each head RoPE rotates (Phi-3's partial_rotary_factor); None: all
+    )
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -100,6 +114,11 @@ class ModelSpec:
             problems.append(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if not problems and self.rotary_dim is not None:
+            if not isinstance(self.rotary_dim, int) or self.rotary_dim % 2 or self.head_dim % 2:
+                problems.append(f"rotary_dim={self.rotary_dim!r} and head_dim={self.head_dim} must be even")
+            elif not 0 < self.rotary_dim <= self.head_dim:
+                problems.append(f"rotary_dim={self.rotary_dim} must be in 1..head_dim={self.head_dim}")
         if problems:
             raise ModelLoadError("invalid model config: " + "; ".join(problems))
 
@@ -193,3 +212,48 @@ GLOBAL_TENSORS = (
     TensorDef("lm_head", "output.weight", "lm_head.weight", _vocab, True, when=_untied),
 )  # fmt: skip
 TENSOR_BY_NAME = {t.name: t for t in LAYER_TENSORS + GLOBAL_TENSORS}
+
+
+def _fused(s: ModelSpec) -> bool:
+    return s.family.fused_projections
+
+
+@dataclass(frozen=True)
+class FusedDef:
+    """A stored layer tensor (GGUF name after ``blk.N.``, Hugging Face name after ``model.layers.N.``)
+    that stacks the canonical ``parts`` along its rows, in order; each part's rows are its shape's first
+    dim. Where ``when`` holds, these names mean the fused tensor (Phi-3's ``ffn_up`` is gate and up)."""
+
+    gguf: str
+    hf: str
+    parts: tuple[str, ...]
+    when: Callable[[ModelSpec], bool]
+
+    def row_ranges(self, spec: ModelSpec) -> dict[str, tuple[int, int]]:
+        """Canonical part -> its [start, end) rows in the fused tensor."""
+        out, start = {}, 0
+        for part in self.parts:
+            rows = TENSOR_BY_NAME[part].shape(spec)[0]
+            out[part] = (start, start + rows)
+            start += rows
+        return out
+
+
+# llama.cpp's convert_hf_to_gguf.py (Phi3MiniModel) writes Phi-3's fused weights as they are: gate
+# first, as Hugging Face's ``gate_up_proj`` and llama.cpp's swiglu over ``ffn_up`` take it.
+FUSED_TENSORS = (
+    FusedDef("attn_qkv.weight", "self_attn.qkv_proj.weight", ("q", "k", "v"), when=_fused),
+    FusedDef("ffn_up.weight", "mlp.gate_up_proj.weight", ("gate", "up"), when=_fused),
+)
+
+
+def split_fused(fused: FusedDef, spec: ModelSpec, w: Any, where: str) -> dict[str, Any]:
+    """The canonical parts of one fused layer tensor ``w`` (a torch tensor or a ``QuantizedTensor``:
+    splitting whole rows of blocks is exact). ``where``: the tensor's name, for the error."""
+    ranges = fused.row_ranges(spec)
+    rows = max(end for _, end in ranges.values())
+    if w.shape[0] != rows:
+        raise ModelLoadError(f"{where} has {w.shape[0]} rows, expected {rows} ({' + '.join(fused.parts)})")
+    if hasattr(w, "map_rows"):
+        return {p: w.map_rows(lambda t, a=a, b=b: t[a:b]) for p, (a, b) in ranges.items()}
+    return {p: w[a:b] for p, (a, b) in ranges.items()}
