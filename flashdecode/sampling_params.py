@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 from flashdecode.errors import InvalidSamplingParamsError
 
@@ -16,6 +18,9 @@ _SAMPLING_EPS = 1e-5
 # the vocabulary per step for no use anyone has asked for.
 MAX_LOGPROBS = 20
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+# structured_output holds exactly one of these keys: a JSON schema (a dict, or its JSON text), any JSON
+# object (True), a regular expression the whole output must match, or a list of strings to pick one of.
+STRUCTURED_OUTPUT_KINDS = ("json", "json_object", "regex", "choice")
 
 
 def _is_int(value: object) -> bool:
@@ -60,6 +65,9 @@ class SamplingParams:
     # what each streamed output holds, as vLLM's RequestOutputKind: everything so far ("cumulative"),
     # only what is new since the previous output ("delta"), or a single output when done ("final_only")
     output_kind: str = "cumulative"
+    # constrained decoding: the output always matches this (see STRUCTURED_OUTPUT_KINDS), e.g.
+    # {"json": {"type": "object", ...}}; the engine masks every token the grammar does not allow
+    structured_output: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n < 1:
@@ -114,6 +122,17 @@ class SamplingParams:
                     raise _fail(name, f"None or an integer in [0, {MAX_LOGPROBS}]", value)
                 setattr(self, name, int(value))
 
+        # the grammar the engine's matchers run (llguidance's serialised form), compiled here so that a
+        # bad schema fails when the request is made, not inside the engine loop
+        self._grammar: str | None = None
+        if self.structured_output is not None:
+            self._grammar = _compile_grammar(self.structured_output)
+
+    @property
+    def grammar(self) -> str | None:
+        """The compiled grammar of ``structured_output`` (None when the output is unconstrained)."""
+        return self._grammar
+
     def _real(self, name: str, requirement: str, ok) -> float:
         value = getattr(self, name)
         # NaN fails every comparison and inf would turn logits into NaN, so both are rejected outright.
@@ -149,3 +168,51 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Whether this request takes the argmax instead of sampling (temperature ~ 0)."""
         return self.temperature < _SAMPLING_EPS
+
+
+def _compile_grammar(spec: object) -> str:
+    """``structured_output`` as an llguidance grammar; InvalidSamplingParamsError when it is malformed or
+    does not compile (the tokenizer-free check: unknown types, bad regexes, unsupported keywords)."""
+    requirement = f"a dict with exactly one of the keys {STRUCTURED_OUTPUT_KINDS}"
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in STRUCTURED_OUTPUT_KINDS:
+        raise _fail("structured_output", requirement, spec)
+    ((kind, value),) = spec.items()
+    try:
+        from llguidance import LLMatcher
+    except ImportError as exc:  # pragma: no cover - llguidance is a dependency
+        raise InvalidSamplingParamsError("structured_output needs the llguidance package") from exc
+
+    # compact JSON: flexible whitespace lets a sampled model pad the output with blank lines forever
+    options = {"whitespace_flexible": False}
+    try:
+        if kind == "json":
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise _fail("structured_output", "{'json': a JSON schema object}", spec)
+            grammar = LLMatcher.grammar_from_json_schema(value, defaults=options)
+        elif kind == "json_object":
+            if value is not True:
+                raise _fail("structured_output", "{'json_object': True}", spec)
+            grammar = LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=options)
+        elif kind == "regex":
+            if not isinstance(value, str) or not value:
+                raise _fail("structured_output", "{'regex': a non-empty string}", spec)
+            grammar = LLMatcher.grammar_from_regex(value)
+        else:
+            if (
+                not isinstance(value, (list, tuple))
+                or not value
+                or not all(isinstance(c, str) and c for c in value)
+            ):
+                raise _fail("structured_output", "{'choice': a non-empty list of non-empty strings}", spec)
+            # each choice is a quoted Lark literal: json.dumps escapes quotes and backslashes
+            grammar = LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
+    except InvalidSamplingParamsError:
+        raise
+    except Exception as exc:  # llguidance raises ValueError/TypeError/RuntimeError on some bad inputs
+        raise InvalidSamplingParamsError(f"structured_output {kind} does not compile: {exc}") from exc
+    error = LLMatcher.validate_grammar(grammar)
+    if error:
+        raise InvalidSamplingParamsError(f"structured_output {kind} does not compile: {error.strip()}")
+    return grammar

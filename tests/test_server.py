@@ -306,6 +306,102 @@ def test_errors_reach_the_openai_client(client: openai.OpenAI) -> None:
         openai.OpenAI(base_url=client.base_url, api_key="nope", max_retries=0).models.list()
 
 
+# --- structured output -------------------------------------------------------------------------------
+
+PET_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "kind": {"enum": ["cat", "dog", "fish"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+        "toys": {"type": "array", "items": {"enum": ["ball", "rope"]}, "maxItems": 2},
+    },
+    "required": ["name", "kind", "age"],
+    "additionalProperties": False,
+}
+PET_FORMAT = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET_SCHEMA, "strict": True}}
+PET_MESSAGES = [{"role": "user", "content": "Describe a pet as JSON."}]
+
+
+def _valid_pet(text: str) -> None:
+    import jsonschema
+
+    jsonschema.validate(json.loads(text), PET_SCHEMA)
+
+
+def test_response_format_json_schema_at_high_temperature(client: openai.OpenAI) -> None:
+    full = client.chat.completions.create(
+        model=MODEL, messages=PET_MESSAGES, max_tokens=64, temperature=1.2, seed=7, n=2,
+        response_format=PET_FORMAT,
+    )  # fmt: skip
+    for choice in full.choices:
+        assert choice.finish_reason == "stop"
+        _valid_pet(choice.message.content)
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=PET_MESSAGES,
+            max_tokens=64,
+            temperature=1.2,
+            seed=8,
+            stream=True,
+            response_format=PET_FORMAT,
+        )  # fmt: skip
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    _valid_pet(text)
+
+    obj = client.chat.completions.create(
+        model=MODEL, messages=PET_MESSAGES, max_tokens=64, temperature=1.2, seed=9,
+        response_format={"type": "json_object"},
+    )  # fmt: skip
+    assert obj.choices[0].message.content.startswith("{")
+
+
+def test_guided_extras_on_completions(client: openai.OpenAI) -> None:
+    out = client.completions.create(
+        model=MODEL, prompt="Is water wet?", max_tokens=8, temperature=1.2, n=3, seed=1,
+        extra_body={"guided_choice": ["yes", "no"]},
+    )  # fmt: skip
+    assert all(c.text in ("yes", "no") and c.finish_reason == "stop" for c in out.choices)
+    out = client.completions.create(
+        model=MODEL, prompt="A number:", max_tokens=8, temperature=1.2, seed=2,
+        extra_body={"guided_regex": "[0-9]{3}"},
+    )  # fmt: skip
+    assert re.fullmatch("[0-9]{3}", out.choices[0].text)
+    out = client.completions.create(
+        model=MODEL, prompt="A pet:", max_tokens=64, temperature=1.2, seed=3,
+        extra_body={"guided_json": PET_SCHEMA},
+    )  # fmt: skip
+    _valid_pet(out.choices[0].text)
+
+
+def test_invalid_structured_output_is_a_400(server: Server, client: openai.OpenAI) -> None:
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    with pytest.raises(openai.BadRequestError, match="nonsense"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, response_format=bad)
+    url = f"{server.base}/v1/chat/completions"
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8}
+    for extra in (
+        {"response_format": bad},
+        {"response_format": {"type": "yaml"}},
+        {"response_format": {"type": "json_schema"}},
+        {"guided_regex": "a(b"},
+        {"guided_choice": []},
+        {"guided_regex": "a", "guided_choice": ["a"]},
+    ):
+        error = _error(httpx.post(url, json={**body, **extra}, headers=_auth()), 400)
+        assert error["type"] == "invalid_request_error"
+        assert error["param"] == next(k for k in reversed(extra)), (extra, error)
+    for stream in (False, True):  # nothing started: the error comes before any event
+        error = _error(
+            httpx.post(url, json={**body, "stream": stream, "response_format": bad}, headers=_auth()), 400
+        )
+        assert error["param"] == "response_format"
+
+
 # --- concurrency and disconnects ---------------------------------------------------------------------
 
 

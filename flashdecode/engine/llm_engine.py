@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Iterable
@@ -28,6 +29,9 @@ from .model_runner import ModelRunner
 from .sampler import Sampler, SamplingRow, prompt_logprobs
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence
+from .structured_output import StructuredOutputs
+
+logger = logging.getLogger(__name__)
 
 PromptType = str | dict[str, Any] | list[int]
 
@@ -85,7 +89,15 @@ class LLMEngine:
         triton = self.device.backend == "triton"
         if table is None and config.dataflow == "auto" and not triton:
             table = load_table()
-        self.model = Decoder(loaded, self.dtype, config.dataflow, table, config.quantization, self.device)
+        self.model = Decoder(
+            loaded,
+            self.dtype,
+            config.dataflow,
+            table,
+            config.quantization,
+            self.device,
+            max_model_len=self.max_model_len,
+        )
         del loaded
         self.model.softmax = softmax_policy(
             config.softmax, config.model, self.spec.num_layers, "triton" if triton else "auto"
@@ -109,6 +121,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids) | self.tokenizer.stop_token_ids
+        self.structured_outputs = StructuredOutputs(self.tokenizer, self.spec.vocab_size, self.eos_token_ids)
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.step_log: list[StepRecord] | None = None  # set to [] to record every step (tests, tracing)
@@ -193,8 +206,12 @@ class LLMEngine:
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
             generator = torch.Generator().manual_seed(seed)
+            # one matcher per sequence: n > 1 siblings walk the grammar independently
+            matcher = self.structured_outputs.matcher(params.grammar) if params.grammar is not None else None
             request.seqs.append(
-                Sequence(request=request, index=index, token_ids=list(ids), generator=generator)
+                Sequence(
+                    request=request, index=index, token_ids=list(ids), generator=generator, matcher=matcher
+                )
             )
         return request
 
@@ -299,7 +316,12 @@ class LLMEngine:
                 set() if params.ignore_eos else self.eos_token_ids
             )
         return SamplingRow(
-            params, seq.generator, seq.request.prompt_token_ids, seq.output_token_ids, tuple(suppressed)
+            params,
+            seq.generator,
+            seq.request.prompt_token_ids,
+            seq.output_token_ids,
+            tuple(suppressed),
+            seq.matcher.allowed_mask() if seq.matcher is not None else None,
         )
 
     def _decode_logprobs(self, entries: list[dict[int, Logprob]]) -> list[dict[int, Logprob]]:
@@ -315,6 +337,12 @@ class LLMEngine:
         if logprobs is not None:
             seq.logprobs.extend(self._decode_logprobs([logprobs]))
             seq.cumulative_logprob += logprobs[token].logprob
+        if seq.matcher is not None and not seq.matcher.accept(token):
+            # cannot happen while the sampler applies the mask; never let it emit invalid output
+            logger.error("request %s: the grammar rejected token %d", seq.request.request_id, token)
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+            return
 
         may_stop = seq.num_output_tokens >= params.min_tokens
         if may_stop and not params.ignore_eos and token in self.eos_token_ids:
@@ -326,6 +354,8 @@ class LLMEngine:
             stop = find_stop_string(seq, len(new_text)) if may_stop else None
             if stop is not None:
                 seq.finish_reason, seq.stop_reason = "stop", stop
+            elif seq.matcher is not None and seq.matcher.is_stopped:
+                seq.finish_reason = "stop"  # the grammar is complete and nothing can extend it
             elif params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
                 seq.finish_reason = "length"
             elif seq.num_tokens >= self.max_model_len:

@@ -1,8 +1,9 @@
 """Turns a batch of next-token logits into next tokens, with vLLM's semantics.
 
-Order of operations (vLLM's): suppressed ids -> repetition/frequency/presence penalties -> greedy argmax, or
-temperature -> top-k -> top-p -> min-p -> sample. Logprobs are reported from the raw logits, before any of
-that, as vLLM's default ``logprobs_mode="raw_logprobs"`` does.
+Order of operations (vLLM's): suppressed ids -> repetition/frequency/presence penalties -> the grammar's
+allowed-token mask (structured output) -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> sample.
+Logprobs are reported from the raw logits, before any of that, as vLLM's default
+``logprobs_mode="raw_logprobs"`` does.
 
 Sampling uses the exponential race (``argmax(probs / Exp(1))``, as vLLM does) instead of
 ``torch.multinomial``: it is one batched op, it needs no host sync, and each row's noise comes from that
@@ -31,6 +32,9 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     # Never sampled, e.g. EOS and stop ids while fewer than min_tokens have been generated.
     suppressed_token_ids: Sequence[int] = ()
+    # Structured output: the tokens the row's grammar allows next (bool, one per vocabulary entry); every
+    # other logit becomes -inf. None (no grammar) costs nothing.
+    allowed_token_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Sampler:
             and r.params.logprobs is None
             and not _has_penalties(r.params)
             and len(r.suppressed_token_ids) == 0
+            and r.allowed_token_mask is None
             for r in rows
         ):
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * batch)
@@ -71,6 +76,7 @@ class Sampler:
         x = logits.to(torch.float32, copy=True)
         _suppress(x, rows)
         _apply_penalties(x, rows)
+        _apply_grammar_masks(x, logits, rows)
 
         greedy_rows = [i for i, r in enumerate(rows) if r.params.greedy]
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -147,6 +153,27 @@ def _suppress(x: torch.Tensor, rows: list[SamplingRow]) -> None:
         col_idx.extend(ids)
     if row_idx:
         x[torch.tensor(row_idx, device=x.device), torch.tensor(col_idx, device=x.device)] = float("-inf")
+
+
+def _apply_grammar_masks(x: torch.Tensor, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    idx = [i for i, r in enumerate(rows) if r.allowed_token_mask is not None]
+    if not idx:
+        return
+    vocab = x.shape[1]
+    masks = []
+    for i in idx:
+        m = rows[i].allowed_token_mask.to(device=x.device, dtype=torch.bool)
+        # the lm_head may be padded past the tokenizer's vocabulary: padding is never allowed
+        masks.append(m[:vocab] if m.numel() >= vocab else torch.nn.functional.pad(m, (0, vocab - m.numel())))
+    allowed = torch.stack(masks)
+    sub = x[idx].masked_fill_(~allowed, float("-inf"))
+    # min_tokens can suppress the only tokens the grammar allows (EOS once it is complete): the grammar
+    # wins, so such a row keeps its raw logits under the grammar's mask alone
+    dead = torch.isneginf(sub).all(dim=-1)
+    if dead.any():
+        raw = logits[idx].to(torch.float32).masked_fill(~allowed, float("-inf"))
+        sub = torch.where(dead.unsqueeze(1), raw, sub)
+    x[idx] = sub
 
 
 def _apply_penalties(x: torch.Tensor, rows: list[SamplingRow]) -> None:

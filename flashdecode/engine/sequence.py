@@ -6,11 +6,15 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .structured_output import GrammarMatcher
 
 _arrival = itertools.count()
 
@@ -45,6 +49,9 @@ class Sequence:
     # how much of the completion earlier outputs already carried (for "delta" outputs)
     sent_text: int = 0
     sent_tokens: int = 0
+    # structured output: where this sequence is in its grammar (None when unconstrained); it advances
+    # with the generated tokens only, which preemption keeps, so it stays valid across a recompute
+    matcher: GrammarMatcher | None = None
 
     def __post_init__(self) -> None:
         self.prefix_offset = max(0, self.num_prompt_tokens - 5)

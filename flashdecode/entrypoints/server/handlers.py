@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from ...errors import FlashDecodeError
+from ...errors import FlashDecodeError, InvalidSamplingParamsError
 from ...outputs import Logprob, RequestOutput
 from ...sampling_params import MAX_LOGPROBS, SamplingParams
 from ..async_engine import AsyncLLMEngine, EngineDeadError
@@ -112,10 +112,6 @@ class OpenAIServing:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
         if req.logit_bias:
             raise bad_request("logit_bias is not supported yet", "logit_bias")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise bad_request(
-                "response_format other than text (structured output) is not supported yet", "response_format"
-            )
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         if not ids:
@@ -150,27 +146,72 @@ class OpenAIServing:
         def pick(value: Any, default: Any) -> Any:
             return default if value is None else value
 
-        return SamplingParams(
-            n=req.n,
-            temperature=pick(req.temperature, 1.0),
-            top_p=pick(req.top_p, 1.0),
-            top_k=pick(req.top_k, 0),
-            min_p=pick(req.min_p, 0.0),
-            repetition_penalty=pick(req.repetition_penalty, 1.0),
-            presence_penalty=pick(req.presence_penalty, 0.0),
-            frequency_penalty=pick(req.frequency_penalty, 0.0),
-            seed=req.seed,
-            stop=req.stop,
-            stop_token_ids=req.stop_token_ids,
-            ignore_eos=req.ignore_eos,
-            max_tokens=max_tokens,
-            min_tokens=req.min_tokens,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=req.skip_special_tokens,
-            include_stop_str_in_output=req.include_stop_str_in_output,
-            output_kind="delta" if req.stream else "final_only",
-        )
+        structured_output, param = self._structured_output(req)
+        try:
+            return SamplingParams(
+                n=req.n,
+                temperature=pick(req.temperature, 1.0),
+                top_p=pick(req.top_p, 1.0),
+                top_k=pick(req.top_k, 0),
+                min_p=pick(req.min_p, 0.0),
+                repetition_penalty=pick(req.repetition_penalty, 1.0),
+                presence_penalty=pick(req.presence_penalty, 0.0),
+                frequency_penalty=pick(req.frequency_penalty, 0.0),
+                seed=req.seed,
+                stop=req.stop,
+                stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos,
+                max_tokens=max_tokens,
+                min_tokens=req.min_tokens,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                skip_special_tokens=req.skip_special_tokens,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                output_kind="delta" if req.stream else "final_only",
+                structured_output=structured_output,
+            )
+        except InvalidSamplingParamsError as exc:
+            if param is not None and str(exc).startswith("structured_output"):
+                raise bad_request(f"{param}: {exc}", param) from exc
+            raise
+
+    @staticmethod
+    def _structured_output(req: SamplingRequest) -> tuple[dict[str, Any] | None, str | None]:
+        """The request's output constraint as ``SamplingParams.structured_output``, and the field that
+        asked for it: OpenAI's ``response_format`` or one of vLLM's ``guided_*`` extras."""
+        found: list[tuple[dict[str, Any], str]] = []
+        rf = req.response_format
+        if rf is not None:
+            kind = rf.get("type", "text")
+            if kind == "json_object":
+                found.append(({"json_object": True}, "response_format"))
+            elif kind == "json_schema":
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict):
+                    raise bad_request(
+                        "response_format json_schema needs a 'json_schema' object with a 'schema'",
+                        "response_format",
+                    )
+                schema = spec.get("schema")
+                # OpenAI lets the schema be omitted: then any JSON object will do
+                found.append(
+                    ({"json_object": True} if schema is None else {"json": schema}, "response_format")
+                )
+            elif kind != "text":
+                raise bad_request(
+                    f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                    "response_format",
+                )
+        if req.guided_json is not None:
+            found.append(({"json": req.guided_json}, "guided_json"))
+        if req.guided_regex is not None:
+            found.append(({"regex": req.guided_regex}, "guided_regex"))
+        if req.guided_choice is not None:
+            found.append(({"choice": req.guided_choice}, "guided_choice"))
+        if len(found) > 1:
+            names = ", ".join(param for _, param in found)
+            raise bad_request(f"at most one output constraint may be given, got {names}", found[1][1])
+        return found[0] if found else (None, None)
 
     # --- prompts --------------------------------------------------------------------------------
 

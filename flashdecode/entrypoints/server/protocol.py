@@ -1,7 +1,7 @@
 """The OpenAI API's request and response bodies as pydantic models (the subset this server serves).
 
 Requests ignore fields they do not know, as vLLM's do; fields whose meaning this server does not
-implement yet (tools, response_format, logit_bias, suffix, best_of) are accepted by the schema and
+implement yet (tools, logit_bias, suffix, best_of) are accepted by the schema and
 refused with a 400 by the handlers, never silently dropped. Numbers and booleans are strict: ``"0.5"``
 is not a temperature and ``true`` is not a token id.
 """
@@ -56,9 +56,14 @@ class SamplingRequest(_Request):
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
     priority: Int = 0
+    # structured output: OpenAI's {"type": "json_object"} / {"type": "json_schema", "json_schema": {...}},
+    # or one of vLLM's guided_* extras
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
     # not implemented yet: refused unless absent or neutral
     logit_bias: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingRequest):

@@ -1,0 +1,74 @@
+"""Constrained decoding for ``SamplingParams.structured_output``, on llguidance.
+
+``SamplingParams`` compiles the request's schema/regex/choice into a grammar (tokenizer-free); here each
+sequence gets its own matcher over the model's vocabulary. Before a step samples, the matcher's
+allowed-token bitmask goes into that row's :class:`~flashdecode.engine.sampler.SamplingRow` and the sampler
+sets every other logit to -inf; after it, the sampled token is fed back. The matcher lives on the
+sequence and advances only with its generated tokens, which preemption (recompute) keeps, so its state
+stays valid across a preemption; an aborted sequence simply drops it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+import llguidance
+import torch
+
+from ..errors import InvalidSamplingParamsError
+from ..models.tokenizer import Tokenizer
+
+
+class GrammarMatcher:
+    """One sequence's position in its grammar."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
+        self._matcher = matcher
+        self._vocab_size = vocab_size
+        self._words = (vocab_size + 31) // 32
+
+    def allowed_mask(self) -> torch.Tensor:
+        """The tokens the grammar allows next, as a bool tensor of ``vocab_size``."""
+        bits = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)
+        shifts = torch.arange(32, dtype=torch.int32)
+        mask = ((bits[: self._words].unsqueeze(1) >> shifts) & 1).bool().flatten()
+        return mask[: self._vocab_size]
+
+    def accept(self, token: int) -> bool:
+        """Advance past a sampled token; False if the grammar does not allow it (the mask did)."""
+        return self._matcher.consume_token(token)
+
+    @property
+    def is_stopped(self) -> bool:
+        """The grammar is complete and nothing can extend it: the sequence ends here."""
+        return self._matcher.is_stopped()
+
+
+class StructuredOutputs:
+    """Builds matchers over one tokenizer; the llguidance tokenizer (about 0.4 s for a 49k vocabulary) is
+    built on the first structured request, so plain serving never pays for it."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Iterable[int]):
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._eos = sorted(eos_token_ids)
+        self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()  # make_request (which builds matchers) may run on any thread
+
+    def _lltokenizer(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._ll_tokenizer is None:
+                # the wrapped `tokenizers` tokenizer, as its tokenizer.json text (Tokenizer has no public
+                # accessor for it yet, and models/ is being edited by others)
+                vocab_json = self._tokenizer._backend.to_str()
+                self._ll_tokenizer = llguidance.LLTokenizer(
+                    vocab_json, n_vocab=self._vocab_size, eos_token=self._eos
+                )
+            return self._ll_tokenizer
+
+    def matcher(self, grammar: str) -> GrammarMatcher:
+        matcher = llguidance.LLMatcher(self._lltokenizer(), grammar, log_level=0)
+        if matcher.is_error():
+            raise InvalidSamplingParamsError(f"structured_output does not compile: {matcher.get_error()}")
+        return GrammarMatcher(matcher, self._vocab_size)
