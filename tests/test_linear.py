@@ -199,3 +199,40 @@ def test_fused_projections_of_mixed_formats() -> None:
     assert torch.allclose(fused(x).double(), ref, atol=1e-4)
     same = fused_linear([parts[0], quantize(torch.randn(4, 64, generator=gen), "Q4_1")])
     assert isinstance(same, Linear) and same.out_features == 12
+
+
+def int8_activation_weights() -> list[tuple[str, QuantizedTensor]]:
+    """A weight in every native integer format: byte formats quantized, K-quants (and the GGUF types
+    repacked into them) from random blocks with every bit pattern."""
+    from test_quant_repack import random_blocks  # noqa: PLC0415 (a sibling test module)
+
+    gen = torch.Generator().manual_seed(5)
+    out = [(fmt, quantize(torch.randn(37, 96, generator=gen), fmt)) for fmt in ("Q4_0", "Q4_1", "Q8_0")]
+    for fmt in ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q3_K", "IQ4_XS", "IQ4_NL"):
+        raw = random_blocks(fmt, seed=len(fmt))
+        out.append((fmt, QuantizedTensor.from_gguf_blocks(fmt, raw, (raw.shape[0], 512))))
+    return out
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_activations_are_the_product_of_the_rounded_activations(with_bias: bool, native_kernels) -> None:
+    """native_q8 = (x rounded to int8 per 32-block) @ W^T, to fp32 accumulation error, for every
+    integer format (the rounding itself: kernels/reference.py, plain torch)."""
+    if not native_kernels.has_q8:
+        pytest.skip(f"{native_kernels.isa} build: no AVX2")  # the portable build has no int8 path
+    from flashdecode.kernels import reference as ref  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(6)
+    for fmt, w in int8_activation_weights():
+        n, k = w.shape
+        bias = torch.randn(n, generator=gen) if with_bias else None
+        lin = Linear(w, bias)
+        assert "native_q8" in lin.candidates(allow_approx=True), fmt
+        for m in MS:
+            x = torch.randn(m, k, generator=gen) * 3
+            want = ref.linear_q8(x, w.format, w.planes()) + (0 if bias is None else bias.double())
+            xq, dx = ref.quantize_activations(x)
+            rounded = (xq.double().abs().reshape(m, -1, 32) * dx.double()[..., None]).reshape(m, k)
+            scale = rounded @ ref.dequantize(w.format, *w.planes()).double().abs().T
+            err = (lin.impl("native_q8")(x).double() - want).abs()
+            assert (err <= 1e-5 * scale + 1e-6).all(), f"{fmt} M={m}: {err.max():.3g}"

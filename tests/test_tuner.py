@@ -191,7 +191,9 @@ def test_approximate_kernels_pass_the_perplexity_gate_and_stay_close(
             return outs
 
     monkeypatch.setattr(tuner, "LLM", RecordingLLM)
-    names = ["dequant_bf16"] + (["native_i8"] if native_kernels.has_i8 else [])  # VNNI: a CPU feature
+    names = ["dequant_bf16"] + [
+        n for n, ok in (("native_q8", native_kernels.has_q8), ("native_i8", native_kernels.has_i8)) if ok
+    ]
     gate = tuner.perplexity_gate(None, names, num_threads=1)  # all of heldout.txt, as `tune` runs it
 
     text = resources.files("flashdecode").joinpath("data/heldout.txt").read_text(encoding="utf-8")

@@ -17,7 +17,7 @@ from flashdecode.models.decoder import Decoder
 from flashdecode.models.loader import load_model
 from flashdecode.tools.tune import distinct_linears
 
-APPROX_FIRST = ("dequant_bf16", "native_i8", "torch_bf16_cast")  # round weights or activations
+APPROX_FIRST = ("dequant_bf16", "native_q8", "native_i8", "torch_bf16_cast")  # round weights or activations
 
 
 def hostile_plan(names: list[str]) -> list[tuple[int, str]]:

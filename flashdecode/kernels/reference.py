@@ -62,3 +62,22 @@ def quantize(weight: torch.Tensor, fmt: str) -> Planes:
         q = torch.trunc((w - lo.unsqueeze(-1)) * inv.unsqueeze(-1) + 0.5).clamp(0, 15).to(torch.uint8)
         m = lo.half()
     return q[..., :16] | (q[..., 16:] << 4), d.half(), m
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [M, K] rounded to int8 per 32-block as the int8-activation kernels do: (xq int8 [M, K],
+    dx [M, K/32]) with dx = absmax / 127 and xq = x / dx rounded half to even."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
+    dx = blocks.abs().amax(-1) / 127
+    inv = torch.where(dx > 0, 1.0 / dx, torch.zeros_like(dx))
+    xq = torch.round(blocks * inv.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return xq.reshape(m, k), dx
+
+
+def linear_q8(x: torch.Tensor, fmt: str, planes: Planes) -> torch.Tensor:
+    """float64 [M, N]: what ``fd_linear_q8`` computes up to fp32 rounding, the exact product of the
+    int8-rounded activations and the stored weights."""
+    xq, dx = quantize_activations(x)
+    rounded = (xq.double().reshape(*dx.shape, BLOCK) * dx.double().unsqueeze(-1)).reshape(x.shape)
+    return rounded @ dequantize(fmt, *planes).double().T

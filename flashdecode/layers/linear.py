@@ -12,8 +12,10 @@ first use. A new kernel is one ``@candidate`` entry below:
     torch_bf16   torch F.linear on a bf16 weight (exact for bf16 checkpoints)
     torch_int4   torch's int4 weight-only kernel on an exact repack of Q4_0/Q4_1 (N % 16 == 0)
     dequant_bf16 dequantize to bf16, then torch's bf16 GEMM (approximate: rounds the weights)
-    native_i8    int8 activations (per 32-block scales, as llama.cpp) times the integer weights with
-                 AVX512-VNNI dot products (approximate: rounds the activations)
+    native_q8    int8 activations (per 32-block scales, as llama.cpp) times the integer weights of any
+                 native format, read in place (AVX2 vpmaddubsw; approximate: rounds the activations)
+    native_i8    the same rounding, AVX512-VNNI dot products on weights repacked 16 rows at a time
+                 (Q4_0, Q4_1, Q8_0)
     torch_bf16_cast  torch F.linear on an fp32 weight rounded to bf16 (approximate)
     triton       the Triton flat GEMM (kernels/triton/flat_gemm.py), fused dequantization: the GPU
                  version of ``native``, for float and quantized weights
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 
 from ..kernels import cpu
 from ..kernels import triton as triton_kernels
-from ..kernels.formats import I8_FORMATS, canonical
+from ..kernels.formats import I8_FORMATS, NATIVE_FORMATS, canonical
 from .device import BACKENDS
 from .quant import QuantizedTensor
 
@@ -242,17 +244,24 @@ def _has_native(linear: Linear) -> bool:
     return _on_host(linear) and (linear.quantized or linear.format == "BF16") and cpu.load() is not None
 
 
-@candidate("native", True, "flat GEMM, fused dequantization (kernels/cpu/flat_gemm.c)", _has_native)
-def _native(linear: Linear) -> Kernel:
-    lib, fmt, n, bias = cpu.load(), linear.format, linear.out_features, linear.bias_as(torch.float32)
-    w = linear.weight
-    planes = w.planes() if isinstance(w, QuantizedTensor) else (w, None, None)
+def _flat_gemm(int8_activations: bool) -> Callable[[Linear], Kernel]:
+    def make(linear: Linear) -> Kernel:
+        lib, fmt, n, bias = cpu.load(), linear.format, linear.out_features, linear.bias_as(torch.float32)
+        w = linear.weight
+        planes = w.planes() if isinstance(w, QuantizedTensor) else (w, None, None)
 
-    def native(x: torch.Tensor) -> torch.Tensor:
-        y = lib.linear(fmt, _fp32_input(x), planes, n, bias)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        def native(x: torch.Tensor) -> torch.Tensor:
+            y = lib.linear(fmt, _fp32_input(x), planes, n, bias, int8_activations=int8_activations)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
 
-    return native
+        return native
+
+    return make
+
+
+candidate("native", True, "flat GEMM, fused dequantization (kernels/cpu/flat_gemm.c)", _has_native)(
+    _flat_gemm(False)
+)
 
 
 def _dequant(dtype: torch.dtype) -> Callable[[Linear], Kernel]:
@@ -382,6 +391,16 @@ def _torch_int4(linear: Linear) -> Kernel:
 
 candidate("dequant_bf16", False, "dequantize to bf16, then torch bf16 GEMM", _quantized)(
     _dequant(torch.bfloat16)
+)
+
+
+def _has_q8(linear: Linear) -> bool:
+    lib = cpu.load()
+    return _quantized(linear) and linear.format in NATIVE_FORMATS and lib is not None and lib.has_q8
+
+
+candidate("native_q8", False, "int8 activations per 32-block x native integer planes (AVX2)", _has_q8)(
+    _flat_gemm(True)
 )
 
 

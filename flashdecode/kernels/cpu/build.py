@@ -37,7 +37,7 @@ from .. import reference
 from ..formats import BF16_KERNEL_ID, I8_FORMATS, NATIVE
 
 SOURCE = Path(__file__).resolve().parent / "flat_gemm.c"
-ABI_VERSION = 3
+ABI_VERSION = 4
 FORMAT_IDS = {"BF16": BF16_KERNEL_ID} | {fmt: layout.kernel_id for fmt, layout in NATIVE.items()}
 Planes = reference.Planes
 
@@ -75,10 +75,13 @@ class NativeKernels:
         self.lib.fd_linear_i8.argtypes = [i32, vp, i64, i64, i64, vp, vp, vp, vp, vp, i64, i64, i32]
         self.lib.fd_linear_i8.restype = i32
         self.lib.fd_i8_available.restype = i32
-        self._linear = self.lib.fd_linear
+        self.lib.fd_linear_q8.argtypes = self.lib.fd_linear.argtypes
+        self.lib.fd_linear_q8.restype = i32
+        self.lib.fd_q8_available.restype = i32
         self._linear_i8 = self.lib.fd_linear_i8
         self._dequant = self.lib.fd_dequant
         self.has_i8 = bool(self.lib.fd_i8_available())
+        self.has_q8 = bool(self.lib.fd_q8_available())
 
     def linear(
         self,
@@ -88,14 +91,17 @@ class NativeKernels:
         n: int,
         bias: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
+        int8_activations: bool = False,
     ) -> torch.Tensor:
         """y = x W^T (+ bias) in fp32 for a 2-D fp32 ``x`` [M, K] with unit column stride. ``planes`` is
-        (qs, d, m) of a ``QuantizedTensor``, or (bf16 weight [N, K], None, None) for FD_BF16."""
+        (qs, d, m) of a ``QuantizedTensor``, or (bf16 weight [N, K], None, None) for FD_BF16.
+        ``int8_activations``: x rounded to int8 per 32-block against the weights' integers
+        (fd_linear_q8; approximate; integer formats, ``has_q8`` builds)."""
         m_rows, k = x.shape
         if out is None:
             out = torch.empty(m_rows, n, dtype=torch.float32)
         qs, d, mins = planes
-        rc = self._linear(
+        rc = (self.lib.fd_linear_q8 if int8_activations else self.lib.fd_linear)(
             FORMAT_IDS[fmt],
             x.data_ptr(),
             x.stride(0),
@@ -111,7 +117,8 @@ class NativeKernels:
             torch.get_num_threads(),
         )
         if rc != 0:
-            raise RuntimeError(f"fd_linear({fmt}, M={m_rows}, N={n}, K={k}) failed with code {rc}")
+            name = "fd_linear_q8" if int8_activations else "fd_linear"
+            raise RuntimeError(f"{name}({fmt}, M={m_rows}, N={n}, K={k}) failed with code {rc}")
         return out
 
     def linear_i8(
@@ -311,6 +318,13 @@ def _self_test(kernels: NativeKernels) -> None:
             y = kernels.linear(fmt, x[:m], planes, 13)
             if not torch.allclose(y.double(), x[:m].double() @ ref.double().T, rtol=1e-4, atol=1e-4):
                 raise RuntimeError(f"self-test: {fmt} product differs at M={m}")
+    if kernels.has_q8:
+        for fmt, layout in NATIVE.items():
+            planes = k_quant(fmt) if layout.repacked else reference.quantize(w, fmt)
+            ref = reference.linear_q8(x, fmt, planes)
+            y = kernels.linear(fmt, x, planes, 13, int8_activations=True)
+            if not torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max())):
+                raise RuntimeError(f"self-test: {fmt} int8-activation product differs")
     if kernels.has_i8:
         for fmt in I8_FORMATS:
             planes = reference.quantize(w, fmt)

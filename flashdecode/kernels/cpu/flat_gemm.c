@@ -319,10 +319,22 @@ INLINE void dequant_rows(int fmt, const uint8_t *w, int64_t wstride, const void 
     }
 }
 
+/* y[r, n0 + j] = out[r][j] + bias (add: y += that, the residual connection fused into the product) */
+#define STORE_TILE(NAME, ROWS, COLS)                                                                \
+    INLINE void NAME(float out[ROWS][COLS], int rows, int nr, const float *bias, float *y, int64_t ldy,  \
+                     int add, int64_t n0) {                                                         \
+        for (int r = 0; r < rows; r++)                                                              \
+            for (int j = 0; j < nr; j++) {                                                          \
+                float v = out[r][j] + (bias ? bias[n0 + j] : 0.0f);                                 \
+                y[r * ldy + n0 + j] = add ? y[r * ldy + n0 + j] + v : v;                            \
+            }                                                                                       \
+    }
+STORE_TILE(store_tile, MT, NR_MAX)
+
 /* One tile of nr (<= NR_MAX) weight rows against all M activation rows, MT rows at a time. */
 INLINE void run_tile(const int FMT, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
                      int64_t wstride, const void *d, const void *m, const float *bias, float *y,
-                     int64_t ldy, int64_t n0, int nr, float *db, float *mb) {
+                     int64_t ldy, int add, int64_t n0, int nr, float *db, float *mb) {
     const int nb = (int)(K / 32), ns = nb * FMT_SCALES_PER_BLOCK(FMT);
     const uint8_t *wt = w + n0 * wstride;
     if (FMT != FD_BF16)
@@ -353,8 +365,7 @@ INLINE void run_tile(const int FMT, const float *x, int64_t ldx, int64_t M, int6
         }
 #undef TILE_ROWS
 #undef TILE
-        for (int r = 0; r < rows; r++)
-            for (int j = 0; j < nr; j++) y[(r0 + r) * ldy + n0 + j] = out[r][j] + (bias ? bias[n0 + j] : 0.0f);
+        store_tile(out, rows, nr, bias, y + r0 * ldy, ldy, add, n0);
     }
 }
 
@@ -378,41 +389,62 @@ static int pick_threads(int nthreads, int64_t ntiles, double work) {
     return nt < 1 ? 1 : nt;
 }
 
+/* Chunk of tiles a thread claims at a time (dynamic schedule): a thread slowed by another process on
+   its core does fewer of them instead of holding everyone at the join. */
+static int64_t tile_chunk(int64_t ntiles) {
+#ifdef _OPENMP
+    int64_t chunk = ntiles / ((int64_t)omp_get_num_threads() * 8);
+    return chunk < 1 ? 1 : chunk;
+#else
+    (void)ntiles;
+    return 1;
+#endif
+}
+
+/* Floats of per-thread scale scratch (db, mb each) for rows of K elements. */
+static size_t scale_scratch(int64_t K) { return (size_t)(2 * (NR_MAX > 4 ? NR_MAX : 4) * (K / 32 > 0 ? K / 32 : 1)); }
+
+/* Every weight tile of one product, shared among the threads of the enclosing parallel region: an
+   orphaned worksharing loop (called outside a region, the caller runs every tile), so one parallel
+   region can run a whole decoder layer (decode_step.c). Ends with the loop's barrier. */
+void fd_linear_tiles(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
+                     const void *d, const void *m, const float *bias, float *y, int64_t ldy, int add,
+                     int64_t N, float *db, float *mb) {
+    const int64_t wstride = row_bytes(fmt, K), ntiles = (N + NR_MAX - 1) / NR_MAX;
+    const int64_t chunk = tile_chunk(ntiles);
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t tile = 0; tile < ntiles; tile++) {
+        int64_t n0 = tile * NR_MAX;
+        int nr = (int)(N - n0 < NR_MAX ? N - n0 : NR_MAX);
+#define RUN(F) run_tile(F, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, add, n0, nr, db, mb)
+        switch (fmt) {
+        case FD_Q4_0: RUN(FD_Q4_0); break;
+        case FD_Q4_1: RUN(FD_Q4_1); break;
+        case FD_Q8_0: RUN(FD_Q8_0); break;
+        case FD_Q4_K: RUN(FD_Q4_K); break;
+        case FD_Q5_K: RUN(FD_Q5_K); break;
+        case FD_Q6_K: RUN(FD_Q6_K); break;
+        default: RUN(FD_BF16); break;
+        }
+#undef RUN
+    }
+}
+
 static int linear_rows(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
                        const void *d, const void *m, const float *bias, float *y, int64_t ldy, int64_t N,
                        int nthreads) {
-    int64_t wstride = row_bytes(fmt, K);
-    int64_t ntiles = (N + NR_MAX - 1) / NR_MAX;
-    int nt = pick_threads(nthreads, ntiles, (double)N * (double)K * (double)(M < 8 ? M : 8));
+    int nt = pick_threads(nthreads, (N + NR_MAX - 1) / NR_MAX, (double)N * (double)K * (double)(M < 8 ? M : 8));
     (void)nt; /* unused without OpenMP */
-    int nb = (int)(K / 32);
-    int failed = 0;
-    /* tiles are claimed in chunks (dynamic schedule): a thread slowed by another process on its core
-       does fewer of them instead of holding everyone at the join */
-    int64_t chunk = ntiles / ((int64_t)nt * 8);
-    if (chunk < 1) chunk = 1;
-#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
+    int failed = 0; /* shared: every thread must take the same way into the worksharing loop */
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        size_t sbytes = sizeof(float) * (size_t)(2 * NR_MAX * (nb > 0 ? nb : 1)); /* Q6_K: 2 per block */
-        float *db = (float *)malloc(sbytes), *mb = (float *)malloc(sbytes);
-        int ok = db && mb;
-        if (!ok) failed = 1;
-#pragma omp for schedule(dynamic, chunk)
-        for (int64_t tile = 0; tile < ntiles; tile++) {
-            if (ok) {
-                int64_t n0 = tile * NR_MAX;
-                int nr = (int)(N - n0 < NR_MAX ? N - n0 : NR_MAX);
-                switch (fmt) {
-                case FD_Q4_0: run_tile(FD_Q4_0, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb); break;
-                case FD_Q4_1: run_tile(FD_Q4_1, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb); break;
-                case FD_Q8_0: run_tile(FD_Q8_0, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb); break;
-                case FD_Q4_K: run_tile(FD_Q4_K, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb); break;
-                case FD_Q5_K: run_tile(FD_Q5_K, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb); break;
-                case FD_Q6_K: run_tile(FD_Q6_K, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb); break;
-                default: run_tile(FD_BF16, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, n0, nr, db, mb); break;
-                }
-            }
+        float *db = (float *)malloc(sizeof(float) * scale_scratch(K)), *mb = (float *)malloc(sizeof(float) * scale_scratch(K));
+        if (!db || !mb) {
+#pragma omp atomic write
+            failed = 1;
         }
+#pragma omp barrier
+        if (!failed) fd_linear_tiles(fmt, x, ldx, M, K, w, d, m, bias, y, ldy, 0, N, db, mb);
         free(db);
         free(mb);
     }
@@ -490,6 +522,253 @@ int fd_dequant(int fmt, const uint8_t *w, const void *d, const void *m, int64_t 
     return failed ? -2 : 0;
 }
 
+/* ---------------------------------------------------------------- int8 activations, native planes (AVX2)
+ *
+ * llama.cpp's way with quantized weights on AVX2: each activation row is rounded to int8 per 32-block
+ * (xq = rint(x / dx), dx = max|x| / 127, ties to even) and multiplied with the weights' integers by
+ * vpmaddubsw + vpmaddwd: 32 multiply-adds in two instructions and no conversion of any weight to
+ * float, where the fp32 path spends a conversion and an FMA per 8 weights. Approximate: the
+ * activations are rounded (relative error about 1/254 per element). It reads the native planes as
+ * they are, so it runs every integer format; per block b of weight row n and activation row r:
+ *
+ *     sum_k w[n,k] x[r,k] ~= dw[n,b] dx[r,b] sum_k q[n,k] xq[r,k] + mw[n,b] sx[r,b],  sx = dx sum_k xq
+ *
+ * with Q4_0's w = d (q - 8) as mw = -8 d, and Q6_K's two scales, one per half block. The 4- and
+ * 5-bit integers are unsigned and go straight into vpmaddubsw; signed ones (Q8_0, Q6_K) move their
+ * sign onto the activations first (|q| times sign(q) xq). Every pair sum stays within int16. */
+#define FMT_SIGNED(f) ((f) == FD_Q8_0 || (f) == FD_Q6_K)
+#define FMT_NIBBLES(f) ((f) == FD_Q4_0 || (f) == FD_Q4_1 || (f) == FD_Q4_K)
+
+/* One 32-block of activations to int8: q[32], its scale and dx * sum(q). */
+INLINE void q8_block(const float *x, int8_t *q, float *dx, float *sx) {
+#if defined(__AVX2__)
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4], a = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        a = _mm256_max_ps(a, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float d = _mm_cvtss_f32(m4) / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+    __m256i i[4];
+    for (int k = 0; k < 4; k++) i[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], _mm256_set1_ps(inv)));
+    /* the packs interleave 128-bit lanes; one dword permutation restores element order */
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)q, p);
+    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), p), _mm256_set1_epi16(1));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    *dx = d;
+    *sx = d * (float)_mm_cvtsi128_si32(s4);
+#else
+    float amax = 0.0f;
+    for (int j = 0; j < 32; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
+    const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < 32; j++) {
+        int v = (int)rintf(x[j] * inv);
+        q[j] = (int8_t)(v > 127 ? 127 : (v < -127 ? -127 : v));
+        sum += q[j];
+    }
+    *dx = d;
+    *sx = d * (float)sum;
+#endif
+}
+
+/* Activation rows [r0, r1) to int8 per 32-block: xq [M, K], dx and sx [M, K/32]. */
+static void q8_quantize_rows(const float *x, int64_t ldx, int64_t r0, int64_t r1, int64_t K, int8_t *xq,
+                             float *dx, float *sx) {
+    const int nb = (int)(K / 32);
+    for (int64_t r = r0; r < r1; r++)
+        for (int b = 0; b < nb; b++)
+            q8_block(x + r * ldx + (int64_t)b * 32, xq + r * K + (int64_t)b * 32, dx + r * nb + b, sx + r * nb + b);
+}
+
+#if defined(__AVX2__)
+#define FD_HAVE_Q8 1
+#define Q8_MR 2 /* register tile: 2 activation rows x 4 weight rows, 8 accumulators of 16 ymm */
+#define Q8_NR 4
+
+INLINE float hsum256(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INLINE float dot_f32(const float *a, const float *b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum256(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* A block's 32 weight integers as bytes in element order. */
+INLINE __m256i q8_weights(const int FMT, const uint8_t *qb) {
+    if (FMT_NIBBLES(FMT)) {
+        __m128i t = _mm_loadu_si128((const __m128i *)qb);
+        __m256i b = _mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
+        return _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+    }
+    return _mm256_loadu_si256((const __m256i *)qb);
+}
+
+/* sum q * xq over a block as 8 fp32 partial sums (lanes 0-3: elements 0-15, lanes 4-7: 16-31). */
+INLINE __m256 q8_dot(const int FMT, __m256i w, __m256i x) {
+    __m256i p = FMT_SIGNED(FMT) ? _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
+                                : _mm256_maddubs_epi16(w, x);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+INLINE void q8_tile(const int FMT, const int R, const int NR, const int8_t *xq, const float *dx, const float *sx,
+                    int64_t K, const uint8_t *w, int64_t wstride, const float *db, const float *mb, int nb,
+                    float out[Q8_MR][Q8_NR]) {
+    const int ns = nb * FMT_SCALES_PER_BLOCK(FMT), qb = FMT_QBYTES(FMT);
+    const int64_t pf = (PF_BYTES / wstride > NR ? PF_BYTES / wstride : NR) * wstride;
+    __m256 acc[Q8_MR][Q8_NR];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NR; j++) acc[r][j] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i wv[Q8_NR];
+        for (int j = 0; j < NR; j++) {
+            __builtin_prefetch(w + j * wstride + (int64_t)b * qb + pf, 0, 3);
+            wv[j] = q8_weights(FMT, w + j * wstride + (int64_t)b * qb);
+        }
+        for (int r = 0; r < R; r++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + (int64_t)b * 32));
+            const float dxr = dx[r * nb + b];
+            for (int j = 0; j < NR; j++) {
+                __m256 sc = FMT == FD_Q6_K ? _mm256_set_m128(_mm_set1_ps(db[j * ns + 2 * b + 1] * dxr),
+                                                             _mm_set1_ps(db[j * ns + 2 * b] * dxr))
+                                           : _mm256_set1_ps(db[j * ns + b] * dxr);
+                acc[r][j] = _mm256_fmadd_ps(q8_dot(FMT, wv[j], xv), sc, acc[r][j]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NR; j++) {
+            float s = hsum256(acc[r][j]);
+            if (FMT_HAS_MIN(FMT)) s += dot_f32(mb + j * nb, sx + r * nb, nb);
+            if (FMT == FD_Q4_0) s -= 8.0f * dot_f32(db + j * nb, sx + r * nb, nb);
+            out[r][j] = s;
+        }
+}
+
+STORE_TILE(store_q8_tile, Q8_MR, Q8_NR)
+
+INLINE void q8_run_tile(const int FMT, const int8_t *xq, const float *dx, const float *sx, int64_t M, int64_t K,
+                        const uint8_t *w, int64_t wstride, const void *d, const void *m, const float *bias,
+                        float *y, int64_t ldy, int add, int64_t n0, int nr, float *db, float *mb) {
+    const int nb = (int)(K / 32), ns = nb * FMT_SCALES_PER_BLOCK(FMT);
+    const uint8_t *wt = w + n0 * wstride;
+    for (int j = 0; j < nr; j++) row_scales(FMT, d, m, n0 + j, nb, db + j * ns, mb + j * nb);
+    for (int64_t r0 = 0; r0 < M; r0 += Q8_MR) {
+        const int rows = (int)(M - r0 < Q8_MR ? M - r0 : Q8_MR);
+        const int8_t *xr = xq + r0 * K;
+        const float *dxr = dx + r0 * nb, *sxr = sx + r0 * nb;
+        float out[Q8_MR][Q8_NR];
+#define Q8_TILE(RV, NRV, WT, DB, MB, O)                                                             \
+    if (rows == 1) q8_tile(FMT, 1, NRV, xr, dxr, sxr, K, WT, wstride, DB, MB, nb, O);               \
+    else q8_tile(FMT, RV, NRV, xr, dxr, sxr, K, WT, wstride, DB, MB, nb, O);
+        if (nr == Q8_NR) {
+            Q8_TILE(Q8_MR, Q8_NR, wt, db, mb, out)
+        } else {
+            for (int j = 0; j < nr; j++) { /* the N tail: one weight row at a time */
+                float o1[Q8_MR][Q8_NR];
+                Q8_TILE(Q8_MR, 1, wt + j * wstride, db + j * ns, mb + j * nb, o1)
+                for (int r = 0; r < rows; r++) out[r][j] = o1[r][0];
+            }
+        }
+#undef Q8_TILE
+        store_q8_tile(out, rows, nr, bias, y + r0 * ldy, ldy, add, n0);
+    }
+}
+#endif
+
+/* 1 when fd_linear_q8 runs in this build (AVX2 or better), else 0. */
+int fd_q8_available(void) {
+#ifdef FD_HAVE_Q8
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* fd_linear_tiles with activations already rounded by q8_quantize_rows (every integer format). */
+void fd_linear_q8_tiles(int fmt, const int8_t *xq, const float *dx, const float *sx, int64_t M, int64_t K,
+                        const uint8_t *w, const void *d, const void *m, const float *bias, float *y, int64_t ldy,
+                        int add, int64_t N, float *db, float *mb) {
+#ifdef FD_HAVE_Q8
+    const int64_t wstride = row_bytes(fmt, K), ntiles = (N + Q8_NR - 1) / Q8_NR;
+    const int64_t chunk = tile_chunk(ntiles);
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t tile = 0; tile < ntiles; tile++) {
+        int64_t n0 = tile * Q8_NR;
+        int nr = (int)(N - n0 < Q8_NR ? N - n0 : Q8_NR);
+#define RUN(F) q8_run_tile(F, xq, dx, sx, M, K, w, wstride, d, m, bias, y, ldy, add, n0, nr, db, mb)
+        switch (fmt) {
+        case FD_Q4_0: RUN(FD_Q4_0); break;
+        case FD_Q4_1: RUN(FD_Q4_1); break;
+        case FD_Q8_0: RUN(FD_Q8_0); break;
+        case FD_Q4_K: RUN(FD_Q4_K); break;
+        case FD_Q5_K: RUN(FD_Q5_K); break;
+        default: RUN(FD_Q6_K); break;
+        }
+#undef RUN
+    }
+#else
+    (void)fmt; (void)xq; (void)dx; (void)sx; (void)M; (void)K; (void)w; (void)d; (void)m; (void)bias;
+    (void)y; (void)ldy; (void)add; (void)N; (void)db; (void)mb;
+#endif
+}
+
+/* y = x W^T (+ bias) with int8 activations, W in its native planes (any integer format). Returns 0,
+ * -1 on bad arguments, -2 out of memory, -3 when this build has no AVX2. */
+int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w, const void *d,
+                 const void *m, const float *bias, float *y, int64_t ldy, int64_t N, int nthreads) {
+    if (!fd_q8_available()) return -3;
+    if (fmt < 0 || fmt > FD_LAST || fmt == FD_BF16 || K % 32 || M < 0 || N < 0 || K < 0) return -1;
+    if (FMT_HAS_MIN(fmt) && !m) return -1;
+    if (M == 0 || N == 0) return 0;
+    const int64_t nb = K / 32;
+    int8_t *xq = (int8_t *)malloc((size_t)(M * K));
+    float *dx = (float *)malloc(sizeof(float) * (size_t)(M * nb)), *sx = (float *)malloc(sizeof(float) * (size_t)(M * nb));
+    int failed = !xq || !dx || !sx;
+    int nt = pick_threads(nthreads, (N + 3) / 4, (double)N * (double)K * (double)(M < 8 ? M : 8) / 4.0);
+    (void)nt;
+#pragma omp parallel num_threads(nt) if (nt > 1 && !failed)
+    {
+        float *db = (float *)malloc(sizeof(float) * scale_scratch(K)), *mb = (float *)malloc(sizeof(float) * scale_scratch(K));
+        if (!db || !mb) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        int t = 0, T = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+#pragma omp barrier
+        if (!failed) {
+            q8_quantize_rows(x, ldx, M * t / T, M * (t + 1) / T, K, xq, dx, sx);
+#pragma omp barrier
+            fd_linear_q8_tiles(fmt, xq, dx, sx, M, K, w, d, m, bias, y, ldy, 0, N, db, mb);
+        }
+        free(db);
+        free(mb);
+    }
+    free(xq);
+    free(dx);
+    free(sx);
+    return failed ? -2 : 0;
+}
+
 /* ---------------------------------------------------------------- int8 activations (AVX512-VNNI)
  *
  * llama.cpp's way for quantized dot products: each activation row is quantized per 32-block to int8
@@ -557,27 +836,6 @@ I8_TARGET static inline void i8_group(const int FMT, const int MR, const int8_t 
             if (FMT != FD_Q8_0) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * nb + b]), acc[r]);
         }
     }
-}
-
-/* Quantize activation rows to int8 per 32-block: xq, dx (scale), sx = dx * sum(xq). */
-static void i8_quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx) {
-    const int nb = (int)(K / 32);
-    for (int64_t r = 0; r < M; r++)
-        for (int b = 0; b < nb; b++) {
-            const float *xs = x + r * ldx + (int64_t)b * 32;
-            float amax = 0.0f;
-            for (int j = 0; j < 32; j++) amax = fabsf(xs[j]) > amax ? fabsf(xs[j]) : amax;
-            float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-            int sum = 0;
-            for (int j = 0; j < 32; j++) {
-                int q = (int)roundf(xs[j] * inv);
-                q = q > 127 ? 127 : (q < -127 ? -127 : q);
-                xq[r * K + (int64_t)b * 32 + j] = (int8_t)q;
-                sum += q;
-            }
-            dx[r * nb + b] = d;
-            sx[r * nb + b] = d * (float)sum;
-        }
 }
 
 I8_TARGET static void i8_run(int fmt, const int8_t *xq, const float *dx, const float *sx, int64_t M, int64_t K,
@@ -654,7 +912,7 @@ int fd_linear_i8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
     if (!xq || !dx || !sx) {
         rc = -2;
     } else {
-        i8_quantize_rows(x, ldx, M, K, xq, dx, sx);
+        q8_quantize_rows(x, ldx, 0, M, K, xq, dx, sx);
         int nt = pick_threads(nthreads, (N + 15) / 16, (double)N * (double)K * (double)(M < 8 ? M : 8) / 4.0);
         i8_run(fmt, xq, dx, sx, M, K, qp, dp, mp, bias, y, ldy, N, nt);
     }
@@ -670,4 +928,4 @@ int fd_linear_i8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
 
 const char *fd_isa(void) { return FD_ISA; }
 
-int fd_abi_version(void) { return 3; }
+int fd_abi_version(void) { return 4; }
