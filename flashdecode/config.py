@@ -11,7 +11,7 @@ from .errors import FlashDecodeError
 # the choices of the engine's options, named once here for every layer that checks them
 SOFTMAX_MODES = ("auto", "exact", "unified")  # FlashDecoding++ section 3 (layers/attention.py)
 DATAFLOW_MODES = ("auto", "off")  # FlashDecoding++ section 5 (layers/dataflow.py)
-KV_CACHE_DTYPES = ("auto", "bf16", "int8")
+KV_CACHE_DTYPES = ("auto", "f16", "bf16", "int8")
 QUANTIZATIONS = (None, "int8", "int4")
 DEVICES = ("cpu", "cuda")  # "cuda": the Triton kernels (layers/device.py resolves it)
 
@@ -38,7 +38,8 @@ class EngineConfig:
     # max_num_seqs full-length sequences capped at 2 GiB and at a quarter of the available memory
     kv_cache_bytes: int | None = None
     kv_cache_memory_fraction: float | None = None
-    kv_cache_dtype: str = "auto"  # "auto" (the compute dtype), "bf16", or "int8" (per-token, per-head scales)
+    # "auto" (the compute dtype), "f16", "bf16", or "int8" (per-token, per-head scales)
+    kv_cache_dtype: str = "auto"
     max_num_seqs: int = 64  # sequences decoded together in one step
     max_num_batched_tokens: int = 1024  # tokens (prefill chunks + decodes) per step
     enable_prefix_caching: bool = True

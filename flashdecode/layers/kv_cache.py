@@ -3,7 +3,8 @@
 Block ``b`` of ``block_size`` tokens owns slots ``b * block_size`` to ``b * block_size + block_size - 1``;
 which blocks a sequence owns is the block manager's business (engine/block_manager.py).
 
-Storage formats (``kv_cache_dtype``): the model's compute dtype, bfloat16, or int8 with one fp32
+Storage formats (``kv_cache_dtype``): the model's compute dtype, float16 (llama.cpp's default: three
+more mantissa bits than bfloat16, ample range for keys and values), bfloat16, or int8 with one fp32
 scale per token and head (symmetric, absmax / 127), as AccLLM's low-bit KV cache: int8 halves the
 bytes per cached token against bf16 and quarters them against fp32, and decode attention is a
 stream over the whole cache, so its bytes are its time.
@@ -31,7 +32,9 @@ class KVCache:
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected one of {KV_CACHE_DTYPES}")
         self.quantized = kv_cache_dtype == "int8"
-        storage = {"auto": compute_dtype, "bf16": torch.bfloat16, "int8": torch.int8}[kv_cache_dtype]
+        storage = {"auto": compute_dtype, "f16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}[
+            kv_cache_dtype
+        ]
         # a slot's K and V side by side per head: one index_copy_ writes both and one index_select
         # gathers both, and K and V stay [.., KVH, D] views whose (sequence, head) pairs merge into
         # one stride (ops/attention.py, ``_pairs``)
@@ -63,7 +66,7 @@ class KVCache:
     ) -> int:
         if kv_cache_dtype == "int8":
             return 2 * num_layers * num_kv_heads * (head_dim + 4)  # int8 values + one fp32 scale
-        itemsize = 2 if kv_cache_dtype == "bf16" else compute_dtype.itemsize
+        itemsize = 2 if kv_cache_dtype in ("f16", "bf16") else compute_dtype.itemsize
         return 2 * num_layers * num_kv_heads * head_dim * itemsize
 
     @staticmethod

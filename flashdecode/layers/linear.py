@@ -93,6 +93,8 @@ def weight_format(weight: torch.Tensor | QuantizedTensor) -> str:
 
 
 class Linear:
+    plans_set = 0  # counts set_plan calls of every Linear: whoever caches per-plan state compares it
+
     def __init__(
         self,
         weight: torch.Tensor | QuantizedTensor,
@@ -177,6 +179,11 @@ class Linear:
             by_m.extend([fns[i]] * max(0, min(end, MAX_PLAN_M + 1) - max(start, len(by_m))))
         self._by_m, self._last, self.plan = by_m, fns[-1], plan
         self.release(keep={name for _, name in plan})
+        Linear.plans_set += 1
+
+    def candidate_at(self, m: int) -> str:
+        """The candidate the plan runs at M = ``m``."""
+        return next(name for start, name in reversed(self.plan) if start <= m)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self._by_m:

@@ -16,10 +16,11 @@ from ..layers.attention import AttentionMetadata, SoftmaxPolicy, paged_attention
 from ..layers.dataflow import DataflowTable, configure
 from ..layers.device import CPU, Device
 from ..layers.kv_cache import KVCache
-from ..layers.linear import Linear, SplitLinear, fused_linear
+from ..layers.linear import Linear, SplitLinear, fused_linear, iter_linears
 from ..layers.norms import rms_norm
 from ..layers.quant import QuantizedTensor, prepare_weights
 from ..layers.rope import RotaryEmbedding, apply_rope
+from .native_decode import NativeDecode
 from .spec import ModelSpec
 from .weights import LoadedModel
 
@@ -47,6 +48,12 @@ class DecoderLayer:
             )
         self.gate_up = fused_linear([w[prefix + "gate"], w[prefix + "up"]], backend=backend)
         self.down = Linear(w[prefix + "down"], backend=backend)
+
+    def projections(self) -> list[Linear | SplitLinear]:
+        return [self.qkv, self.o, self.gate_up, self.down]
+
+    def linears(self) -> list[Linear]:
+        return list(iter_linears(self.projections()))
 
     def __call__(
         self,
@@ -134,11 +141,15 @@ class Decoder:
         self.softmax: SoftmaxPolicy | None = None  # None: exact attention (layers/attention.py)
         # every projection's kernel per M: the tuned table, the default plan, or one static kernel
         self.dataflow = configure(self.linears(), dataflow, table)
+        # whole decode steps in one native call, where they can run (the native backend, on the host)
+        self.native = None
+        if device.backend == "native" and device.on_host:
+            self.native = NativeDecode(spec, self.layers, self.norm, self.rope, dtype)
 
     def linears(self) -> list[Linear | SplitLinear]:
         mods: list[Linear | SplitLinear] = [self.lm_head]
         for layer in self.layers:
-            mods += [layer.qkv, layer.o, layer.gate_up, layer.down]
+            mods += layer.projections()
         return mods
 
     @torch.inference_mode()
@@ -150,10 +161,29 @@ class Decoder:
             x = self.embed.rows(input_ids, self.dtype)
         else:
             x = F.embedding(input_ids, self.embed)
+        t = x.shape[0]
+        step = None
+        if self.native is not None and not meta.prefills and meta.num_decode == t:
+            step = self.native.step(t, cache, self.softmax)
+        if step is not None:
+            return self._native_step(step, x, positions, meta)
         rope = self.rope.tables(positions)
         for i, layer in enumerate(self.layers):
             x = layer(i, x, rope, cache, meta, self.softmax)
         return rms_norm(x, self.norm, self.spec.norm_eps)
+
+    def _native_step(
+        self, step, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        slots, lens = meta.decode_slots, meta.decode_context_lens  # slots: [T, max(lens)]
+        x = x.contiguous()
+        step.run(x, positions, meta.slot_mapping, slots, lens, slots.shape[1], torch.get_num_threads())
+        if self.softmax is not None and self.softmax.mode == "unified":
+            checked, fallbacks = step.stats.tolist()
+            self.softmax.rows_checked += checked
+            self.softmax.fallbacks += fallbacks
+            step.stats.zero_()
+        return x
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,8 @@ CACHE_VERSION = 1
 
 # --- the machine -------------------------------------------------------------------------------------
 
+KV_DTYPE_CHOICES = ("auto", "fp32", "f16", "bf16", "int8")
+
 
 @dataclass
 class Ceilings:
@@ -526,7 +528,7 @@ def add_arguments(p: Any) -> None:
         "--compute", default="auto", help="matmul ceiling: auto (from the formats), fp32, bf16, int8"
     )
     p.add_argument(
-        "--kv-dtype", default="auto", help="KV cache element: auto (the compute dtype), fp32, bf16, int8"
+        "--kv-dtype", default="auto", help="KV cache element: auto (the compute dtype), fp32, f16, bf16, int8"
     )
     p.add_argument("--remeasure", action="store_true", help="measure the machine again (else cached)")
     p.add_argument(
@@ -537,8 +539,8 @@ def add_arguments(p: Any) -> None:
 
 def _kv_bytes(spec: ModelSpec, kv_dtype: str, activation_bytes: int) -> float:
     """Bytes per cached token for ``--kv-dtype`` (auto: the compute dtype), as the KV cache stores it."""
-    if kv_dtype not in ("auto", "fp32", "bf16", "int8"):
-        raise FlashDecodeError(f"--kv-dtype {kv_dtype!r}: expected auto, fp32, bf16 or int8")
+    if kv_dtype not in KV_DTYPE_CHOICES:
+        raise FlashDecodeError(f"--kv-dtype {kv_dtype!r}: expected one of {KV_DTYPE_CHOICES}")
     compute = torch.float32 if kv_dtype == "fp32" or activation_bytes == 4 else torch.bfloat16
     storage = "auto" if kv_dtype == "fp32" else kv_dtype
     return KVCache.bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, compute, storage)
@@ -564,8 +566,8 @@ def run(args: Any) -> int:
     (context,) = parse_int_list(args.context, "--context")
     if args.compute not in ("auto", *probe.MATMUL_DTYPES):
         raise FlashDecodeError(f"--compute {args.compute!r}: expected auto, fp32, bf16 or int8")
-    if args.kv_dtype not in ("auto", "fp32", "bf16", "int8"):
-        raise FlashDecodeError(f"--kv-dtype {args.kv_dtype!r}: expected auto, fp32, bf16 or int8")
+    if args.kv_dtype not in KV_DTYPE_CHOICES:
+        raise FlashDecodeError(f"--kv-dtype {args.kv_dtype!r}: expected one of {KV_DTYPE_CHOICES}")
     if args.threads is not None:
         parse_int_list(args.threads, "--threads")
     bench = None

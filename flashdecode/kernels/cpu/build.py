@@ -1,4 +1,5 @@
-"""The native CPU kernels (flat_gemm.c beside this file): built at first use, loaded with ctypes.
+"""The native CPU kernels (flat_gemm.c and decode_step.c beside this file): built at first use into one
+library, loaded with ctypes.
 
 The C source has no Python or torch dependency. It is compiled with the system C compiler into the
 user cache directory (``$FLASHDECODE_CACHE_DIR``, else ``$XDG_CACHE_HOME/flashdecode``, else
@@ -36,7 +37,9 @@ from ...utils.paths import cache_dir
 from .. import reference
 from ..formats import BF16_KERNEL_ID, I8_FORMATS, NATIVE
 
-SOURCE = Path(__file__).resolve().parent / "flat_gemm.c"
+HERE = Path(__file__).resolve().parent
+SOURCES = (HERE / "flat_gemm.c", HERE / "decode_step.c")
+HEADERS = (HERE / "flat_gemm.h",)
 ABI_VERSION = 4
 FORMAT_IDS = {"BF16": BF16_KERNEL_ID} | {fmt: layout.kernel_id for fmt, layout in NATIVE.items()}
 Planes = reference.Planes
@@ -265,7 +268,7 @@ def kernel_dir() -> Path:
 
 
 def _build(isa: str, cc: str) -> Path:
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     _, isa_flags = ISA_BUILDS[isa]
     for openmp in (("-fopenmp",), ()):
         flags = BASE_FLAGS + isa_flags + openmp
@@ -281,7 +284,10 @@ def _build(isa: str, cc: str) -> Path:
         os.close(fd)
         try:
             proc = subprocess.run(
-                [cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
+                [cc, *flags, *map(str, SOURCES), "-o", tmp, "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=300,
             )
             if proc.returncode == 0:
                 os.replace(tmp, path)

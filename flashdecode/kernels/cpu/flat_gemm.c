@@ -21,66 +21,7 @@
  * Threads: OpenMP. Loaded into a process that already holds torch's libgomp.so.1, the dynamic linker
  * resolves our libgomp.so.1 to that same library, so the kernels share torch's thread pool.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-#define FD_Q4_0 0
-#define FD_Q4_1 1
-#define FD_Q8_0 2
-#define FD_BF16 3
-#define FD_Q4_K 4
-#define FD_Q5_K 5
-#define FD_Q6_K 6
-#define FD_LAST FD_Q6_K
-#define PF_BYTES 8192 /* software prefetch distance in a weight plane */
-
-/* format traits: every branch on them folds away where the format is a compile-time constant */
-#define FMT_F32_SCALES(f) ((f) >= FD_Q4_K)
-#define FMT_HAS_MIN(f) ((f) == FD_Q4_1 || (f) == FD_Q4_K || (f) == FD_Q5_K)
-#define FMT_SCALES_PER_BLOCK(f) ((f) == FD_Q6_K ? 2 : 1)
-#define FMT_QBYTES(f) ((f) == FD_Q4_0 || (f) == FD_Q4_1 || (f) == FD_Q4_K ? 16 : 32)
-
-#define INLINE static inline __attribute__((always_inline))
-
-/* ---------------------------------------------------------------- scalar helpers (every build) */
-
-INLINE float fd_h2f(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
-    if (exp == 0) {
-        float f = (float)man * 5.9604644775390625e-08f; /* man * 2^-24, exact */
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-    } else if (exp == 31) {
-        bits = sign | 0x7F800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 112u) << 23) | (man << 13);
-    }
-    float out;
-    memcpy(&out, &bits, 4);
-    return out;
-}
-
-INLINE float fd_bf2f(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float out;
-    memcpy(&out, &bits, 4);
-    return out;
-}
-
-INLINE uint16_t fd_f2bf(float f) { /* round to nearest even; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
+#include "flat_gemm.h"
 
 /* ---------------------------------------------------------------- vector layer, one per ISA */
 
@@ -389,31 +330,18 @@ static int pick_threads(int nthreads, int64_t ntiles, double work) {
     return nt < 1 ? 1 : nt;
 }
 
-/* Chunk of tiles a thread claims at a time (dynamic schedule): a thread slowed by another process on
-   its core does fewer of them instead of holding everyone at the join. */
-static int64_t tile_chunk(int64_t ntiles) {
-#ifdef _OPENMP
-    int64_t chunk = ntiles / ((int64_t)omp_get_num_threads() * 8);
-    return chunk < 1 ? 1 : chunk;
-#else
-    (void)ntiles;
-    return 1;
-#endif
-}
-
 /* Floats of per-thread scale scratch (db, mb each) for rows of K elements. */
-static size_t scale_scratch(int64_t K) { return (size_t)(2 * (NR_MAX > 4 ? NR_MAX : 4) * (K / 32 > 0 ? K / 32 : 1)); }
+size_t fd_scale_scratch(int64_t K) { return (size_t)(2 * (NR_MAX > 4 ? NR_MAX : 4) * (K / 32 > 0 ? K / 32 : 1)); }
 
-/* Every weight tile of one product, shared among the threads of the enclosing parallel region: an
-   orphaned worksharing loop (called outside a region, the caller runs every tile), so one parallel
-   region can run a whole decoder layer (decode_step.c). Ends with the loop's barrier. */
-void fd_linear_tiles(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
+/* Every weight tile of one product, shared among a team's threads, so that one parallel region can
+   run a whole decoder layer (decode_step.c). */
+void fd_linear_tiles(fd_member *me, int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
                      const void *d, const void *m, const float *bias, float *y, int64_t ldy, int add,
                      int64_t N, float *db, float *mb) {
-    const int64_t wstride = row_bytes(fmt, K), ntiles = (N + NR_MAX - 1) / NR_MAX;
-    const int64_t chunk = tile_chunk(ntiles);
-#pragma omp for schedule(dynamic, chunk)
-    for (int64_t tile = 0; tile < ntiles; tile++) {
+    const int64_t wstride = row_bytes(fmt, K), ntiles = (N + NR_MAX - 1) / NR_MAX, chunk = fd_chunk(me, ntiles);
+    int64_t lo, hi;
+    fd_loop_begin(me);
+    while (fd_loop_next(me, ntiles, chunk, &lo, &hi)) for (int64_t tile = lo; tile < hi; tile++) {
         int64_t n0 = tile * NR_MAX;
         int nr = (int)(N - n0 < NR_MAX ? N - n0 : NR_MAX);
 #define RUN(F) run_tile(F, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, add, n0, nr, db, mb)
@@ -428,6 +356,7 @@ void fd_linear_tiles(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K,
         }
 #undef RUN
     }
+    fd_loop_end(me);
 }
 
 static int linear_rows(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
@@ -435,20 +364,22 @@ static int linear_rows(int fmt, const float *x, int64_t ldx, int64_t M, int64_t 
                        int nthreads) {
     int nt = pick_threads(nthreads, (N + NR_MAX - 1) / NR_MAX, (double)N * (double)K * (double)(M < 8 ? M : 8));
     (void)nt; /* unused without OpenMP */
-    int failed = 0; /* shared: every thread must take the same way into the worksharing loop */
+    atomic_int failed; /* every thread must take the same way into the team's loops */
+    atomic_init(&failed, 0);
+    fd_team team;
+    fd_team_init(&team, nt);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        float *db = (float *)malloc(sizeof(float) * scale_scratch(K)), *mb = (float *)malloc(sizeof(float) * scale_scratch(K));
-        if (!db || !mb) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) fd_linear_tiles(fmt, x, ldx, M, K, w, d, m, bias, y, ldy, 0, N, db, mb);
+        fd_team solo;
+        fd_member me = fd_join(&team, &solo);
+        float *db = (float *)malloc(sizeof(float) * fd_scale_scratch(K)), *mb = (float *)malloc(sizeof(float) * fd_scale_scratch(K));
+        if (!db || !mb) atomic_store(&failed, 1);
+        fd_barrier(&me);
+        if (!atomic_load(&failed)) fd_linear_tiles(&me, fmt, x, ldx, M, K, w, d, m, bias, y, ldy, 0, N, db, mb);
         free(db);
         free(mb);
     }
-    return failed ? -2 : 0;
+    return atomic_load(&failed) ? -2 : 0;
 }
 
 #define X_PANEL_BYTES (384 * 1024) /* activation rows per pass: their panel stays in a core's L2 */
@@ -580,7 +511,7 @@ INLINE void q8_block(const float *x, int8_t *q, float *dx, float *sx) {
 }
 
 /* Activation rows [r0, r1) to int8 per 32-block: xq [M, K], dx and sx [M, K/32]. */
-static void q8_quantize_rows(const float *x, int64_t ldx, int64_t r0, int64_t r1, int64_t K, int8_t *xq,
+void fd_q8_quantize_rows(const float *x, int64_t ldx, int64_t r0, int64_t r1, int64_t K, int8_t *xq,
                              float *dx, float *sx) {
     const int nb = (int)(K / 32);
     for (int64_t r = r0; r < r1; r++)
@@ -592,22 +523,6 @@ static void q8_quantize_rows(const float *x, int64_t ldx, int64_t r0, int64_t r1
 #define FD_HAVE_Q8 1
 #define Q8_MR 2 /* register tile: 2 activation rows x 4 weight rows, 8 accumulators of 16 ymm */
 #define Q8_NR 4
-
-INLINE float hsum256(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-INLINE float dot_f32(const float *a, const float *b, int n) {
-    __m256 acc = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float s = hsum256(acc);
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
 
 /* A block's 32 weight integers as bytes in element order. */
 INLINE __m256i q8_weights(const int FMT, const uint8_t *qb) {
@@ -701,14 +616,14 @@ int fd_q8_available(void) {
 }
 
 /* fd_linear_tiles with activations already rounded by q8_quantize_rows (every integer format). */
-void fd_linear_q8_tiles(int fmt, const int8_t *xq, const float *dx, const float *sx, int64_t M, int64_t K,
-                        const uint8_t *w, const void *d, const void *m, const float *bias, float *y, int64_t ldy,
-                        int add, int64_t N, float *db, float *mb) {
+void fd_linear_q8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *dx, const float *sx, int64_t M,
+                        int64_t K, const uint8_t *w, const void *d, const void *m, const float *bias, float *y,
+                        int64_t ldy, int add, int64_t N, float *db, float *mb) {
 #ifdef FD_HAVE_Q8
-    const int64_t wstride = row_bytes(fmt, K), ntiles = (N + Q8_NR - 1) / Q8_NR;
-    const int64_t chunk = tile_chunk(ntiles);
-#pragma omp for schedule(dynamic, chunk)
-    for (int64_t tile = 0; tile < ntiles; tile++) {
+    const int64_t wstride = row_bytes(fmt, K), ntiles = (N + Q8_NR - 1) / Q8_NR, chunk = fd_chunk(me, ntiles);
+    int64_t lo, hi;
+    fd_loop_begin(me);
+    while (fd_loop_next(me, ntiles, chunk, &lo, &hi)) for (int64_t tile = lo; tile < hi; tile++) {
         int64_t n0 = tile * Q8_NR;
         int nr = (int)(N - n0 < Q8_NR ? N - n0 : Q8_NR);
 #define RUN(F) q8_run_tile(F, xq, dx, sx, M, K, w, wstride, d, m, bias, y, ldy, add, n0, nr, db, mb)
@@ -722,7 +637,9 @@ void fd_linear_q8_tiles(int fmt, const int8_t *xq, const float *dx, const float 
         }
 #undef RUN
     }
+    fd_loop_end(me);
 #else
+    (void)me;
     (void)fmt; (void)xq; (void)dx; (void)sx; (void)M; (void)K; (void)w; (void)d; (void)m; (void)bias;
     (void)y; (void)ldy; (void)add; (void)N; (void)db; (void)mb;
 #endif
@@ -739,26 +656,24 @@ int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
     const int64_t nb = K / 32;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
     float *dx = (float *)malloc(sizeof(float) * (size_t)(M * nb)), *sx = (float *)malloc(sizeof(float) * (size_t)(M * nb));
-    int failed = !xq || !dx || !sx;
+    atomic_int failed;
+    atomic_init(&failed, !xq || !dx || !sx);
     int nt = pick_threads(nthreads, (N + 3) / 4, (double)N * (double)K * (double)(M < 8 ? M : 8) / 4.0);
-    (void)nt;
-#pragma omp parallel num_threads(nt) if (nt > 1 && !failed)
+    if (atomic_load(&failed)) nt = 1;
+    fd_team team;
+    fd_team_init(&team, nt);
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        float *db = (float *)malloc(sizeof(float) * scale_scratch(K)), *mb = (float *)malloc(sizeof(float) * scale_scratch(K));
-        if (!db || !mb) {
-#pragma omp atomic write
-            failed = 1;
-        }
-        int t = 0, T = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
-#pragma omp barrier
-        if (!failed) {
-            q8_quantize_rows(x, ldx, M * t / T, M * (t + 1) / T, K, xq, dx, sx);
-#pragma omp barrier
-            fd_linear_q8_tiles(fmt, xq, dx, sx, M, K, w, d, m, bias, y, ldy, 0, N, db, mb);
+        fd_team solo;
+        fd_member me = fd_join(&team, &solo);
+        float *db = (float *)malloc(sizeof(float) * fd_scale_scratch(K)), *mb = (float *)malloc(sizeof(float) * fd_scale_scratch(K));
+        if (!db || !mb) atomic_store(&failed, 1);
+        fd_barrier(&me);
+        if (!atomic_load(&failed)) {
+            const int n = me.team->n;
+            fd_q8_quantize_rows(x, ldx, M * me.tid / n, M * (me.tid + 1) / n, K, xq, dx, sx);
+            fd_barrier(&me);
+            fd_linear_q8_tiles(&me, fmt, xq, dx, sx, M, K, w, d, m, bias, y, ldy, 0, N, db, mb);
         }
         free(db);
         free(mb);
@@ -766,7 +681,7 @@ int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
     free(xq);
     free(dx);
     free(sx);
-    return failed ? -2 : 0;
+    return atomic_load(&failed) ? -2 : 0;
 }
 
 /* ---------------------------------------------------------------- int8 activations (AVX512-VNNI)
@@ -912,7 +827,7 @@ int fd_linear_i8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
     if (!xq || !dx || !sx) {
         rc = -2;
     } else {
-        q8_quantize_rows(x, ldx, 0, M, K, xq, dx, sx);
+        fd_q8_quantize_rows(x, ldx, 0, M, K, xq, dx, sx);
         int nt = pick_threads(nthreads, (N + 15) / 16, (double)N * (double)K * (double)(M < 8 ? M : 8) / 4.0);
         i8_run(fmt, xq, dx, sx, M, K, qp, dp, mp, bias, y, ldy, N, nt);
     }

@@ -1,0 +1,195 @@
+"""The ctypes face of decode_step.c: a whole decode step (every layer, then the final norm) in one call.
+
+``DecodeStep`` holds the C description of a model (per layer: norm weights and, per projection, its
+parts' formats and planes) and a reused workspace; ``run`` takes one step's tensors. What the model is
+made of comes from above (models/decoder.py builds the ``ProjPart`` lists): this module only lays
+tensors out as the C structs expect and keeps them alive.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .build import FORMAT_IDS, NativeKernels
+
+KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # decode_step.c's KV_*
+MAX_PARTS = 3
+_i32, _i64, _f32, _vp = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class _Part(ctypes.Structure):
+    _fields_ = [("fmt", _i32), ("q8", _i32), ("n", _i64), ("qs", _vp), ("d", _vp), ("m", _vp), ("bias", _vp)]
+
+
+class _Proj(ctypes.Structure):
+    _fields_ = [("nparts", _i32), ("pad", _i32), ("part", _Part * MAX_PARTS)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", _vp), ("mlp_norm", _vp), ("qk_norm", _vp)] + [
+        (name, _Proj) for name in ("qkv", "o", "gate_up", "down")
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *(
+            (name, _i64)
+            for name in ("hidden", "heads", "kv_heads", "head_dim", "inter", "num_layers", "num_slots")
+        ),
+        ("eps", _f32),
+        ("scale", _f32),
+        ("kv_dtype", _i32),
+        ("unified", _i32),
+        ("phi", _vp),
+        ("win_lo", _f32),
+        ("win_hi", _f32),
+        ("norm", _vp),
+        ("cos", _vp),
+        ("sin", _vp),
+        ("kv", _vp),
+        ("layers", ctypes.POINTER(_Layer)),
+    ]
+
+
+@dataclass
+class ProjPart:
+    """One part of a projection: ``fmt`` (a native format or BF16), its planes (qs, d, m), its fp32
+    bias or None, and whether it runs with int8 activations."""
+
+    fmt: str
+    planes: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+    bias: torch.Tensor | None
+    int8_activations: bool
+
+    @property
+    def out_features(self) -> int:
+        return self.planes[0].shape[0]
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+    qk_norm: torch.Tensor | None  # [heads + kv_heads, head_dim]
+    qkv: Sequence[ProjPart]
+    o: Sequence[ProjPart]
+    gate_up: Sequence[ProjPart]
+    down: Sequence[ProjPart]
+
+
+@dataclass
+class Geometry:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    scale: float
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class DecodeStep:
+    def __init__(
+        self,
+        lib: NativeKernels,
+        geometry: Geometry,
+        layers: Sequence[LayerWeights],
+        norm: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: torch.Tensor,
+        phi: Sequence[float] | None = None,
+        window: tuple[float, float] = (0.0, 0.0),
+    ):
+        """``kv``: the cache storage [layers, slots, kv_heads, 2, head_dim] (fp32, bf16 or fp16);
+        ``cos``, ``sin``: RoPE tables [max_position, head_dim / 2]; ``phi``: the unified max per layer
+        (None: exact softmax) with its safe ``window``."""
+        self.lib = lib.lib
+        self.lib.fd_decode.argtypes = [
+            ctypes.POINTER(_Model),
+            _i64,
+            _vp,
+            _vp,
+            _vp,
+            _vp,
+            _i64,
+            _vp,
+            _vp,
+            _i64,
+            _vp,
+            _i32,
+        ]
+        self.lib.fd_decode.restype = _i32
+        self.lib.fd_decode_workspace.argtypes = [ctypes.POINTER(_Model), _i64, _i64, _i32]
+        self.lib.fd_decode_workspace.restype = _i64
+        g = geometry
+        self._keep: list[torch.Tensor] = [norm, cos, sin, kv]
+        self._layers = (_Layer * len(layers))(*(self._layer(w) for w in layers))
+        self._phi = None if phi is None else torch.tensor(list(phi), dtype=torch.float32)
+        self.model = _Model(
+            g.hidden, g.heads, g.kv_heads, g.head_dim, g.intermediate, len(layers), kv.shape[1],
+            g.eps, g.scale, KV_DTYPES[kv.dtype], int(phi is not None), _ptr(self._phi), window[0], window[1],
+            _ptr(norm), _ptr(cos), _ptr(sin), _ptr(kv), self._layers,
+        )  # fmt: skip
+        self._workspace = torch.empty(0, dtype=torch.uint8)
+        self.stats = torch.zeros(2, dtype=torch.int64)  # rows checked, rows recomputed exactly
+
+    def _proj(self, parts: Sequence[ProjPart]) -> _Proj:
+        if not 1 <= len(parts) <= MAX_PARTS:
+            raise ValueError(f"a projection of {len(parts)} parts")
+        proj = _Proj(len(parts), 0)
+        for i, p in enumerate(parts):
+            qs, d, m = p.planes
+            self._keep += [t for t in (qs, d, m, p.bias) if t is not None]
+            proj.part[i] = _Part(
+                FORMAT_IDS[p.fmt],
+                int(p.int8_activations),
+                p.out_features,
+                _ptr(qs),
+                _ptr(d),
+                _ptr(m),
+                _ptr(p.bias),
+            )
+        return proj
+
+    def _layer(self, w: LayerWeights) -> _Layer:
+        self._keep += [t for t in (w.attn_norm, w.mlp_norm, w.qk_norm) if t is not None]
+        return _Layer(
+            _ptr(w.attn_norm), _ptr(w.mlp_norm), _ptr(w.qk_norm),
+            self._proj(w.qkv), self._proj(w.o), self._proj(w.gate_up), self._proj(w.down),
+        )  # fmt: skip
+
+    def run(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        new_slots: torch.Tensor,
+        slots: torch.Tensor,
+        lens: torch.Tensor,
+        max_len: int,
+        num_threads: int,
+    ) -> torch.Tensor:
+        """x [T, hidden] fp32 contiguous (the embeddings; overwritten with the final hidden states,
+        returned); positions, new_slots, lens [T] int64 (``max_len``: the longest); slots [T, width]
+        int64 (each row's key slots, padded). The K and V of the step's tokens go to the cache."""
+        t = x.shape[0]
+        need = self.lib.fd_decode_workspace(ctypes.byref(self.model), t, max_len, num_threads)
+        if self._workspace.numel() < need:
+            self._workspace = torch.empty(need + need // 4, dtype=torch.uint8)
+        rc = self.lib.fd_decode(
+            ctypes.byref(self.model), t, x.data_ptr(), positions.data_ptr(), new_slots.data_ptr(),
+            slots.data_ptr(), slots.stride(0), lens.data_ptr(), self._workspace.data_ptr(),
+            self._workspace.numel(), self.stats.data_ptr(), num_threads,
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"fd_decode(T={t}) failed with code {rc}")
+        return x

@@ -1,0 +1,434 @@
+/* A whole decode step natively: every layer of a batch of single-token decodes, in one OpenMP
+ * parallel region, operation for operation what models/decoder.py's DecoderLayer runs (RMSNorm, QKV
+ * projection, optional per-head q/k norm, RoPE, paged KV cache write, attention over the paged
+ * cache, output projection and residual, RMSNorm, gate/up projection, SwiGLU, down projection and
+ * residual; then the final norm). At batch 1 a layer is ~15 operations of a few microseconds each:
+ * launched one by one from Python, each pays interpreter, dispatch and thread-pool wake-up costs
+ * larger than its work. Here threads meet at barriers instead, and K and V are read in place from
+ * the paged cache (no gather).
+ *
+ * Attention (FlashDecoding++ section 3, the CPU form of layers/attention.py): the keys of each
+ * (sequence, kv head) are split into partitions that threads run independently, each producing its
+ * partial sum_j e^(s_j - m) v_j and sum_j e^(s_j - m). Exact mode takes m as the partition's own
+ * max and merges partitions with the synchronised rescale e^(m_p - max_p m_p) (Flash-Decoding);
+ * unified mode takes m = phi, the layer's calibrated unified max, and the partials are simply added.
+ * A unified row whose sum leaves the safe window (layers/attention.py derives it) is recomputed
+ * with the exact softmax, so the result is exact either way; such rows are counted.
+ *
+ * The projections are flat_gemm.c's tile loops (fp32 dequantized in registers, or int8 activations
+ * per part as the dataflow plan says), run as worksharing loops of this region.
+ */
+#include "flat_gemm.h"
+
+#define KV_F32 0
+#define KV_BF16 1
+#define KV_F16 2
+#define PART_MIN 128  /* keys per attention partition, at least */
+#define PART_MAX 1024 /* and at most (the per-thread score scratch) */
+
+typedef struct {
+    int32_t fmt, q8; /* FD_* format; 1: int8 activations (fd_linear_q8_tiles) */
+    int64_t n;       /* output features of this part */
+    const uint8_t *qs;
+    const void *d, *m;
+    const float *bias;
+} fd_part;
+
+typedef struct { /* parts concatenated along N (fused projections whose weights differ in format) */
+    int32_t nparts, pad;
+    fd_part part[3];
+} fd_proj;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm, *qk_norm; /* qk_norm: [heads + kv_heads, head_dim] or NULL */
+    fd_proj qkv, o, gate_up, down;
+} fd_layer;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, inter, num_layers, num_slots;
+    float eps, scale;     /* RMSNorm epsilon; attention's softmax scale */
+    int32_t kv_dtype;     /* KV_* */
+    int32_t unified;      /* 0: exact softmax; 1: unified max phi[layer] */
+    const float *phi;     /* [num_layers] */
+    float win_lo, win_hi; /* the safe window */
+    const float *norm;    /* final norm weight [hidden] */
+    const float *cos, *sin; /* RoPE [max_position, head_dim / 2] */
+    void *kv;             /* [num_layers, num_slots, kv_heads, 2, head_dim] of kv_dtype */
+    const fd_layer *layers;
+} fd_model;
+
+/* ---------------------------------------------------------------- vector pieces */
+
+#if defined(__AVX2__)
+/* e^x in fp32 (Cephes' range reduction and polynomial, about 1 ulp); -inf gives 0 */
+INLINE __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+#endif
+
+/* x[i] = e^(x[i] - sub); returns the sum */
+static float exp_sum(float *x, int64_t n, float sub) {
+    int64_t i = 0;
+    float s = 0.0f;
+#if defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps(), vs = _mm256_set1_ps(sub);
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    s = hsum256(acc);
+#endif
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - sub);
+        s += x[i];
+    }
+    return s;
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+#if defined(__AVX2__)
+    return dot_f32(a, b, (int)n);
+#else
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+#endif
+}
+
+static void axpy(float *y, float a, const float *x, int64_t n) { /* y += a x */
+    int64_t i = 0;
+#if defined(__AVX2__)
+    __m256 va = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+static void rms_norm_row(const float *x, const float *w, float *y, int64_t n, float eps) {
+    float r = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * w[i];
+}
+
+static void silu_mul(const float *g, const float *u, float *y, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX2__)
+    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_xor_ps(gv, neg))));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* ---------------------------------------------------------------- the paged cache */
+
+/* a cache row (one slot, one kv head, K or V) as fp32 */
+INLINE const float *kv_row(const fd_model *M, int64_t layer, int64_t slot, int64_t h, int which, float *buf) {
+    const int64_t D = M->head_dim;
+    const int64_t at = (((layer * M->num_slots + slot) * M->kv_heads + h) * 2 + which) * D;
+    if (M->kv_dtype == KV_F32) return (const float *)M->kv + at;
+    const uint16_t *p = (const uint16_t *)M->kv + at;
+    int64_t i = 0;
+    if (M->kv_dtype == KV_BF16) {
+#if defined(__AVX2__)
+        for (; i + 8 <= D; i += 8)
+            _mm256_storeu_ps(buf + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                          _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + i))), 16)));
+#endif
+        for (; i < D; i++) buf[i] = fd_bf2f(p[i]);
+    } else {
+#if defined(__F16C__)
+        for (; i + 8 <= D; i += 8) _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + i))));
+#endif
+        for (; i < D; i++) buf[i] = fd_h2f(p[i]);
+    }
+    return buf;
+}
+
+static void kv_store(const fd_model *M, int64_t layer, int64_t slot, int64_t h, int which, const float *x) {
+    const int64_t D = M->head_dim;
+    const int64_t at = (((layer * M->num_slots + slot) * M->kv_heads + h) * 2 + which) * D;
+    if (M->kv_dtype == KV_F32) {
+        memcpy((float *)M->kv + at, x, sizeof(float) * (size_t)D);
+        return;
+    }
+    uint16_t *p = (uint16_t *)M->kv + at;
+    for (int64_t i = 0; i < D; i++) p[i] = M->kv_dtype == KV_BF16 ? fd_f2bf(x[i]) : fd_f2h(x[i]);
+}
+
+/* ---------------------------------------------------------------- attention */
+
+/* Keys [j0, j1) of one sequence for ng query heads q [ng][D] (stride ldq) of kv head h: writes, per
+ * head g, out[g] = (m, l, acc[D]) with m = phi (unified) or the partition's max, l = sum e^(s - m)
+ * and acc = sum e^(s - m) v. scores: [ng * (j1 - j0)] scratch; buf: [D]. */
+static void attn_partition(const fd_model *M, int64_t layer, int64_t h, const float *q, int64_t ldq, int ng,
+                           const int64_t *slots, int64_t j0, int64_t j1, int unified, float phi, float *scores,
+                           float *buf, float *out) {
+    const int64_t D = M->head_dim, n = j1 - j0;
+    for (int64_t j = 0; j < n; j++) {
+        const float *k = kv_row(M, layer, slots[j0 + j], h, 0, buf);
+        for (int g = 0; g < ng; g++) scores[g * n + j] = dot(q + g * ldq, k, D) * M->scale;
+    }
+    for (int g = 0; g < ng; g++) {
+        float *o = out + g * (D + 2), *s = scores + g * n, m = phi;
+        if (!unified) {
+            m = -INFINITY;
+            for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
+        }
+        o[0] = m;
+        o[1] = exp_sum(s, n, m);
+        memset(o + 2, 0, sizeof(float) * (size_t)D);
+    }
+    for (int64_t j = 0; j < n; j++) {
+        const float *v = kv_row(M, layer, slots[j0 + j], h, 1, buf);
+        for (int g = 0; g < ng; g++) axpy(out + g * (D + 2) + 2, scores[g * n + j], v, D);
+    }
+}
+
+/* The exact softmax of one row (one query head over n keys), partition by partition with the online
+ * rescale: the fallback of a unified row outside the window. */
+static void attn_row_exact(const fd_model *M, int64_t layer, int64_t h, const float *q, const int64_t *slots,
+                           int64_t n, int64_t part, float *scores, float *buf, float *tmp, float *y) {
+    const int64_t D = M->head_dim;
+    float m = -INFINITY, l = 0.0f;
+    memset(y, 0, sizeof(float) * (size_t)D);
+    for (int64_t j0 = 0; j0 < n; j0 += part) {
+        int64_t j1 = j0 + part < n ? j0 + part : n;
+        attn_partition(M, layer, h, q, D, 1, slots, j0, j1, 0, 0.0f, scores, buf, tmp);
+        float mn = tmp[0] > m ? tmp[0] : m, a = expf(m - mn), b = expf(tmp[0] - mn);
+        l = l * a + tmp[1] * b;
+        for (int64_t i = 0; i < D; i++) y[i] = y[i] * a + tmp[2 + i] * b;
+        m = mn;
+    }
+    for (int64_t i = 0; i < D; i++) y[i] /= l;
+}
+
+/* ---------------------------------------------------------------- the step */
+
+typedef struct { /* a step's geometry, fixed across layers */
+    int64_t T, part, items, max_k;
+    const int64_t *positions, *new_slots, *slots, *lens;
+    int64_t ldslots;
+    const int64_t *item_base; /* [T + 1]: first item of token t (items: kv head, partition) */
+} fd_geometry;
+
+typedef struct { /* the step's buffers, carved from one workspace */
+    float *xn, *qkv, *attn, *gu, *act, *dx, *sx, *partials, *thread;
+    int8_t *xq;
+    int64_t thread_floats;
+} fd_buffers;
+
+static int64_t partition_size(int64_t T, int64_t kv_heads, int64_t max_len, int nthreads) {
+    /* enough partitions that every thread has two or more, never fewer keys than PART_MIN */
+    int64_t rows = T * kv_heads, per_row = (2 * nthreads + rows - 1) / rows;
+    int64_t part = (max_len + per_row - 1) / per_row;
+    part = part < PART_MIN ? PART_MIN : (part > PART_MAX ? PART_MAX : part);
+    return (part + 15) / 16 * 16;
+}
+
+static int64_t thread_floats(const fd_model *M, int64_t max_k) {
+    const int64_t G = M->heads / M->kv_heads;
+    return 2 * (int64_t)fd_scale_scratch(max_k) + G * PART_MAX + 2 * M->head_dim + (M->head_dim + 2) + 64;
+}
+
+/* Bytes of workspace fd_decode needs for T tokens whose longest context is max_len. */
+int64_t fd_decode_workspace(const fd_model *M, int64_t T, int64_t max_len, int nthreads) {
+    const int64_t q = M->heads * M->head_dim, kv = M->kv_heads * M->head_dim, G = M->heads / M->kv_heads;
+    int64_t max_k = M->hidden > q ? M->hidden : q;
+    max_k = max_k > M->inter ? max_k : M->inter;
+    const int64_t part = partition_size(T, M->kv_heads, max_len, nthreads);
+    const int64_t items = T * M->kv_heads * ((max_len + part - 1) / part);
+    int64_t floats = T * (M->hidden + q + 2 * kv + q + 3 * M->inter) + 2 * T * (max_k / 32 + 1) +
+                     items * G * (M->head_dim + 2) + (int64_t)nthreads * thread_floats(M, max_k);
+    return floats * 4 + T * max_k + 64 * 16;
+}
+
+/* y = P x for T rows of K (this thread's share; every thread calls it) */
+static void proj(fd_member *me, const fd_proj *P, const float *x, int64_t T, int64_t K, float *y, int64_t ldy,
+                 int add, const fd_buffers *B, float *db, float *mb) {
+    int q8 = 0;
+    for (int i = 0; i < P->nparts; i++) q8 |= P->part[i].q8;
+    if (q8) {
+        const int n = me->team->n;
+        fd_q8_quantize_rows(x, K, T * me->tid / n, T * (me->tid + 1) / n, K, B->xq, B->dx, B->sx);
+        fd_barrier(me);
+    }
+    int64_t off = 0;
+    for (int i = 0; i < P->nparts; i++) {
+        const fd_part *p = &P->part[i];
+        if (p->q8)
+            fd_linear_q8_tiles(me, p->fmt, B->xq, B->dx, B->sx, T, K, p->qs, p->d, p->m, p->bias, y + off, ldy, add,
+                               p->n, db, mb);
+        else
+            fd_linear_tiles(me, p->fmt, x, K, T, K, p->qs, p->d, p->m, p->bias, y + off, ldy, add, p->n, db, mb);
+        off += p->n;
+    }
+}
+
+/* for (i = lo; i < hi; i++) over [0, n), shared among the team, then its barrier */
+#define TEAM_FOR(me, n, chunk, i)                                                                   \
+    for (int64_t lo_, hi_, once_ = (fd_loop_begin(me), 1); once_; once_ = 0, fd_loop_end(me))     \
+        while (fd_loop_next(me, n, chunk, &lo_, &hi_))                                              \
+            for (int64_t i = lo_; i < hi_; i++)
+
+static void norm_rows(fd_member *me, const float *x, const float *w, float *y, int64_t T, int64_t n, float eps) {
+    TEAM_FOR(me, T, 1, t) rms_norm_row(x + t * n, w, y + t * n, n, eps);
+}
+
+/* per-head q/k norm and RoPE on the step's q and k (in the qkv rows), then K and V into the cache */
+static void rope_and_store(fd_member *me, const fd_model *M, int64_t layer, const fd_layer *L, const fd_geometry *S,
+                           float *qkv) {
+    const int64_t H = M->heads, KVH = M->kv_heads, D = M->head_dim, half = D / 2;
+    const int64_t width = (H + 2 * KVH) * D, heads = H + 2 * KVH;
+    TEAM_FOR(me, S->T * heads, 4, i) {
+        const int64_t t = i / heads, h = i % heads;
+        float *x = qkv + t * width + h * D;
+        if (h < H + KVH) {
+            if (L->qk_norm) rms_norm_row(x, L->qk_norm + h * D, x, D, M->eps);
+            const float *c = M->cos + S->positions[t] * half, *s = M->sin + S->positions[t] * half;
+            for (int64_t j = 0; j < half; j++) {
+                float a = x[j], b = x[j + half];
+                x[j] = a * c[j] - b * s[j];
+                x[j + half] = b * c[j] + a * s[j];
+            }
+        }
+        if (h >= H) kv_store(M, layer, S->new_slots[t], (h - H) % KVH, h < H + KVH ? 0 : 1, x);
+    }
+}
+
+static void attention(fd_member *me, const fd_model *M, int64_t layer, const fd_geometry *S, const fd_buffers *B,
+                      float *tb, atomic_llong *fallbacks) {
+    const int64_t H = M->heads, KVH = M->kv_heads, D = M->head_dim, G = H / KVH;
+    const int64_t width = (H + 2 * KVH) * D;
+    const int unified = M->unified;
+    const float phi = unified ? M->phi[layer] : 0.0f;
+    float *scores = tb, *buf = tb + G * PART_MAX, *tmp = buf + D;
+    TEAM_FOR(me, S->items, 1, it) {
+        int64_t t = 0;
+        while (S->item_base[t + 1] <= it) t++;
+        const int64_t np = (S->item_base[t + 1] - S->item_base[t]) / KVH, k = it - S->item_base[t];
+        const int64_t h = k / np, p = k % np, n = S->lens[t];
+        const int64_t j0 = p * S->part, j1 = j0 + S->part < n ? j0 + S->part : n;
+        attn_partition(M, layer, h, B->qkv + t * width + h * G * D, D, (int)G, S->slots + t * S->ldslots, j0, j1,
+                       unified, phi, scores, buf, B->partials + it * G * (D + 2));
+    }
+    int64_t fb = 0;
+    TEAM_FOR(me, S->T * H, 1, r) {
+        const int64_t t = r / H, hq = r % H, h = hq / G, g = hq % G;
+        const int64_t np = (S->item_base[t + 1] - S->item_base[t]) / KVH;
+        const float *first = B->partials + (S->item_base[t] + h * np) * G * (D + 2) + g * (D + 2);
+        float *y = B->attn + t * H * D + hq * D, m = -INFINITY, l = 0.0f;
+        for (int64_t p = 0; p < np; p++) m = first[p * G * (D + 2)] > m ? first[p * G * (D + 2)] : m;
+        memset(y, 0, sizeof(float) * (size_t)D);
+        for (int64_t p = 0; p < np; p++) {
+            const float *o = first + p * G * (D + 2);
+            const float a = unified ? 1.0f : expf(o[0] - m); /* exact: the synchronised rescale */
+            l += o[1] * a;
+            axpy(y, a, o + 2, D);
+        }
+        const int64_t n = S->lens[t];
+        if (unified && !(l >= (float)n * expf(M->win_lo) && l <= expf(M->win_hi))) { /* NaN fails too */
+            attn_row_exact(M, layer, h, B->qkv + t * width + hq * D, S->slots + t * S->ldslots, n, S->part, scores,
+                           buf, tmp, y);
+            fb++;
+            continue;
+        }
+        for (int64_t i = 0; i < D; i++) y[i] /= l;
+    }
+    atomic_fetch_add(fallbacks, fb);
+}
+
+static void carve(const fd_model *M, const fd_geometry *S, void *ws, int nt, fd_buffers *B) {
+    const int64_t T = S->T, q = M->heads * M->head_dim, kv = M->kv_heads * M->head_dim;
+    const int64_t G = M->heads / M->kv_heads;
+    float *f = (float *)ws;
+    B->xn = f, f += T * M->hidden;
+    B->qkv = f, f += T * (q + 2 * kv);
+    B->attn = f, f += T * q;
+    B->gu = f, f += T * 2 * M->inter;
+    B->act = f, f += T * M->inter;
+    B->dx = f, f += T * (S->max_k / 32 + 1);
+    B->sx = f, f += T * (S->max_k / 32 + 1);
+    B->partials = f, f += S->items * G * (M->head_dim + 2);
+    B->thread_floats = thread_floats(M, S->max_k);
+    B->thread = f, f += (int64_t)nt * B->thread_floats;
+    B->xq = (int8_t *)f;
+}
+
+/* Runs every layer and the final norm for T single-token decodes. x [T, hidden]: the embeddings in,
+ * the final hidden states out. positions, new_slots, lens [T]: each token's position, the cache slot
+ * its K and V go to, its context length (itself included); slots [T, ldslots]: each sequence's key
+ * slots. workspace: fd_decode_workspace bytes for (T, max lens). stats[2] += rows checked, unified
+ * rows recomputed exactly. Returns 0, or -1 on bad arguments. */
+int fd_decode(const fd_model *M, int64_t T, float *x, const int64_t *positions, const int64_t *new_slots,
+              const int64_t *slots, int64_t ldslots, const int64_t *lens, void *workspace, int64_t workspace_bytes,
+              int64_t *stats, int nthreads) {
+    if (!M || T < 1 || !x || M->heads % M->kv_heads || M->head_dim % 2) return -1;
+    int64_t max_len = 0;
+    for (int64_t t = 0; t < T; t++) {
+        if (lens[t] < 1 || lens[t] > ldslots) return -1;
+        max_len = lens[t] > max_len ? lens[t] : max_len;
+    }
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (fd_decode_workspace(M, T, max_len, nt) > workspace_bytes) return -1;
+    const int64_t q = M->heads * M->head_dim;
+    fd_geometry S = {T, partition_size(T, M->kv_heads, max_len, nt), 0, 0, positions, new_slots, slots, lens, ldslots, NULL};
+    S.max_k = M->hidden > q ? M->hidden : q;
+    S.max_k = S.max_k > M->inter ? S.max_k : M->inter;
+    int64_t item_base[T + 1];
+    item_base[0] = 0;
+    for (int64_t t = 0; t < T; t++) item_base[t + 1] = item_base[t] + M->kv_heads * ((lens[t] + S.part - 1) / S.part);
+    S.items = item_base[T];
+    S.item_base = item_base;
+    fd_buffers B;
+    carve(M, &S, workspace, nt, &B);
+    atomic_llong fallbacks;
+    atomic_init(&fallbacks, 0);
+    const int64_t H = M->heads, KVH = M->kv_heads, D = M->head_dim, width = (H + 2 * KVH) * D;
+    fd_team team;
+    fd_team_init(&team, nt);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        fd_team solo;
+        fd_member me = fd_join(&team, &solo);
+        float *tb = B.thread + me.tid * B.thread_floats;
+        float *db = tb, *mb = tb + fd_scale_scratch(S.max_k), *at = mb + fd_scale_scratch(S.max_k);
+        for (int64_t l = 0; l < M->num_layers; l++) {
+            const fd_layer *L = &M->layers[l];
+            norm_rows(&me, x, L->attn_norm, B.xn, T, M->hidden, M->eps);
+            proj(&me, &L->qkv, B.xn, T, M->hidden, B.qkv, width, 0, &B, db, mb);
+            rope_and_store(&me, M, l, L, &S, B.qkv);
+            attention(&me, M, l, &S, &B, at, &fallbacks);
+            proj(&me, &L->o, B.attn, T, q, x, M->hidden, 1, &B, db, mb);
+            norm_rows(&me, x, L->mlp_norm, B.xn, T, M->hidden, M->eps);
+            proj(&me, &L->gate_up, B.xn, T, M->hidden, B.gu, 2 * M->inter, 0, &B, db, mb);
+            TEAM_FOR(&me, T * 8, 1, i) { /* eight slices per row: work for every thread */
+                const int64_t t = i / 8, c0 = M->inter * (i % 8) / 8, c1 = M->inter * (i % 8 + 1) / 8;
+                silu_mul(B.gu + t * 2 * M->inter + c0, B.gu + t * 2 * M->inter + M->inter + c0,
+                         B.act + t * M->inter + c0, c1 - c0);
+            }
+            proj(&me, &L->down, B.act, T, M->inter, x, M->hidden, 1, &B, db, mb);
+        }
+        norm_rows(&me, x, M->norm, x, T, M->hidden, M->eps);
+    }
+    if (stats) {
+        stats[0] += M->unified ? M->num_layers * T * H : 0;
+        stats[1] += atomic_load(&fallbacks);
+    }
+    return 0;
+}

@@ -1,0 +1,107 @@
+"""The decoder's decode steps as one native call (kernels/cpu/decode_step.c), where they can be.
+
+A decode batch of T single tokens runs natively when every projection's kernel at M = T is a flat GEMM
+(``native``, or ``native_q8`` with int8 activations: the dataflow plan still decides, per projection and
+M), the compute dtype is fp32, the KV cache holds fp32, bf16 or fp16, and the softmax is exact or
+unified with no calibration observer. Anything else (prefill chunks, an int8 KV cache, a torch kernel
+in the plan, the Triton backend) runs the Python layers, which remain the reference: the two compute
+the same operations in fp32 and differ only in summation order.
+
+One ``DecodeStep`` is built per combination of int8-activation flags, KV storage and softmax, and
+rebuilt only when a plan changes (``Linear.plans_set``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..kernels import cpu
+from ..kernels.cpu.decode import KV_DTYPES, DecodeStep, Geometry, LayerWeights, ProjPart
+from ..layers.attention import SoftmaxPolicy
+from ..layers.kv_cache import KVCache
+from ..layers.linear import Linear, SplitLinear
+from ..layers.quant import QuantizedTensor
+from ..layers.rope import RotaryEmbedding
+from .spec import ModelSpec
+
+STEP_KERNELS = {"native": False, "native_q8": True}  # plan candidate -> int8 activations
+
+
+def _parts(mod: Linear | SplitLinear) -> list[Linear]:
+    return mod.parts if isinstance(mod, SplitLinear) else [mod]
+
+
+def _part(lin: Linear, int8_activations: bool) -> ProjPart:
+    w = lin.weight
+    planes = w.planes() if isinstance(w, QuantizedTensor) else (w, None, None)
+    return ProjPart(lin.format, planes, lin.bias_as(torch.float32), int8_activations)
+
+
+class NativeDecode:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        layers: Sequence[Any],
+        norm: torch.Tensor,
+        rope: RotaryEmbedding,
+        dtype: torch.dtype,
+    ):
+        """``layers``: the decoder's ``DecoderLayer``s (their norms, ``qk_norm`` and ``projections()``);
+        ``norm``: the final norm's weight. Host tensors, fp32 compute (else nothing runs natively)."""
+        self.spec, self.layers, self.norm, self.rope, self.dtype = spec, layers, norm, rope, dtype
+        self._flags: dict[int, tuple[bool, ...] | None] = {}  # T -> int8 flag per projection part
+        self._steps: dict[tuple, DecodeStep] = {}
+        self._plans_set = -1
+
+    def _flags_at(self, t: int) -> tuple[bool, ...] | None:
+        if self._plans_set != Linear.plans_set:  # a plan changed: every cached decision is stale
+            self._flags.clear()
+            self._steps.clear()
+            self._plans_set = Linear.plans_set
+        if t not in self._flags:
+            names = [lin.candidate_at(t) for layer in self.layers for lin in layer.linears()]
+            ok = all(name in STEP_KERNELS for name in names)
+            self._flags[t] = tuple(STEP_KERNELS[n] for n in names) if ok else None
+        return self._flags[t]
+
+    def step(self, t: int, cache: KVCache, softmax: SoftmaxPolicy | None) -> DecodeStep | None:
+        """The native step for a decode batch of ``t`` tokens, or None where the Python layers run."""
+        lib = cpu.load()
+        if lib is None or self.dtype != torch.float32:
+            return None
+        if cache.quantized or cache.kv.dtype not in KV_DTYPES:
+            return None
+        unified = softmax is not None and softmax.mode == "unified"
+        if softmax is not None and (softmax.observer is not None or softmax.backend == "triton"):
+            return None
+        flags = self._flags_at(t)
+        if flags is None:
+            return None
+        phi = tuple(softmax.phi_at(i) for i in range(len(self.layers))) if unified else None
+        window = softmax.window_for(torch.float32) if unified else (0.0, 0.0)
+        key = (flags, cache.kv.data_ptr(), phi, window)
+        if key not in self._steps:
+            self._steps[key] = self._build(lib, flags, cache, phi, window)
+        return self._steps[key]
+
+    def _build(self, lib, flags, cache: KVCache, phi, window) -> DecodeStep:
+        s = self.spec
+        it = iter(flags)
+        layers = []
+        for layer in self.layers:
+            projs = [[_part(lin, next(it)) for lin in _parts(mod)] for mod in layer.projections()]
+            layers.append(LayerWeights(layer.attn_norm, layer.mlp_norm, layer.qk_norm, *projs))
+        geometry = Geometry(
+            s.hidden_size,
+            s.num_heads,
+            s.num_kv_heads,
+            s.head_dim,
+            s.intermediate_size,
+            s.norm_eps,
+            s.head_dim**-0.5,
+        )
+        cos, sin = self.rope.cos.contiguous(), self.rope.sin.contiguous()
+        return DecodeStep(lib, geometry, layers, self.norm, cos, sin, cache.kv, phi, window)
