@@ -248,6 +248,7 @@ static int64_t thread_floats(const fd_model *M, int64_t max_k) {
 
 /* Bytes of workspace fd_decode needs for T tokens whose longest context is max_len. */
 int64_t fd_decode_workspace(const fd_model *M, int64_t T, int64_t max_len, int nthreads) {
+    nthreads = fd_team_size(nthreads);
     const int64_t q = M->heads * M->head_dim, kv = M->kv_heads * M->head_dim, G = M->heads / M->kv_heads;
     int64_t max_k = M->hidden > q ? M->hidden : q;
     max_k = max_k > M->inter ? max_k : M->inter;
@@ -370,6 +371,31 @@ static void carve(const fd_model *M, const fd_geometry *S, void *ws, int nt, fd_
     B->xq = (int8_t *)f;
 }
 
+/* every layer, then the final norm: what each member of the team runs */
+static void run_layers(fd_member *me, const fd_model *M, const fd_geometry *S, const fd_buffers *B, float *x,
+                       atomic_llong *fallbacks) {
+    const int64_t T = S->T, q = M->heads * M->head_dim, width = (M->heads + 2 * M->kv_heads) * M->head_dim;
+    float *tb = B->thread + me->tid * B->thread_floats;
+    float *db = tb, *mb = tb + fd_scale_scratch(S->max_k), *at = mb + fd_scale_scratch(S->max_k);
+    for (int64_t l = 0; l < M->num_layers; l++) {
+        const fd_layer *L = &M->layers[l];
+        norm_rows(me, x, L->attn_norm, B->xn, T, M->hidden, M->eps);
+        proj(me, &L->qkv, B->xn, T, M->hidden, B->qkv, width, 0, B, db, mb);
+        rope_and_store(me, M, l, L, S, B->qkv);
+        attention(me, M, l, S, B, at, fallbacks);
+        proj(me, &L->o, B->attn, T, q, x, M->hidden, 1, B, db, mb);
+        norm_rows(me, x, L->mlp_norm, B->xn, T, M->hidden, M->eps);
+        proj(me, &L->gate_up, B->xn, T, M->hidden, B->gu, 2 * M->inter, 0, B, db, mb);
+        TEAM_FOR(me, T * 8, 1, i) { /* eight slices per row: work for every thread */
+            const int64_t t = i / 8, c0 = M->inter * (i % 8) / 8, c1 = M->inter * (i % 8 + 1) / 8;
+            silu_mul(B->gu + t * 2 * M->inter + c0, B->gu + t * 2 * M->inter + M->inter + c0, B->act + t * M->inter + c0,
+                     c1 - c0);
+        }
+        proj(me, &L->down, B->act, T, M->inter, x, M->hidden, 1, B, db, mb);
+    }
+    norm_rows(me, x, M->norm, x, T, M->hidden, M->eps);
+}
+
 /* Runs every layer and the final norm for T single-token decodes. x [T, hidden]: the embeddings in,
  * the final hidden states out. positions, new_slots, lens [T]: each token's position, the cache slot
  * its K and V go to, its context length (itself included); slots [T, ldslots]: each sequence's key
@@ -384,7 +410,7 @@ int fd_decode(const fd_model *M, int64_t T, float *x, const int64_t *positions, 
         if (lens[t] < 1 || lens[t] > ldslots) return -1;
         max_len = lens[t] > max_len ? lens[t] : max_len;
     }
-    int nt = nthreads < 1 ? 1 : nthreads;
+    const int nt = fd_team_size(nthreads);
     if (fd_decode_workspace(M, T, max_len, nt) > workspace_bytes) return -1;
     const int64_t q = M->heads * M->head_dim;
     fd_geometry S = {T, partition_size(T, M->kv_heads, max_len, nt), 0, 0, positions, new_slots, slots, lens, ldslots, NULL};
@@ -399,35 +425,16 @@ int fd_decode(const fd_model *M, int64_t T, float *x, const int64_t *positions, 
     carve(M, &S, workspace, nt, &B);
     atomic_llong fallbacks;
     atomic_init(&fallbacks, 0);
-    const int64_t H = M->heads, KVH = M->kv_heads, D = M->head_dim, width = (H + 2 * KVH) * D;
     fd_team team;
     fd_team_init(&team, nt);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         fd_team solo;
         fd_member me = fd_join(&team, &solo);
-        float *tb = B.thread + me.tid * B.thread_floats;
-        float *db = tb, *mb = tb + fd_scale_scratch(S.max_k), *at = mb + fd_scale_scratch(S.max_k);
-        for (int64_t l = 0; l < M->num_layers; l++) {
-            const fd_layer *L = &M->layers[l];
-            norm_rows(&me, x, L->attn_norm, B.xn, T, M->hidden, M->eps);
-            proj(&me, &L->qkv, B.xn, T, M->hidden, B.qkv, width, 0, &B, db, mb);
-            rope_and_store(&me, M, l, L, &S, B.qkv);
-            attention(&me, M, l, &S, &B, at, &fallbacks);
-            proj(&me, &L->o, B.attn, T, q, x, M->hidden, 1, &B, db, mb);
-            norm_rows(&me, x, L->mlp_norm, B.xn, T, M->hidden, M->eps);
-            proj(&me, &L->gate_up, B.xn, T, M->hidden, B.gu, 2 * M->inter, 0, &B, db, mb);
-            TEAM_FOR(&me, T * 8, 1, i) { /* eight slices per row: work for every thread */
-                const int64_t t = i / 8, c0 = M->inter * (i % 8) / 8, c1 = M->inter * (i % 8 + 1) / 8;
-                silu_mul(B.gu + t * 2 * M->inter + c0, B.gu + t * 2 * M->inter + M->inter + c0,
-                         B.act + t * M->inter + c0, c1 - c0);
-            }
-            proj(&me, &L->down, B.act, T, M->inter, x, M->hidden, 1, &B, db, mb);
-        }
-        norm_rows(&me, x, M->norm, x, T, M->hidden, M->eps);
+        if (me.team) run_layers(&me, M, &S, &B, x, &fallbacks);
     }
     if (stats) {
-        stats[0] += M->unified ? M->num_layers * T * H : 0;
+        stats[0] += M->unified ? M->num_layers * T * M->heads : 0;
         stats[1] += atomic_load(&fallbacks);
     }
     return 0;

@@ -324,7 +324,7 @@ static int64_t row_bytes(int fmt, int64_t K) {
 }
 
 static int pick_threads(int nthreads, int64_t ntiles, double work) {
-    int nt = nthreads < 1 ? 1 : nthreads;
+    int nt = fd_team_size(nthreads);
     if (work < 65536.0) nt = 1; /* fork/join costs more than it saves on tiny products */
     if (nt > ntiles) nt = (int)ntiles;
     return nt < 1 ? 1 : nt;
@@ -372,12 +372,14 @@ static int linear_rows(int fmt, const float *x, int64_t ldx, int64_t M, int64_t 
     {
         fd_team solo;
         fd_member me = fd_join(&team, &solo);
-        float *db = (float *)malloc(sizeof(float) * fd_scale_scratch(K)), *mb = (float *)malloc(sizeof(float) * fd_scale_scratch(K));
-        if (!db || !mb) atomic_store(&failed, 1);
-        fd_barrier(&me);
-        if (!atomic_load(&failed)) fd_linear_tiles(&me, fmt, x, ldx, M, K, w, d, m, bias, y, ldy, 0, N, db, mb);
-        free(db);
-        free(mb);
+        if (me.team) {
+            float *db = (float *)malloc(sizeof(float) * fd_scale_scratch(K)), *mb = (float *)malloc(sizeof(float) * fd_scale_scratch(K));
+            if (!db || !mb) atomic_store(&failed, 1);
+            fd_barrier(&me);
+            if (!atomic_load(&failed)) fd_linear_tiles(&me, fmt, x, ldx, M, K, w, d, m, bias, y, ldy, 0, N, db, mb);
+            free(db);
+            free(mb);
+        }
     }
     return atomic_load(&failed) ? -2 : 0;
 }
@@ -666,17 +668,19 @@ int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
     {
         fd_team solo;
         fd_member me = fd_join(&team, &solo);
-        float *db = (float *)malloc(sizeof(float) * fd_scale_scratch(K)), *mb = (float *)malloc(sizeof(float) * fd_scale_scratch(K));
-        if (!db || !mb) atomic_store(&failed, 1);
-        fd_barrier(&me);
-        if (!atomic_load(&failed)) {
-            const int n = me.team->n;
-            fd_q8_quantize_rows(x, ldx, M * me.tid / n, M * (me.tid + 1) / n, K, xq, dx, sx);
+        if (me.team) {
+            float *db = (float *)malloc(sizeof(float) * fd_scale_scratch(K)), *mb = (float *)malloc(sizeof(float) * fd_scale_scratch(K));
+            if (!db || !mb) atomic_store(&failed, 1);
             fd_barrier(&me);
-            fd_linear_q8_tiles(&me, fmt, xq, dx, sx, M, K, w, d, m, bias, y, ldy, 0, N, db, mb);
+            if (!atomic_load(&failed)) {
+                const int n = me.team->n;
+                fd_q8_quantize_rows(x, ldx, M * me.tid / n, M * (me.tid + 1) / n, K, xq, dx, sx);
+                fd_barrier(&me);
+                fd_linear_q8_tiles(&me, fmt, xq, dx, sx, M, K, w, d, m, bias, y, ldy, 0, N, db, mb);
+            }
+            free(db);
+            free(mb);
         }
-        free(db);
-        free(mb);
     }
     free(xq);
     free(dx);
