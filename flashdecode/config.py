@@ -13,6 +13,7 @@ SOFTMAX_MODES = ("auto", "exact", "unified")  # FlashDecoding++ section 3 (layer
 DATAFLOW_MODES = ("auto", "off")  # FlashDecoding++ section 5 (layers/dataflow.py)
 KV_CACHE_DTYPES = ("auto", "f16", "bf16", "int8")
 QUANTIZATIONS = (None, "int8", "int4")
+NUMERICS_MODES = ("auto", "exact")  # engine/numerics.py
 DEVICES = ("cpu", "cuda")  # "cuda": the Triton kernels (layers/device.py resolves it)
 
 _DTYPES = {
@@ -55,6 +56,10 @@ class EngineConfig:
     # "cpu": the native C kernels and torch; "cuda": the Triton kernels, on a CUDA device (or on host
     # memory under TRITON_INTERPRET=1, which is how the GPU path is tested without one)
     device: str = "cpu"
+    # "exact": stored weights, fp32 activations, a KV cache in the compute dtype; "auto": for quantized
+    # GGUF weights, int8 activations and a float16 KV cache where the held-out check allows
+    # (engine/numerics.py), else exact
+    numerics: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -75,6 +80,8 @@ class EngineConfig:
             raise FlashDecodeError(f"quantization={self.quantization!r}: expected None, int8 or int4")
         if self.softmax not in SOFTMAX_MODES:
             raise FlashDecodeError(f"softmax={self.softmax!r}: expected one of {SOFTMAX_MODES}")
+        if self.numerics not in NUMERICS_MODES:
+            raise FlashDecodeError(f"numerics={self.numerics!r}: expected one of {NUMERICS_MODES}")
         if self.device not in DEVICES:
             raise FlashDecodeError(f"device={self.device!r}: expected one of {DEVICES}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -38,7 +38,9 @@ def test_parse_int_list() -> None:
         bench.BenchConfig(gen_len=1)
 
 
-def hand_decode_bound(gguf_path: Path, hf_dir: Path, batch: int, context: float) -> float:
+def hand_decode_bound(
+    gguf_path: Path, hf_dir: Path, batch: int, context: float, kv_itemsize: int = 4
+) -> float:
     """tokens/s of one decode step of ``batch`` sequences attending to ``context`` positions each, by
     hand from the file's own tensor sizes (read with the ``gguf`` package) and the model's config:
     what roofline.py's docstring counts. fp32 compute (a Q4_0 GGUF), CEILINGS' int8 peak."""
@@ -54,7 +56,7 @@ def hand_decode_bound(gguf_path: Path, hf_dir: Path, batch: int, context: float)
     assert "output.weight" in tensors  # untied head: read every step; the embedding is only gathered
     weights = sum(int(t.n_bytes) for name, t in tensors.items() if name != "token_embd.weight")
     embed_row = int(tensors["token_embd.weight"].n_bytes) / vocab
-    kv_token = 2 * layers * kv * 4  # K and V, every layer, fp32
+    kv_token = 2 * layers * kv * kv_itemsize  # K and V, every layer
     per_layer_acts = (h + q + 2 * kv) + (q + h) + (h + 2 * inter) + (inter + h)  # in + out of each projection
     acts = (layers * per_layer_acts + h) * 4 + vocab * 4  # the head writes fp32 logits
     nbytes = weights + batch * embed_row + batch * context * kv_token + batch * kv_token + batch * acts
@@ -90,7 +92,8 @@ def test_quick_bench_on_a_tiny_model(tiny_gguf: Path, hf_model) -> None:
         assert c["prefill_tok_s"]["median"] == pytest.approx((prefill[0] + prefill[1]) / 2)
         # the decode bound at the cell's mean context: the decode steps read the K/V of p + 1, ...,
         # p + gen_len - 1 positions (each step's input token included), on average p + gen_len / 2
-        want = hand_decode_bound(tiny_gguf, hf_model("llama"), b, p + 4 / 2)
+        kv_itemsize = 4 if result["engine"]["kv_cache_dtype"] == "float32" else 2  # per --numerics
+        want = hand_decode_bound(tiny_gguf, hf_model("llama"), b, p + 4 / 2, kv_itemsize)
         assert c["decode_bound_tok_s"] == pytest.approx(want, rel=1e-9)
         assert c["decode_fraction"] == pytest.approx(c["decode_tok_s"]["median"] / want, rel=1e-9)
         assert 0 < c["decode_fraction"] < 1 and 0 < c["prefill_fraction"] < 1

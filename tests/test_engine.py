@@ -23,14 +23,14 @@ GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(max_model_len=512, kv_block_size=16)
+    return LLM(max_model_len=512, kv_block_size=16, numerics="exact")  # the stored weights' arithmetic
 
 
 def tokens(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-def test_chat_answer_names_paris(llm: LLM) -> None:
+def test_chat_answer_names_paris(llm: LLM) -> None:  # exact numerics (docs/numerics.md)
     out = llm.chat(
         [{"role": "user", "content": "What is the capital of France?"}],
         SamplingParams(temperature=0, max_tokens=32),
@@ -77,7 +77,13 @@ def test_batching_changes_nothing(llm: LLM) -> None:
 
 def test_chunked_prefill_and_prefix_cache_change_nothing(llm: LLM) -> None:
     reference = tokens(llm.generate(PROMPTS, GREEDY))
-    chunked = LLM(max_model_len=512, kv_block_size=16, max_num_batched_tokens=7, enable_prefix_caching=False)
+    chunked = LLM(
+        max_model_len=512,
+        kv_block_size=16,
+        max_num_batched_tokens=7,
+        enable_prefix_caching=False,
+        numerics="exact",
+    )
     assert tokens(chunked.generate(PROMPTS, GREEDY)) == reference
 
 
@@ -85,7 +91,7 @@ def test_preemption_under_a_tiny_kv_budget_changes_nothing(llm: LLM) -> None:
     reference = tokens(llm.generate(PROMPTS, GREEDY))
     spec = llm.engine.spec
     bytes_per_token = 2 * spec.num_layers * spec.kv_size * 4
-    small = LLM(max_model_len=128, kv_block_size=16, kv_cache_bytes=128 * bytes_per_token)
+    small = LLM(max_model_len=128, kv_block_size=16, kv_cache_bytes=128 * bytes_per_token, numerics="exact")
     assert tokens(small.generate(PROMPTS, GREEDY)) == reference
     assert small.engine.stats().num_preemptions > 0
     assert small.engine.stats().kv_blocks_free == small.engine.stats().kv_blocks_total

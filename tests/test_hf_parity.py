@@ -53,8 +53,14 @@ def single_thread() -> Any:
 def make_llm(path: Path, **kwargs: Any) -> Any:
     from flashdecode import LLM
 
+    # exact numerics: the parity tests judge the stored weights' arithmetic (engine/numerics.py)
     options = dict(
-        dtype="float32", max_model_len=256, kv_block_size=KV_BLOCK, kv_cache_bytes=KV_BYTES, num_threads=1
+        dtype="float32",
+        max_model_len=256,
+        kv_block_size=KV_BLOCK,
+        kv_cache_bytes=KV_BYTES,
+        num_threads=1,
+        numerics="exact",
     )
     return LLM(model=str(path), **{**options, **kwargs})
 

@@ -14,7 +14,7 @@ COUNTING = "1, 2, 3, 4,"
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(max_model_len=256, kv_block_size=16)
+    return LLM(max_model_len=256, kv_block_size=16, numerics="exact")
 
 
 def greedy(**kwargs) -> SamplingParams:

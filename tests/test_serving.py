@@ -132,8 +132,8 @@ def test_int8_kv_cache_keeps_greedy_output_and_perplexity() -> None:
         "The Eiffel Tower is located in",
         "Dear Sir or Madam,",
     ]
-    reference = LLM(max_model_len=1024)
-    quantized = LLM(max_model_len=1024, kv_cache_dtype="int8")
+    reference = LLM(max_model_len=1024, numerics="exact")
+    quantized = LLM(max_model_len=1024, kv_cache_dtype="int8", numerics="exact")
     assert quantized.engine.cache.k.dtype.itemsize * 4 == reference.engine.cache.k.dtype.itemsize
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
     equal = 0

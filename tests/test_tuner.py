@@ -118,7 +118,7 @@ def test_embedded_model_greedy_text_is_the_same_with_any_table() -> None:
         dataflow.table_path(dataflow.fingerprint(1)).unlink(missing_ok=True)
         if table is not None:
             table.save()
-        llm = LLM(max_model_len=128, num_threads=1, dataflow=mode)
+        llm = LLM(max_model_len=128, num_threads=1, dataflow=mode, numerics="exact")
         outs = llm.generate(prompts, params)
         return [o.outputs[0].token_ids for o in outs], llm
 
@@ -271,7 +271,7 @@ def test_a_hostile_table_in_the_users_cache_is_real_and_never_read_under_isolati
     # (b) the autouse isolation in effect: the same table is never read
     monkeypatch.setenv("FLASHDECODE_CACHE_DIR", str(isolated_cache))
     assert not dataflow.table_path(fp).exists()
-    isolated = LLM(max_model_len=64, num_threads=1)
+    isolated = LLM(max_model_len=64, num_threads=1, numerics="exact")  # the plans as the dataflow set them
     assert isolated.engine.model.dataflow == {"table": 0, "default": n_linears, "static": 0}
     assert all(lin.plan == default_plan(lin) for lin in iter_linears(isolated.engine.model.linears()))
     assert user_table.exists()  # still there: it was ignored, not removed

@@ -13,6 +13,7 @@ import torch
 
 from ..config import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from ..errors import FlashDecodeError, InvalidPromptError, PromptTooLongError
+from ..kernels.formats import is_quantized
 from ..layers.dataflow import DataflowTable, load_table
 from ..layers.device import resolve_device
 from ..layers.kv_cache import KVCache
@@ -22,6 +23,7 @@ from ..models.weights import LoadedModel
 from ..outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from ..utils.cpuinfo import physical_cores
+from . import numerics
 from .block_manager import BlockManager
 from .calibration import softmax_policy
 from .detokenizer import append_new_text, find_stop_string
@@ -98,10 +100,16 @@ class LLMEngine:
             self.device,
             max_model_len=self.max_model_len,
         )
+        quantized_file = config.quantization is None and any(is_quantized(f) for f in loaded.formats.values())
         del loaded
         self.model.softmax = softmax_policy(
             config.softmax, config.model, self.spec.num_layers, "triton" if triton else "auto"
         )
+        # int8 activations and a 16-bit KV cache where the held-out check allows (engine/numerics.py)
+        self.numerics = numerics.resolve(
+            config.numerics, config.kv_cache_dtype, config.model, self.model, self.tokenizer, quantized_file
+        )
+        self.kv_cache_dtype = self.numerics.kv_cache_dtype
 
         bs = config.kv_block_size
         num_blocks = self._num_kv_blocks()
@@ -111,7 +119,7 @@ class LLMEngine:
             self.spec.num_kv_heads,
             self.spec.head_dim,
             self.dtype,
-            config.kv_cache_dtype,
+            self.kv_cache_dtype,
             self.device.torch,
         )
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
@@ -142,7 +150,7 @@ class LLMEngine:
         s, cfg = self.spec, self.config
         bs = cfg.kv_block_size
         per_token = KVCache.bytes_per_token(
-            s.num_layers, s.num_kv_heads, s.head_dim, self.dtype, cfg.kv_cache_dtype
+            s.num_layers, s.num_kv_heads, s.head_dim, self.dtype, self.kv_cache_dtype
         )
         bytes_per_block = per_token * bs
         min_blocks = -(-self.max_model_len // bs)

@@ -245,6 +245,8 @@ def run_bench(
         },
         "engine": {
             "dtype": str(engine.dtype).removeprefix("torch."),
+            "int8_activations": engine.numerics.int8_activations,
+            "kv_cache_dtype": str(engine.cache.kv.dtype).removeprefix("torch."),
             "threads": threads,
             "load_s": load_s,
             "resident_weight_bytes": resident_tensor_bytes(engine.model),

@@ -360,7 +360,7 @@ def perplexity_gate(
     approximate candidate run at every M of every Linear that can use it: the worst case of any plan
     that contains it. A candidate is allowed when it stays within ``PPL_TOLERANCE``."""
     text = resources.files("flashdecode").joinpath("data/heldout.txt").read_text(encoding="utf-8")
-    llm = LLM(model=model, dataflow="off", num_threads=num_threads, max_num_seqs=1)
+    llm = LLM(model=model, dataflow="off", numerics="exact", num_threads=num_threads, max_num_seqs=1)
     ids = llm.get_tokenizer().encode(text)[: min(max_tokens, llm.engine.max_model_len - 1)]
     linears = list(iter_linears(llm.engine.model.linears()))
     exact = heldout_perplexity(llm, ids)
