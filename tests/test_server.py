@@ -22,7 +22,7 @@ from flashdecode.models.loader import load_model
 
 API_KEY = "test-key-123"
 MODEL = "smollm2"
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 1024  # room for the tool descriptions in the prompt, and forced calls after them
 MAX_BODY = 64 << 10
 SECRET_PROMPT = "Zebra-Quokka secret prompt text"
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
@@ -479,3 +479,196 @@ def test_one_log_line_per_request_without_prompt_text(server: Server, client: op
         re.search(r" (200|4\d\d) \d+\.\d+s id=\S+ prompt_tokens=\d+", line) for line in lines
     )
     assert json.dumps(SECRET_PROMPT)[1:-1] not in log
+
+
+# --- tool calls --------------------------------------------------------------------------------------
+
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "options": {
+            "type": "object",
+            "properties": {"hourly": {"type": "boolean"}, "alerts": {"enum": ["none", "severe"]}},
+            "required": ["hourly"],
+            "additionalProperties": False,
+        },
+        "fields": {"type": "array", "items": {"enum": ["rain", "wind", "sun"]}, "maxItems": 3},
+    },
+    "required": ["city", "unit", "days", "options", "fields"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The forecast for a city.",
+            "parameters": WEATHER_PARAMETERS,
+        },
+    },
+    {"type": "function", "function": {"name": "get_time", "description": "The local time in a city."}},
+]
+SCHEMAS = {
+    "get_weather": WEATHER_PARAMETERS,
+    "get_time": {"type": "object", "properties": {}, "additionalProperties": False},
+}
+TOOL_MESSAGES = [{"role": "user", "content": "What will the weather be in Paris this week?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def _valid_calls(message, names: set[str]) -> None:
+    import jsonschema
+
+    assert message.content is None and message.tool_calls
+    for call in message.tool_calls:
+        assert call.id.startswith("call_") and call.type == "function"
+        assert call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+@pytest.mark.parametrize("tool_choice", ["required", NAMED], ids=["required", "named"])
+def test_forced_tool_calls_validate_at_high_temperature(client: openai.OpenAI, tool_choice) -> None:
+    names = {"get_weather"} if tool_choice == NAMED else set(SCHEMAS)
+    for seed in (1, 2, 3):
+        out = client.chat.completions.create(
+            model=MODEL, messages=TOOL_MESSAGES, tools=TOOLS, tool_choice=tool_choice,
+            temperature=1.2, seed=seed, n=2, max_tokens=300,
+        )  # fmt: skip
+        for choice in out.choices:
+            assert choice.finish_reason == "tool_calls", choice
+            _valid_calls(choice.message, names)
+            if tool_choice == NAMED:
+                assert len(choice.message.tool_calls) == 1
+
+
+def _streamed_calls(chunks) -> tuple[list[dict], list[str | None]]:
+    calls: list[dict] = []
+    for chunk in chunks:
+        for piece in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            if piece.id is not None:
+                assert piece.index == len(calls) and piece.type == "function"
+                calls.append({"id": piece.id, "name": piece.function.name, "arguments": ""})
+            calls[piece.index]["arguments"] += piece.function.arguments or ""
+    return calls, [c.choices[0].finish_reason for c in chunks if c.choices]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", NAMED], ids=["required", "named"])
+def test_streamed_tool_calls_concatenate_to_the_non_streamed_ones(client: openai.OpenAI, tool_choice) -> None:
+    request = dict(model=MODEL, messages=TOOL_MESSAGES, tools=TOOLS, tool_choice=tool_choice, max_tokens=300)
+    full = client.chat.completions.create(**request, temperature=0)
+    chunks = list(client.chat.completions.create(**request, temperature=0, stream=True))
+    calls, reasons = _streamed_calls(chunks)
+    expected = [(c.function.name, c.function.arguments) for c in full.choices[0].message.tool_calls]
+    assert [(c["name"], c["arguments"]) for c in calls] == expected
+    assert all(c.choices[0].delta.content is None for c in chunks if c.choices)
+    assert reasons[-1] == "tool_calls" and full.choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_and_auto_give_content(client: openai.OpenAI) -> None:
+    plain = client.chat.completions.create(model=MODEL, messages=TOOL_MESSAGES, max_tokens=12, **_greedy())
+    for tool_choice in ("none", "auto"):
+        out = client.chat.completions.create(
+            model=MODEL,
+            messages=TOOL_MESSAGES,
+            tools=TOOLS,
+            tool_choice=tool_choice,
+            max_tokens=12,
+            **_greedy(),
+        )
+        message = out.choices[0].message
+        if tool_choice == "none" or not message.tool_calls:  # the tiny model rarely calls in auto mode
+            assert message.content and message.tool_calls is None
+            assert out.choices[0].finish_reason == "length"
+        else:
+            _valid_calls(message, set(SCHEMAS))
+    # the tools reach the prompt (the embedded template has no tool support: a system message)
+    assert out.usage.prompt_tokens > plain.usage.prompt_tokens
+
+
+def test_tool_call_history_renders(server: Server, client: openai.OpenAI) -> None:
+    arguments = json.dumps(
+        {"city": "Paris", "unit": "celsius", "days": 1, "options": {"hourly": False}, "fields": []}
+    )
+    history = [
+        *TOOL_MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 degrees."},
+    ]  # fmt: skip
+    out = client.chat.completions.create(
+        model=MODEL, messages=history, tools=TOOLS, max_tokens=8, **_greedy()
+    )
+    assert out.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    r = httpx.post(
+        f"{server.base}/tokenize",
+        json={"messages": history, "tools": TOOLS, "return_token_strs": True},
+        headers=_auth(),
+    )
+    rendered = "".join(r.json()["token_strs"])
+    assert "Sunny" in rendered and "get_weather" in rendered and "<tool_call>" in rendered
+
+
+def test_invalid_tools_are_a_400(server: Server, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="not in tools"):
+        client.chat.completions.create(
+            model=MODEL, messages=TOOL_MESSAGES, tools=TOOLS, max_tokens=4,
+            tool_choice={"type": "function", "function": {"name": "launch_rocket"}},
+        )  # fmt: skip
+    url = f"{server.base}/v1/chat/completions"
+    body = {"model": MODEL, "messages": TOOL_MESSAGES, "max_tokens": 4}
+    nonsense = {"type": "object", "properties": {"x": {"type": "nonsense"}}}
+    bad_schema = [{"type": "function", "function": {"name": "f", "parameters": nonsense}}]
+    for extra, param in (
+        ({"tools": bad_schema}, "tools[0].function.parameters"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+        ({"tools": [TOOLS[0], TOOLS[0]]}, "tools"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
+        (
+            {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+    ):
+        for stream in (False, True):
+            error = _error(httpx.post(url, json={**body, **extra, "stream": stream}, headers=_auth()), 400)
+            assert error["type"] == "invalid_request_error"
+            assert error["param"] == param, (extra, error)
+
+
+# --- bench serve ---------------------------------------------------------------------------------------
+
+
+def test_bench_serve_reports_every_level(server: Server, tmp_path: Path) -> None:
+    report_path = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "flashdecode", "bench", "serve", "--base-url", server.base, "--model", MODEL]
+    cmd += ["--concurrency", "1,3", "--num-prompts", "3", "--prompt-len", "8", "--max-tokens", "4"]
+    cmd += ["--api-key", API_KEY, "--json", str(report_path), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(report_path.read_text())
+    assert report["model"] == MODEL and report["max_tokens"] == 4
+    assert [level["concurrency"] for level in report["levels"]] == [1, 3]
+    for level in report["levels"]:
+        assert level["errors"] == 0 and level["completed"] == 3, level
+        assert level["output_tokens"] == 3 * 4  # the server's own usage counts, EOS ignored
+        assert level["request_throughput"] > 0 and level["output_tokens_per_s"] > 0
+        for metric in ("ttft_ms", "itl_ms", "e2e_ms"):
+            assert set(level[metric]) == {"p50", "p90", "p99", "mean"}
+            assert 0 < level[metric]["p50"] <= level[metric]["p90"] <= level[metric]["p99"]
+    assert "TTFT p50 ms" in done.stdout
+
+
+def test_bench_serve_counts_errors(server: Server, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "flashdecode", "bench", "serve", "--base-url", server.base, "--model", MODEL]
+    cmd += ["--concurrency", "2", "--num-prompts", "2", "--max-tokens", "2", "--api-key", "wrong"]
+    cmd += ["--json", str(tmp_path / "bench.json"), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (level,) = json.loads((tmp_path / "bench.json").read_text())["levels"]
+    assert level["errors"] == 2 and level["completed"] == 0
+    assert level["error_samples"] and "401" in level["error_samples"][0]

@@ -46,8 +46,9 @@ class GrammarMatcher:
 
 
 class StructuredOutputs:
-    """Builds matchers over one tokenizer; the llguidance tokenizer (about 0.4 s for a 49k vocabulary) is
-    built on the first structured request, so plain serving never pays for it."""
+    """Builds matchers over one tokenizer. The llguidance tokenizer is built on the first structured
+    request, so offline use without constraints never pays for it; a server builds it ahead, off its
+    event loop, with :meth:`prepare`."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Iterable[int]):
         self._tokenizer = tokenizer
@@ -56,14 +57,16 @@ class StructuredOutputs:
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()  # make_request (which builds matchers) may run on any thread
 
+    def prepare(self) -> None:
+        """Build the llguidance tokenizer now (it takes a noticeable part of a second for a large
+        vocabulary), so no request waits for it."""
+        self._lltokenizer()
+
     def _lltokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._ll_tokenizer is None:
-                # the wrapped `tokenizers` tokenizer, as its tokenizer.json text (Tokenizer has no public
-                # accessor for it yet, and models/ is being edited by others)
-                vocab_json = self._tokenizer._backend.to_str()
                 self._ll_tokenizer = llguidance.LLTokenizer(
-                    vocab_json, n_vocab=self._vocab_size, eos_token=self._eos
+                    self._tokenizer.backend_json(), n_vocab=self._vocab_size, eos_token=self._eos
                 )
             return self._ll_tokenizer
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
@@ -313,6 +313,16 @@ def _compile_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(source)
+
+
+@functools.lru_cache(maxsize=16)
+def _template_variables(source: str) -> frozenset[str]:
+    """The variables a template reads from its caller (asked per chat request: cached)."""
+    try:
+        env = _compile_template(source).environment
+        return frozenset(meta.find_undeclared_variables(env.parse(source)))
+    except jinja2.TemplateError:
+        return frozenset()
 
 
 # --------------------------------------------------------------------------------------------
@@ -650,7 +660,20 @@ class Tokenizer:
             out.append(token)
         return out
 
+    def backend_json(self) -> str:
+        """The wrapped ``tokenizers`` tokenizer as tokenizer.json text (grammar libraries build their
+        vocabulary from it)."""
+        return self._backend.to_str()
+
     # -- chat --------------------------------------------------------------------------------
+
+    @property
+    def chat_template_takes_tools(self) -> bool:
+        """Whether the chat template ``apply_chat_template(..., tools=...)`` renders reads ``tools``
+        (Hermes, Qwen, Llama 3.1 templates do); for one that does not, a caller has to describe the
+        tools some other way, or the model never sees them."""
+        source = self._chat_templates.get("tool_use") or self.chat_template
+        return source is not None and "tools" in _template_variables(source)
 
     def apply_chat_template(
         self,

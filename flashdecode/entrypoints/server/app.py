@@ -8,6 +8,7 @@ step runs in the engine's worker thread, never in the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -165,6 +166,9 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # the grammar vocabulary, built in a thread before the port opens: requests add matchers on
+        # the event loop, and the first structured one would otherwise stall every stream there
+        await asyncio.to_thread(engine.engine.structured_outputs.prepare)
         yield
         await engine.shutdown()
 

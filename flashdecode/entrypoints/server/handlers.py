@@ -4,7 +4,8 @@ engine outputs to OpenAI responses and stream chunks.
 Prompts are tokenized here, not in the engine, so every check that can fail (empty prompt, token ids
 outside the vocabulary, prompt beyond the context) fails before a response starts, and so usage
 counts are the exact ids the engine ran. A completion with several prompts is one engine request per
-prompt; choice ``index`` is ``prompt_index * n + i`` as in OpenAI's API.
+prompt; choice ``index`` is ``prompt_index * n + i`` as in OpenAI's API. Tools and tool calls are
+read and written by tool_calls.py; here they only pass through.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +55,15 @@ from .protocol import (
     Usage,
 )
 from .streaming import EventStream, merge_streams, sse, until_disconnected
+from .tool_calls import (
+    ToolCallParser,
+    ToolPlan,
+    arguments_object,
+    inline_tools,
+    new_call_id,
+    plan_tools,
+    tool_calls_of,
+)
 
 MAX_N = 128  # OpenAI's own cap on choices per request
 _MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM clamps to the same value
@@ -74,6 +85,15 @@ class _Prompt:
 
     def engine_input(self) -> dict[str, Any]:
         return {"prompt": self.text, "prompt_token_ids": self.ids}
+
+
+@dataclass
+class _Tally:
+    """What a stream has produced so far, for its usage chunk and its log line."""
+
+    completion_tokens: int = 0
+    cached: int = 0
+    reasons: list[str] = field(default_factory=list)
 
 
 def _clamp(logprob: float) -> float:
@@ -142,11 +162,12 @@ class OpenAIServing:
         max_tokens: int | None,
         logprobs: int | None,
         prompt_logprobs: int | None,
+        tool_schema: dict[str, Any] | None = None,
     ) -> SamplingParams:
         def pick(value: Any, default: Any) -> Any:
             return default if value is None else value
 
-        structured_output, param = self._structured_output(req)
+        structured_output, param = self._structured_output(req, tool_schema)
         try:
             return SamplingParams(
                 n=req.n,
@@ -176,10 +197,15 @@ class OpenAIServing:
             raise
 
     @staticmethod
-    def _structured_output(req: SamplingRequest) -> tuple[dict[str, Any] | None, str | None]:
+    def _structured_output(
+        req: SamplingRequest, tool_schema: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any] | None, str | None]:
         """The request's output constraint as ``SamplingParams.structured_output``, and the field that
-        asked for it: OpenAI's ``response_format`` or one of vLLM's ``guided_*`` extras."""
+        asked for it: OpenAI's ``response_format``, one of vLLM's ``guided_*`` extras, or a forced
+        tool call (``tool_choice``)."""
         found: list[tuple[dict[str, Any], str]] = []
+        if tool_schema is not None:
+            found.append(({"json": tool_schema}, "tool_choice"))
         rf = req.response_format
         if rf is not None:
             kind = rf.get("type", "text")
@@ -234,44 +260,73 @@ class OpenAIServing:
             prompts.append(p)
         return prompts
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    def render_chat(
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         if not messages:
             raise bad_request("messages must not be empty", "messages")
-        conversation = []
-        for k, m in enumerate(messages):
-            role = "system" if m.role == "developer" else m.role
-            if role in ("tool", "function") or m.tool_calls:
-                raise bad_request(
-                    f"messages[{k}]: tool messages and tool calls are not supported yet", "messages"
-                )
-            if role not in ("system", "user", "assistant"):
-                raise bad_request(
-                    f"messages[{k}].role must be system, user or assistant, got {m.role!r}",
-                    f"messages[{k}].role",
-                )
-            content = m.content
-            if isinstance(content, list):
-                texts = []
-                for j, part in enumerate(content):
-                    if part.type != "text" or part.text is None:
-                        raise bad_request(
-                            f"messages[{k}].content[{j}]: only text parts are supported, got {part.type!r}",
-                            f"messages[{k}].content",
-                        )
-                    texts.append(part.text)
-                content = "\n".join(texts)
-            if content is None:
-                if role != "assistant":
-                    raise bad_request(f"messages[{k}].content is required", f"messages[{k}].content")
-                content = ""
-            entry = {"role": role, "content": content}
-            if m.name is not None:
-                entry["name"] = m.name
-            conversation.append(entry)
+        conversation = [self._chat_entry(k, m) for k, m in enumerate(messages)]
+        if self.tokenizer.chat_template_takes_tools:
+            return self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tools=tools
+            )
+        conversation = inline_tools(conversation, tools)
         return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
-        text = self.render_chat(req.messages, req.add_generation_prompt)
+    def _chat_entry(self, k: int, m: ChatMessage) -> dict[str, Any]:
+        """One message as the chat template sees it (Hugging Face's shape)."""
+        role = "system" if m.role == "developer" else m.role
+        if role not in ("system", "user", "assistant", "tool"):
+            raise bad_request(
+                f"messages[{k}].role must be system, user, assistant or tool, got {m.role!r}",
+                f"messages[{k}].role",
+            )
+        if m.tool_calls and role != "assistant":
+            raise bad_request(f"messages[{k}]: only assistant messages carry tool_calls", f"messages[{k}]")
+        content = self._message_text(k, m)
+        if content is None:
+            if role != "assistant":
+                raise bad_request(f"messages[{k}].content is required", f"messages[{k}].content")
+            content = ""
+        entry: dict[str, Any] = {"role": role, "content": content}
+        if m.name is not None:
+            entry["name"] = m.name
+        if role == "tool" and m.tool_call_id is not None:
+            entry["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            entry["tool_calls"] = [
+                {
+                    "id": call.id or new_call_id(),
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": arguments_object(call.function.arguments),
+                    },
+                }
+                for call in m.tool_calls
+            ]
+        return entry
+
+    @staticmethod
+    def _message_text(k: int, m: ChatMessage) -> str | None:
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(
+                        f"messages[{k}].content[{j}]: only text parts are supported, got {part.type!r}",
+                        f"messages[{k}].content",
+                    )
+                texts.append(part.text)
+            content = "\n".join(texts)
+        return content
+
+    def chat_prompt(self, req: ChatCompletionRequest, plan: ToolPlan | None) -> _Prompt:
+        text = self.render_chat(req.messages, req.add_generation_prompt, plan.tools if plan else None)
         # the template writes BOS itself where the model wants it
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         self._check_ids(ids, "messages")
@@ -372,6 +427,24 @@ class OpenAIServing:
             body = error_body(503, f"the engine failed: {exc}")
         return sse(json.dumps(body))
 
+    async def _sse(
+        self, events: AsyncIterator[str], tally: _Tally, log: dict, usage_chunk: Callable[[], str] | None
+    ) -> AsyncIterator[str]:
+        """A stream's ``events``, then its usage chunk (when asked for), an error event if the engine
+        failed, and ``[DONE]``; the log line gets the stream's tally however it ends."""
+        try:
+            async with contextlib.aclosing(events) as body:
+                async for event in body:
+                    yield event
+            if usage_chunk is not None:
+                yield usage_chunk()
+        except (FlashDecodeError, EngineDeadError) as exc:
+            log["error"] = type(exc).__name__
+            yield self._error_event(exc)
+        finally:
+            log.update(completion_tokens=tally.completion_tokens, finish=",".join(tally.reasons) or "aborted")
+        yield sse("[DONE]")
+
     # --- /v1/completions ------------------------------------------------------------------------
 
     async def create_completion(self, req: CompletionRequest, request: Request) -> Response:
@@ -391,7 +464,23 @@ class OpenAIServing:
         log = self._log_entry(request, request_id, prompts)
         streams = self._streams(request_id, prompts, params, req.priority)
         if req.stream:
-            return EventStream(self._completion_events(request_id, req, prompts, streams, log))
+            tally = _Tally()
+            usage_chunk = None
+            if req.stream_options and req.stream_options.include_usage:
+
+                def usage_chunk() -> str:
+                    usage = self._usage(prompts, tally.completion_tokens, tally.cached)
+                    body = CompletionChunk(
+                        id=request_id,
+                        created=int(time.time()),
+                        model=self.model_name,
+                        choices=[],
+                        usage=usage,
+                    )
+                    return sse(body.model_dump_json())
+
+            events = self._completion_events(request_id, req, prompts, streams, tally)
+            return EventStream(self._sse(events, tally, log, usage_chunk))
 
         finals = await until_disconnected(request, self._collect(streams))
         choices = []
@@ -422,69 +511,57 @@ class OpenAIServing:
         body = CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
         return JSONResponse(body.model_dump(mode="json"))
 
-    async def _completion_events(self, request_id, req, prompts, streams, log):
+    async def _completion_events(self, request_id, req, prompts, streams, tally: _Tally):
         created = int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         echoed: set[int] = set()
         offsets: dict[int, int] = {}
         prompt_lps: dict[int, list] = {}
-        completion_tokens, cached, reasons = 0, 0, []
-        try:
-            async with contextlib.aclosing(merge_streams(streams)) as merged:
-                async for i, out in merged:
-                    if out.prompt_logprobs is not None:
-                        prompt_lps[i] = out.prompt_logprobs
-                    if out.finished:
-                        cached += out.num_cached_tokens
-                        self.metrics.observe(out)
-                    for c in out.outputs:
-                        index = i * req.n + c.index
-                        text, ids, entries = c.text, c.token_ids, c.logprobs or []
-                        completion_tokens += len(ids)
-                        if c.finish_reason is not None:
-                            reasons.append(c.finish_reason)
-                        if req.echo and index not in echoed and (req.logprobs is None or i in prompt_lps):
-                            echoed.add(index)
-                            text = self._prompt_text(prompts[i]) + text
-                            if req.logprobs is not None:
-                                ids, entries = prompts[i].ids + ids, list(prompt_lps[i]) + entries
-                        if not text and not ids and c.finish_reason is None:
-                            continue
-                        logprobs = None
+        async with contextlib.aclosing(merge_streams(streams)) as merged:
+            async for i, out in merged:
+                if out.prompt_logprobs is not None:
+                    prompt_lps[i] = out.prompt_logprobs
+                if out.finished:
+                    tally.cached += out.num_cached_tokens
+                    self.metrics.observe(out)
+                for c in out.outputs:
+                    index = i * req.n + c.index
+                    text, ids, entries = c.text, c.token_ids, c.logprobs or []
+                    tally.completion_tokens += len(ids)
+                    if c.finish_reason is not None:
+                        tally.reasons.append(c.finish_reason)
+                    if req.echo and index not in echoed and (req.logprobs is None or i in prompt_lps):
+                        echoed.add(index)
+                        text = self._prompt_text(prompts[i]) + text
                         if req.logprobs is not None:
-                            logprobs, offsets[index] = self._completion_logprobs(
-                                ids, entries, req.logprobs, offsets.get(index, 0)
-                            )
-                        choice = CompletionChoice(
-                            index=index,
-                            text=text,
-                            logprobs=logprobs,
-                            finish_reason=c.finish_reason,
-                            stop_reason=c.stop_reason,
+                            ids, entries = prompts[i].ids + ids, list(prompt_lps[i]) + entries
+                    if not text and not ids and c.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if req.logprobs is not None:
+                        logprobs, offsets[index] = self._completion_logprobs(
+                            ids, entries, req.logprobs, offsets.get(index, 0)
                         )
-                        chunk = CompletionChunk(
-                            id=request_id, created=created, model=self.model_name, choices=[choice]
-                        )
-                        yield sse(chunk.model_dump_json())
-            if include_usage:
-                usage = self._usage(prompts, completion_tokens, cached)
-                chunk = CompletionChunk(
-                    id=request_id, created=created, model=self.model_name, choices=[], usage=usage
-                )
-                yield sse(chunk.model_dump_json())
-        except (FlashDecodeError, EngineDeadError) as exc:
-            log["error"] = type(exc).__name__
-            yield self._error_event(exc)
-        finally:
-            log.update(completion_tokens=completion_tokens, finish=",".join(reasons) or "aborted")
-        yield sse("[DONE]")
+                    choice = CompletionChoice(
+                        index=index,
+                        text=text,
+                        logprobs=logprobs,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                    chunk = CompletionChunk(
+                        id=request_id, created=created, model=self.model_name, choices=[choice]
+                    )
+                    yield sse(chunk.model_dump_json())
 
     # --- /v1/chat/completions -------------------------------------------------------------------
 
     async def create_chat_completion(self, req: ChatCompletionRequest, request: Request) -> Response:
         self._check_common(req)
-        if req.tools or req.functions:
-            raise bad_request("tools and function calling are not supported yet", "tools")
+        if req.functions or req.function_call is not None:
+            raise bad_request(
+                "functions and function_call are deprecated: use tools and tool_choice", "functions"
+            )
+        plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
         top_logprobs = None
         if req.logprobs:
             top_logprobs = 0 if req.top_logprobs is None else req.top_logprobs
@@ -495,28 +572,31 @@ class OpenAIServing:
         elif req.top_logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        prompt = self.chat_prompt(req)
+        prompt = self.chat_prompt(req, plan)
         self._check_length(len(prompt.ids), max_tokens, "messages")
-        params = self._sampling(req, max_tokens, top_logprobs, None)
+        params = self._sampling(req, max_tokens, top_logprobs, None, plan.schema if plan else None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         log = self._log_entry(request, request_id, [prompt])
         streams = self._streams(request_id, [prompt], params, req.priority)
         if req.stream:
-            return EventStream(self._chat_events(request_id, req, prompt, streams, top_logprobs, log))
+            return self._chat_stream(request_id, req, prompt, streams, top_logprobs, plan, log)
 
         (out,) = await until_disconnected(request, self._collect(streams))
-        choices = [
-            ChatChoice(
-                index=c.index,
-                message=AssistantMessage(content=c.text),
-                logprobs=self._chat_logprobs(c.token_ids, c.logprobs or [], top_logprobs)
-                if top_logprobs is not None
-                else None,
-                finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
+        choices = []
+        for c in out.outputs:
+            message, finish_reason = self._chat_message(c.text, c.finish_reason, plan)
+            logprobs = None
+            if top_logprobs is not None:
+                logprobs = self._chat_logprobs(c.token_ids, c.logprobs or [], top_logprobs)
+            choices.append(
+                ChatChoice(
+                    index=c.index,
+                    message=message,
+                    logprobs=logprobs,
+                    finish_reason=finish_reason,
+                    stop_reason=c.stop_reason,
+                )
             )
-            for c in out.outputs
-        ]
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
         log.update(
             completion_tokens=completion_tokens, finish=",".join(c.finish_reason or "" for c in choices)
@@ -529,55 +609,80 @@ class OpenAIServing:
         )
         return JSONResponse(body.model_dump(mode="json"))
 
-    async def _chat_events(self, request_id, req, prompt, streams, top_logprobs, log):
-        created = int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        completion_tokens, cached, reasons = 0, 0, []
+    @staticmethod
+    def _parser(plan: ToolPlan | None) -> ToolCallParser:
+        return plan.parser() if plan is not None else ToolCallParser()
 
+    def _chat_message(
+        self, text: str, finish_reason: str | None, plan: ToolPlan | None
+    ) -> tuple[AssistantMessage, str | None]:
+        """A whole reply as the message OpenAI sends, read by the same parser a stream uses."""
+        parser = self._parser(plan)
+        content, deltas = parser.feed(text)
+        tail, more = parser.close()
+        calls = tool_calls_of(deltas + more)
+        if not calls:
+            return AssistantMessage(content=text), finish_reason
+        message = AssistantMessage(content=(content + tail) or None, tool_calls=calls)
+        return message, parser.finish_reason(finish_reason)
+
+    def _chat_stream(self, request_id, req, prompt, streams, top_logprobs, plan, log) -> EventStream:
+        tally = _Tally()
+        created = int(time.time())
+        usage_chunk = None
+        if req.stream_options and req.stream_options.include_usage:
+
+            def usage_chunk() -> str:
+                usage = self._usage([prompt], tally.completion_tokens, tally.cached)
+                body = ChatCompletionChunk(
+                    id=request_id, created=created, model=self.model_name, choices=[], usage=usage
+                )
+                return sse(body.model_dump_json())
+
+        events = self._chat_events(request_id, created, req, streams, top_logprobs, plan, tally)
+        return EventStream(self._sse(events, tally, log, usage_chunk))
+
+    async def _chat_events(self, request_id, created, req, streams, top_logprobs, plan, tally: _Tally):
         def chunk(choice: ChatChunkChoice) -> str:
             body = ChatCompletionChunk(
                 id=request_id, created=created, model=self.model_name, choices=[choice]
             )
             return sse(body.model_dump_json())
 
-        try:
-            for index in range(req.n):  # the role first, as OpenAI sends it
-                yield chunk(ChatChunkChoice(index=index, delta=Delta(role="assistant", content="")))
-            async with contextlib.aclosing(merge_streams(streams)) as merged:
-                async for _, out in merged:
-                    if out.finished:
-                        cached = out.num_cached_tokens
-                        self.metrics.observe(out)
-                    for c in out.outputs:
-                        completion_tokens += len(c.token_ids)
-                        if c.finish_reason is not None:
-                            reasons.append(c.finish_reason)
-                        if not c.text and not c.token_ids and c.finish_reason is None:
-                            continue
-                        logprobs = None
-                        if top_logprobs is not None:
-                            logprobs = self._chat_logprobs(c.token_ids, c.logprobs or [], top_logprobs)
-                        yield chunk(
-                            ChatChunkChoice(
-                                index=c.index,
-                                delta=Delta(content=c.text) if c.text else Delta(),
-                                logprobs=logprobs,
-                                finish_reason=c.finish_reason,
-                                stop_reason=c.stop_reason,
-                            )
+        parsers = {index: self._parser(plan) for index in range(req.n)}
+        # the role first, as OpenAI sends it (with no content when the reply can only be tool calls)
+        opening = Delta(role="assistant", content=None if plan is not None and plan.forced else "")
+        for index in range(req.n):
+            yield chunk(ChatChunkChoice(index=index, delta=opening))
+        async with contextlib.aclosing(merge_streams(streams)) as merged:
+            async for _, out in merged:
+                if out.finished:
+                    tally.cached = out.num_cached_tokens
+                    self.metrics.observe(out)
+                for c in out.outputs:
+                    tally.completion_tokens += len(c.token_ids)
+                    parser, finish_reason = parsers[c.index], c.finish_reason
+                    content, deltas = parser.feed(c.text)
+                    if finish_reason is not None:
+                        tally.reasons.append(finish_reason)
+                        tail, more = parser.close()
+                        content, deltas = content + tail, deltas + more
+                        finish_reason = parser.finish_reason(finish_reason)
+                    carries_logprobs = top_logprobs is not None and c.token_ids
+                    if not content and not deltas and finish_reason is None and not carries_logprobs:
+                        continue
+                    logprobs = None
+                    if top_logprobs is not None:
+                        logprobs = self._chat_logprobs(c.token_ids, c.logprobs or [], top_logprobs)
+                    yield chunk(
+                        ChatChunkChoice(
+                            index=c.index,
+                            delta=Delta(content=content or None, tool_calls=deltas or None),
+                            logprobs=logprobs,
+                            finish_reason=finish_reason,
+                            stop_reason=c.stop_reason,
                         )
-            if include_usage:
-                usage = self._usage([prompt], completion_tokens, cached)
-                body = ChatCompletionChunk(
-                    id=request_id, created=created, model=self.model_name, choices=[], usage=usage
-                )
-                yield sse(body.model_dump_json())
-        except (FlashDecodeError, EngineDeadError) as exc:
-            log["error"] = type(exc).__name__
-            yield self._error_event(exc)
-        finally:
-            log.update(completion_tokens=completion_tokens, finish=",".join(reasons) or "aborted")
-        yield sse("[DONE]")
+                    )
 
     # --- the rest -------------------------------------------------------------------------------
 
@@ -600,7 +705,8 @@ class OpenAIServing:
             add = True if req.add_special_tokens is None else req.add_special_tokens
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=add)
         else:
-            text = self.render_chat(req.messages, req.add_generation_prompt)
+            plan = plan_tools(req.tools, None, True)
+            text = self.render_chat(req.messages, req.add_generation_prompt, plan.tools if plan else None)
             ids = self.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
         strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)

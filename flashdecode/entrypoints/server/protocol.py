@@ -1,7 +1,7 @@
 """The OpenAI API's request and response bodies as pydantic models (the subset this server serves).
 
 Requests ignore fields they do not know, as vLLM's do; fields whose meaning this server does not
-implement yet (tools, logit_bias, suffix, best_of) are accepted by the schema and
+implement yet (legacy functions, logit_bias, suffix, best_of) are accepted by the schema and
 refused with a 400 by the handlers, never silently dropped. Numbers and booleans are strict: ``"0.5"``
 is not a temperature and ``true`` is not a token id.
 """
@@ -80,11 +80,44 @@ class TextPart(_Request):
     text: StrictStr | None = None
 
 
+class FunctionCall(_Request):
+    name: StrictStr
+    arguments: StrictStr | dict[str, Any] = "{}"  # OpenAI sends JSON text; some clients send the object
+
+
+class ToolCallIn(_Request):
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: StrictStr
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: StrictStr | None = None  # on role "tool": the call this message answers
+
+
+class FunctionDefinition(_Request):
+    name: StrictStr
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; absent means no parameters
+    strict: StrictBool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: StrictStr
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -94,8 +127,9 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: StrictBool = False
     top_logprobs: Int | None = None
     add_generation_prompt: StrictBool = True  # vLLM's extra
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: StrictStr | NamedToolChoice | None = None  # "none", "auto", "required" or a function
+    parallel_tool_calls: StrictBool = True
     functions: list[Any] | None = None
     function_call: Any = None
 
@@ -104,6 +138,7 @@ class TokenizeRequest(_Request):
     model: StrictStr | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None  # rendered with messages, as the chat endpoint renders them
     add_special_tokens: StrictBool | None = None  # default: True for a prompt, False for messages
     add_generation_prompt: StrictBool = True
     return_token_strs: StrictBool = False
@@ -172,9 +207,29 @@ class ChatLogprobs(_Response):
     content: list[TokenLogprob] | None = None
 
 
+def _without_none(data: dict, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in data.items() if not (k in keys and v is None)}
+
+
+class ToolCallFunction(_Response):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str | None = None
+    content: str | None = None  # null (not absent) when the reply is tool calls
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        return _without_none(handler(self), ("tool_calls",))
 
 
 class ChatChoice(_Response):
@@ -194,9 +249,33 @@ class ChatCompletionResponse(_Response):
     usage: Usage
 
 
+class DeltaFunction(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        return _without_none(handler(self), ("name", "arguments"))
+
+
+class DeltaToolCall(_Response):
+    """One piece of a streamed tool call: the first carries ``id``, ``type`` and the name, the rest
+    argument text; ``index`` says which call of the choice it continues."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        return _without_none(handler(self), ("id", "type", "function"))
+
+
 class Delta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):  # a delta names only what it carries: {} at the end
