@@ -137,10 +137,26 @@ static void silu_mul(const float *g, const float *u, float *y, int64_t n) {
 
 /* ---------------------------------------------------------------- the paged cache */
 
+INLINE int64_t kv_index(const fd_model *M, int64_t layer, int64_t slot, int64_t h, int which) {
+    return (((layer * M->num_slots + slot) * M->kv_heads + h) * 2 + which) * M->head_dim;
+}
+
+#define KV_PREFETCH 16 /* keys ahead: a key's row is a DRAM miss, and a row's dot products are short */
+
+/* ask for the cache row of key j + KV_PREFETCH while key j is used: each key's row lies in its own
+ * slot, so the hardware prefetcher sees no stream, and without this every row costs a full miss */
+INLINE void kv_prefetch(const fd_model *M, int64_t layer, const int64_t *slots, int64_t j, int64_t end, int64_t h,
+                        int which) {
+    if (j + KV_PREFETCH >= end) return;
+    const size_t bytes = (size_t)M->head_dim * (M->kv_dtype == KV_F32 ? 4 : 2);
+    const char *p = (const char *)M->kv + kv_index(M, layer, slots[j + KV_PREFETCH], h, which) * (M->kv_dtype == KV_F32 ? 4 : 2);
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
+}
+
 /* a cache row (one slot, one kv head, K or V) as fp32 */
 INLINE const float *kv_row(const fd_model *M, int64_t layer, int64_t slot, int64_t h, int which, float *buf) {
     const int64_t D = M->head_dim;
-    const int64_t at = (((layer * M->num_slots + slot) * M->kv_heads + h) * 2 + which) * D;
+    const int64_t at = kv_index(M, layer, slot, h, which);
     if (M->kv_dtype == KV_F32) return (const float *)M->kv + at;
     const uint16_t *p = (const uint16_t *)M->kv + at;
     int64_t i = 0;
@@ -161,8 +177,7 @@ INLINE const float *kv_row(const fd_model *M, int64_t layer, int64_t slot, int64
 }
 
 static void kv_store(const fd_model *M, int64_t layer, int64_t slot, int64_t h, int which, const float *x) {
-    const int64_t D = M->head_dim;
-    const int64_t at = (((layer * M->num_slots + slot) * M->kv_heads + h) * 2 + which) * D;
+    const int64_t D = M->head_dim, at = kv_index(M, layer, slot, h, which);
     if (M->kv_dtype == KV_F32) {
         memcpy((float *)M->kv + at, x, sizeof(float) * (size_t)D);
         return;
@@ -181,6 +196,7 @@ static void attn_partition(const fd_model *M, int64_t layer, int64_t h, const fl
                            float *buf, float *out) {
     const int64_t D = M->head_dim, n = j1 - j0;
     for (int64_t j = 0; j < n; j++) {
+        kv_prefetch(M, layer, slots, j0 + j, j1, h, 0);
         const float *k = kv_row(M, layer, slots[j0 + j], h, 0, buf);
         for (int g = 0; g < ng; g++) scores[g * n + j] = dot(q + g * ldq, k, D) * M->scale;
     }
@@ -195,6 +211,7 @@ static void attn_partition(const fd_model *M, int64_t layer, int64_t h, const fl
         memset(o + 2, 0, sizeof(float) * (size_t)D);
     }
     for (int64_t j = 0; j < n; j++) {
+        kv_prefetch(M, layer, slots, j0 + j, j1, h, 1);
         const float *v = kv_row(M, layer, slots[j0 + j], h, 1, buf);
         for (int g = 0; g < ng; g++) axpy(out + g * (D + 2) + 2, scores[g * n + j], v, D);
     }
