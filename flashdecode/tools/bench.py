@@ -16,7 +16,6 @@ process to process) and the cached matmul ceilings; decode is bounded at the cel
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -32,6 +31,7 @@ from ..errors import FlashDecodeError
 from ..sampling_params import SamplingParams
 from ..utils.cpuinfo import cpu_model, physical_cores
 from ..utils.formatting import fmt_bytes, format_table, parse_int_list
+from ..utils.paths import write_report
 from .roofline import Ceilings, machine_ceilings, model_cost_for_engine
 
 
@@ -364,10 +364,6 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_bench_table(result))
     if args.json:
-        try:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        except OSError as exc:
-            raise FlashDecodeError(f"--json {args.json}: {exc.strerror or exc}") from None
+        write_report(args.json, result)
         print(f"\nwrote {args.json}")
     return 0

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..errors import FlashDecodeError
 from ..utils.formatting import format_table, parse_int_list
+from ..utils.paths import write_report
 
 _WORDS = (
     "time year people way day man thing woman life child world school state family student group country "
@@ -251,10 +252,6 @@ def run(args: argparse.Namespace) -> int:
     }
     print(format_report(report["levels"]))
     if args.json:
-        try:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
-        except OSError as exc:
-            raise FlashDecodeError(f"--json {args.json}: {exc.strerror or exc}") from None
+        write_report(args.json, report)
         print(f"\nwrote {args.json}")
     return 0

@@ -43,7 +43,7 @@ from ..models.loader import load_model, resolve_model_path
 from ..models.spec import ModelSpec
 from ..utils.cpuinfo import cpu_model, physical_cores
 from ..utils.formatting import fmt_bytes, fmt_rate, format_table, parse_int_list
-from ..utils.paths import cache_dir, read_json, write_json
+from ..utils.paths import cache_dir, read_json, write_json, write_report
 from . import probe
 
 CACHE_FILE = "ceilings.json"
@@ -587,11 +587,7 @@ def run(args: Any) -> int:
     report = roofline_report(cost, ceilings, source, batches, context, prompt_lens, compute)
     print_roofline_report(report, ceilings)
     if args.json:
-        try:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
-        except OSError as exc:
-            raise FlashDecodeError(f"--json {args.json}: {exc.strerror or exc}") from None
+        write_report(args.json, report)
     if args.plot:
         points = [
             (f"probe {k} matmul", 2 * 2048 / 3 / {"fp32": 4, "bf16": 2, "int8": 1}[k], v)

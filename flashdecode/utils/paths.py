@@ -1,4 +1,4 @@
-"""The per-user cache directory and atomic JSON files in it."""
+"""The per-user cache directory and atomic JSON files in it; reports written where a user asks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from ..errors import FlashDecodeError
 
 
 def cache_dir() -> Path:
@@ -34,3 +36,13 @@ def write_json(path: Path, data: Any, indent: int = 1) -> Path:
     tmp.write_text(json.dumps(data, indent=indent, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def write_report(path: str | Path, data: Any) -> None:
+    """A tool's JSON report at the path a user gave (``--json``); one that cannot be written is a
+    ``FlashDecodeError`` naming it, never a traceback."""
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+    except OSError as exc:
+        raise FlashDecodeError(f"--json {path}: {exc.strerror or exc}") from None

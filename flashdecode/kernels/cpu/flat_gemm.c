@@ -164,6 +164,18 @@ INLINE void cvt_h2f_row(const uint16_t *h, float *f, int n) {
 
 #define BV (32 / VL) /* vectors per 32-element block */
 
+/* RUN(F) with the format a compile-time constant, so every branch on it folds away */
+#define FOR_FORMAT(fmt, RUN)                                                                        \
+    switch (fmt) {                                                                                  \
+    case FD_Q4_0: RUN(FD_Q4_0); break;                                                              \
+    case FD_Q4_1: RUN(FD_Q4_1); break;                                                              \
+    case FD_Q8_0: RUN(FD_Q8_0); break;                                                              \
+    case FD_Q4_K: RUN(FD_Q4_K); break;                                                              \
+    case FD_Q5_K: RUN(FD_Q5_K); break;                                                              \
+    case FD_Q6_K: RUN(FD_Q6_K); break;                                                              \
+    default: RUN(FD_BF16); break;                                                                   \
+    }
+
 /* Weight row `row`'s scales (and minimums) as fp32, into db [nb * FMT_SCALES_PER_BLOCK] and mb [nb]. */
 INLINE void row_scales(int fmt, const void *d, const void *m, int64_t row, int nb, float *db, float *mb) {
     if (FMT_F32_SCALES(fmt)) {
@@ -345,15 +357,7 @@ void fd_linear_tiles(fd_member *me, int fmt, const float *x, int64_t ldx, int64_
         int64_t n0 = tile * NR_MAX;
         int nr = (int)(N - n0 < NR_MAX ? N - n0 : NR_MAX);
 #define RUN(F) run_tile(F, x, ldx, M, K, w, wstride, d, m, bias, y, ldy, add, n0, nr, db, mb)
-        switch (fmt) {
-        case FD_Q4_0: RUN(FD_Q4_0); break;
-        case FD_Q4_1: RUN(FD_Q4_1); break;
-        case FD_Q8_0: RUN(FD_Q8_0); break;
-        case FD_Q4_K: RUN(FD_Q4_K); break;
-        case FD_Q5_K: RUN(FD_Q5_K); break;
-        case FD_Q6_K: RUN(FD_Q6_K); break;
-        default: RUN(FD_BF16); break;
-        }
+        FOR_FORMAT(fmt, RUN)
 #undef RUN
     }
     fd_loop_end(me);
@@ -629,14 +633,7 @@ void fd_linear_q8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
         int64_t n0 = tile * Q8_NR;
         int nr = (int)(N - n0 < Q8_NR ? N - n0 : Q8_NR);
 #define RUN(F) q8_run_tile(F, xq, dx, sx, M, K, w, wstride, d, m, bias, y, ldy, add, n0, nr, db, mb)
-        switch (fmt) {
-        case FD_Q4_0: RUN(FD_Q4_0); break;
-        case FD_Q4_1: RUN(FD_Q4_1); break;
-        case FD_Q8_0: RUN(FD_Q8_0); break;
-        case FD_Q4_K: RUN(FD_Q4_K); break;
-        case FD_Q5_K: RUN(FD_Q5_K); break;
-        default: RUN(FD_Q6_K); break;
-        }
+        FOR_FORMAT(fmt, RUN) /* its BF16 case never runs: fd_linear_q8 and the step refuse BF16 */
 #undef RUN
     }
     fd_loop_end(me);
