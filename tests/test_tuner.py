@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flashdecode import LLM
 from flashdecode.layers import dataflow
 from flashdecode.layers.dataflow import configure, default_plan
 from flashdecode.layers.linear import Linear
@@ -143,7 +144,10 @@ def test_tune_command(isolated_cache: Path, capsys: pytest.CaptureFixture[str]) 
     files = list((isolated_cache / "dataflow").glob("*.json"))
     assert len(files) == 1
     data = json.loads(files[0].read_text())
-    assert data["fingerprint"]["threads"] == 1 and len(data["shapes"]) == 5
+    gate = next(g for k, g in data["gates"].items() if k.endswith("end to end"))
+    # the shapes stay only if the engine with them was not slower end to end than the default plan
+    assert data["fingerprint"]["threads"] == 1 and len(data["shapes"]) == (5 if gate["kept"] else 0)
+    assert "end to end" in out
     assert main(["tune", "--threads", "0"]) == 2
     assert main(["tune", "--model", str(isolated_cache / "missing.gguf")]) == 2
 
@@ -275,3 +279,57 @@ def test_a_hostile_table_in_the_users_cache_is_real_and_never_read_under_isolati
     assert isolated.engine.model.dataflow == {"table": 0, "default": n_linears, "static": 0}
     assert all(lin.plan == default_plan(lin) for lin in iter_linears(isolated.engine.model.linears()))
     assert user_table.exists()  # still there: it was ignored, not removed
+
+
+def test_the_end_to_end_gate_keeps_only_tables_that_do_not_lose() -> None:
+    rates = {"decode b=1": [100.0, 101.0, 99.0], "prefill": [300.0, 310.0, 305.0]}
+    assert tuner.gate_decision(rates, rates)["kept"]
+    slower = {"decode b=1": [100.0, 101.0, 99.0], "prefill": [280.0, 285.0, 290.0]}  # prefill -7%
+    decision = tuner.gate_decision(slower, rates)
+    assert not decision["kept"] and decision["default"]["prefill"] == 305.0
+    within = {"decode b=1": [98.5, 99.0, 98.0], "prefill": [300.0, 310.0, 305.0]}  # -1%: noise
+    assert tuner.gate_decision(within, rates)["kept"]
+
+
+def test_the_end_to_end_gate_interleaves_and_measures_the_plans_it_names(native_kernels) -> None:
+    """With a fake timer that reads the plans in force: every workload is timed with the table and
+    without it, in alternating order, each round; the warm-up round is not counted."""
+    from flashdecode.layers.linear import iter_linears
+
+    seen = []
+
+    def timer(llm, b, p, g):
+        plans = {name for lin in iter_linears(llm.engine.model.linears()) for _, name in lin.plan}
+        slow = "dequant_f32" in plans
+        seen.append(slow)
+        return 50.0 if slow else 100.0
+
+    probe = LLM(max_model_len=64, num_threads=1, dataflow="off")
+    linears = tuner.distinct_linears(probe.engine.model.linears())
+    shapes = {k: dataflow.ShapeResult(plan=[(1, "dequant_f32")], times={}, crossovers=[]) for k in linears}
+    table = dataflow.DataflowTable(fingerprint=dataflow.fingerprint(1), shapes=shapes)
+    gate = tuner.end_to_end_gate(None, table, 1, quick=True, timer=timer)
+    n = len(tuner.e2e_workloads(True))
+    assert (
+        len(seen) == 2 * n * (tuner.E2E_ROUNDS + 1)
+        and seen[:n] == [True] * n
+        and seen[n : 2 * n] == [False] * n
+    )
+    assert seen[2 * n : 3 * n] == [False] * n  # the next round starts with the default plan
+    assert not gate["kept"] and all(
+        gate["table"][w] == 50.0 and gate["default"][w] == 100.0 for w in gate["table"]
+    )
+
+
+def test_the_end_to_end_gate_rejects_a_hostile_table_on_real_timings(native_kernels) -> None:
+    """A table that puts every shape of the embedded model on its slowest exact kernel at every M
+    (dequantize to fp32, then torch's GEMM: several times slower at decode) loses end to end, however
+    busy the machine, and is not kept."""
+    probe = LLM(max_model_len=64, num_threads=1, dataflow="off")
+    linears = tuner.distinct_linears(probe.engine.model.linears())
+    del probe
+    shapes = {k: dataflow.ShapeResult(plan=[(1, "dequant_f32")], times={}, crossovers=[]) for k in linears}
+    table = dataflow.DataflowTable(fingerprint=dataflow.fingerprint(1), shapes=shapes)
+    gate = tuner.end_to_end_gate(None, table, 1, quick=True)
+    assert not gate["kept"], gate
+    assert gate["table"]["decode b=1"] < gate["default"]["decode b=1"]

@@ -13,6 +13,14 @@ is a ``Plan``: the winner per M range.
 
 The table it writes, and how the engine follows it, are layers/dataflow.py's. Rerunning ``tune``
 re-measures the model's shapes and replaces them.
+
+Per-kernel timings cannot see everything the engine does with a plan (a decode batch whose projections
+all run flat GEMMs runs as one native step, models/native_decode.py), and a machine shared with other
+processes can mislead any timing. So before a table is saved, ``end_to_end_gate`` runs the engine
+itself, decode at batch 1 and 8 and a prefill, with the new plans and with the default plan,
+interleaved over rounds, and keeps the table's shapes for this model only if no workload's median is
+slower than the default's by more than ``E2E_TOLERANCE``: the tuned dataflow never makes the engine
+slower than not tuning.
 """
 
 from __future__ import annotations
@@ -28,11 +36,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..engine import numerics as numerics_of_engine
 from ..entrypoints.llm import LLM
 from ..errors import FlashDecodeError
 from ..layers.dataflow import (
     DataflowTable,
     ShapeResult,
+    configure,
     fingerprint,
     format_plan,
     is_approx,
@@ -320,11 +330,12 @@ def tune_model(
         if bar is not None:
             bar.close()
     source = str(loaded.source)
-    table.models[source] = list(shapes)
+    shapes = list(shapes)  # the keys: the measured Linears (and the model behind them) can go
+    del decoder, loaded
+    table.models[source] = shapes
     approx = sorted({n for k in shapes for _, n in table.shapes[k].plan if is_approx(n)})
     if approx:
         # approximate kernels must keep held-out perplexity within PPL_TOLERANCE of the exact path
-        del decoder
         gate = perplexity_gate(model, approx, threads)
         table.gates[source] = gate
         failed = [n for n in approx if n not in gate["allowed"]]
@@ -337,10 +348,84 @@ def tune_model(
                 f"{n} {gate['ppl'][n]:.4f} ({'kept' if n in gate['allowed'] else 'dropped'})" for n in approx
             )
         )
+    gate = end_to_end_gate(model, table, threads, quick=quick)
+    table.gates[f"{source} end to end"] = gate
+    log(
+        "end to end, tokens/s with the table vs the default plan: "
+        + ", ".join(f"{w} {gate['table'][w]:.1f} vs {gate['default'][w]:.1f}" for w in gate["table"])
+        + ("" if gate["kept"] else " -> the default plan is kept for this model")
+    )
+    if not gate["kept"]:
+        for key in shapes:
+            table.shapes.pop(key, None)
+        table.models.pop(source, None)
     path = table.save() if save else None
     for key in shapes:
-        log(f"{key:>22}  {format_plan(table.shapes[key].plan)}")
+        plan = table.shapes[key].plan if key in table.shapes else "default plan"
+        log(f"{key:>22}  {plan if isinstance(plan, str) else format_plan(plan)}")
     return table, path
+
+
+E2E_TOLERANCE = 0.03  # a tuned table may not make any workload's median tokens/s more than 3% slower
+E2E_ROUNDS = 3
+
+
+def e2e_workloads(quick: bool) -> dict[str, tuple[int, int, int]]:
+    """name -> (sequences, prompt tokens, generated tokens)."""
+    n = 8 if quick else 32
+    return {"decode b=1": (1, 16, n), "decode b=8": (8, 16, n), "prefill": (1, 64 if quick else 256, 1)}
+
+
+def time_workload(llm: Any, batch: int, prompt_len: int, gen: int) -> float:
+    """Tokens/s of one workload: generated tokens per second for decode, prompt tokens for prefill."""
+    vocab = llm.engine.spec.vocab_size
+    prompts = [
+        {"prompt_token_ids": [(7 * i + 13 * j + 5) % vocab for j in range(prompt_len)]} for i in range(batch)
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
+    start = time.perf_counter()
+    llm.generate(prompts, params)
+    return batch * (prompt_len if gen == 1 else gen) / (time.perf_counter() - start)
+
+
+def gate_decision(
+    table_rates: dict[str, list[float]], default_rates: dict[str, list[float]]
+) -> dict[str, Any]:
+    """Keep the table when no workload's median with it is below (1 - E2E_TOLERANCE) x the default's."""
+    med_t = {w: statistics.median(r) for w, r in table_rates.items()}
+    med_d = {w: statistics.median(r) for w, r in default_rates.items()}
+    kept = all(med_t[w] >= med_d[w] * (1 - E2E_TOLERANCE) for w in med_t)
+    return {"table": med_t, "default": med_d, "kept": kept, "tolerance": E2E_TOLERANCE}
+
+
+def end_to_end_gate(
+    model: str | None, table: DataflowTable, num_threads: int, quick: bool = False, timer=time_workload
+) -> dict[str, Any]:
+    """The engine with ``table``'s plans against the default plan on ``e2e_workloads``, interleaved
+    (and in alternating order) over ``E2E_ROUNDS`` rounds in one process, after a warm-up of each."""
+    # no prefix cache: every round must compute its prompts again
+    llm = LLM(
+        model=model, num_threads=num_threads, max_num_seqs=8, max_model_len=512, enable_prefix_caching=False
+    )
+    engine = llm.engine
+    linears = engine.model.linears()
+
+    def use(with_table: bool) -> None:
+        configure(linears, "auto", table if with_table else None)
+        if engine.numerics.int8_activations:
+            numerics_of_engine.use_int8_activations(engine.model)
+
+    rates: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
+    workloads = e2e_workloads(quick)
+    for rnd in range(E2E_ROUNDS + 1):
+        for with_table in (True, False) if rnd % 2 == 0 else (False, True):
+            use(with_table)
+            for name, (b, p, g) in workloads.items():
+                rate = timer(llm, b, p, g)
+                if rnd > 0:  # round 0 warms both up
+                    rates[with_table].setdefault(name, []).append(rate)
+    use(True)
+    return gate_decision(rates[True], rates[False])
 
 
 PPL_TOLERANCE = 0.01  # an approximate kernel may raise held-out perplexity by at most 1%
