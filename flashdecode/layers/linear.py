@@ -156,13 +156,22 @@ class Linear:
         """Drop prepared formats (and their memory) of candidates not in ``keep``."""
         keep = set(keep)
         self._impls = {k: v for k, v in self._impls.items() if k in keep}
+        if "torch_int4" not in keep:
+            self._int4 = None
 
     def int4_repack(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Q4_0/Q4_1 as torch's int4 weight-only format, w = (q - 8) * scale + zero per 32-group, or
-        None where that is not exact (the zero m + 8d not representable in fp32) or unsupported."""
-        if not hasattr(self, "_int4"):
+        None where that is not exact (the zero m + 8d not representable in fp32) or unsupported.
+        Built on first use and held until ``release`` drops it (a second copy of the weight)."""
+        if getattr(self, "_int4", None) is None and getattr(self, "_int4_ok", True):
             self._int4 = _int4_repack(self.weight)
+            self._int4_ok = self._int4 is not None
         return self._int4
+
+    def has_int4(self) -> bool:
+        if not hasattr(self, "_int4_ok"):
+            self.int4_repack()
+        return self._int4_ok
 
     # --- dispatch --------------------------------------------------------------------------------
 
@@ -384,7 +393,7 @@ def _int4_repack(w: torch.Tensor | QuantizedTensor) -> tuple[torch.Tensor, torch
     "torch_int4",
     True,
     "torch _weight_int4pack_mm_for_cpu, exact Q4 repack",
-    lambda linear: _on_host(linear) and linear.int4_repack() is not None,
+    lambda linear: _on_host(linear) and linear.has_int4(),
 )
 def _torch_int4(linear: Linear) -> Kernel:
     (packed, scales_zeros), bias = linear.int4_repack(), linear.bias_as(torch.float32)

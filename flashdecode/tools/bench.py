@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ..entrypoints.llm import LLM
 from ..errors import FlashDecodeError
+from ..kernels.cpu.decode import DecodeStep
 from ..sampling_params import SamplingParams
 from ..utils.cpuinfo import cpu_model, physical_cores
 from ..utils.formatting import fmt_bytes, format_table, parse_int_list
@@ -263,7 +264,7 @@ def resident_tensor_bytes(obj: Any, _seen: set[int] | None = None, _depth: int =
     """Bytes of the distinct tensor storages reachable from ``obj`` (the weights as the engine holds
     them now, whatever their format), following attributes, lists and dicts."""
     seen = _seen if _seen is not None else set()
-    if _depth > 6 or id(obj) in seen:
+    if _depth > 6 or id(obj) in seen or isinstance(obj, DecodeStep):  # a step: views, and the KV cache
         return 0
     seen.add(id(obj))
     if isinstance(obj, torch.Tensor):
