@@ -101,13 +101,14 @@ class LLMEngine:
             max_model_len=self.max_model_len,
         )
         quantized_file = config.quantization is None and any(is_quantized(f) for f in loaded.formats.values())
+        source = loaded.source or config.model  # the file the weights came from: what a record is of
         del loaded
         self.model.softmax = softmax_policy(
             config.softmax, config.model, self.spec.num_layers, "triton" if triton else "auto"
         )
         # int8 activations and a 16-bit KV cache where the held-out check allows (engine/numerics.py)
         self.numerics = numerics.resolve(
-            config.numerics, config.kv_cache_dtype, config.model, self.model, self.tokenizer, quantized_file
+            config.numerics, config.kv_cache_dtype, source, self.model, self.tokenizer, quantized_file
         )
         self.kv_cache_dtype = self.numerics.kv_cache_dtype
 
