@@ -171,8 +171,9 @@ def test_cli_errors_are_one_line_and_exit_2(args: list[str], message: str) -> No
 
 
 def test_cli_generate_and_info() -> None:
-    # exact: with int8 activations this tiny model's first token of the answer flips (docs/numerics.md)
-    result = run_cli("generate", "What is the capital of France?", "--chat", "--max-tokens", "16", "--exact")
+    # the README's first command, default numerics (docs/numerics.md: the bare question is a near-tie)
+    prompt = "What is the capital of France? Answer in one sentence."
+    result = run_cli("generate", prompt, "--chat", "--max-tokens", "16")
     assert result.returncode == 0 and "Paris" in result.stdout
     info = run_cli("info")
     assert info.returncode == 0
