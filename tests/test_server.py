@@ -451,7 +451,8 @@ def test_closing_a_stream_early_frees_its_kv_blocks(server: Server, client: open
 def test_health_answers_while_the_engine_is_busy(server: Server) -> None:
     async def run() -> float:
         async with httpx.AsyncClient(timeout=60) as http:
-            body = {"model": MODEL, "prompt": "Count to one hundred:", "max_tokens": 48, "ignore_eos": True}
+            # long enough to be still running at the check, however fast the decode step gets
+            body = {"model": MODEL, "prompt": "Count to one hundred:", "max_tokens": 400, "ignore_eos": True}
             busy = asyncio.ensure_future(
                 http.post(f"{server.base}/v1/completions", json=body, headers=_auth())
             )

@@ -52,36 +52,35 @@ class NativeDecode:
         """``layers``: the decoder's ``DecoderLayer``s (their norms, ``qk_norm`` and ``projections()``);
         ``norm``: the final norm's weight. Host tensors, fp32 compute (else nothing runs natively)."""
         self.spec, self.layers, self.norm, self.rope, self.dtype = spec, layers, norm, rope, dtype
-        self._flags: dict[int, tuple[bool, ...] | None] = {}  # T -> int8 flag per projection part
-        self._steps: dict[tuple, DecodeStep] = {}
+        self._chosen: dict[tuple, DecodeStep | None] = {}  # per step shape: the step, or None
+        self._steps: dict[tuple, DecodeStep] = {}  # per int8 flags, KV storage and softmax
         self._plans_set = -1
 
-    def _flags_at(self, t: int) -> tuple[bool, ...] | None:
-        if self._plans_set != Linear.plans_set:  # a plan changed: every cached decision is stale
-            self._flags.clear()
-            self._steps.clear()
-            self._plans_set = Linear.plans_set
-        if t not in self._flags:
-            names = [lin.candidate_at(t) for layer in self.layers for lin in layer.linears()]
-            ok = all(name in STEP_KERNELS for name in names)
-            self._flags[t] = tuple(STEP_KERNELS[n] for n in names) if ok else None
-        return self._flags[t]
-
     def step(self, t: int, cache: KVCache, softmax: SoftmaxPolicy | None) -> DecodeStep | None:
-        """The native step for a decode batch of ``t`` tokens, or None where the Python layers run."""
-        lib = cpu.load()
-        if lib is None or self.dtype != torch.float32:
-            return None
-        if cache.quantized or cache.kv.dtype not in KV_DTYPES:
-            return None
-        unified = softmax is not None and softmax.mode == "unified"
+        """The native step for a decode batch of ``t`` tokens, or None where the Python layers run.
+        Decided once per (t, cache, softmax) until a plan changes: a decode step pays one lookup."""
         if softmax is not None and (softmax.observer is not None or softmax.backend == "triton"):
             return None
-        flags = self._flags_at(t)
-        if flags is None:
+        if self._plans_set != Linear.plans_set:  # a plan changed: every cached decision is stale
+            self._chosen.clear()
+            self._steps.clear()
+            self._plans_set = Linear.plans_set
+        unified = softmax is not None and softmax.mode == "unified"
+        key = (t, cache.kv.data_ptr(), (softmax.phi, softmax.window) if unified else None)
+        if key not in self._chosen:
+            self._chosen[key] = self._choose(t, cache, softmax if unified else None)
+        return self._chosen[key]
+
+    def _choose(self, t: int, cache: KVCache, unified: SoftmaxPolicy | None) -> DecodeStep | None:
+        lib = cpu.load()
+        if lib is None or self.dtype != torch.float32 or cache.quantized or cache.kv.dtype not in KV_DTYPES:
             return None
-        phi = tuple(softmax.phi_at(i) for i in range(len(self.layers))) if unified else None
-        window = softmax.window_for(torch.float32) if unified else (0.0, 0.0)
+        names = [lin.candidate_at(t) for layer in self.layers for lin in layer.linears()]
+        if not all(name in STEP_KERNELS for name in names):
+            return None
+        flags = tuple(STEP_KERNELS[n] for n in names)
+        phi = None if unified is None else tuple(unified.phi_at(i) for i in range(len(self.layers)))
+        window = (0.0, 0.0) if unified is None else unified.window_for(torch.float32)
         key = (flags, cache.kv.data_ptr(), phi, window)
         if key not in self._steps:
             self._steps[key] = self._build(lib, flags, cache, phi, window)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..engine import numerics as numerics_of_engine
+from ..engine.numerics import use_int8_activations
 from ..entrypoints.llm import LLM
 from ..errors import FlashDecodeError
 from ..layers.dataflow import (
@@ -413,7 +413,7 @@ def end_to_end_gate(
     def use(with_table: bool) -> None:
         configure(linears, "auto", table if with_table else None)
         if engine.numerics.int8_activations:
-            numerics_of_engine.use_int8_activations(engine.model)
+            use_int8_activations(engine.model)
 
     rates: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
     workloads = e2e_workloads(quick)

@@ -363,35 +363,26 @@ void fd_linear_tiles(fd_member *me, int fmt, const float *x, int64_t ldx, int64_
     fd_loop_end(me);
 }
 
-static int linear_rows(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
-                       const void *d, const void *m, const float *bias, float *y, int64_t ldy, int64_t N,
-                       int nthreads) {
+static void linear_rows(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
+                        const void *d, const void *m, const float *bias, float *y, int64_t ldy, int64_t N,
+                        int nthreads) {
     int nt = pick_threads(nthreads, (N + NR_MAX - 1) / NR_MAX, (double)N * (double)K * (double)(M < 8 ? M : 8));
     (void)nt; /* unused without OpenMP */
-    atomic_int failed; /* every thread must take the same way into the team's loops */
-    atomic_init(&failed, 0);
     fd_team team;
     fd_team_init(&team, nt);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         fd_team solo;
         fd_member me = fd_join(&team, &solo);
-        if (me.team) {
-            float *db = (float *)malloc(sizeof(float) * fd_scale_scratch(K)), *mb = (float *)malloc(sizeof(float) * fd_scale_scratch(K));
-            if (!db || !mb) atomic_store(&failed, 1);
-            fd_barrier(&me);
-            if (!atomic_load(&failed)) fd_linear_tiles(&me, fmt, x, ldx, M, K, w, d, m, bias, y, ldy, 0, N, db, mb);
-            free(db);
-            free(mb);
-        }
+        float db[fd_scale_scratch(K)], mb[fd_scale_scratch(K)]; /* a few KiB: this thread's stack */
+        if (me.team) fd_linear_tiles(&me, fmt, x, ldx, M, K, w, d, m, bias, y, ldy, 0, N, db, mb);
     }
-    return atomic_load(&failed) ? -2 : 0;
 }
 
 #define X_PANEL_BYTES (384 * 1024) /* activation rows per pass: their panel stays in a core's L2 */
 
-/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) W^T + bias. Returns 0, -1 on bad arguments, -2
- * out of memory. Large M runs in passes of rows whose activations fit in L2: every weight tile sweeps
+/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) W^T + bias. Returns 0, or -1 on bad arguments.
+ * Large M runs in passes of rows whose activations fit in L2: every weight tile sweeps
  * the whole panel, and a panel streamed from L3 for each tile starves the FMAs. */
 int fd_linear(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
               const void *d, const void *m, const float *bias, float *y, int64_t ldy, int64_t N,
@@ -406,8 +397,7 @@ int fd_linear(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const 
     rows = (rows + MT - 1) / MT * MT; /* whole register tiles */
     for (int64_t r0 = 0; r0 < M; r0 += rows) {
         int64_t mr = M - r0 < rows ? M - r0 : rows;
-        int rc = linear_rows(fmt, x + r0 * ldx, ldx, mr, K, w, d, m, bias, y + r0 * ldy, ldy, N, nthreads);
-        if (rc) return rc;
+        linear_rows(fmt, x + r0 * ldx, ldx, mr, K, w, d, m, bias, y + r0 * ldy, ldy, N, nthreads);
     }
     return 0;
 }
@@ -655,34 +645,27 @@ int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
     const int64_t nb = K / 32;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
     float *dx = (float *)malloc(sizeof(float) * (size_t)(M * nb)), *sx = (float *)malloc(sizeof(float) * (size_t)(M * nb));
-    atomic_int failed;
-    atomic_init(&failed, !xq || !dx || !sx);
+    const int ok = xq && dx && sx;
     int nt = pick_threads(nthreads, (N + 3) / 4, (double)N * (double)K * (double)(M < 8 ? M : 8) / 4.0);
-    if (atomic_load(&failed)) nt = 1;
+    (void)nt;
     fd_team team;
     fd_team_init(&team, nt);
-#pragma omp parallel num_threads(nt) if (nt > 1)
+#pragma omp parallel num_threads(nt) if (nt > 1 && ok)
     {
         fd_team solo;
         fd_member me = fd_join(&team, &solo);
-        if (me.team) {
-            float *db = (float *)malloc(sizeof(float) * fd_scale_scratch(K)), *mb = (float *)malloc(sizeof(float) * fd_scale_scratch(K));
-            if (!db || !mb) atomic_store(&failed, 1);
+        float db[fd_scale_scratch(K)], mb[fd_scale_scratch(K)];
+        if (me.team && ok) {
+            const int n = me.team->n;
+            fd_q8_quantize_rows(x, ldx, M * me.tid / n, M * (me.tid + 1) / n, K, xq, dx, sx);
             fd_barrier(&me);
-            if (!atomic_load(&failed)) {
-                const int n = me.team->n;
-                fd_q8_quantize_rows(x, ldx, M * me.tid / n, M * (me.tid + 1) / n, K, xq, dx, sx);
-                fd_barrier(&me);
-                fd_linear_q8_tiles(&me, fmt, xq, dx, sx, M, K, w, d, m, bias, y, ldy, 0, N, db, mb);
-            }
-            free(db);
-            free(mb);
+            fd_linear_q8_tiles(&me, fmt, xq, dx, sx, M, K, w, d, m, bias, y, ldy, 0, N, db, mb);
         }
     }
     free(xq);
     free(dx);
     free(sx);
-    return atomic_load(&failed) ? -2 : 0;
+    return ok ? 0 : -2;
 }
 
 /* ---------------------------------------------------------------- int8 activations (AVX512-VNNI)
