@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import zlib
 
 import gguf
 import pytest
 import torch
 
+from flashdecode.kernels.formats import I8_FORMATS
 from flashdecode.layers.dataflow import DEFAULT_BF16_NATIVE_MAX_M, configure, default_plan, static_candidate
 from flashdecode.layers.linear import (
     CANDIDATES,
@@ -217,7 +219,8 @@ def int8_activation_weights() -> list[tuple[str, QuantizedTensor]]:
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_int8_activations_are_the_product_of_the_rounded_activations(with_bias: bool, native_kernels) -> None:
     """native_q8 = (x rounded to int8 per 32-block) @ W^T, to fp32 accumulation error, for every
-    integer format (the rounding itself: kernels/reference.py, plain torch)."""
+    integer format (the rounding itself: kernels/reference.py, plain torch); native_i8 the same on its
+    rows-interleaved repack of Q4_0, Q4_1 and Q8_0."""
     if not native_kernels.has_q8:
         pytest.skip(f"{native_kernels.isa} build: no AVX2")  # the portable build has no int8 path
     from flashdecode.kernels import reference as ref  # noqa: PLC0415
@@ -227,12 +230,13 @@ def test_int8_activations_are_the_product_of_the_rounded_activations(with_bias: 
         n, k = w.shape
         bias = torch.randn(n, generator=gen) if with_bias else None
         lin = Linear(w, bias)
-        assert "native_q8" in lin.candidates(allow_approx=True), fmt
-        for m in MS:
+        names = ["native_q8"] + (["native_i8"] if w.format in I8_FORMATS else [])
+        assert set(names) <= set(lin.candidates(allow_approx=True)), fmt
+        for name, m in itertools.product(names, MS):
             x = torch.randn(m, k, generator=gen) * 3
             want = ref.linear_q8(x, w.format, w.planes()) + (0 if bias is None else bias.double())
             xq, dx = ref.quantize_activations(x)
             rounded = (xq.double().abs().reshape(m, -1, 32) * dx.double()[..., None]).reshape(m, k)
             scale = rounded @ ref.dequantize(w.format, *w.planes()).double().abs().T
-            err = (lin.impl("native_q8")(x).double() - want).abs()
-            assert (err <= 1e-5 * scale + 1e-6).all(), f"{fmt} M={m}: {err.max():.3g}"
+            err = (lin.impl(name)(x).double() - want).abs()
+            assert (err <= 1e-5 * scale + 1e-6).all(), f"{fmt} {name} M={m}: {err.max():.3g}"

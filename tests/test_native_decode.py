@@ -11,7 +11,7 @@ import pytest
 from flashdecode import LLM, SamplingParams
 from flashdecode.layers.attention import SoftmaxPolicy
 from flashdecode.layers.linear import iter_linears
-from flashdecode.models.native_decode import NativeDecode
+from flashdecode.models.native_decode import STEP_KERNELS, NativeDecode
 
 # one short prompt and two long enough for several attention partitions of 128+ keys
 PROMPTS = [
@@ -97,16 +97,19 @@ def test_unified_softmax_and_its_fallbacks(gguf_model, native_kernels, monkeypat
     assert model.softmax.fallbacks == model.softmax.rows_checked > 0
 
 
-def test_int8_activations(gguf_model, native_kernels, monkeypatch) -> None:
-    if not native_kernels.has_q8:
-        pytest.skip(f"{native_kernels.isa} build: no int8-activation kernel")
+@pytest.mark.parametrize("kernel", ["native_q8", "native_i8"])
+def test_int8_activations(kernel: str, gguf_model, native_kernels, monkeypatch) -> None:
+    """Both int8-activation kernels inside the step: on the stored planes and on the rows-interleaved
+    repack (Q8_0 weights with q/k/v biases)."""
+    if not (native_kernels.has_i8 if kernel == "native_i8" else native_kernels.has_q8):
+        pytest.skip(f"{native_kernels.isa} build: no {kernel}")
     llm = LLM(model=str(gguf_model("qwen2", "Q8_0")), max_model_len=512, num_threads=2, **EXACT)
     for lin in iter_linears(llm.engine.model.linears()):
-        lin.set_plan([(1, "native_q8")])
+        lin.set_plan([(1, kernel)])
     native = run(llm)
     assert used_native(llm)
-    flags = next(iter(llm.engine.model.native._steps))[0]
-    assert all(flags)  # every projection ran with int8 activations
+    modes = next(iter(llm.engine.model.native._steps))[0]
+    assert set(modes) == {STEP_KERNELS[kernel]}  # every projection ran with this kernel
     # the same rounding on both sides, but a 1-ulp difference in a normalised activation can move one
     # int8 rounding, which these tiny random models amplify (int8 activations move their
     # log-probabilities by up to 1 against fp32): a looser bound than the exact path's

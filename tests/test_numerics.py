@@ -34,7 +34,8 @@ def test_embedded_model_default_is_int8_activations_from_its_shipped_record(nati
     assert (
         llm.engine.cache.kv.dtype.itemsize == 2 and chosen.kv_cache_dtype == chosen.record["kv_cache_dtype"]
     )
-    assert "native_q8" in kernels(llm) and "native" not in kernels(llm)
+    # every projection of the embedded model (Q4_1, Q8_0) has the rows-interleaved int8 kernel
+    assert kernels(llm) == {"native_i8" if native_kernels.has_i8 else "native_q8"}
 
 
 def test_exact_keeps_stored_weights_and_fp32_kv(native_kernels) -> None:
@@ -71,7 +72,7 @@ def test_a_failed_check_stays_exact(gguf_model, native_kernels, monkeypatch) -> 
     monkeypatch.setattr(numerics, "PPL_TOLERANCE", -1.0)  # nothing can pass
     llm = LLM(model=str(gguf_model("qwen2", "Q4_0")), max_model_len=256)
     assert llm.engine.numerics.record["allowed"] is False
-    assert not llm.engine.numerics.int8_activations and "native_q8" not in kernels(llm)
+    assert not llm.engine.numerics.int8_activations and not kernels(llm) & {"native_q8", "native_i8"}
     assert llm.engine.cache.kv.dtype == llm.engine.dtype
 
 

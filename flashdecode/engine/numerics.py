@@ -60,9 +60,12 @@ def int8_candidates(model: Decoder) -> list[Linear]:
 
 
 def use_int8_activations(model: Decoder) -> None:
-    """Every ``native`` range of a quantized projection's plan runs ``native_q8`` instead."""
+    """Every ``native`` range of a quantized projection's plan runs with int8 activations instead: on
+    the rows-interleaved repack where the format has one (``native_i8``), else on the stored planes
+    (``native_q8``). Both round the activations alike, so one held-out check covers both."""
     for lin in int8_candidates(model):
-        lin.set_plan([(m, "native_q8" if name == "native" else name) for m, name in lin.plan])
+        int8 = "native_i8" if "native_i8" in lin.candidates(allow_approx=True) else "native_q8"
+        lin.set_plan([(m, int8 if name == "native" else name) for m, name in lin.plan])
 
 
 def use_exact_kernels(model: Decoder) -> None:

@@ -14,8 +14,9 @@ first use. A new kernel is one ``@candidate`` entry below:
     dequant_bf16 dequantize to bf16, then torch's bf16 GEMM (approximate: rounds the weights)
     native_q8    int8 activations (per 32-block scales, as llama.cpp) times the integer weights of any
                  native format, read in place (AVX2 vpmaddubsw; approximate: rounds the activations)
-    native_i8    the same rounding, AVX512-VNNI dot products on weights repacked 16 rows at a time
-                 (Q4_0, Q4_1, Q8_0)
+    native_i8    the same rounding on weights repacked 16 rows at a time (Q4_0, Q4_1, Q8_0): a lane
+                 is a weight row, so each activation byte serves 16 rows (AVX512-VNNI vpdpbusd, or
+                 AVX2 vpmaddubsw on 8-row halves)
     torch_bf16_cast  torch F.linear on an fp32 weight rounded to bf16 (approximate)
     triton       the Triton flat GEMM (kernels/triton/flat_gemm.py), fused dequantization: the GPU
                  version of ``native``, for float and quantized weights
@@ -112,6 +113,7 @@ class Linear:
         self._impls: dict[str, Kernel] = {}
         self._by_m: list[Kernel] = []
         self._last: Kernel | None = None
+        self._i8: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.plan: Plan = []
 
     @property
@@ -158,6 +160,15 @@ class Linear:
         self._impls = {k: v for k, v in self._impls.items() if k in keep}
         if "torch_int4" not in keep:
             self._int4 = None
+        if "native_i8" not in keep:
+            self._i8 = None
+
+    def i8_repack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The weight repacked 16 rows at a time for ``native_i8`` (kernels/cpu/build.py repack_i8),
+        built on first use and held until ``release`` drops it (a second copy of the weight)."""
+        if self._i8 is None:
+            self._i8 = cpu.repack_i8(self.format, self.weight.planes())
+        return self._i8
 
     def int4_repack(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Q4_0/Q4_1 as torch's int4 weight-only format, w = (q - 8) * scale + zero per 32-group, or
@@ -425,10 +436,10 @@ def _has_i8(linear: Linear) -> bool:
     return _on_host(linear) and linear.format in I8_FORMATS and lib is not None and lib.has_i8
 
 
-@candidate("native_i8", False, "int8 activations per 32-block x quantized weights (AVX512-VNNI)", _has_i8)
+@candidate("native_i8", False, "int8 activations per 32-block x weights repacked 16 rows at a time", _has_i8)
 def _native_i8(linear: Linear) -> Kernel:
     lib, fmt, n, bias = cpu.load(), linear.format, linear.out_features, linear.bias_as(torch.float32)
-    packed = cpu.repack_i8(fmt, linear.weight.planes())
+    packed = linear.i8_repack()
 
     def native_i8(x: torch.Tensor) -> torch.Tensor:
         y = lib.linear_i8(fmt, _fp32_input(x), packed, n, bias)

@@ -1,13 +1,14 @@
 """The decoder's decode steps as one native call (kernels/cpu/decode_step.c), where they can be.
 
 A decode batch of T single tokens runs natively when every projection's kernel at M = T is a flat GEMM
-(``native``, or ``native_q8`` with int8 activations: the dataflow plan still decides, per projection and
-M), the compute dtype is fp32, the KV cache holds fp32, bf16 or fp16, and the softmax is exact or
-unified with no calibration observer. Anything else (prefill chunks, an int8 KV cache, a torch kernel
-in the plan, the Triton backend) runs the Python layers, which remain the reference: the two compute
-the same operations in fp32 and differ only in summation order.
+(``native``, or ``native_q8`` / ``native_i8`` with int8 activations: the dataflow plan still decides,
+per projection and M), the compute dtype is fp32, the KV cache holds fp32, bf16 or fp16, and the softmax
+is exact or unified with no calibration observer. Anything else (prefill chunks, an int8 KV cache, a
+torch kernel in the plan, the Triton backend, a model beyond the plain Llama block:
+``ModelSpec.llama_block``) runs the Python layers, which remain the reference: the two compute the
+same operations in fp32 and differ only in summation order.
 
-One ``DecodeStep`` is built per combination of int8-activation flags, KV storage and softmax, and
+One ``DecodeStep`` is built per combination of the projections' kernels, KV storage and softmax, and
 rebuilt only when a plan changes (``Linear.plans_set``).
 """
 
@@ -19,7 +20,16 @@ from typing import Any
 import torch
 
 from ..kernels import cpu
-from ..kernels.cpu.decode import KV_DTYPES, DecodeStep, Geometry, LayerWeights, ProjPart
+from ..kernels.cpu.decode import (
+    FP32,
+    INT8,
+    INT8_INTERLEAVED,
+    KV_DTYPES,
+    DecodeStep,
+    Geometry,
+    LayerWeights,
+    ProjPart,
+)
 from ..layers.attention import SoftmaxPolicy
 from ..layers.kv_cache import KVCache
 from ..layers.linear import Linear, SplitLinear
@@ -27,17 +37,20 @@ from ..layers.quant import QuantizedTensor
 from ..layers.rope import RotaryEmbedding
 from .spec import ModelSpec
 
-STEP_KERNELS = {"native": False, "native_q8": True}  # plan candidate -> int8 activations
+STEP_KERNELS = {"native": FP32, "native_q8": INT8, "native_i8": INT8_INTERLEAVED}  # plan candidate -> mode
 
 
 def _parts(mod: Linear | SplitLinear) -> list[Linear]:
     return mod.parts if isinstance(mod, SplitLinear) else [mod]
 
 
-def _part(lin: Linear, int8_activations: bool) -> ProjPart:
+def _part(lin: Linear, mode: int) -> ProjPart:
     w = lin.weight
-    planes = w.planes() if isinstance(w, QuantizedTensor) else (w, None, None)
-    return ProjPart(lin.format, planes, lin.bias_as(torch.float32), int8_activations)
+    if mode == INT8_INTERLEAVED:
+        planes = lin.i8_repack()
+    else:
+        planes = w.planes() if isinstance(w, QuantizedTensor) else (w, None, None)
+    return ProjPart(lin.format, planes, lin.bias_as(torch.float32), mode, lin.out_features)
 
 
 class NativeDecode:
@@ -53,7 +66,7 @@ class NativeDecode:
         ``norm``: the final norm's weight. Host tensors, fp32 compute (else nothing runs natively)."""
         self.spec, self.layers, self.norm, self.rope, self.dtype = spec, layers, norm, rope, dtype
         self._chosen: dict[tuple, DecodeStep | None] = {}  # per step shape: the step, or None
-        self._steps: dict[tuple, DecodeStep] = {}  # per int8 flags, KV storage and softmax
+        self._steps: dict[tuple, DecodeStep] = {}  # per kernel modes, KV storage and softmax
         self._plans_set = -1
 
     def step(self, t: int, cache: KVCache, softmax: SoftmaxPolicy | None) -> DecodeStep | None:
@@ -73,22 +86,28 @@ class NativeDecode:
 
     def _choose(self, t: int, cache: KVCache, unified: SoftmaxPolicy | None) -> DecodeStep | None:
         lib = cpu.load()
-        if lib is None or self.dtype != torch.float32 or cache.quantized or cache.kv.dtype not in KV_DTYPES:
+        if (
+            not self.spec.llama_block
+            or lib is None
+            or self.dtype != torch.float32
+            or cache.quantized
+            or cache.kv.dtype not in KV_DTYPES
+        ):
             return None
         names = [lin.candidate_at(t) for layer in self.layers for lin in layer.linears()]
         if not all(name in STEP_KERNELS for name in names):
             return None
-        flags = tuple(STEP_KERNELS[n] for n in names)
+        modes = tuple(STEP_KERNELS[n] for n in names)
         phi = None if unified is None else tuple(unified.phi_at(i) for i in range(len(self.layers)))
         window = (0.0, 0.0) if unified is None else unified.window_for(torch.float32)
-        key = (flags, cache.kv.data_ptr(), phi, window)
+        key = (modes, cache.kv.data_ptr(), phi, window)
         if key not in self._steps:
-            self._steps[key] = self._build(lib, flags, cache, phi, window)
+            self._steps[key] = self._build(lib, modes, cache, phi, window)
         return self._steps[key]
 
-    def _build(self, lib, flags, cache: KVCache, phi, window) -> DecodeStep:
+    def _build(self, lib, modes, cache: KVCache, phi, window) -> DecodeStep:
         s = self.spec
-        it = iter(flags)
+        it = iter(modes)
         layers = []
         for layer in self.layers:
             projs = [[_part(lin, next(it)) for lin in _parts(mod)] for mod in layer.projections()]

@@ -56,19 +56,21 @@ class _Model(ctypes.Structure):
     ]
 
 
+# how a part multiplies (decode_step.c's fd_part.q8): fp32 activations, int8 activations on the stored
+# planes, or int8 activations on the planes repacked 16 rows at a time (build.py repack_i8)
+FP32, INT8, INT8_INTERLEAVED = 0, 1, 2
+
+
 @dataclass
 class ProjPart:
-    """One part of a projection: ``fmt`` (a native format or BF16), its planes (qs, d, m), its fp32
-    bias or None, and whether it runs with int8 activations."""
+    """One part of a projection: ``fmt`` (a native format or BF16), its planes (qs, d, m) as ``mode``
+    reads them, its fp32 bias or None, and its ``out_features``."""
 
     fmt: str
     planes: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
     bias: torch.Tensor | None
-    int8_activations: bool
-
-    @property
-    def out_features(self) -> int:
-        return self.planes[0].shape[0]
+    mode: int
+    out_features: int
 
 
 @dataclass
@@ -152,7 +154,7 @@ class DecodeStep:
             self._keep += [t for t in (qs, d, m, p.bias) if t is not None]
             proj.part[i] = _Part(
                 FORMAT_IDS[p.fmt],
-                int(p.int8_activations),
+                p.mode,
                 p.out_features,
                 _ptr(qs),
                 _ptr(d),

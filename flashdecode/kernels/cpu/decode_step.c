@@ -26,8 +26,10 @@
 #define PART_MIN 128  /* keys per attention partition, at least */
 #define PART_MAX 1024 /* and at most (the per-thread score scratch) */
 
+#define Q8_INTERLEAVED 2 /* fd_part.q8: int8 activations on weights repacked 16 rows at a time */
+
 typedef struct {
-    int32_t fmt, q8; /* FD_* format; 1: int8 activations (fd_linear_q8_tiles) */
+    int32_t fmt, q8; /* FD_* format; 1: int8 activations (fd_linear_q8_tiles), Q8_INTERLEAVED: i8 tiles */
     int64_t n;       /* output features of this part */
     const uint8_t *qs;
     const void *d, *m;
@@ -289,7 +291,10 @@ static void proj(fd_member *me, const fd_proj *P, const float *x, int64_t T, int
     int64_t off = 0;
     for (int i = 0; i < P->nparts; i++) {
         const fd_part *p = &P->part[i];
-        if (p->q8)
+        if (p->q8 == Q8_INTERLEAVED)
+            fd_linear_i8_tiles(me, p->fmt, B->xq, B->dx, B->sx, T, K, p->qs, p->d, p->m, p->bias, y + off, ldy, add,
+                               p->n);
+        else if (p->q8)
             fd_linear_q8_tiles(me, p->fmt, B->xq, B->dx, B->sx, T, K, p->qs, p->d, p->m, p->bias, y + off, ldy, add,
                                p->n, db, mb);
         else

@@ -668,30 +668,119 @@ int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
     return ok ? 0 : -2;
 }
 
-/* ---------------------------------------------------------------- int8 activations (AVX512-VNNI)
+/* ---------------------------------------------------------------- int8 activations, rows interleaved
  *
- * llama.cpp's way for quantized dot products: each activation row is quantized per 32-block to int8
- * (xq = round(x / dx), dx = max|x| / 127) and multiplied with the integer weights by vpdpbusd
- * (64 multiply-adds per instruction, against 16 for an fp32 FMA). Approximate: the activations are
- * rounded (relative error about 1/254 per element); the engine uses it only where a tuned table
- * allows it after the perplexity check.
+ * The int8-activation product on weights repacked so that a vector lane is a weight row (ik_llama.cpp's
+ * "R" layouts do the same): each activation byte loaded serves 16 weight rows, no horizontal sum is
+ * needed, and a block's integer dot products for 8 or 16 rows finish in one conversion and one FMA.
+ * Activations are rounded exactly as in fd_linear_q8 (same results up to fp32 summation order).
  *
- * Weights are repacked (ops/linear.py) so that a vector lane is a weight row: groups of 16 rows,
- * per (group, block):
+ * Layout (kernels/cpu/build.py repack_i8): groups of 16 rows, per (group, block):
  *   Q4_0/Q4_1  4 x 64 bytes: vector i holds, for each of the 16 rows, elements 4i..4i+3 of the
  *              block in the low nibbles of 4 bytes and elements 4(i+4)..4(i+4)+3 in the high nibbles
  *   Q8_0       8 x 64 bytes: vector j holds elements 4j..4j+3 of each of the 16 rows (int8)
  *   d, m       [groups, K/32, 16] fp16 (rows padded to a multiple of 16 with zeros)
- * so a block's dot product for 16 rows is 8 vpdpbusd with a broadcast of 4 activation bytes, and
- * no horizontal sums are needed. */
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__GNUC__)
+ * AVX512-VNNI runs a 64-byte vector as one vpdpbusd; AVX2 runs it as two 8-row halves with
+ * vpmaddubsw + vpmaddwd. */
+#if defined(__AVX2__)
 #define FD_HAVE_I8 1
-#define I8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
-#define I8_MR 8 /* activation rows per register tile */
+#define I8_MR 4 /* activation rows per register tile */
 
-I8_TARGET static inline void i8_group(const int FMT, const int MR, const int8_t *xq, const float *dx,
-                                      const float *sx, int64_t K, const uint8_t *qp, const uint16_t *dp,
-                                      const uint16_t *mp, __m512 *acc) {
+INLINE __m256i bcast4(const int8_t *p) {
+    int32_t quad;
+    memcpy(&quad, p, 4);
+    return _mm256_set1_epi32(quad);
+}
+
+/* One 8-row half (h) of a group against MR activation rows, over all K. Nibble products of a block
+ * sum in int16 (8 x 2 x 15 x 127 < 2^15), so a block costs one vpmaddwd per row; Q8_0 moves the
+ * weights' signs onto the activations (|w| x sign(w) xq, as fd_linear_q8 does). */
+INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *dx, const float *sx, int64_t K,
+                    const uint8_t *qp, const uint16_t *dp, const uint16_t *mp, int h, __m256 acc[I8_MR]) {
+    const int nb = (int)(K / 32);
+    const __m256i nib = _mm256_set1_epi8(0x0F), one16 = _mm256_set1_epi16(1);
+    for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const int8_t *xb = xq + (int64_t)b * 32;
+        __m256i s[I8_MR];
+        if (FMT == FD_Q8_0) {
+            const uint8_t *blk = qp + (int64_t)b * 512 + 32 * h;
+            for (int r = 0; r < MR; r++) s[r] = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) {
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 64 * j)), aw = _mm256_sign_epi8(w, w);
+                for (int r = 0; r < MR; r++) {
+                    const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(xb + r * K + 4 * j), w));
+                    s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(p, one16));
+                }
+            }
+        } else {
+            const uint8_t *blk = qp + (int64_t)b * 256 + 32 * h;
+            for (int i = 0; i < 4; i++) {
+                const __m256i z = _mm256_loadu_si256((const __m256i *)(blk + 64 * i));
+                const __m256i lo = _mm256_and_si256(z, nib), hi = _mm256_and_si256(_mm256_srli_epi16(z, 4), nib);
+                for (int r = 0; r < MR; r++) {
+                    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xb + r * K + 4 * i)),
+                                                       _mm256_maddubs_epi16(hi, bcast4(xb + r * K + 16 + 4 * i)));
+                    s[r] = i ? _mm256_add_epi16(s[r], p) : p;
+                }
+            }
+            for (int r = 0; r < MR; r++) s[r] = _mm256_madd_epi16(s[r], one16);
+        }
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dp + (int64_t)b * 16 + 8 * h)));
+        const __m256 mv = FMT == FD_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mp + (int64_t)b * 16 + 8 * h)))
+                                         : _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f));
+        for (int r = 0; r < MR; r++) {
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(dv, _mm256_set1_ps(dx[r * nb + b])), acc[r]);
+            if (FMT != FD_Q8_0) acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[r * nb + b]), acc[r]);
+        }
+    }
+}
+
+/* y[r, n0 + c] = out[c] + bias (add: y += that) for the group's real columns */
+INLINE void i8_store(const float *out, int cols, const float *bias, float *yr, int add, int64_t n0) {
+    for (int c = 0; c < cols; c++) {
+        const float v = out[c] + (bias ? bias[n0 + c] : 0.0f);
+        yr[n0 + c] = add ? yr[n0 + c] + v : v;
+    }
+}
+
+INLINE void i8_group_avx2(const int FMT, const int8_t *xq, const float *dx, const float *sx, int64_t M, int64_t K,
+                          const uint8_t *q, const uint16_t *d, const uint16_t *mm, const float *bias, float *y,
+                          int64_t ldy, int add, int64_t n0, int cols) {
+    const int64_t nb = K / 32;
+    for (int64_t r0 = 0; r0 < M; r0 += I8_MR) {
+        const int mr = (int)(M - r0 < I8_MR ? M - r0 : I8_MR);
+        for (int h = 0; h < 2 && 8 * h < cols; h++) {
+            __m256 acc[I8_MR];
+            float out[8];
+#define I8_HALF(R) i8_half(FMT, R, xq + r0 * K, dx + r0 * nb, sx + r0 * nb, K, q, d, mm, h, acc)
+            switch (mr) {
+            case 1: I8_HALF(1); break;
+            case 2: I8_HALF(2); break;
+            case 3: I8_HALF(3); break;
+            default: I8_HALF(4); break;
+            }
+#undef I8_HALF
+            const int c = cols - 8 * h < 8 ? cols - 8 * h : 8;
+            for (int r = 0; r < mr; r++) {
+                _mm256_storeu_ps(out, acc[r]);
+                i8_store(out, c, bias, y + (r0 + r) * ldy, add, n0 + 8 * h);
+            }
+        }
+    }
+}
+#endif
+
+#if defined(FD_HAVE_I8) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__GNUC__)
+#define FD_HAVE_VNNI 1
+#define I8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+#define VNNI_MR 8
+
+/* A whole 16-row group against MR activation rows: one vpdpbusd per 64-byte vector. Q8_0 runs
+ * unsigned activations (xq + 128) against signed weights and subtracts 128 x the weights' sum. */
+I8_TARGET static inline void vnni_group(const int FMT, const int MR, const int8_t *xq, const float *dx,
+                                        const float *sx, int64_t K, const uint8_t *qp, const uint16_t *dp,
+                                        const uint16_t *mp, __m512 *acc) {
     const int nb = (int)(K / 32);
     const __m512i nib = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
     for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
@@ -707,7 +796,7 @@ I8_TARGET static inline void i8_group(const int FMT, const int MR, const int8_t 
                 wv[j] = _mm512_loadu_si512((const void *)(blk + 64 * j));
                 wsum128 = _mm512_dpbusd_epi32(wsum128, ones, wv[j]);
             }
-            wsum128 = _mm512_slli_epi32(wsum128, 7); /* 128 * sum of the block's weights, per row */
+            wsum128 = _mm512_slli_epi32(wsum128, 7);
         } else {
             const uint8_t *blk = qp + (int64_t)b * 256;
             for (int i = 0; i < 4; i++) {
@@ -717,15 +806,15 @@ I8_TARGET static inline void i8_group(const int FMT, const int MR, const int8_t 
             }
         }
         /* rows innermost: MR independent dot-product chains in flight, not one chain of 8 */
-        __m512i isum[I8_MR];
+        __m512i isum[VNNI_MR];
         for (int r = 0; r < MR; r++) isum[r] = _mm512_setzero_si512();
         for (int j = 0; j < 8; j++)
             for (int r = 0; r < MR; r++) {
                 int32_t quad;
                 memcpy(&quad, xq + r * K + (int64_t)b * 32 + 4 * j, 4);
-                if (FMT == FD_Q8_0) /* unsigned activations (xq + 128) against signed weights */
+                if (FMT == FD_Q8_0)
                     isum[r] = _mm512_dpbusd_epi32(isum[r], _mm512_set1_epi32(quad ^ (int32_t)0x80808080), wv[j]);
-                else /* unsigned 4-bit weights against signed activations */
+                else
                     isum[r] = _mm512_dpbusd_epi32(isum[r], wv[j], _mm512_set1_epi32(quad));
             }
         for (int r = 0; r < MR; r++) {
@@ -737,94 +826,127 @@ I8_TARGET static inline void i8_group(const int FMT, const int MR, const int8_t 
     }
 }
 
-I8_TARGET static void i8_run(int fmt, const int8_t *xq, const float *dx, const float *sx, int64_t M, int64_t K,
-                             const uint8_t *qp, const uint16_t *dp, const uint16_t *mp, const float *bias,
-                             float *y, int64_t ldy, int64_t N, int nt) {
-    const int64_t groups = (N + 15) / 16, nb = K / 32;
-    const int64_t gbytes = nb * (fmt == FD_Q8_0 ? 512 : 256);
-    (void)nt;
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 1)
-    for (int64_t g = 0; g < groups; g++) {
-        __m512 acc[I8_MR];
+I8_TARGET static void vnni_group_rows(const int FMT, const int8_t *xq, const float *dx, const float *sx, int64_t M,
+                                      int64_t K, const uint8_t *q, const uint16_t *d, const uint16_t *mm,
+                                      const float *bias, float *y, int64_t ldy, int add, int64_t n0, int cols) {
+    const int64_t nb = K / 32;
+    for (int64_t r0 = 0; r0 < M; r0 += VNNI_MR) {
+        const int mr = (int)(M - r0 < VNNI_MR ? M - r0 : VNNI_MR);
+        __m512 acc[VNNI_MR];
         float out[16];
-        const uint8_t *q = qp + g * gbytes;
-        const uint16_t *d = dp + g * nb * 16, *mm = mp ? mp + g * nb * 16 : NULL;
-        for (int64_t r0 = 0; r0 < M; r0 += I8_MR) {
-            const int mr = (int)(M - r0 < I8_MR ? M - r0 : I8_MR);
-            const int8_t *xr = xq + r0 * K;
-            const float *dxr = dx + r0 * nb, *sxr = sx + r0 * nb;
-#define I8_CALL(F, R) i8_group(F, R, xr, dxr, sxr, K, q, d, mm, acc)
-#define I8_ROWS(F)                                                                                  \
-    switch (mr) {                                                                                   \
-    case 1: I8_CALL(F, 1); break;                                                                   \
-    case 2: I8_CALL(F, 2); break;                                                                   \
-    case 3: I8_CALL(F, 3); break;                                                                   \
-    case 4: I8_CALL(F, 4); break;                                                                   \
-    case 5: I8_CALL(F, 5); break;                                                                   \
-    case 6: I8_CALL(F, 6); break;                                                                   \
-    case 7: I8_CALL(F, 7); break;                                                                   \
-    default: I8_CALL(F, 8); break;                                                                  \
-    }
-            if (fmt == FD_Q4_0) {
-                I8_ROWS(FD_Q4_0)
-            } else if (fmt == FD_Q4_1) {
-                I8_ROWS(FD_Q4_1)
-            } else {
-                I8_ROWS(FD_Q8_0)
-            }
-#undef I8_ROWS
-#undef I8_CALL
-            const int64_t n0 = g * 16;
-            const int cols = (int)(N - n0 < 16 ? N - n0 : 16);
-            for (int r = 0; r < mr; r++) {
-                _mm512_storeu_ps(out, acc[r]);
-                for (int c = 0; c < cols; c++) y[(r0 + r) * ldy + n0 + c] = out[c] + (bias ? bias[n0 + c] : 0.0f);
-            }
+#define VNNI_CALL(R) vnni_group(FMT, R, xq + r0 * K, dx + r0 * nb, sx + r0 * nb, K, q, d, mm, acc)
+        switch (mr) {
+        case 1: VNNI_CALL(1); break;
+        case 2: VNNI_CALL(2); break;
+        case 3: VNNI_CALL(3); break;
+        case 4: VNNI_CALL(4); break;
+        case 5: VNNI_CALL(5); break;
+        case 6: VNNI_CALL(6); break;
+        case 7: VNNI_CALL(7); break;
+        default: VNNI_CALL(8); break;
+        }
+#undef VNNI_CALL
+        for (int r = 0; r < mr; r++) {
+            _mm512_storeu_ps(out, acc[r]);
+            i8_store(out, cols, bias, y + (r0 + r) * ldy, add, n0);
         }
     }
 }
 #endif
 
-/* 1 when fd_linear_i8 runs on this CPU (an AVX-512 build on a CPU with AVX512-VNNI), else 0. */
+#ifdef FD_HAVE_VNNI
+static int i8_use_vnni(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+    }
+    return known;
+}
+#endif
+
+/* 1 when fd_linear_i8 runs in this build (AVX2 or better; VNNI where the CPU has it), else 0. */
 int fd_i8_available(void) {
 #ifdef FD_HAVE_I8
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
+    return 1;
 #else
     return 0;
 #endif
 }
 
+/* The 16-row groups of one product, shared among a team (every member calls it; it ends in the
+ * team's barrier), on activations already rounded by fd_q8_quantize_rows. */
+void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *dx, const float *sx, int64_t M,
+                        int64_t K, const uint8_t *qp, const uint16_t *dp, const uint16_t *mp, const float *bias,
+                        float *y, int64_t ldy, int add, int64_t N) {
+#ifdef FD_HAVE_I8
+    const int64_t groups = (N + 15) / 16, nb = K / 32, chunk = fd_chunk(me, groups);
+    const int64_t gbytes = nb * (fmt == FD_Q8_0 ? 512 : 256);
+#ifdef FD_HAVE_VNNI
+    const int vnni = i8_use_vnni();
+#endif
+    int64_t lo, hi;
+    fd_loop_begin(me);
+    while (fd_loop_next(me, groups, chunk, &lo, &hi)) for (int64_t g = lo; g < hi; g++) {
+        const uint8_t *q = qp + g * gbytes;
+        const uint16_t *d = dp + g * nb * 16, *mm = mp ? mp + g * nb * 16 : NULL;
+        const int64_t n0 = g * 16;
+        const int cols = (int)(N - n0 < 16 ? N - n0 : 16);
+#ifdef FD_HAVE_VNNI
+#define I8_RUN(F)                                                                                   \
+    if (vnni) vnni_group_rows(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols);          \
+    else i8_group_avx2(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols);
+#else
+#define I8_RUN(F) i8_group_avx2(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols);
+#endif
+        if (fmt == FD_Q4_0) {
+            I8_RUN(FD_Q4_0)
+        } else if (fmt == FD_Q4_1) {
+            I8_RUN(FD_Q4_1)
+        } else {
+            I8_RUN(FD_Q8_0)
+        }
+#undef I8_RUN
+    }
+    fd_loop_end(me);
+#else
+    (void)me; (void)fmt; (void)xq; (void)dx; (void)sx; (void)M; (void)K; (void)qp; (void)dp; (void)mp;
+    (void)bias; (void)y; (void)ldy; (void)add; (void)N;
+#endif
+}
+
 /* y = x W^T (+ bias) with int8 activations, W repacked as described above. Returns 0, -1 on bad
- * arguments, -2 out of memory, -3 when this build or CPU has no VNNI. */
+ * arguments, -2 out of memory, -3 when this build has no AVX2. */
 int fd_linear_i8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *qp,
                  const uint16_t *dp, const uint16_t *mp, const float *bias, float *y, int64_t ldy, int64_t N,
                  int nthreads) {
     if (!fd_i8_available()) return -3;
     if (fmt < FD_Q4_0 || fmt > FD_Q8_0 || K % 32 || M < 0 || N < 0 || (fmt == FD_Q4_1 && !mp)) return -1;
     if (M == 0 || N == 0) return 0;
-#ifdef FD_HAVE_I8
     const int64_t nb = K / 32;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
     float *dx = (float *)malloc(sizeof(float) * (size_t)(M * nb)), *sx = (float *)malloc(sizeof(float) * (size_t)(M * nb));
-    int rc = 0;
-    if (!xq || !dx || !sx) {
-        rc = -2;
-    } else {
-        fd_q8_quantize_rows(x, ldx, 0, M, K, xq, dx, sx);
-        int nt = pick_threads(nthreads, (N + 15) / 16, (double)N * (double)K * (double)(M < 8 ? M : 8) / 4.0);
-        i8_run(fmt, xq, dx, sx, M, K, qp, dp, mp, bias, y, ldy, N, nt);
+    const int ok = xq && dx && sx;
+    int nt = pick_threads(nthreads, (N + 15) / 16, (double)N * (double)K * (double)(M < 8 ? M : 8) / 4.0);
+    fd_team team;
+    fd_team_init(&team, nt);
+#pragma omp parallel num_threads(nt) if (nt > 1 && ok)
+    {
+        fd_team solo;
+        fd_member me = fd_join(&team, &solo);
+        if (me.team && ok) {
+            const int n = me.team->n;
+            fd_q8_quantize_rows(x, ldx, M * me.tid / n, M * (me.tid + 1) / n, K, xq, dx, sx);
+            fd_barrier(&me);
+            fd_linear_i8_tiles(&me, fmt, xq, dx, sx, M, K, qp, dp, mp, bias, y, ldy, 0, N);
+        }
     }
     free(xq);
     free(dx);
     free(sx);
-    return rc;
-#else
-    (void)x; (void)ldx; (void)qp; (void)dp; (void)bias; (void)y; (void)ldy; (void)nthreads;
-    return -3;
-#endif
+    return ok ? 0 : -2;
 }
 
 const char *fd_isa(void) { return FD_ISA; }
 
-int fd_abi_version(void) { return 4; }
+int fd_abi_version(void) { return 5; }
