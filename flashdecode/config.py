@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -27,6 +28,60 @@ _DTYPES = {
     "half": torch.float16,
 }
 DEFAULT_KV_CACHE_BYTES = 2 << 30
+SPECULATIVE_METHODS = ("ngram",)  # engine/spec_decode.py
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (engine/spec_decode.py), as vLLM's ``speculative_config``: each step a
+    running sequence may draft up to ``num_speculative_tokens`` tokens, verified in the same step.
+
+    ``ngram`` (prompt lookup): the drafts are the tokens that followed the most recent earlier
+    occurrence of the sequence's last n tokens in its prompt and output, for n from
+    ``prompt_lookup_max`` down to ``prompt_lookup_min``."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 1
+    # the cost of one more query row in a decode step, as a fraction of a one-row step: what the
+    # adaptive draft length weighs against the expected accepted tokens (engine/spec_decode.py);
+    # small where a step is bound by reading the weights once, larger where compute binds
+    draft_row_cost: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise FlashDecodeError(
+                f"speculative method={self.method!r}: expected one of {SPECULATIVE_METHODS}"
+            )
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise FlashDecodeError(f"speculative {name}={value!r} must be a positive integer")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise FlashDecodeError(
+                f"speculative prompt_lookup_min={self.prompt_lookup_min} must be <= "
+                f"prompt_lookup_max={self.prompt_lookup_max}"
+            )
+        cost = self.draft_row_cost
+        if not isinstance(cost, (int, float)) or isinstance(cost, bool) or not 0 <= cost <= 1:
+            raise FlashDecodeError(f"speculative draft_row_cost={cost!r} must be a number in [0, 1]")
+
+    @classmethod
+    def of(cls, value: SpeculativeConfig | dict[str, Any]) -> SpeculativeConfig:
+        """The config of ``LLM(speculative={...})``: a dict of these fields, or a config."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise FlashDecodeError(
+                f"speculative must be a dict such as {{'method': 'ngram', 'num_speculative_tokens': 4}}, "
+                f"got {value!r}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise FlashDecodeError(f"unknown speculative option(s) {unknown}; known: {sorted(known)}")
+        return cls(**value)
 
 
 @dataclass
@@ -60,8 +115,12 @@ class EngineConfig:
     # GGUF weights, int8 activations and a float16 KV cache where the held-out check allows
     # (engine/numerics.py), else exact
     numerics: str = "auto"
+    # speculative decoding: None (off), or a SpeculativeConfig or its fields as a dict
+    speculative: SpeculativeConfig | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.speculative is not None:
+            self.speculative = SpeculativeConfig.of(self.speculative)
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise FlashDecodeError(f"dtype={self.dtype!r}: expected auto or one of {sorted(_DTYPES)}")
         positive = ("kv_block_size", "max_num_seqs", "max_num_batched_tokens")

@@ -105,6 +105,17 @@ class BlockManager:
             block.hash, block.token_ids = h, tokens
             self.cached.setdefault(h, block.block_id)
 
+    def free_trailing_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Shrink ``seq``'s block table to the blocks that hold its first ``num_tokens`` tokens: after
+        a speculative step, the blocks taken only for rejected drafts go back to the pool. Those
+        blocks were never full and computed, so no hash or other sequence refers to them."""
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block.block_id] = None
+
     def free_sequence(self, seq: Sequence) -> None:
         # release in reverse so a chain's tail is evicted before its head, keeping prefixes reusable
         for block_id in reversed(seq.block_table):

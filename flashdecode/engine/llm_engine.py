@@ -31,6 +31,7 @@ from .model_runner import ModelRunner
 from .sampler import Sampler, SamplingRow, prompt_logprobs
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence
+from .spec_decode import NgramProposer
 from .structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,24 @@ class EngineStats:
     # rows that left it and were recomputed with the exact softmax
     attention_rows_checked: int = 0
     attention_fallbacks: int = 0
+    # speculative decoding (engine/spec_decode.py): verification steps of sequences that drafted, the
+    # tokens they drafted, and the drafts accepted (as vLLM's num_drafts / num_draft_tokens / ...)
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Accepted drafts per drafted token (0 before any draft)."""
+        return (
+            self.spec_num_accepted_tokens / self.spec_num_draft_tokens if self.spec_num_draft_tokens else 0.0
+        )
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a drafting sequence emitted per verification step: its accepted drafts plus the
+        target's own token (1 before any draft)."""
+        return 1.0 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 1.0
 
 
 class LLMEngine:
@@ -124,7 +143,12 @@ class LLMEngine:
             self.device.torch,
         )
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        proposer = None
+        if config.speculative is not None:
+            proposer = NgramProposer(config.speculative, self.max_model_len).propose
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, proposer
+        )
         self.runner = ModelRunner(self.model, self.cache, bs, self.device.torch)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
@@ -133,6 +157,7 @@ class LLMEngine:
         self.structured_outputs = StructuredOutputs(self.tokenizer, self.spec.vocab_size, self.eos_token_ids)
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.spec_num_drafts = self.spec_num_draft_tokens = self.spec_num_accepted_tokens = 0
         self.step_log: list[StepRecord] | None = None  # set to [] to record every step (tests, tracing)
 
     # --- set-up -------------------------------------------------------------------------------
@@ -266,6 +291,9 @@ class LLMEngine:
             generation_tokens=self.generation_tokens,
             attention_rows_checked=self.model.softmax.rows_checked,
             attention_fallbacks=self.model.softmax.fallbacks,
+            spec_num_drafts=self.spec_num_drafts,
+            spec_num_draft_tokens=self.spec_num_draft_tokens,
+            spec_num_accepted_tokens=self.spec_num_accepted_tokens,
         )
 
     # --- the step -----------------------------------------------------------------------------
@@ -298,11 +326,14 @@ class LLMEngine:
             request.prompt_logprobs.extend(self._decode_logprobs(entries))
 
         if result.sample_seqs:
-            rows = [self._sampling_row(seq) for seq in result.sample_seqs]
+            rows = [row for seq in result.sample_seqs for row in self._sampling_rows(seq)]
             sampled = self.sampler(result.logits, rows)
             now = time.monotonic()
-            for seq, token, logprobs in zip(result.sample_seqs, sampled.token_ids, sampled.logprobs):
-                self._append_token(seq, token, logprobs)
+            start = 0
+            for seq in result.sample_seqs:
+                end = start + 1 + len(seq.spec_token_ids)
+                self._accept(seq, sampled.token_ids[start:end], sampled.logprobs[start:end])
+                start = end
                 metrics = seq.request.metrics
                 metrics.first_token_time = metrics.first_token_time or now
                 if seq.request.finished:
@@ -317,10 +348,23 @@ class LLMEngine:
             outputs.append(request.output())
         return outputs
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _sampling_rows(self, seq: Sequence) -> list[SamplingRow]:
+        """One row per position the step verifies: after its last token, then after each draft, with
+        the penalty and min_tokens state as it would be once the drafts before it are accepted."""
+        drafts = seq.spec_token_ids
+        if not drafts:
+            return [self._sampling_row(seq, seq.output_token_ids)]
+        output = seq.output_token_ids
+        return [
+            self._sampling_row(seq, output + drafts[:j], draft) for j, draft in enumerate([*drafts, None])
+        ]
+
+    def _sampling_row(
+        self, seq: Sequence, output_token_ids: list[int], draft: int | None = None
+    ) -> SamplingRow:
         params = seq.params
         suppressed: Iterable[int] = ()
-        if seq.num_output_tokens < params.min_tokens:
+        if len(output_token_ids) < params.min_tokens:
             suppressed = set(params.stop_token_ids or ()) | (
                 set() if params.ignore_eos else self.eos_token_ids
             )
@@ -328,10 +372,39 @@ class LLMEngine:
             params,
             seq.generator,
             seq.request.prompt_token_ids,
-            seq.output_token_ids,
+            output_token_ids,
             tuple(suppressed),
             seq.matcher.allowed_mask() if seq.matcher is not None else None,
+            draft,
         )
+
+    def _accept(self, seq: Sequence, tokens: list[int], logprobs: list[dict[int, Logprob] | None]) -> None:
+        """Append what the step decided for ``seq``: the drafts up to the first one its row did not
+        take, then that row's own token (after all drafts: the bonus token). Tokens go in one at a
+        time, so a stop or length limit inside the accepted run ends it where plain decoding would."""
+        drafts = seq.spec_token_ids
+        accepted = 0
+        while accepted < len(drafts) and tokens[accepted] == drafts[accepted]:
+            accepted += 1
+        for token, lp in zip(tokens[: accepted + 1], logprobs):
+            self._append_token(seq, token, lp)
+            if seq.is_finished:
+                break
+        seq.spec_token_ids = []
+        if self.config.speculative is None:
+            return
+        seq.draft_history.record(len(drafts), accepted)
+        if not drafts:
+            return
+        self.spec_num_drafts += 1
+        self.spec_num_draft_tokens += len(drafts)
+        self.spec_num_accepted_tokens += accepted
+        if not seq.is_finished:
+            # the rows of rejected drafts computed K/V for tokens the sequence does not hold: its
+            # length rolls back to the accepted ones, and blocks taken only for the rest are freed
+            seq.num_computed_tokens = seq.num_tokens - 1
+            self.block_manager.free_trailing_blocks(seq, seq.num_tokens)
+            self.block_manager.register_computed_blocks(seq)
 
     def _decode_logprobs(self, entries: list[dict[int, Logprob]]) -> list[dict[int, Logprob]]:
         for entry in entries:

@@ -1,8 +1,12 @@
 """Turns a scheduled batch into the model's input tensors and runs it.
 
-Flattened token order: the decoding sequences' single tokens first, then each prefill chunk. Logits
-are computed only where they are needed: at each sequence's last known token (to sample the next
-one) and, for requests that asked for prompt logprobs, at every position of their chunk.
+Flattened token order: the decoding sequences' rows first, then each prefill chunk. A decoding
+sequence is one row (its last token) plus one per draft when speculating (engine/spec_decode.py):
+rows at consecutive positions sharing its block table, each with its own context length, so the
+model sees them as ordinary decode rows whose K/V are all written before any row attends. Logits
+are computed only where they are needed: at every decode row, at each prefilled sequence's last
+known token (to sample the next one) and, for requests that asked for prompt logprobs, at every
+position of their chunk.
 
 Inputs are built in host memory from the sequences' Python lists; on a device elsewhere (``device=
 "cuda"``) they are moved there in one place, and the logits come back to the host for the sampler.
@@ -24,7 +28,8 @@ from .sequence import Sequence
 @dataclass
 class StepResult:
     sample_seqs: list[Sequence]  # sequences whose next token is to be sampled, in logits order
-    logits: torch.Tensor  # [len(sample_seqs), vocab] float32
+    # [rows, vocab] float32: 1 + len(seq.spec_token_ids) consecutive rows per sample sequence
+    logits: torch.Tensor
     # (sequence, first position, logits [n, vocab]): logits at position p predict prompt token p + 1
     prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = field(default_factory=list)
 
@@ -63,30 +68,42 @@ class ModelRunner:
         table = torch.tensor(seq.block_table, dtype=torch.long)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
-    def _decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded key-slot matrix [B, max_context] and context lengths [B] for the decode batch."""
+    def _decode_inputs(self, seqs: list[Sequence], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded key-slot matrix [rows, max_context] and context lengths [rows] of the decode rows:
+        ``lens`` holds one context length per row, 1 + len(spec_token_ids) rows per sequence."""
         bs = self.block_size
-        lens = [s.num_tokens for s in seqs]
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
         slots = (tables[:, :, None] * bs + torch.arange(bs)).reshape(len(seqs), -1)
+        if len(lens) > len(seqs):  # drafting sequences repeat their slot row, once per draft
+            counts = torch.tensor([1 + len(s.spec_token_ids) for s in seqs])
+            slots = slots.repeat_interleave(counts, dim=0)
         return slots[:, : max(lens)], torch.tensor(lens)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
-        # each decoding sequence's one new token, at position num_tokens - 1: its inputs come from
-        # Python ints in one go, since per-sequence tensors cost more than the arithmetic every step
+        # each decoding sequence's new token at position num_tokens - 1 (and its drafts after it): the
+        # inputs come from Python ints in one go, since per-sequence tensors cost more than the
+        # arithmetic every step
         bs = self.block_size
-        decode_pos = [seq.num_tokens - 1 for seq in batch.decodes]
-        ids = [seq.token_ids[p] for seq, p in zip(batch.decodes, decode_pos)]
+        ids: list[int] = []
+        decode_pos: list[int] = []
+        new_slots: list[int] = []
+        for seq in batch.decodes:
+            ids.append(seq.token_ids[-1])
+            ids.extend(seq.spec_token_ids)
+            for p in range(seq.num_tokens - 1, seq.num_tokens + len(seq.spec_token_ids)):
+                decode_pos.append(p)
+                new_slots.append(seq.block_table[p // bs] * bs + p % bs)
         pos = [torch.tensor(decode_pos, dtype=torch.long)]
-        new_slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(batch.decodes, decode_pos)]
         slot_parts = [torch.tensor(new_slots, dtype=torch.long)]
-        meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), num_decode=len(batch.decodes))
+        meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), num_decode=len(ids))
         sample_rows = list(range(len(ids)))
         sample_seqs = list(batch.decodes)
         if batch.decodes:
-            meta.decode_slots, meta.decode_context_lens = self._decode_inputs(batch.decodes)
+            meta.decode_slots, meta.decode_context_lens = self._decode_inputs(
+                batch.decodes, [p + 1 for p in decode_pos]
+            )
 
         prompt_spans: list[tuple[Sequence, int, int, int]] = []  # seq, flat start, first pos, count
         for seq, n in batch.prefills:

@@ -5,6 +5,12 @@ allowed-token mask (structured output) -> greedy argmax, or temperature -> top-k
 Logprobs are reported from the raw logits, before any of that, as vLLM's default
 ``logprobs_mode="raw_logprobs"`` does.
 
+A row may carry a draft token (speculative decoding, engine/spec_decode.py): a greedy row still takes
+the argmax (the draft is accepted when they agree); a sampled row accepts the draft x with probability
+p(x) and otherwise samples from p with x removed, renormalised. That is the standard rejection rule
+(accept with min(1, p/q), resample from the residual max(0, p - q)) for a draft distribution q that is
+a point mass on x, so every emitted token is distributed as p, exactly as without the draft.
+
 Sampling uses the exponential race (``argmax(probs / Exp(1))``, as vLLM does) instead of
 ``torch.multinomial``: it is one batched op, it needs no host sync, and each row's noise comes from that
 row's own generator, so a seeded request draws the same token whatever else is in the batch.
@@ -35,6 +41,8 @@ class SamplingRow:
     # Structured output: the tokens the row's grammar allows next (bool, one per vocabulary entry); every
     # other logit becomes -inf. None (no grammar) costs nothing.
     allowed_token_mask: torch.Tensor | None = None
+    # Speculative decoding: the drafted token this row verifies (None: a plain row).
+    draft_token_id: int | None = None
 
 
 @dataclass
@@ -239,6 +247,7 @@ def _sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         x.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * min_p, float("-inf"))
 
     probs = x.softmax(dim=-1)
+    accepted = _accept_drafts(probs, rows)
     q = torch.empty_like(probs)
     if any(r.generator is None for r in rows):
         q.exponential_()
@@ -248,7 +257,25 @@ def _sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
             q[i].exponential_(generator=r.generator)
     # exponential_ can return exactly 0; 0/0 = NaN would win argmax for a masked-out token.
     q.clamp_min_(torch.finfo(q.dtype).tiny)
-    return probs.div_(q).argmax(dim=-1)
+    next_ids = probs.div_(q).argmax(dim=-1)
+    for i, draft in accepted:
+        next_ids[i] = draft
+    return next_ids
+
+
+def _accept_drafts(probs: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, int]]:
+    """The rows whose draft x is accepted, with probability p(x) each; every draft row's x is removed
+    from ``probs`` so that the race after this samples a rejected row from the residual."""
+    accepted = []
+    for i, r in enumerate(rows):
+        x = r.draft_token_id
+        if x is None:
+            continue
+        u = torch.rand((), generator=r.generator, device=probs.device)
+        if bool(u < probs[i, x]):
+            accepted.append((i, x))
+        probs[i, x] = 0.0
+    return accepted
 
 
 def _top_k_only(x: torch.Tensor, ks: list[int]) -> None:

@@ -7,11 +7,15 @@ prompt larger than the remaining budget is split into chunks over several steps,
 never stalls the decodes. When blocks run out, the lowest-priority, latest-arrived running sequence
 is preempted: its blocks are freed and it is recomputed later (its full blocks usually survive in the
 prefix cache, so "recompute" is mostly a cache hit).
+
+With speculative decoding, a decoding sequence also takes its drafts (``Sequence.spec_token_ids``) into
+the step, within the token budget and only where the free blocks allow: drafts never preempt anyone.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -20,12 +24,13 @@ from .sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    decodes: list[Sequence] = field(default_factory=list)  # one new token each
+    # one new token each, then their drafts (spec_token_ids) when speculating
+    decodes: list[Sequence] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, chunk length)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decodes) + sum(n for _, n in self.prefills)
+        return sum(1 + len(s.spec_token_ids) for s in self.decodes) + sum(n for _, n in self.prefills)
 
     def __bool__(self) -> bool:
         return bool(self.decodes or self.prefills)
@@ -35,9 +40,20 @@ def _order(seq: Sequence) -> tuple[int, int, int]:
     return (seq.priority, seq.request.arrival, seq.index)
 
 
+# (decoding sequence, most drafts the step's budget allows) -> the drafts (engine/spec_decode.py)
+Proposer = Callable[[Sequence, int], list[int]]
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        proposer: Proposer | None = None,
+    ):
         self.blocks = block_manager
+        self.proposer = proposer
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []  # sorted by _order
@@ -61,6 +77,7 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
 
     def _preempt(self, seq: Sequence) -> None:
+        seq.spec_token_ids = []
         self.running.remove(seq)
         self.blocks.free_sequence(seq)
         self.num_preemptions += 1
@@ -76,6 +93,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self.proposer is not None and seq.num_computed_tokens == seq.num_tokens - 1:
+                n += self._draft(seq, budget - 1)
             # make room, taking blocks from the lowest-priority sequences not yet scheduled
             while not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
                 victim = next((s for s in reversed(self.running) if id(s) not in scheduled), None)
@@ -122,3 +141,11 @@ class Scheduler:
                 batch.prefills.append((seq, n))
             budget -= n
         return batch
+
+    def _draft(self, seq: Sequence, budget: int) -> int:
+        """Give decoding ``seq`` its drafts for this step, where free blocks hold them; their count."""
+        drafts = self.proposer(seq, budget) if budget > 0 else []
+        if drafts and not self.blocks.can_allocate(seq, seq.num_tokens + len(drafts)):
+            drafts = []
+        seq.spec_token_ids = drafts
+        return len(drafts)

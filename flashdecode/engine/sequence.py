@@ -12,6 +12,7 @@ import torch
 
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
+from .spec_decode import DraftHistory
 
 if TYPE_CHECKING:
     from .structured_output import GrammarMatcher
@@ -52,6 +53,10 @@ class Sequence:
     # structured output: where this sequence is in its grammar (None when unconstrained); it advances
     # with the generated tokens only, which preemption keeps, so it stays valid across a recompute
     matcher: GrammarMatcher | None = None
+    # speculative decoding (engine/spec_decode.py): the tokens drafted for the step being scheduled,
+    # verified after its last token, and how well this sequence's drafts have done
+    spec_token_ids: list[int] = field(default_factory=list)
+    draft_history: DraftHistory = field(default_factory=DraftHistory)
 
     def __post_init__(self) -> None:
         self.prefix_offset = max(0, self.num_prompt_tokens - 5)

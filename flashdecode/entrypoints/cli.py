@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -63,6 +64,29 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="KV cache storage: auto (per --numerics), f16, bf16, int8 (per-token scales)",
     )
+    add_speculative_arg(p)
+
+
+def speculative_json(text: str) -> dict[str, Any]:
+    """``--speculative`` as vLLM's ``--speculative-config``: a JSON object of SpeculativeConfig fields."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def add_speculative_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--speculative",
+        type=speculative_json,
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 3, "prompt_lookup_min": 1}\' (n-gram prompt lookup; default: off)',
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -105,6 +129,7 @@ def _make_llm(args: argparse.Namespace) -> Any:
         device=args.device,
         numerics=args.numerics,
         kv_cache_dtype=args.kv_cache_dtype,
+        speculative=args.speculative,
     )
 
 
@@ -197,6 +222,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             + (f", {spec.rope_scaling.kind} scaling" if spec.rope_scaling else ""),
         ),
         ("tied embeddings", "yes" if spec.tie_embeddings else "no"),
+        ("features", "; ".join(spec.features()) or "none"),
         ("tensor formats", ", ".join(f"{name} x{count}" for name, count in formats.most_common())),
         ("chat template", "yes" if loaded.tokenizer.chat_template else "no"),
     ]

@@ -9,7 +9,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..config import EngineConfig
-from ..engine.llm_engine import LLMEngine, PromptType
+from ..engine.llm_engine import EngineStats, LLMEngine, PromptType
 from ..errors import FlashDecodeError, InvalidPromptError
 from ..models.tokenizer import Tokenizer
 from ..outputs import RequestOutput
@@ -29,7 +29,8 @@ class LLM:
     ):
         """``engine_options`` are the other ``EngineConfig`` fields (kv_block_size, kv_cache_bytes,
         max_num_seqs, max_num_batched_tokens, enable_prefix_caching, num_threads, softmax, dataflow,
-        quantization, device: "cpu" or "cuda", the Triton kernels)."""
+        quantization, device: "cpu" or "cuda", the Triton kernels; speculative: e.g. {"method": "ngram",
+        "num_speculative_tokens": 4}, see config.SpeculativeConfig)."""
         known = set(EngineConfig.__dataclass_fields__)
         unknown = sorted(set(engine_options) - known)
         if unknown:
@@ -42,6 +43,10 @@ class LLM:
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
+
+    def stats(self) -> EngineStats:
+        """The engine's counters: KV blocks, prefix cache, tokens, speculative decoding's drafts."""
+        return self.engine.stats()
 
     def generate(
         self,

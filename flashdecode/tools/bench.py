@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..entrypoints.cli import add_speculative_arg
 from ..entrypoints.llm import LLM
 from ..errors import FlashDecodeError
 from ..kernels.cpu.decode import DecodeStep
@@ -251,12 +252,29 @@ def run_bench(
             "threads": threads,
             "load_s": load_s,
             "resident_weight_bytes": resident_tensor_bytes(engine.model),
+            "speculative": _speculative_summary(engine),
         },
         "machine": {"cpu": cpu_model(), "physical_cores": physical_cores()},
         "ceilings": ceilings.to_json(),
         "compute": compute,
         "config": {k: v for k, v in asdict(config).items() if k != "engine_options"},
         "cells": [summarize_cell(runs[cell], cost, ceilings, compute) for cell in cells],
+    }
+
+
+def _speculative_summary(engine: Any) -> dict[str, Any] | None:
+    """The speculative config and what its drafts did over the whole run (None when off)."""
+    spec = engine.config.speculative
+    if spec is None:
+        return None
+    s = engine.stats()
+    return {
+        **asdict(spec),
+        "num_drafts": s.spec_num_drafts,
+        "num_draft_tokens": s.spec_num_draft_tokens,
+        "num_accepted_tokens": s.spec_num_accepted_tokens,
+        "acceptance_rate": s.spec_acceptance_rate,
+        "mean_accepted_length": s.spec_mean_accepted_length,
     }
 
 
@@ -343,6 +361,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine token budget per step")
     p.add_argument("--seed", type=int, default=0)
+    add_speculative_arg(p)
     p.add_argument("--json", default=None, metavar="FILE", help="write every figure and raw timing here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -358,6 +377,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         seed=args.seed,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        engine_options={"speculative": args.speculative},
     )
     result = run_bench(config, progress=not args.no_progress)
     result["command"] = "flashdecode " + " ".join(sys.argv[1:]) if sys.argv else ""

@@ -38,6 +38,7 @@ class _EngineCollector(Collector):
             ("num_requests_running", "Sequences in the running batch.", s.num_running),
             ("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting),
             ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", usage),
+            ("spec_decode_draft_acceptance_rate", "Drafts accepted per draft.", s.spec_acceptance_rate),
         ]
         for name, doc, value in gauges:
             family = GaugeMetricFamily(f"flashdecode:{name}", doc, labels=["model_name"])
@@ -49,6 +50,8 @@ class _EngineCollector(Collector):
             ("prefix_cache_queries", "KV blocks looked up in the prefix cache.", s.prefix_cache_queries),
             ("prefix_cache_hits", "KV blocks found in the prefix cache.", s.prefix_cache_hits),
             ("num_preemptions", "Sequences preempted for lack of KV blocks.", s.num_preemptions),
+            ("spec_decode_num_draft_tokens", "Tokens drafted (speculation).", s.spec_num_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Drafted tokens accepted.", s.spec_num_accepted_tokens),
         ]
         for name, doc, value in counters:
             family = CounterMetricFamily(f"flashdecode:{name}", doc, labels=["model_name"])

@@ -1,0 +1,107 @@
+"""Speculative decoding by n-gram prompt lookup: cheap drafts, verified in the step that decodes.
+
+Each step, a decoding sequence may draft up to ``num_speculative_tokens`` tokens: the tokens that
+followed the most recent earlier occurrence of its last n tokens in its prompt and output (n from
+``prompt_lookup_max`` down to ``prompt_lookup_min``), as vLLM's and llama.cpp's prompt lookup do.
+Input-grounded work (summaries, edits, answers from a passage) repeats its input, so the drafts are
+often right.
+
+A sequence with d drafts is d + 1 decode rows of the step (engine/model_runner.py): its last token
+and the drafts, at consecutive positions, sharing its block table, each attending up to its own
+position. The projections then run at M = d + 1, which costs about one read of the weights, as a
+single row does (FlashDecoding++'s flat GEMM). The sampler (engine/sampler.py) decides each row as
+plain decoding would at that position, with the penalty state after the drafts before it; the engine
+keeps the accepted drafts and the token after them (engine/llm_engine.py), and the rejected rows'
+K/V slots are overwritten later or their blocks freed.
+
+The draft length adapts per sequence. With an acceptance rate a per draft, d drafts emit
+``1 + a + ... + a^d`` tokens in a step that costs ``1 + d * draft_row_cost`` one-row steps; the
+length with the most tokens per cost is drafted (zero when no length beats plain decoding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..config import SpeculativeConfig
+
+if TYPE_CHECKING:
+    from .sequence import Sequence
+
+# each step's evidence is weighed against the steps before it with this decay, so a sequence whose
+# text stops (or starts) repeating itself changes its draft length within a few steps, and one that
+# stopped drafting returns to the prior and tries again
+_DECAY = 0.9
+# the prior: a new sequence counts as having accepted half of two drafts, enough to try drafting
+_PRIOR_DRAFTED = 2.0
+_PRIOR_ACCEPTED = 1.0
+
+
+@dataclass
+class DraftHistory:
+    """A sequence's drafted and accepted tokens, each step's count decayed by ``_DECAY``."""
+
+    drafted: float = 0.0
+    accepted: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return (self.accepted + _PRIOR_ACCEPTED) / (self.drafted + _PRIOR_DRAFTED)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.drafted = _DECAY * self.drafted + drafted
+        self.accepted = _DECAY * self.accepted + accepted
+
+
+def best_draft_length(acceptance_rate: float, max_drafts: int, row_cost: float) -> int:
+    """The number of drafts that maximises the expected tokens per step cost (0: do not draft)."""
+    best, best_gain = 0, 1.0
+    emitted, term = 1.0, 1.0
+    for d in range(1, max_drafts + 1):
+        term *= acceptance_rate
+        emitted += term
+        gain = emitted / (1.0 + d * row_cost)
+        if gain > best_gain:
+            best, best_gain = d, gain
+    return best
+
+
+def ngram_lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
+    """Up to ``k`` tokens that followed the most recent earlier occurrence of the last n tokens of
+    ``tokens``, for the largest n in [n_min, n_max] that occurs; [] when none does."""
+    length = len(tokens)
+    for n in range(min(n_max, length - 1), n_min - 1, -1):
+        pattern = tokens[length - n :]
+        # occurrences start at i <= length - n - 1, so at least one token follows each
+        starts = np.flatnonzero(tokens[: length - n] == pattern[0])
+        if n > 1 and starts.size:
+            windows = sliding_window_view(tokens, n)[starts]
+            starts = starts[(windows == pattern).all(axis=1)]
+        if starts.size:
+            follow = starts[-1] + n
+            return tokens[follow : follow + k].tolist()
+    return []
+
+
+class NgramProposer:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int):
+        self.config = config
+        self.max_model_len = max_model_len
+
+    def propose(self, seq: Sequence, budget: int) -> list[int]:
+        """The drafts of decoding sequence ``seq`` this step, at most ``budget`` of them."""
+        if seq.matcher is not None:
+            return []  # a grammar's mask at each drafted position would need the grammar advanced
+        cfg = self.config
+        limit = min(budget, cfg.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1)
+        if seq.params.max_tokens is not None:
+            limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
+        limit = best_draft_length(seq.draft_history.acceptance_rate, limit, cfg.draft_row_cost)
+        if limit <= 0:
+            return []
+        tokens = np.asarray(seq.token_ids, dtype=np.int64)
+        return ngram_lookup(tokens, limit, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
