@@ -14,7 +14,13 @@ They are the correctness oracle of the engine's test suite:
   ``Phi3MiniModel``: fused ``attn_qkv`` and ``ffn_up`` (gate and up) as Hugging Face stores them, Q/K
   not permuted, ``rope.dimension_count`` from ``partial_rotary_factor``, the original context, and
   for LongRoPE the ``rope_factors_long`` / ``rope_factors_short`` tensors and ``rope.scaling.attn_factor``
-  (the vocabulary through ``_set_vocab_gpt2``, its Phi-4 path). Tensor types:
+  (the vocabulary through ``_set_vocab_gpt2``, its Phi-4 path). Gemma 2 / 3 follow ``Gemma2Model`` /
+  ``Gemma3Model``: norm weights written as 1 + w, Gemma 2's soft-caps and sliding window (no RoPE base,
+  no layer pattern: llama.cpp's defaults), Gemma 3's global RoPE base and linear scaling, local base
+  (``rope.freq_base_swa``) and window; the vocabulary through ``_set_vocab_gpt2`` for both (Gemma 2's
+  converter reads a SentencePiece ``tokenizer.model``, which these byte-level BPE models do not have).
+  GGUF stores no ``query_pre_attn_scalar`` (llama.cpp assumes head_dim), so a model with another one
+  is not converted. Tensor types:
   F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (gguf-py's encoders) and Q4_K, Q6_K (encoders below,
   checked against gguf-py's decoders; rows must be a multiple of 256 long: ``KQUANT_OVERRIDES``).
   One deliberate difference: llama.cpp reads Llama-3's ``original_max_position_embeddings`` from
@@ -47,6 +53,8 @@ ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 # short regime (the engine's max_model_len 256 <= original 256) with partial rotary; LongRoPE in its
 # long regime (original 16 < every sequence). Kept out of ARCHS: its GGUF layout is its own.
 PHI3_ARCHS = ["phi3", "phi3-partial", "phi3-longrope", "phi3-longrope-long"]
+# Gemma 2 / Gemma 3 text (tests/test_gemma.py), kept out of ARCHS for the same reason.
+GEMMA_ARCHS = ["gemma2", "gemma3"]
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -230,6 +238,50 @@ _ARCH_CONFIGS |= {
     ),
 }
 
+# Gemma: head dims 48 and 40 (not 64), GQA 4:2 and 6:2, sliding windows of 8 (every test prompt is
+# longer), Gemma 2's soft-caps low enough to matter for these weights (its 50 / 30 never bind on random
+# models), Gemma 3's six layers (llama.cpp's pattern: five sliding, one global) with a linearly scaled
+# global RoPE and an untied head. query_pre_attn_scalar = head_dim: the only value GGUF can carry.
+_ARCH_CONFIGS |= {
+    "gemma2": dict(
+        model_type="gemma2",
+        vocab_size=512,
+        hidden_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=48,
+        intermediate_size=160,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        query_pre_attn_scalar=48,
+        sliding_window=8,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=4.0,
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+    ),
+    "gemma3": dict(
+        model_type="gemma3_text",
+        vocab_size=512,
+        hidden_size=96,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=40,
+        intermediate_size=144,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        query_pre_attn_scalar=40,
+        sliding_window=8,
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=False,
+    ),
+}
+
 # Overrides for a model whose every matrix row is a multiple of 256 values long, so that Q4_K/Q6_K
 # (256-value super-blocks) apply to every weight instead of falling back to F16.
 KQUANT_OVERRIDES: dict[str, Any] = dict(
@@ -238,15 +290,20 @@ KQUANT_OVERRIDES: dict[str, Any] = dict(
 
 # Special-token ids are appended after the BPE vocabulary, at the top of the id range (as in Llama 3
 # and Qwen). bos/eos per family, as the real models' tokenizer_config.json set them.
-_TOKENIZER_STYLE: dict[str, dict[str, Any]] = {
-    "llama": dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=True, extra_eos=[]),
-    "llama3": dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=True, extra_eos=[IM_END]),
-    "mistral": dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=True, extra_eos=[]),
-    "qwen2": dict(regex=QWEN2_REGEX, bos=None, eos=IM_END, add_bos=False, extra_eos=[EOS]),
-    "qwen3": dict(regex=QWEN2_REGEX, bos=None, eos=IM_END, add_bos=False, extra_eos=[EOS]),
-} | {
-    arch: dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=False, extra_eos=[IM_END]) for arch in PHI3_ARCHS
-}
+_TOKENIZER_STYLE: dict[str, dict[str, Any]] = (
+    {
+        "llama": dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=True, extra_eos=[]),
+        "llama3": dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=True, extra_eos=[IM_END]),
+        "mistral": dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=True, extra_eos=[]),
+        "qwen2": dict(regex=QWEN2_REGEX, bos=None, eos=IM_END, add_bos=False, extra_eos=[EOS]),
+        "qwen3": dict(regex=QWEN2_REGEX, bos=None, eos=IM_END, add_bos=False, extra_eos=[EOS]),
+    }
+    | {
+        arch: dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=False, extra_eos=[IM_END])
+        for arch in PHI3_ARCHS
+    }
+    | {arch: dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=True, extra_eos=[]) for arch in GEMMA_ARCHS}
+)
 
 _CORPUS = """\
 The engine reads a model, splits the prompt into blocks of sixteen tokens and keeps every key and value
@@ -388,6 +445,8 @@ def _config_class(model_type: str) -> Any:
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
         "phi3": transformers.Phi3Config,
+        "gemma2": transformers.Gemma2Config,
+        "gemma3_text": transformers.Gemma3TextConfig,
     }[model_type]
 
 
@@ -395,17 +454,19 @@ def _config_class(model_type: str) -> Any:
 def randomize_weights(model: torch.nn.Module, seed: int) -> None:
     """Every parameter random, seeded. Linear weights ~ N(0, 1/fan_in) so activations keep unit
     scale; embeddings/lm_head ~ N(0, 0.25^2) so logits spread over a few nats (top-5 distinct but
-    not one-hot); norms ~ N(1, 0.1^2) (q/k norms 0.2); biases ~ N(0, 0.2^2)."""
+    not one-hot); norms ~ N(1, 0.1^2) (q/k norms 0.2), or for Gemma, whose norms scale by 1 + w,
+    w ~ N(0, 0.1^2) (0.2); biases ~ N(0, 0.2^2)."""
     g = torch.Generator().manual_seed(seed)
+    unit = 0.0 if type(model).__name__.startswith("Gemma") else 1.0
 
     def randn(shape: torch.Size) -> torch.Tensor:
         return torch.randn(shape, generator=g, dtype=torch.float32)
 
     for name, p in model.named_parameters():  # tied lm_head is the embedding and appears once
         if "q_norm" in name or "k_norm" in name:
-            value = 1.0 + 0.2 * randn(p.shape)
+            value = unit + 0.2 * randn(p.shape)
         elif "norm" in name:
-            value = 1.0 + 0.1 * randn(p.shape)
+            value = unit + 0.1 * randn(p.shape)
         elif name.endswith(".bias"):
             value = 0.2 * randn(p.shape)
         elif "embed_tokens" in name or "lm_head" in name:
@@ -600,6 +661,8 @@ _GGUF_ARCH = {
     "qwen2": ("QWEN2", False),
     "qwen3": ("QWEN3", False),
     "phi3": ("PHI3", False),
+    "gemma2": ("GEMMA2", False),
+    "gemma3_text": ("GEMMA3", False),
 }
 
 FILE_TYPES = {
@@ -776,10 +839,16 @@ def hf_to_gguf(hf_dir: Path, out_path: Path, tensor_type: str = "F32") -> Path:
             ):
                 yield gguf.TENSOR_NAMES[tensor] + ".weight", torch.tensor(factors, dtype=torch.float32)
 
+    gemma = arch in (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
+
     def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, data in _iter_safetensors(hf_dir):
             if name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")):
                 continue
+            if arch == gguf.MODEL_ARCH.GEMMA2 and name == "lm_head.weight":
+                continue  # Gemma2Model.filter_tensors: llama.cpp never reads it
+            if gemma and name.endswith("norm.weight"):
+                data = data + 1  # Gemma2Model / Gemma3Model.modify_tensors: RMSNorm scales by 1 + w
             if permute_qk:
                 if name.endswith(("q_proj.weight", "q_proj.bias")):
                     data = permute(data, n_head, n_head)
@@ -809,6 +878,8 @@ def hf_to_gguf(hf_dir: Path, out_path: Path, tensor_type: str = "F32") -> Path:
     writer.add_name(hf_dir.name)
     if arch == gguf.MODEL_ARCH.PHI3:
         _phi3_gguf_parameters(writer, hparams, ftype, phi3_attn_factor)
+    elif gemma:
+        _gemma_gguf_parameters(writer, hparams, ftype, arch)
     else:
         _gguf_parameters(writer, hparams, ftype, arch)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -851,6 +922,41 @@ def _phi3_gguf_parameters(
     writer.add_sliding_window(hparams.get("sliding_window") or 0)  # 0 marks Phi-4 in llama.cpp
     if attn_factor is not None:
         writer.add_rope_scaling_attn_factors(attn_factor)
+
+
+def _gemma_gguf_parameters(writer: Any, hparams: dict[str, Any], ftype: Any, arch: Any) -> None:
+    """``Gemma2Model.set_gguf_parameters`` (no RoPE base, no layer pattern) and ``Gemma3Model``'s (the
+    base class's RoPE keys from ``rope_parameters`` per layer type, the final soft-cap when set)."""
+    import gguf
+
+    head_dim = hparams["head_dim"]
+    if hparams.get("query_pre_attn_scalar", 256) != head_dim:
+        raise NotImplementedError("GGUF stores no query_pre_attn_scalar: llama.cpp assumes head_dim")
+    writer.add_context_length(hparams["max_position_embeddings"])
+    writer.add_embedding_length(hparams["hidden_size"])
+    writer.add_block_count(hparams["num_hidden_layers"])
+    writer.add_feed_forward_length(hparams["intermediate_size"])
+    writer.add_head_count(hparams["num_attention_heads"])
+    writer.add_head_count_kv(hparams["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(hparams["rms_norm_eps"])
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_file_type(ftype)
+    if arch == gguf.MODEL_ARCH.GEMMA2:
+        writer.add_attn_logit_softcapping(hparams["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(hparams["final_logit_softcapping"])
+        writer.add_sliding_window(hparams["sliding_window"])
+        return
+    rope = hparams["rope_parameters"]
+    full, local = rope["full_attention"], rope["sliding_attention"]
+    if full.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(full["factor"])
+    writer.add_rope_freq_base(full["rope_theta"])
+    writer.add_rope_freq_base_swa(local["rope_theta"])
+    if hparams.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(hparams["final_logit_softcapping"])
+    writer.add_sliding_window(hparams["sliding_window"])
 
 
 def _gguf_parameters(writer: Any, hparams: dict[str, Any], ftype: Any, arch: Any) -> None:

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from server_process import Server, metric, running_server
 
 from flashdecode.models.loader import load_model
 
@@ -28,57 +26,14 @@ SECRET_PROMPT = "Zebra-Quokka secret prompt text"
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 
 
-@dataclass
-class Server:
-    base: str
-    process: subprocess.Popen
-    log: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    port = _free_port()
+    args = ["--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", MODEL]
+    args += ["--max-body-bytes", str(MAX_BODY)]
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "flashdecode", "serve", "--port", str(port)]
-    cmd += [
-        "--max-model-len",
-        str(MAX_MODEL_LEN),
-        "--served-model-name",
-        MODEL,
-        "--max-body-bytes",
-        str(MAX_BODY),
-    ]
-    env = {**os.environ, "FLASHDECODE_API_KEY": API_KEY}  # the key from the environment
-    with open(log, "wb") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not become healthy:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield Server(base, process, log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    # the key from the environment
+    with running_server(args, log, env={"FLASHDECODE_API_KEY": API_KEY}) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +49,6 @@ def tokenizer():
 
 def _auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
-
-
-def _metric(server: Server, name: str) -> float:
-    text = httpx.get(f"{server.base}/metrics", timeout=10).text
-    match = re.search(rf"^flashdecode:{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
-    assert match, f"flashdecode:{name} not in /metrics"
-    return float(match.group(1))
 
 
 def _greedy(**extra):
@@ -439,13 +387,13 @@ def test_closing_a_stream_early_frees_its_kv_blocks(server: Server, client: open
         received += bool(chunk.choices and chunk.choices[0].delta.content)
         if received >= 3:
             break
-    assert _metric(server, "kv_cache_usage_perc") > 0  # still generating when the client leaves
+    assert metric(server, "kv_cache_usage_perc") > 0  # still generating when the client leaves
     stream.close()
     deadline = time.monotonic() + 5
-    while _metric(server, "kv_cache_usage_perc") > 0:
+    while metric(server, "kv_cache_usage_perc") > 0:
         assert time.monotonic() < deadline, "the aborted request kept its KV blocks"
         time.sleep(0.1)
-    assert _metric(server, "num_requests_running") == 0
+    assert metric(server, "num_requests_running") == 0
 
 
 def test_health_answers_while_the_engine_is_busy(server: Server) -> None:
@@ -658,9 +606,9 @@ def test_bench_serve_reports_every_level(server: Server, tmp_path: Path) -> None
         assert level["errors"] == 0 and level["completed"] == 3, level
         assert level["output_tokens"] == 3 * 4  # the server's own usage counts, EOS ignored
         assert level["request_throughput"] > 0 and level["output_tokens_per_s"] > 0
-        for metric in ("ttft_ms", "itl_ms", "e2e_ms"):
-            assert set(level[metric]) == {"p50", "p90", "p99", "mean"}
-            assert 0 < level[metric]["p50"] <= level[metric]["p90"] <= level[metric]["p99"]
+        for name in ("ttft_ms", "itl_ms", "e2e_ms"):
+            assert set(level[name]) == {"p50", "p90", "p99", "mean"}
+            assert 0 < level[name]["p50"] <= level[name]["p90"] <= level[name]["p99"]
     assert "TTFT p50 ms" in done.stdout
 
 

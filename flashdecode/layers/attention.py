@@ -36,6 +36,16 @@ inputs): e^11 < 65504 and e^-9 is a normal fp16. A row whose l leaves the window
 recomputed with the exact synchronised softmax, so the result is always exact; the fallback rate is
 what calibration minimises. Fallbacks and checked rows are counted on the policy.
 
+**Soft-capping and sliding windows** (Gemma): ``soft_cap`` turns every scaled score s into
+cap * tanh(s / cap) before the softmax, on every path (exact, unified, the fallback recompute and the
+calibration statistics). Capped scores never exceed the cap, so in a capped layer the unified max is
+min(phi, cap): a phi above every score would only waste the window's lower range, and with phi = cap
+no exponent can overflow. The window check and its exact fallback are unchanged. ``sliding_window`` W
+lets a query at position p see the keys in (p - W, p]: a decode row reads only its last W slots (so
+every decode path, Triton's included, runs unchanged on the shorter rows), and a prefill segment reads
+the slots from its first query's window on, with a band mask inside. The Triton kernels implement
+neither the cap nor the band, so capped layers and windowed prefills run the torch paths.
+
 K and V are read only through ``KVCache.gather`` (it owns the storage format).
 """
 
@@ -150,18 +160,48 @@ def decode_attention_exact(
     return out.reshape(b, h, d).to(q.dtype)
 
 
-def prefill_attention_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [N, H, D] the last N of L positions; k, v: [L, KVH, D]; causal; returns [N, H, D]."""
+def prefill_attention_exact(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """q: [N, H, D] the last N of L positions; k, v: [L, KVH, D]; causal (within ``sliding_window``
+    keys when given); scores soft-capped by ``soft_cap`` when given; returns [N, H, D]."""
     n, length = q.shape[0], k.shape[0]
     qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-    if n == length:
+    if n == length and soft_cap is None and sliding_window is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        # query i sits at absolute position length - n + i and sees keys 0..that position
-        pos = torch.arange(length, device=q.device)
-        mask = pos[None, :] <= pos[length - n :, None]
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
+    # query i sits at absolute position length - n + i and sees keys 0..that position (in its window)
+    pos = torch.arange(length, device=q.device)
+    visible = ~_hidden_keys(pos[length - n :], pos, sliding_window)
+    if soft_cap is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=visible, scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
+    g = q.shape[1] // k.shape[1]
+    s = soft_cap_(
+        torch.matmul(qt.float(), kt.float().repeat_interleave(g, 1).transpose(-1, -2)) * scale, soft_cap
+    )
+    probs = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+    out = torch.matmul(probs, vt.float().repeat_interleave(g, 1)).to(q.dtype)
     return out[0].transpose(0, 1)
+
+
+def soft_cap_(s: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(s / cap) in place (transformers' order of operations); ``s`` itself when cap is None."""
+    return s if cap is None else s.div_(cap).tanh_().mul_(cap)
+
+
+def _hidden_keys(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """[queries, keys] True where a key is in the query's future or, with a window W, at or before
+    position - W (transformers' sliding mask: a query at p sees keys in (p - W, p])."""
+    hidden = key_pos[None, :] > query_pos[:, None]
+    if sliding_window is not None:
+        hidden |= key_pos[None, :] <= query_pos[:, None] - sliding_window
+    return hidden
 
 
 # --- shared operand preparation ----------------------------------------------------------------
@@ -197,17 +237,22 @@ def _padded_rows(context_lens: torch.Tensor, length: int) -> list[tuple[int, int
 
 
 def _decode_scores(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    soft_cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scaled queries [B*KVH, G, D], scores [B*KVH, G, L] (-inf past each row's length), K and V
-    as [B*KVH, L, D]. Padding keys of V are zeroed in place: garbage (even NaN) times a zero
-    probability must not reach a sum."""
+    """Scaled queries [B*KVH, G, D], scores [B*KVH, G, L] (soft-capped, -inf past each row's
+    length), K and V as [B*KVH, L, D]. Padding keys of V are zeroed in place: garbage (even NaN)
+    times a zero probability must not reach a sum."""
     b, h, d = q.shape
     length, kvh = k.shape[1], k.shape[2]
     g = h // kvh
     kp, vp = _pairs(k), _pairs(v)
     qs = (q.float() * scale).view(b * kvh, g, d)
-    s = torch.bmm(qs, kp.transpose(1, 2))
+    s = soft_cap_(torch.bmm(qs, kp.transpose(1, 2)), soft_cap)
     for row, n in _padded_rows(context_lens, length):
         vp[row * kvh : (row + 1) * kvh, n:] = 0.0
         s[row * kvh : (row + 1) * kvh, :, n:] = float("-inf")
@@ -228,11 +273,16 @@ def window_ok(lsum: torch.Tensor, n: torch.Tensor, window: tuple[float, float]) 
 
 
 def decode_attention_softmax(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Exact decode with torch's fused softmax over each whole row, on the fast path's copy-free
     operands: the strongest exact competitor on a CPU, where one thread owns a whole row anyway."""
-    _, s, _, vp = _decode_scores(q, k, v, context_lens, scale)
+    _, s, _, vp = _decode_scores(q, k, v, context_lens, scale, soft_cap)
     return torch.bmm(torch.softmax(s, dim=-1), vp).view(q.shape).to(q.dtype)
 
 
@@ -272,6 +322,7 @@ def decode_attention_unified(
     scale: float,
     phi: float,
     window: tuple[float, float] = WINDOW_FP32,
+    soft_cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unified-max decode; returns (out [B, H, D], fallback [B, H] bool: the rows that left the
     window and were recomputed with the exact softmax).
@@ -280,7 +331,7 @@ def decode_attention_unified(
     over the keys adds every partition's partial sum_j p_j v_j as it goes, and sum_j p_j is one sum.
     """
     b, h, d = q.shape
-    qs, s, kp, vp = _decode_scores(q, k, v, context_lens, scale)
+    qs, s, kp, vp = _decode_scores(q, k, v, context_lens, scale, soft_cap)
     if phi:
         s.sub_(phi)
     s.exp_()
@@ -293,7 +344,7 @@ def decode_attention_unified(
         for pair in torch.nonzero(fallback.any(-1)).flatten().tolist():
             n = int(context_lens[pair // kvh])
             sel = fallback[pair]
-            p = torch.softmax(qs[pair, sel] @ kp[pair, :n].transpose(0, 1), dim=-1)
+            p = torch.softmax(soft_cap_(qs[pair, sel] @ kp[pair, :n].transpose(0, 1), soft_cap), dim=-1)
             out[pair, sel] = p @ vp[pair, :n]
     return out.view(b, h, d).to(q.dtype), fallback.view(b, h)
 
@@ -304,21 +355,31 @@ def decode_attention_unified(
 # [KVH, L, D] views (no copy). Outputs [N, H, D] in q's dtype, computed in fp32.
 
 
-def _prefill_blocks(n: int, length: int, block_q: int, block_k: int):
-    """(q0, q1, k0, k1, needs_mask, last) over the causal lower triangle of the [n x length] scores."""
+def _prefill_blocks(n: int, length: int, block_q: int, block_k: int, sliding_window: int | None = None):
+    """(q0, q1, k0, k1, needs_mask, first, last) over the causal lower triangle of the [n x length]
+    scores (within the band of ``sliding_window`` keys when given: key blocks no query of a query
+    block sees are skipped)."""
     offset = length - n
     for q0 in range(0, n, block_q):
         q1 = min(n, q0 + block_q)
         visible = offset + q1  # keys the last query of the block sees
-        for k0 in range(0, visible, block_k):
+        start = 0 if sliding_window is None else max(0, offset + q0 - sliding_window + 1)
+        for k0 in range(start, visible, block_k):
             k1 = min(visible, k0 + block_k)
-            yield q0, q1, k0, k1, k1 > offset + q0 + 1, k1 == visible
+            # some key is in a query's future, or (with a window) too old for the block's last query
+            masked = k1 > offset + q0 + 1 or (
+                sliding_window is not None and k0 <= visible - 1 - sliding_window
+            )
+            yield q0, q1, k0, k1, masked, k0 == start, k1 == visible
 
 
-def _causal_mask(q0: int, q1: int, k0: int, k1: int, offset: int, g: int) -> torch.Tensor:
-    """[(q1 - q0) * G, k1 - k0] True where the key is in the query's future; rows are (query, group)."""
-    pos = torch.arange(offset + q0, offset + q1).repeat_interleave(g)
-    return torch.arange(k0, k1)[None, :] > pos[:, None]
+def _causal_mask(
+    q0: int, q1: int, k0: int, k1: int, offset: int, g: int, sliding_window: int | None = None, device=None
+) -> torch.Tensor:
+    """[(q1 - q0) * G, k1 - k0] True where the key is hidden from the query (``_hidden_keys``);
+    rows are (query, group)."""
+    pos = torch.arange(offset + q0, offset + q1, device=device).repeat_interleave(g)
+    return _hidden_keys(pos, torch.arange(k0, k1, device=device), sliding_window)
 
 
 def _prefill_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float):
@@ -352,12 +413,12 @@ def prefill_attention_online(
     qs, kp, vp, g = _prefill_operands(q, k, v, scale)
     out = torch.empty(kp.shape[0], n * g, d)
     acc = lsum = m = None
-    for q0, q1, k0, k1, masked, last in _prefill_blocks(n, length, block_q, block_k):
+    for q0, q1, k0, k1, masked, first, last in _prefill_blocks(n, length, block_q, block_k):
         rows = slice(q0 * g, q1 * g)
         s = torch.bmm(qs[:, rows], kp[:, k0:k1].transpose(1, 2))
         if masked:
             s.masked_fill_(_causal_mask(q0, q1, k0, k1, length - n, g), float("-inf"))
-        if k0 == 0:
+        if first:
             m = s.amax(-1, keepdim=True)
             s.sub_(m).exp_()
             lsum = s.sum(-1, keepdim=True)
@@ -383,6 +444,8 @@ def prefill_attention_unified(
     window: tuple[float, float] = WINDOW_FP32,
     block_q: int = PREFILL_BLOCK_Q,
     block_k: int = PREFILL_BLOCK_K,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unified-max chunked prefill: every key block adds exp(S - phi) @ V and the row sums of
     exp(S - phi) to the accumulators, with no max and no rescaling. Returns (out [N, H, D],
@@ -391,18 +454,19 @@ def prefill_attention_unified(
     length, kvh = k.shape[0], k.shape[1]
     offset = length - n
     qs, kp, vp, g = _prefill_operands(q, k, v, scale)
-    out = torch.empty(kvh, n * g, d)
-    lsums = torch.empty(kvh, n * g)
+    out = torch.empty(kvh, n * g, d, device=q.device)
+    lsums = torch.empty(kvh, n * g, device=q.device)
     acc = lsum = None
-    for q0, q1, k0, k1, masked, last in _prefill_blocks(n, length, block_q, block_k):
+    for q0, q1, k0, k1, masked, first, last in _prefill_blocks(n, length, block_q, block_k, sliding_window):
         rows = slice(q0 * g, q1 * g)
-        s = torch.bmm(qs[:, rows], kp[:, k0:k1].transpose(1, 2))
+        s = soft_cap_(torch.bmm(qs[:, rows], kp[:, k0:k1].transpose(1, 2)), soft_cap)
         if masked:
-            s.masked_fill_(_causal_mask(q0, q1, k0, k1, offset, g), float("-inf"))
+            hidden = _causal_mask(q0, q1, k0, k1, offset, g, sliding_window, q.device)
+            s.masked_fill_(hidden, float("-inf"))
         if phi:
             s.sub_(phi)
         s.exp_()
-        if k0 == 0:
+        if first:
             lsum = s.sum(-1)
             acc = torch.bmm(s, vp[:, k0:k1])
         else:  # the partials are simply added
@@ -411,11 +475,17 @@ def prefill_attention_unified(
         if last:
             out[:, rows] = acc / lsum[..., None]
             lsums[:, rows] = lsum
-    counts = torch.arange(offset + 1, length + 1).repeat_interleave(g)  # keys each row sees
+    counts = _key_counts(offset, length, sliding_window, q.device).repeat_interleave(g)
     fallback = ~window_ok(lsums, counts[None, :], window)
     if bool(fallback.any()):
-        _prefill_recompute(out, fallback, qs, kp, vp, offset, g)
+        _prefill_recompute(out, fallback, qs, kp, vp, offset, g, soft_cap, sliding_window)
     return _prefill_out(out, n, h).to(q.dtype), _prefill_out(fallback, n, h)
+
+
+def _key_counts(offset: int, length: int, sliding_window: int | None, device=None) -> torch.Tensor:
+    """Keys each of the queries at positions offset .. length - 1 sees."""
+    counts = torch.arange(offset + 1, length + 1, device=device)
+    return counts if sliding_window is None else counts.clamp(max=sliding_window)
 
 
 def _prefill_recompute(
@@ -426,14 +496,17 @@ def _prefill_recompute(
     vp: torch.Tensor,
     offset: int,
     g: int,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
     chunk: int = 256,
 ) -> None:
     """Exact synchronised softmax for the flagged rows ([KVH, N * G] mask), by kv head."""
+    keys = torch.arange(kp.shape[1], device=kp.device)
     for head in range(kp.shape[0]):
         for rows in torch.nonzero(fallback[head]).flatten().split(chunk):
             pos = offset + torch.div(rows, g, rounding_mode="floor")
-            s = qs[head, rows] @ kp[head].transpose(0, 1)
-            s.masked_fill_(torch.arange(kp.shape[1])[None, :] > pos[:, None], float("-inf"))
+            s = soft_cap_(qs[head, rows] @ kp[head].transpose(0, 1), soft_cap)
+            s.masked_fill_(_hidden_keys(pos, keys, sliding_window), float("-inf"))
             out[head, rows] = torch.softmax(s, dim=-1) @ vp[head]
 
 
@@ -441,27 +514,35 @@ def _prefill_recompute(
 
 
 def decode_row_lse(
-    q: torch.Tensor, k: torch.Tensor, context_lens: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, context_lens: torch.Tensor, scale: float, soft_cap: float | None = None
 ) -> torch.Tensor:
-    """Exact log-sum-exp of each decode row's scaled logits: [B, H]."""
+    """Exact log-sum-exp of each decode row's scaled (soft-capped) logits: [B, H]."""
     b, h, d = q.shape
     kvh = k.shape[2]
     s = torch.bmm((q.float() * scale).view(b * kvh, h // kvh, d), _pairs(k).transpose(1, 2))
+    soft_cap_(s, soft_cap)
     for row, n in _padded_rows(context_lens, k.shape[1]):
         s[row * kvh : (row + 1) * kvh, :, n:] = float("-inf")
     return torch.logsumexp(s, dim=-1).view(b, h)
 
 
-def prefill_row_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Exact log-sum-exp of each prefill row's (causal) scaled logits: [N, H]."""
+def prefill_row_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Exact log-sum-exp of each prefill row's (causal, windowed, soft-capped) scaled logits: [N, H]."""
     n, h, _ = q.shape
     length = k.shape[0]
     qs, kp, _, g = _prefill_operands(q, k, None, scale)
-    lse = torch.empty(kp.shape[0], n * g)
+    lse = torch.empty(kp.shape[0], n * g, device=q.device)
     for q0 in range(0, n, PREFILL_BLOCK_Q):
         q1 = min(n, q0 + PREFILL_BLOCK_Q)
-        s = torch.bmm(qs[:, q0 * g : q1 * g], kp.transpose(1, 2))
-        s.masked_fill_(_causal_mask(q0, q1, 0, length, length - n, g), float("-inf"))
+        s = soft_cap_(torch.bmm(qs[:, q0 * g : q1 * g], kp.transpose(1, 2)), soft_cap)
+        hidden = _causal_mask(q0, q1, 0, length, length - n, g, sliding_window, q.device)
+        s.masked_fill_(hidden, float("-inf"))
         lse[:, q0 * g : q1 * g] = torch.logsumexp(s, dim=-1)
     return _prefill_out(lse, n, h)
 
@@ -514,6 +595,37 @@ def _use_triton(policy: SoftmaxPolicy, q: torch.Tensor) -> bool:
     return triton_kernels.available()
 
 
+def window_slots(
+    slots: torch.Tensor, lens: torch.Tensor, sliding_window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode batch's key slots [B, L] and lengths [B] cut to each row's last ``sliding_window``
+    keys (the current token's own among them), padded to the longest: [B, min(L, W)], [B]."""
+    width = min(slots.shape[1], sliding_window)
+    start = (lens - sliding_window).clamp(min=0)
+    index = (start[:, None] + torch.arange(width, device=slots.device)).clamp(max=slots.shape[1] - 1)
+    return slots.gather(1, index), lens.clamp(max=sliding_window)
+
+
+def window_segment(seg: PrefillSegment, sliding_window: int) -> PrefillSegment:
+    """A prefill segment's keys from its first query's window on (``prefill_attention_*`` then mask
+    the band within them)."""
+    start = max(0, seg.context_len - seg.num_query - sliding_window + 1)
+    if start == 0:
+        return seg
+    return PrefillSegment(seg.start, seg.num_query, seg.context_len - start, seg.slots[start:])
+
+
+def windowed(meta: AttentionMetadata, sliding_window: int | None) -> AttentionMetadata:
+    """``meta`` as a sliding-window layer reads the cache (``window_slots``, ``window_segment``)."""
+    if sliding_window is None:
+        return meta
+    slots, lens = meta.decode_slots, meta.decode_context_lens
+    if meta.num_decode:
+        slots, lens = window_slots(slots, lens, sliding_window)
+    prefills = [window_segment(seg, sliding_window) for seg in meta.prefills]
+    return AttentionMetadata(meta.slot_mapping, meta.num_decode, slots, lens, prefills)
+
+
 def paged_attention(
     q: torch.Tensor,
     cache: KVCache,
@@ -521,31 +633,63 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     softmax: SoftmaxPolicy | None = None,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """q: [T, H, D] for the step's flattened tokens (their K/V already written); returns [T, H, D].
 
     ``softmax`` None or mode "exact" runs the exact reference; "unified" the unified-max path, whose
-    checked rows and fallbacks are counted on the policy."""
+    checked rows and fallbacks are counted on the policy. ``soft_cap`` and ``sliding_window``: the
+    layer's score cap and window (module docstring); ``meta`` is the step's, unwindowed."""
+    meta = windowed(meta, sliding_window)
+    if softmax is not None and softmax.observer is not None:
+        _observe(q, cache, layer, meta, scale, softmax, soft_cap, sliding_window)
+    if softmax is None or softmax.mode == "exact":
+        return _paged_exact(q, cache, layer, meta, scale, soft_cap, sliding_window)
+    return _paged_unified(q, cache, layer, meta, scale, softmax, soft_cap, sliding_window)
+
+
+def _paged_exact(
+    q: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+    soft_cap: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    nd = meta.num_decode
+    out = torch.empty_like(q)
+    if nd:
+        # the fused-softmax formulation of the exact reference, on copy-free operands
+        k, v = gather_decode(cache, layer, meta.decode_slots, q.dtype)
+        res = decode_attention_softmax(q[:nd], k, v, meta.decode_context_lens, scale, soft_cap)
+        if not meta.prefills:
+            return res
+        out[:nd] = res
+    for seg in meta.prefills:
+        sl = slice(seg.start, seg.start + seg.num_query)
+        k, v = cache.gather(layer, seg.slots, q.dtype)
+        out[sl] = prefill_attention_exact(q[sl], k, v, scale, soft_cap, sliding_window)
+    return out
+
+
+def _paged_unified(
+    q: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+    softmax: SoftmaxPolicy,
+    soft_cap: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
     out = torch.empty_like(q)
     nd = meta.num_decode
-    if softmax is not None and softmax.observer is not None:
-        _observe(q, cache, layer, meta, scale, softmax)
-    if softmax is None or softmax.mode == "exact":
-        if nd:
-            # the fused-softmax formulation of the exact reference, on copy-free operands
-            k, v = gather_decode(cache, layer, meta.decode_slots, q.dtype)
-            res = decode_attention_softmax(q[:nd], k, v, meta.decode_context_lens, scale)
-            if not meta.prefills:
-                return res
-            out[:nd] = res
-        for seg in meta.prefills:
-            sl = slice(seg.start, seg.start + seg.num_query)
-            k, v = cache.gather(layer, seg.slots, q.dtype)
-            out[sl] = prefill_attention_exact(q[sl], k, v, scale)
-        return out
-
     phi = softmax.phi_at(layer)
-    triton = _use_triton(softmax, q)
+    if soft_cap is not None:  # capped scores never exceed the cap (module docstring)
+        phi = min(phi, soft_cap)
+    triton = _use_triton(softmax, q) and soft_cap is None
     fallbacks = []
     if nd:
         k, v = gather_decode(cache, layer, meta.decode_slots, q.dtype)
@@ -559,10 +703,11 @@ def paged_attention(
                 recompute_decode_rows(res, fallback, q[:nd], k, v, lens, scale)
         else:
             res, fallback = decode_attention_unified(
-                q[:nd], k, v, lens, scale, phi, softmax.window_for(torch.float32)
+                q[:nd], k, v, lens, scale, phi, softmax.window_for(torch.float32), soft_cap
             )
         out[:nd] = res
         fallbacks.append(fallback)
+    triton = triton and sliding_window is None
     for seg in meta.prefills:
         sl = slice(seg.start, seg.start + seg.num_query)
         k, v = cache.gather(layer, seg.slots, q.dtype)
@@ -578,7 +723,14 @@ def paged_attention(
                 recompute_prefill_rows(res, fallback, q[sl], k, v, scale)
         else:
             res, fallback = prefill_attention_unified(
-                q[sl], k, v, scale, phi, softmax.window_for(torch.float32)
+                q[sl],
+                k,
+                v,
+                scale,
+                phi,
+                softmax.window_for(torch.float32),
+                soft_cap=soft_cap,
+                sliding_window=sliding_window,
             )
         out[sl] = res
         fallbacks.append(fallback)
@@ -589,17 +741,24 @@ def paged_attention(
 
 
 def _observe(
-    q: torch.Tensor, cache: KVCache, layer: int, meta: AttentionMetadata, scale: float, policy: SoftmaxPolicy
+    q: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+    policy: SoftmaxPolicy,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
 ) -> None:
     """Hand the exact log-sum-exp of every row, with its key count, to ``policy.observer``."""
     nd = meta.num_decode
     if nd:
         k, _ = gather_decode(cache, layer, meta.decode_slots, q.dtype)
         lens = meta.decode_context_lens
-        lse = decode_row_lse(q[:nd], k, lens, scale)
+        lse = decode_row_lse(q[:nd], k, lens, scale, soft_cap)
         policy.observer(layer, lse, lens[:, None].expand_as(lse))
     for seg in meta.prefills:
         k, _ = cache.gather(layer, seg.slots, q.dtype)
-        lse = prefill_row_lse(q[seg.start : seg.start + seg.num_query], k, scale)
-        counts = torch.arange(seg.context_len - seg.num_query + 1, seg.context_len + 1)
+        lse = prefill_row_lse(q[seg.start : seg.start + seg.num_query], k, scale, soft_cap, sliding_window)
+        counts = _key_counts(seg.context_len - seg.num_query, seg.context_len, sliding_window)
         policy.observer(layer, lse, counts[:, None].expand_as(lse))

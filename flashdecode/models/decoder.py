@@ -2,11 +2,16 @@
 
 Pre-norm blocks: RMSNorm -> attention (fused QKV projection, optional q/k biases and per-head q/k
 RMSNorm, RoPE, paged KV cache) -> residual -> RMSNorm -> SwiGLU MLP (fused gate/up) -> residual.
-All of a step's tokens, from every sequence, run flattened through the projections as one matrix,
-so a decode batch of B sequences is one [B, hidden] GEMM per projection.
+Gemma's differences are data on the spec: an RMSNorm after attention and after the MLP, GeGLU, the
+embeddings scaled by sqrt(hidden), its attention scale, soft-capped attention scores and logits, and
+sliding-window layers with their own RoPE base. All of a step's tokens, from every sequence, run
+flattened through the projections as one matrix, so a decode batch of B sequences is one [B, hidden]
+GEMM per projection.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +29,21 @@ from .native_decode import NativeDecode
 from .spec import ModelSpec
 from .weights import LoadedModel
 
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
+
 
 class DecoderLayer:
-    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], prefix: str, backend: str = "native"):
+    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], index: int, backend: str = "native"):
         self.spec = spec
+        prefix = f"layers.{index}."
         self.attn_norm = w[prefix + "attn_norm"]
         self.mlp_norm = w[prefix + "mlp_norm"]
+        # Gemma: norms of the attention and MLP outputs before their residual adds
+        self.attn_post_norm = w.get(prefix + "attn_post_norm")
+        self.mlp_post_norm = w.get(prefix + "mlp_post_norm")
+        self.act = ACTIVATIONS[spec.hidden_act]
+        self.scale = spec.head_dim**-0.5 if spec.attention_scale is None else spec.attention_scale
+        self.sliding_window = spec.window_at(index)
         qkv_bias = None
         if spec.family.qkv_bias:
             qkv_bias = [w[prefix + "q_bias"], w[prefix + "k_bias"], w[prefix + "v_bias"]]
@@ -75,11 +89,16 @@ class DecoderLayer:
         qk = apply_rope(qk, *rope)
         q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]
         cache.write(index, meta.slot_mapping, k, v)
-        attn = paged_attention(q, cache, index, meta, s.head_dim**-0.5, softmax)
-        x = x + self.o(attn.reshape(t, s.q_size))
+        attn = paged_attention(
+            q, cache, index, meta, self.scale, softmax, s.attn_logit_softcap, self.sliding_window
+        )
+        x = x + self._post(self.o(attn.reshape(t, s.q_size)), self.attn_post_norm)
         gate_up = self.gate_up(rms_norm(x, self.mlp_norm, s.norm_eps))
         gate, up = gate_up[:, : s.intermediate_size], gate_up[:, s.intermediate_size :]
-        return x + self.down(F.silu(gate) * up)
+        return x + self._post(self.down(self.act(gate) * up), self.mlp_post_norm)
+
+    def _post(self, y: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
+        return y if norm is None else rms_norm(y, norm, self.spec.norm_eps)
 
 
 def _permute_qk(
@@ -122,6 +141,12 @@ class Decoder:
             rotary_dim=spec.rotary_dim,
             context_len=max_model_len,
         )
+        # Gemma 3: sliding layers rotate with their own base and no scaling
+        self.rope_local = None
+        if spec.rope_local_theta is not None:
+            self.rope_local = RotaryEmbedding(
+                spec.head_dim, spec.max_position, spec.rope_local_theta, None, device.torch
+            )
         weights = loaded.weights
         if self.rope.order is not None:  # partial rotary: q/k head dims reordered once (layers/rope.py)
             weights = _permute_qk(weights, spec, self.rope)
@@ -129,13 +154,19 @@ class Decoder:
         # Triton flat GEMM, or the native build unless it failed); optional int8/int4 quantization
         keep_blocks = device.backend == "triton" or cpu.load() is not None
         w = prepare_weights(weights, dtype, spec.matrices(), quantization, keep_blocks)
+        if spec.family.gemma_norms:  # Gemma's 1 + w scales in fp32 (layers/norms.py)
+            w |= {n: weights[n].float() for n in set(spec.tensors()) - spec.matrices()}
         if not device.on_host:
             w = {name: t.to(device.torch) for name, t in w.items()}
         self.spec = spec
         self.dtype = dtype
         self.device = device
         self.embed = w["embed"]
-        self.layers = [DecoderLayer(spec, w, f"layers.{i}.", device.backend) for i in range(spec.num_layers)]
+        # Gemma: sqrt(hidden) rounded to the activations' dtype, as transformers multiplies
+        self.embed_scale = None
+        if spec.family.gemma_norms:
+            self.embed_scale = torch.tensor(spec.hidden_size**0.5, dtype=dtype, device=device.torch)
+        self.layers = [DecoderLayer(spec, w, i, device.backend) for i in range(spec.num_layers)]
         self.norm = w["norm"]
         self.lm_head = Linear(self.embed if spec.tie_embeddings else w["lm_head"], backend=device.backend)
         self.softmax: SoftmaxPolicy | None = None  # None: exact attention (layers/attention.py)
@@ -161,6 +192,8 @@ class Decoder:
             x = self.embed.rows(input_ids, self.dtype)
         else:
             x = F.embedding(input_ids, self.embed)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         t = x.shape[0]
         step = None
         if self.native is not None and not meta.prefills and meta.num_decode == t:
@@ -168,8 +201,9 @@ class Decoder:
         if step is not None:
             return self._native_step(step, x, positions, meta)
         rope = self.rope.tables(positions)
+        local = rope if self.rope_local is None else self.rope_local.tables(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(i, x, rope, cache, meta, self.softmax)
+            x = layer(i, x, local if layer.sliding_window else rope, cache, meta, self.softmax)
         return rms_norm(x, self.norm, self.spec.norm_eps)
 
     def _native_step(
@@ -187,4 +221,6 @@ class Decoder:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        cap = self.spec.final_logit_softcap
+        return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)

@@ -20,11 +20,11 @@ from ..errors import ModelLoadError
 from ..kernels.formats import LOADED_NATIVE
 from ..layers.quant import QuantizedTensor
 from ..layers.rope import RopeScaling
+from . import gemma
 from .spec import FUSED_TENSORS, GLOBAL_TENSORS, LAYER_TENSORS, FusedDef, ModelSpec, family_for, split_fused
 from .tokenizer import Tokenizer
 from .weights import LoadedModel
 
-_LAYER_TENSORS = {t.gguf: t.name for t in LAYER_TENSORS}  # GGUF name after "blk.N." -> canonical
 _GLOBAL_TENSORS = {t.gguf: t.name for t in GLOBAL_TENSORS}
 _FUSED_TENSORS = {t.gguf: t for t in FUSED_TENSORS}
 # tensors that are model metadata, not weights: popped into the spec by ``load_gguf``
@@ -108,11 +108,15 @@ def _spec_from_metadata(meta: dict[str, Any], tensor_names: set[str], tokenizer:
         )
     rotary_dim = get("rope.dimension_count", None, required=False)
     rotary_dim = None if rotary_dim is None or int(rotary_dim) == head_dim else int(rotary_dim)
+    n_layers = int(get("block_count"))
+    extra = (
+        gemma.gguf_fields(get, family.name, n_layers, hidden, n_head, head_dim) if family.gemma_norms else {}
+    )
     return ModelSpec(
         family=family,
         vocab_size=int(vocab),
         hidden_size=hidden,
-        num_layers=int(get("block_count")),
+        num_layers=n_layers,
         num_heads=n_head,
         num_kv_heads=int(n_kv),
         head_dim=head_dim,
@@ -125,6 +129,7 @@ def _spec_from_metadata(meta: dict[str, Any], tensor_names: set[str], tokenizer:
         rotary_dim=rotary_dim,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_ids=tuple(sorted(tokenizer.stop_token_ids)),
+        **extra,
     )
 
 
@@ -157,8 +162,11 @@ def _canonical_names(name: str, spec: ModelSpec) -> tuple[list[str], FusedDef | 
         fused = _FUSED_TENSORS.get(rest)
         if layer.isdigit() and fused is not None and fused.when(spec):
             return [f"layers.{int(layer)}.{part}" for part in fused.parts], fused
-        if rest in _LAYER_TENSORS and layer.isdigit():
-            return [f"layers.{int(layer)}.{_LAYER_TENSORS[rest]}"], None
+        # a layer's names among the rows present for this spec (a family may store a canonical
+        # tensor under its own name: models/spec.py)
+        layer_names = {t.gguf: t.name for t in LAYER_TENSORS if t.present(spec)}
+        if rest in layer_names and layer.isdigit():
+            return [f"layers.{int(layer)}.{layer_names[rest]}"], None
         raise ModelLoadError(f"unexpected tensor {name!r} for architecture {spec.family.name}")
     if name in _ROPE_TENSORS:
         return [_ROPE_TENSORS[name]], None

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..layers.rope import RopeScaling
+from . import gemma
 from .spec import (
     FUSED_TENSORS,
     GLOBAL_TENSORS,
@@ -33,7 +34,6 @@ from .tokenizer import Tokenizer
 from .weights import LoadedModel
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_LAYER_TENSORS = {t.hf: t.name for t in LAYER_TENSORS}  # name after "model.layers.N." -> canonical
 _GLOBAL_TENSORS = {t.hf: t.name for t in GLOBAL_TENSORS}
 _FUSED_TENSORS = {t.hf: t for t in FUSED_TENSORS}
 
@@ -114,7 +114,13 @@ def spec_from_hf_config(config: dict[str, Any], tokenizer: Tokenizer | None = No
         hidden = int(config["hidden_size"])
         n_head = int(config["num_attention_heads"])
         head_dim = int(config.get("head_dim") or hidden // n_head)
-        theta, scaling = _rope_scaling(config)
+        extra: dict[str, Any] = {}
+        rope_config = config
+        if family.gemma_norms:
+            rope_config, local_theta = gemma.hf_rope_config(config, family.name)
+            extra = gemma.hf_fields(config, family.name, int(config["num_hidden_layers"]))
+            extra["rope_local_theta"] = local_theta if extra["layer_types"] else None
+        theta, scaling = _rope_scaling(rope_config)
         eos = config.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         if tokenizer is not None:
@@ -136,6 +142,7 @@ def spec_from_hf_config(config: dict[str, Any], tokenizer: Tokenizer | None = No
             rotary_dim=_rotary_dim(config, head_dim),
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **extra,
         )
     except ModelLoadError:
         raise
@@ -162,12 +169,15 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _canonical_name(name: str) -> str | None:
+def _canonical_name(name: str, spec: ModelSpec) -> str | None:
+    """The canonical name of a stored tensor; a layer's among the rows present for ``spec`` (a family
+    may store a canonical tensor under its own name: models/spec.py)."""
     if name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[name]
     m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_TENSORS:
-        return f"layers.{int(m.group(1))}.{_LAYER_TENSORS[m.group(2)]}"
+    layer_names = {t.hf: t.name for t in LAYER_TENSORS if t.present(spec)}
+    if m and m.group(2) in layer_names:
+        return f"layers.{int(m.group(1))}.{layer_names[m.group(2)]}"
     return None
 
 
@@ -179,7 +189,7 @@ def _fused(name: str, spec: ModelSpec) -> tuple[int, FusedDef] | None:
 
 
 def _known(name: str, spec: ModelSpec) -> bool:
-    return _fused(name, spec) is not None or _canonical_name(name) is not None
+    return _fused(name, spec) is not None or _canonical_name(name, spec) is not None
 
 
 def _canonical_tensors(name: str, tensor: Any, spec: ModelSpec) -> dict[str, Any]:
@@ -189,7 +199,7 @@ def _canonical_tensors(name: str, tensor: Any, spec: ModelSpec) -> dict[str, Any
         layer, definition = fused
         parts = split_fused(definition, spec, tensor, name)
         return {f"layers.{layer}.{part}": w for part, w in parts.items()}
-    return {str(_canonical_name(name)): tensor}
+    return {str(_canonical_name(name, spec)): tensor}
 
 
 def load_hf_folder(folder: str | Path) -> LoadedModel:
@@ -224,4 +234,6 @@ def load_hf_folder(folder: str | Path) -> LoadedModel:
             raise
         except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
             raise ModelLoadError(f"{file}: cannot read safetensors ({exc})") from exc
+    if spec.family.gemma_norms:
+        weights = gemma.offset_norms(weights, spec)
     return LoadedModel(spec=spec, weights=weights, tokenizer=tokenizer, formats=formats, source=str(folder))

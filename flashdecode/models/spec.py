@@ -11,6 +11,9 @@ A new family: one ``FAMILIES`` entry (and its Hugging Face names below), its ext
 ``TENSORS`` behind a ``when``, and, only where its math differs, a small module of its own.
 ``FUSED_TENSORS`` lists stored tensors that stack several canonical ones along their rows (Phi-3's
 qkv and gate_up): the loaders split them into the canonical parts (the decoder fuses them again).
+A canonical name may have several ``TENSORS`` rows, each behind its own ``when``, where families store
+it under different names (Gemma's ``pre_feedforward_layernorm`` is the MLP norm that Llama calls
+``post_attention_layernorm``); for any one spec at most one of them is present.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class Family:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     gguf_permuted_qk: bool = False  # llama.cpp's converter reorders Q/K rows for interleaved RoPE
     fused_projections: bool = False  # Phi-3: q/k/v stored as one qkv matrix, gate/up as one (FUSED_TENSORS)
+    # Gemma 2/3: RMSNorm after attention and after the MLP too (post_attention_norm, post_ffw_norm),
+    # embeddings scaled by sqrt(hidden_size), and norms that scale by (1 + w) in fp32: Hugging Face
+    # stores w, GGUF 1 + w; the loaders hand the decoder 1 + w (models/gemma.py)
+    gemma_norms: bool = False
 
 
 # Keyed by the name GGUF files use in ``general.architecture``.
@@ -42,6 +49,8 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("qwen2", qkv_bias=True),
     "qwen3": Family("qwen3", qk_norm=True),
     "phi3": Family("phi3", fused_projections=True),
+    "gemma2": Family("gemma2", gemma_norms=True),
+    "gemma3": Family("gemma3", qk_norm=True, gemma_norms=True),
 }
 
 # Hugging Face ``config.json`` "architectures" / "model_type" -> family.
@@ -51,6 +60,8 @@ HF_ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
 HF_MODEL_TYPES: dict[str, str] = {
     "llama": "llama",
@@ -58,6 +69,8 @@ HF_MODEL_TYPES: dict[str, str] = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
 }
 
 
@@ -72,6 +85,10 @@ def family_for(name: str) -> Family:
             f"unsupported architecture {name!r}; supported: {supported_architectures()}"
         )
     return family
+
+
+ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclass(frozen=True)
@@ -94,6 +111,13 @@ class ModelSpec:
     )
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    hidden_act: str = "silu"  # the MLP's gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    attention_scale: float | None = None  # q.k multiplier; None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # scores become cap * tanh(s / cap) before the softmax
+    final_logit_softcap: float | None = None  # the same on the logits
+    sliding_window: int | None = None  # a sliding layer's query at p sees keys in (p - window, p]
+    layer_types: tuple[str, ...] = ()  # per layer "sliding_attention" or "full_attention"; (): all full
+    rope_local_theta: float | None = None  # sliding layers' RoPE base, unscaled (Gemma 3); None: rope_theta
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -119,8 +143,73 @@ class ModelSpec:
                 problems.append(f"rotary_dim={self.rotary_dim!r} and head_dim={self.head_dim} must be even")
             elif not 0 < self.rotary_dim <= self.head_dim:
                 problems.append(f"rotary_dim={self.rotary_dim} must be in 1..head_dim={self.head_dim}")
+        problems += self._layer_problems()
         if problems:
             raise ModelLoadError("invalid model config: " + "; ".join(problems))
+
+    def _layer_problems(self) -> list[str]:
+        problems = []
+        if self.hidden_act not in ACTIVATIONS:
+            problems.append(f"hidden_act={self.hidden_act!r} must be one of {sorted(ACTIVATIONS)}")
+        for name in ("attention_scale", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, float) and math.isfinite(value) and value > 0):
+                problems.append(f"{name}={value!r} must be a positive number")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                problems.append(
+                    f"layer_types must name one of {LAYER_TYPES} for each of {self.num_layers} layers"
+                )
+            elif "sliding_attention" in self.layer_types and not (
+                isinstance(self.sliding_window, int) and self.sliding_window > 0
+            ):
+                problems.append(f"sliding layers need a positive sliding_window, got {self.sliding_window!r}")
+        return problems
+
+    @property
+    def llama_block(self) -> bool:
+        """The plain pre-norm block with SwiGLU, the head_dim ** -0.5 scale, no soft-caps, no
+        sliding windows and one RoPE table: the math the native decode step implements."""
+        return (
+            not self.family.gemma_norms
+            and self.hidden_act == "silu"
+            and self.attention_scale is None
+            and self.attn_logit_softcap is None
+            and self.final_logit_softcap is None
+            and not self.layer_types
+        )
+
+    def window_at(self, layer: int) -> int | None:
+        """The sliding window of ``layer``, or None where it attends to every earlier position."""
+        if self.layer_types and self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    def features(self) -> list[str]:
+        """What this model does beyond the plain Llama block, in words (``flashdecode info``)."""
+        f = self.family
+        flags = (
+            ("q/k/v biases", f.qkv_bias),
+            ("q/k norm", f.qk_norm),
+            ("fused projections", f.fused_projections),
+            ("post-norms, (1 + w) RMSNorm, sqrt(hidden) embedding scale", f.gemma_norms),
+            ("GeGLU (tanh GELU)", self.hidden_act == "gelu_tanh"),
+        )
+        out = [name for name, on in flags if on]
+        if self.rotary_dim is not None:
+            out.append(f"partial rotary {self.rotary_dim}/{self.head_dim}")
+        for label, value in (
+            ("attention scale", self.attention_scale),
+            ("attention soft-cap", self.attn_logit_softcap),
+            ("final soft-cap", self.final_logit_softcap),
+        ):
+            if value is not None:
+                out.append(f"{label} {value:g}")
+        sliding = sum(self.window_at(i) is not None for i in range(self.num_layers))
+        if sliding:
+            local = f", local rope theta {self.rope_local_theta:g}" if self.rope_local_theta else ""
+            out.append(f"sliding window {self.sliding_window} on {sliding}/{self.num_layers} layers{local}")
+        return out
 
     @property
     def q_size(self) -> int:
@@ -190,13 +279,26 @@ def _untied(s: ModelSpec) -> bool:
     return not s.tie_embeddings
 
 
+def _gemma(s: ModelSpec) -> bool:
+    return s.family.gemma_norms
+
+
+def _not_gemma(s: ModelSpec) -> bool:
+    return not s.family.gemma_norms
+
+
 LAYER_TENSORS = (
     TensorDef("attn_norm", "attn_norm.weight", "input_layernorm.weight", _hidden),
     TensorDef("q", "attn_q.weight", "self_attn.q_proj.weight", _dims("q_size", "hidden_size"), True),
     TensorDef("k", "attn_k.weight", "self_attn.k_proj.weight", _dims("kv_size", "hidden_size"), True),
     TensorDef("v", "attn_v.weight", "self_attn.v_proj.weight", _dims("kv_size", "hidden_size"), True),
     TensorDef("o", "attn_output.weight", "self_attn.o_proj.weight", _dims("hidden_size", "q_size"), True),
-    TensorDef("mlp_norm", "ffn_norm.weight", "post_attention_layernorm.weight", _hidden),
+    TensorDef("mlp_norm", "ffn_norm.weight", "post_attention_layernorm.weight", _hidden, when=_not_gemma),
+    TensorDef("mlp_norm", "ffn_norm.weight", "pre_feedforward_layernorm.weight", _hidden, when=_gemma),
+    TensorDef("attn_post_norm", "post_attention_norm.weight", "post_attention_layernorm.weight", _hidden,
+              when=_gemma),
+    TensorDef("mlp_post_norm", "post_ffw_norm.weight", "post_feedforward_layernorm.weight", _hidden,
+              when=_gemma),
     TensorDef("gate", "ffn_gate.weight", "mlp.gate_proj.weight", _up, True),
     TensorDef("up", "ffn_up.weight", "mlp.up_proj.weight", _up, True),
     TensorDef("down", "ffn_down.weight", "mlp.down_proj.weight", _down, True),
@@ -211,6 +313,7 @@ GLOBAL_TENSORS = (
     TensorDef("norm", "output_norm.weight", "model.norm.weight", _hidden),
     TensorDef("lm_head", "output.weight", "lm_head.weight", _vocab, True, when=_untied),
 )  # fmt: skip
+# one row per canonical name: rows that share a name differ only in their stored names
 TENSOR_BY_NAME = {t.name: t for t in LAYER_TENSORS + GLOBAL_TENSORS}
 
 

@@ -14,10 +14,11 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from importlib.resources import files
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,7 +34,13 @@ from .streaming import ClientDisconnected
 
 logger = logging.getLogger("flashdecode.server")
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})  # answered without the API key, as in vLLM
+# answered without the API key, as in vLLM; the chat page holds no secret and asks for the key itself
+OPEN_PATHS = frozenset({"/", "/health", "/metrics"})
+# the chat page loads nothing from elsewhere: no CDN, no fonts, requests to this server only
+_CHAT_PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 # a body over the limit is read (and dropped) up to this much before the 413, so the client gets the
 # response instead of a connection reset
 _DRAIN_BYTES = 64 << 20
@@ -175,6 +182,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="flashdecode", version=__version__, lifespan=lifespan)
     app.state.serving = serving
     app.state.metrics = metrics
+    chat_page = files(__package__).joinpath("static/chat.html").read_text(encoding="utf-8")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -210,6 +218,10 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "Internal server error.")
+
+    @app.get("/", include_in_schema=False)
+    async def chat() -> HTMLResponse:
+        return HTMLResponse(chat_page, headers={"Content-Security-Policy": _CHAT_PAGE_CSP})
 
     @app.get("/health")
     async def health() -> Response:

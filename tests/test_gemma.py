@@ -1,0 +1,280 @@
+"""Gemma 2 and Gemma 3 text (``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``, GGUF "gemma2" / "gemma3")
+against transformers on random models (tests/model_factory.py), and the attention features they need.
+
+The models (``model_factory.GEMMA_ARCHS``): Gemma 2 with head_dim 48, GQA 4:2, sliding window 8 on
+every other layer and soft-caps low enough to bind; Gemma 3 with head_dim 40, GQA 6:2, five sliding
+layers (window 8, local RoPE base) and a global one with linearly scaled RoPE, and an untied head.
+Every prompt (23 to 40 tokens) is longer than the window. Each is checked from its safetensors folder
+and from a GGUF converted as llama.cpp writes it (norms as 1 + w): top-5 logprobs at every position
+within 1e-3 and 32 greedy tokens equal to ``generate``. The features are shown to matter: transformers
+with the caps, the window or the attention scale changed gives other logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import model_factory as mf
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import test_attention as attention_helpers  # noqa: E402  (tests/ is on sys.path; its helpers)
+import test_hf_parity as parity  # noqa: E402
+
+from flashdecode.errors import UnsupportedArchitectureError  # noqa: E402
+from flashdecode.layers.attention import SoftmaxPolicy, paged_attention  # noqa: E402
+from flashdecode.models.loader import load_model  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def check_outputs(outs: list[Any], prompts: list[list[int]], ref: Any, label: str) -> None:
+    assert len(outs) == len(prompts)
+    for k, (out, prompt) in enumerate(zip(outs, prompts)):
+        parity.check_request(out, prompt, ref, f"{label} request {k}")
+        parity.check_greedy(out, prompt, ref, f"{label} request {k}")
+
+
+def run_parity(path: Path, ref: Any, label: str) -> None:
+    prompts = parity.prompts_for(ref.config.vocab_size)
+    assert min(len(p) for p in prompts) > ref.config.sliding_window  # the window binds
+    check_outputs(parity.run_engine(path, prompts), prompts, ref, label)
+
+
+@pytest.mark.parametrize("arch", mf.GEMMA_ARCHS)
+def test_hf_folder_matches_transformers(arch: str, hf_model: Callable[..., Path], hf_reference: Any) -> None:
+    run_parity(hf_model(arch), hf_reference(arch), f"{arch} hf")
+
+
+@pytest.mark.parametrize("arch", mf.GEMMA_ARCHS)
+def test_gguf_f32_matches_transformers(arch: str, gguf_model: Callable[..., Path], hf_reference: Any) -> None:
+    run_parity(gguf_model(arch), hf_reference(arch), f"{arch} gguf F32")
+
+
+def test_query_pre_attn_scalar_other_than_head_dim(hf_model: Callable[..., Path], hf_reference: Any) -> None:
+    """scale = query_pre_attn_scalar ** -0.5 (Gemma 2 27B's 144 with head_dim 128): from Hugging Face
+    folders; GGUF cannot carry it, so the converter refuses the model."""
+    path, ref = hf_model("gemma3", query_pre_attn_scalar=64), hf_reference("gemma3", query_pre_attn_scalar=64)
+    assert load_model(path).spec.attention_scale == pytest.approx(64**-0.5)
+    run_parity(path, ref, "gemma3 query_pre_attn_scalar=64 hf")
+    with pytest.raises(NotImplementedError, match="query_pre_attn_scalar"):
+        mf.hf_to_gguf(path, path.parent / "scalar.gguf")
+
+
+@torch.no_grad()
+def _logits(model: Any, ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([ids])).logits[0]
+
+
+def test_features_change_the_reference(hf_model: Callable[..., Path], hf_reference: Any) -> None:
+    """Each Gemma feature moves transformers' logits well beyond the parity tolerance, so the parity
+    tests above fail where the engine ignores one: both soft-caps, the sliding window, the attention
+    scale."""
+    from transformers import AutoModelForCausalLM
+
+    ids = parity.prompts_for(512)[0]
+    ref2, ref3 = hf_reference("gemma2"), hf_reference("gemma3")
+    base2, base3 = _logits(ref2, ids), _logits(ref3, ids)
+
+    uncapped = copy.deepcopy(ref2)
+    uncapped.config.final_logit_softcapping = None
+    assert (_logits(uncapped, ids) - base2).abs().max() > 0.1
+    for layer in uncapped.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    uncapped.config.final_logit_softcapping = ref2.config.final_logit_softcapping
+    assert (_logits(uncapped, ids) - base2).abs().max() > 0.1
+
+    for arch, base in (("gemma2", base2), ("gemma3", base3)):
+        wide = AutoModelForCausalLM.from_pretrained(hf_model(arch), sliding_window=4096, dtype=torch.float32)
+        assert (_logits(wide.eval(), ids) - base).abs().max() > 0.1, arch
+
+    scaled = hf_reference("gemma3", query_pre_attn_scalar=64)
+    assert (_logits(scaled, ids) - base3).abs().max() > 0.1
+
+
+def test_unified_softmax_with_soft_cap(hf_model: Callable[..., Path], hf_reference: Any) -> None:
+    """FlashDecoding++'s unified max on Gemma 2, phi = 80 for every layer: capped scores lie within
+    +-2, so the cap is the unified max (80 itself would leave the fp32 window on every row) and no row
+    falls back; the results match transformers as the exact path does."""
+    path, ref = hf_model("gemma2"), hf_reference("gemma2")
+    prompts = parity.prompts_for(ref.config.vocab_size)
+    llm = parity.make_llm(path, softmax="unified", enable_prefix_caching=False)
+    llm.engine.model.softmax = SoftmaxPolicy("unified", phi=80.0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], parity.sampling_params())
+    check_outputs(outs, prompts, ref, "gemma2 unified")
+    stats = llm.engine.stats()
+    tokens = sum(len(p) for p in prompts) + len(prompts) * (parity.MAX_TOKENS - 1)
+    assert (
+        stats.attention_rows_checked == tokens * ref.config.num_attention_heads * ref.config.num_hidden_layers
+    )
+    assert stats.attention_fallbacks == 0
+
+
+def test_specs_from_both_sources_agree(
+    hf_model: Callable[..., Path], gguf_model: Callable[..., Path]
+) -> None:
+    for arch in mf.GEMMA_ARCHS:
+        cfg = mf.arch_config(arch)
+        hf, gg = load_model(hf_model(arch)).spec, load_model(gguf_model(arch)).spec
+        for name in (
+            "hidden_act",
+            "attn_logit_softcap",
+            "final_logit_softcap",
+            "sliding_window",
+            "layer_types",
+            "rope_theta",
+            "rope_local_theta",
+            "rope_scaling",
+            "tie_embeddings",
+        ):
+            assert getattr(hf, name) == getattr(gg, name), (arch, name)
+        assert (
+            hf.attention_scale == pytest.approx(gg.attention_scale) == pytest.approx(cfg["head_dim"] ** -0.5)
+        )
+        assert hf.family.name == gg.family.name == arch
+        assert hf.sliding_window == cfg["sliding_window"] and hf.hidden_act == "gelu_tanh"
+        assert not hf.llama_block
+    g2, g3 = load_model(hf_model("gemma2")).spec, load_model(hf_model("gemma3")).spec
+    assert g2.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+    assert g2.attn_logit_softcap == 2.0 and g2.final_logit_softcap == 4.0 and g2.rope_local_theta is None
+    assert g3.layer_types == ("sliding_attention",) * 5 + ("full_attention",)
+    assert g3.attn_logit_softcap is None and g3.final_logit_softcap is None
+    assert g3.rope_theta == 1e6 and g3.rope_local_theta == 1e4
+    assert g3.rope_scaling is not None and (g3.rope_scaling.kind, g3.rope_scaling.factor) == ("linear", 4.0)
+
+
+def test_norm_weights_are_one_plus_w(hf_model: Callable[..., Path], gguf_model: Callable[..., Path]) -> None:
+    """The loaders hand the decoder 1 + w: Hugging Face stores w, the GGUF file 1 + w."""
+    from safetensors.torch import load_file
+
+    path = hf_model("gemma3")
+    raw = load_file(str(path / "model.safetensors"))
+    hf, gg = load_model(path).weights, load_model(gguf_model("gemma3")).weights
+    for canonical, stored in (
+        ("layers.1.mlp_norm", "model.layers.1.pre_feedforward_layernorm.weight"),
+        ("layers.1.attn_post_norm", "model.layers.1.post_attention_layernorm.weight"),
+        ("layers.1.mlp_post_norm", "model.layers.1.post_feedforward_layernorm.weight"),
+        ("layers.1.q_norm", "model.layers.1.self_attn.q_norm.weight"),
+        ("norm", "model.norm.weight"),
+    ):
+        torch.testing.assert_close(hf[canonical], raw[stored] + 1.0, rtol=0, atol=0)
+        torch.testing.assert_close(gg[canonical], raw[stored] + 1.0, rtol=0, atol=0)
+
+
+def test_native_step_declines_gemma(gguf_model: Callable[..., Path], native_kernels: Any) -> None:
+    """The whole-step native decode implements the Llama block only: for Gemma it builds no step and
+    the Python layers run (the same Q8_0 weights and engine build one for Llama)."""
+    from flashdecode import SamplingParams
+
+    for arch, native in (("gemma2", False), ("llama", True)):
+        llm = parity.make_llm(gguf_model(arch, "Q8_0"))
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(temperature=0, max_tokens=4))
+        assert bool(llm.engine.model.native._steps) == native, arch
+
+
+def test_info_names_the_family(gguf_model: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from flashdecode.cli import main
+
+    assert main(["info", "--model", str(gguf_model("gemma2"))]) == 0
+    out = capsys.readouterr().out
+    assert "gemma2" in out and "attention soft-cap 2" in out and "final soft-cap 4" in out
+    assert "sliding window 8 on 2/3 layers" in out and "GeGLU" in out
+
+
+def test_multimodal_gemma3_is_a_clear_error(hf_model: Callable[..., Path], tmp_path: Path) -> None:
+    bad = tmp_path / "gemma3-vision"
+    shutil.copytree(hf_model("gemma3"), bad)
+    config = json.loads((bad / "config.json").read_text())
+    config |= {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"}
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitectureError, match="Gemma3ForConditionalGeneration.*supported"):
+        load_model(bad)
+
+
+# --- attention: soft-cap and sliding window against a float64 reference ---------------------------
+
+
+def reference_attention(q, cache, layer, meta, scale, soft_cap, window) -> torch.Tensor:
+    """Every token's attention computed alone in float64 from the cache's keys and values: scaled
+    scores, cap * tanh(s / cap), keys in (p - window, p], softmax."""
+    rows = []  # (flattened token, its key slots, its position)
+    for i in range(meta.num_decode):
+        n = int(meta.decode_context_lens[i])
+        rows.append((i, meta.decode_slots[i, :n], n - 1))
+    for seg in meta.prefills:
+        for j in range(seg.num_query):
+            rows.append((seg.start + j, seg.slots, seg.context_len - seg.num_query + j))
+    out = torch.empty(q.shape, dtype=torch.float64)
+    h = q.shape[1]
+    for token, slots, pos in rows:
+        k, v = (t.double() for t in cache.gather(layer, slots, torch.float32))
+        g = h // k.shape[1]
+        s = torch.einsum("hd,lhd->hl", q[token].double(), k.repeat_interleave(g, 1)) * scale
+        if soft_cap is not None:
+            s = soft_cap * torch.tanh(s / soft_cap)
+        keys = torch.arange(k.shape[0])
+        s[:, (keys > pos) | ((keys <= pos - window) if window else False)] = -math.inf
+        out[token] = torch.einsum("hl,lhd->hd", s.softmax(-1), v.repeat_interleave(g, 1))
+    return out
+
+
+@pytest.mark.parametrize("soft_cap, window", [(1.5, None), (None, 5), (2.0, 4), (3.0, 30)])
+def test_paged_attention_soft_cap_and_window(soft_cap: float | None, window: int | None) -> None:
+    """Two decodes and two prefill chunks (one over a cached prefix) of test_attention's paged step,
+    with logits scaled up so the cap binds: exact and unified (both windows, a phi far above the cap)
+    equal the float64 reference; the window at 30 is wider than every sequence."""
+    q, cache, meta = attention_helpers.paged_step()
+    q = q * 4.0
+    scale = 0.25
+    for layer in range(2):
+        want = reference_attention(q, cache, layer, meta, scale, soft_cap, window)
+        unwindowed = reference_attention(q, cache, layer, meta, scale, soft_cap, None)
+        if window is not None and window < 13:
+            assert (want - unwindowed).abs().max() > 1e-2  # the band hides keys somewhere
+        got = paged_attention(q, cache, layer, meta, scale, None, soft_cap, window)
+        assert (got.double() - want).abs().max() < 1e-5
+        for phi, fallbacks in ((0.0, False), (70.0, soft_cap is None)):
+            policy = SoftmaxPolicy("unified", phi=phi, backend="torch")
+            got = paged_attention(q, cache, layer, meta, scale, policy, soft_cap, window)
+            assert (got.double() - want).abs().max() < 1e-5
+            # a capped layer's unified max is min(phi, cap): no row leaves the window
+            assert policy.rows_checked == 16 * 6 and (policy.fallbacks > 0) == fallbacks
+
+
+def test_soft_cap_is_transformers_softcap() -> None:
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from flashdecode.layers.attention import prefill_attention_exact
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(9, n, 8, generator=g) * 3 for n in (4, 2, 2))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = 2, False
+    mask = torch.full((9, 9), -math.inf).triu(1)
+    pos = torch.arange(9)
+    mask[pos[None, :] <= pos[:, None] - 4] = -math.inf  # window 4
+    want, _ = eager_attention_forward(
+        module,
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        mask[None, None],
+        scaling=0.5,
+        softcap=2.5,
+    )
+    got = prefill_attention_exact(q, k, v, 0.5, soft_cap=2.5, sliding_window=4)
+    torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-6)
