@@ -3,7 +3,9 @@ against a real server process on the embedded model, one server for the module."
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib.util
 import json
 import re
 import subprocess
@@ -24,6 +26,7 @@ MAX_MODEL_LEN = 1024  # room for the tool descriptions in the prompt, and forced
 MAX_BODY = 64 << 10
 SECRET_PROMPT = "Zebra-Quokka secret prompt text"
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -394,6 +397,26 @@ def test_closing_a_stream_early_frees_its_kv_blocks(server: Server, client: open
         assert time.monotonic() < deadline, "the aborted request kept its KV blocks"
         time.sleep(0.1)
     assert metric(server, "num_requests_running") == 0
+
+
+def test_forty_clients_some_hanging_up_none_lost(server: Server) -> None:
+    """benchmarks/serve_load.py's load test, smaller: the /health latency it reports is not asserted
+    (a shared two-core machine is too noisy for a timing bound)."""
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    parser = argparse.ArgumentParser()
+    serve_load.add_arguments(parser)
+    args = parser.parse_args(
+        ["--base-url", server.base, "--model", MODEL, "--api-key", API_KEY, "--clients", "40"]
+        + ["--hang-up", "0.25", "--max-tokens", "8", "--prompt-len", "8", "--timeout", "120"]
+    )
+    report = serve_load.run_load(args)
+    shown = json.dumps(report, indent=1)
+    assert report["hung_up"] == 10 and report["hang_up_errors"] == [], shown
+    assert report["lost"] == 0 and report["completed"] == 30, shown
+    assert report["health"]["polls"] > 0 and report["health"]["failures"] == [], shown
+    assert report["after"] == {"num_requests_running": 0, "kv_cache_usage_perc": 0}, shown
 
 
 def test_health_answers_while_the_engine_is_busy(server: Server) -> None:

@@ -57,13 +57,16 @@ def make_prompts(num: int, prompt_len: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(_WORDS) for _ in range(prompt_len)) for _ in range(num)]
 
 
-def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
-    """p50/p90/p99 and the mean of ``values`` (seconds) in milliseconds; None where there are none."""
+def percentiles(
+    values: list[float], scale: float = 1000.0, points: tuple[int, ...] = _PERCENTILES
+) -> dict[str, float | None]:
+    """The ``points`` percentiles (p50/p90/p99) and the mean of ``values`` (seconds) in milliseconds;
+    None where there are none."""
     if not values:
-        return {**{f"p{p}": None for p in _PERCENTILES}, "mean": None}
+        return {**{f"p{p}": None for p in points}, "mean": None}
     ordered = sorted(values)
     out: dict[str, float | None] = {}
-    for p in _PERCENTILES:
+    for p in points:
         # nearest rank: a percentile is a value that was measured
         rank = max(1, -(-p * len(ordered) // 100))
         out[f"p{p}"] = ordered[rank - 1] * scale
@@ -71,7 +74,7 @@ def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float |
     return out
 
 
-def _chunk_text(chunk: dict[str, Any]) -> str:
+def chunk_text(chunk: dict[str, Any]) -> str:
     text = ""
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta")
@@ -103,7 +106,7 @@ async def one_request(client: Any, url: str, body: dict[str, Any]) -> RequestRes
                 if usage:
                     result.prompt_tokens = usage.get("prompt_tokens")
                     result.output_tokens = usage.get("completion_tokens") or 0
-                if _chunk_text(chunk):
+                if chunk_text(chunk):
                     now = time.perf_counter()
                     if last is None:
                         result.ttft_s = now - start
