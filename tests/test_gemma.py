@@ -278,3 +278,20 @@ def test_soft_cap_is_transformers_softcap() -> None:
     )
     got = prefill_attention_exact(q, k, v, 0.5, soft_cap=2.5, sliding_window=4)
     torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_prefill_and_prefix_hits(hf_model: Callable[..., Path], hf_reference: Any) -> None:
+    """Prompts prefilled in chunks of 16 tokens (chunks whose window starts inside the cached part),
+    then again over the prefix cache's blocks (no prompt logprobs: those disable the lookup): both runs
+    still match transformers."""
+    from flashdecode import SamplingParams
+
+    path, ref = hf_model("gemma3"), hf_reference("gemma3")
+    prompts = parity.prompts_for(ref.config.vocab_size, seed=1)
+    llm = parity.make_llm(path, max_num_batched_tokens=16, max_num_seqs=1)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    check_outputs(llm.generate(requests, parity.sampling_params()), prompts, ref, "gemma3 chunked")
+    params = SamplingParams(temperature=0, max_tokens=parity.MAX_TOKENS, logprobs=parity.TOP, ignore_eos=True)
+    for k, (out, prompt) in enumerate(zip(llm.generate(requests, params), prompts)):
+        parity.check_request(out, prompt, ref, f"gemma3 prefix hits request {k}", prompt_logprobs=False)
+    assert llm.engine.stats().prefix_cache_hits > 0
