@@ -1,4 +1,4 @@
-"""The native decode step (kernels/cpu/decode_step.c via models/native_decode.py) against the Python
+"""The native model step (kernels/cpu/decode_step.c via models/native_decode.py) against the Python
 layers it replaces: same greedy tokens and the same log-probabilities to fp32 rounding, on random
 models of every family feature it covers (GQA, q/k/v biases, per-head q/k norms, head_dim !=
 hidden / heads, partial rotary), every KV storage it reads, batches of unequal contexts split into
@@ -29,11 +29,16 @@ def run(llm: LLM, prompts=PROMPTS) -> list:
     return [o.outputs[0] for o in llm.generate(prompts, GREEDY)]
 
 
-def python_layers(llm: LLM, monkeypatch: pytest.MonkeyPatch, prompts=PROMPTS) -> list:
-    """The same requests through the Python layers (the native step declines every batch)."""
+def python_layers_outputs(llm: LLM, monkeypatch: pytest.MonkeyPatch, fn) -> list:
+    """What ``fn()`` returns with every step on the Python layers (the native step declines)."""
     with monkeypatch.context() as m:
         m.setattr(NativeDecode, "step", lambda self, *args: None)
-        return run(llm, prompts)
+        return fn()
+
+
+def python_layers(llm: LLM, monkeypatch: pytest.MonkeyPatch, prompts=PROMPTS) -> list:
+    """The same requests through the Python layers."""
+    return python_layers_outputs(llm, monkeypatch, lambda: run(llm, prompts))
 
 
 def assert_same(native: list, python: list, tol: float) -> None:
@@ -114,3 +119,34 @@ def test_int8_activations(kernel: str, gguf_model, native_kernels, monkeypatch) 
     # int8 rounding, which these tiny random models amplify (int8 activations move their
     # log-probabilities by up to 1 against fp32): a looser bound than the exact path's
     assert_same(native, python_layers(llm, monkeypatch), tol=0.1)
+
+
+def test_prompt_chunks_and_mixed_steps(gguf_model, native_kernels, monkeypatch) -> None:
+    """Prompt chunks run in the native step too: rows of one sequence share its key slots, each seeing
+    its own prefix. Small steps split the long prompts into chunks over a cached prefix and mix them
+    with other sequences' decodes; a repeated prompt starts from prefix-cached blocks. Prompt
+    log-probabilities (every prompt row's hidden state) and generated tokens match the Python layers."""
+    llm = LLM(
+        model=str(gguf_model("llama", "Q8_0")),
+        max_model_len=512,
+        num_threads=2,
+        max_num_batched_tokens=48,
+        enable_prefix_caching=True,
+        **EXACT,
+    )
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=2, prompt_logprobs=2, ignore_eos=True)
+    prompts = PROMPTS + [PROMPTS[1]]  # the repeat hits the prefix cache
+
+    def outputs() -> list:
+        return llm.generate(prompts, params)
+
+    native = outputs()
+    assert used_native(llm) and any(key[0] > 1 for key in llm.engine.model.native._chosen)
+    python = python_layers_outputs(llm, monkeypatch, outputs)
+    for a, b in zip(native, python, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for pa, pb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True):
+            assert pa.keys() == pb.keys()
+            for tok in pa:
+                assert abs(pa[tok].logprob - pb[tok].logprob) <= 2e-4, (tok, pa[tok], pb[tok])
+    assert_same([o.outputs[0] for o in native], [o.outputs[0] for o in python], tol=2e-4)

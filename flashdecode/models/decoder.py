@@ -195,29 +195,14 @@ class Decoder:
         if self.embed_scale is not None:
             x = x * self.embed_scale
         t = x.shape[0]
-        step = None
-        if self.native is not None and not meta.prefills and meta.num_decode == t:
-            step = self.native.step(t, cache, self.softmax)
+        step = None if self.native is None else self.native.step(t, cache, self.softmax)
         if step is not None:
-            return self._native_step(step, x, positions, meta)
+            return self.native.run(step, x, positions, meta, self.softmax)
         rope = self.rope.tables(positions)
         local = rope if self.rope_local is None else self.rope_local.tables(positions)
         for i, layer in enumerate(self.layers):
             x = layer(i, x, local if layer.sliding_window else rope, cache, meta, self.softmax)
         return rms_norm(x, self.norm, self.spec.norm_eps)
-
-    def _native_step(
-        self, step, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        slots, lens = meta.decode_slots, meta.decode_context_lens  # slots: [T, max(lens)]
-        x = x.contiguous()
-        step.run(x, positions, meta.slot_mapping, slots, lens, slots.shape[1], torch.get_num_threads())
-        if self.softmax is not None and self.softmax.mode == "unified":
-            checked, fallbacks = step.stats.tolist()
-            self.softmax.rows_checked += checked
-            self.softmax.fallbacks += fallbacks
-            step.stats.zero_()
-        return x
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

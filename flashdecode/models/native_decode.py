@@ -30,7 +30,7 @@ from ..kernels.cpu.decode import (
     LayerWeights,
     ProjPart,
 )
-from ..layers.attention import SoftmaxPolicy
+from ..layers.attention import AttentionMetadata, SoftmaxPolicy
 from ..layers.kv_cache import KVCache
 from ..layers.linear import Linear, SplitLinear
 from ..layers.quant import QuantizedTensor
@@ -53,6 +53,34 @@ def _part(lin: Linear, mode: int) -> ProjPart:
     return ProjPart(lin.format, planes, lin.bias_as(torch.float32), mode, lin.out_features)
 
 
+def step_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Every query row of a step as the native step takes it: one flat tensor of key slots, each
+    row's offset into it, each row's context length, and the longest. Decodes come first, each with
+    its own padded slots row; a prompt chunk's rows share their sequence's slots, row i of a chunk
+    seeing the keys up to its own position (the cached prefix, the chunk's earlier rows, itself)."""
+    slots, rows, lens = [], [], []
+    base = 0
+    if meta.num_decode:
+        padded = meta.decode_slots  # [num_decode, width]
+        slots.append(padded.reshape(-1))
+        rows.append(torch.arange(meta.num_decode) * padded.shape[1])
+        lens.append(meta.decode_context_lens)
+        base = padded.numel()
+    for seg in sorted(meta.prefills, key=lambda s: s.start):
+        slots.append(seg.slots[: seg.context_len])
+        rows.append(torch.full((seg.num_query,), base, dtype=torch.int64))
+        lens.append(torch.arange(seg.context_len - seg.num_query + 1, seg.context_len + 1))
+        base += seg.context_len
+    if len(slots) == 1:
+        flat = slots[0].contiguous()
+    else:
+        flat = torch.cat(slots)
+    lens_t = lens[0] if len(lens) == 1 else torch.cat(lens)
+    max_len = meta.decode_slots.shape[1] if meta.num_decode else 0
+    max_len = max([max_len] + [seg.context_len for seg in meta.prefills])
+    return flat, torch.cat(rows) if len(rows) > 1 else rows[0], lens_t, max_len
+
+
 class NativeDecode:
     def __init__(
         self,
@@ -70,7 +98,7 @@ class NativeDecode:
         self._plans_set = -1
 
     def step(self, t: int, cache: KVCache, softmax: SoftmaxPolicy | None) -> DecodeStep | None:
-        """The native step for a decode batch of ``t`` tokens, or None where the Python layers run.
+        """The native step for a step of ``t`` query rows, or None where the Python layers run.
         Decided once per (t, cache, softmax) until a plan changes: a decode step pays one lookup."""
         if softmax is not None and (softmax.observer is not None or softmax.backend == "triton"):
             return None
@@ -83,6 +111,26 @@ class NativeDecode:
         if key not in self._chosen:
             self._chosen[key] = self._choose(t, cache, softmax if unified else None)
         return self._chosen[key]
+
+    def run(
+        self,
+        step: DecodeStep,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        softmax: SoftmaxPolicy | None,
+    ) -> torch.Tensor:
+        """The step's final hidden states [T, hidden] from its embeddings ``x``; unified-softmax rows
+        checked and recomputed are counted on ``softmax``."""
+        slots, slot_rows, lens, max_len = step_rows(meta)
+        x = x.contiguous()
+        step.run(x, positions, meta.slot_mapping, slots, slot_rows, lens, max_len, torch.get_num_threads())
+        if softmax is not None and softmax.mode == "unified":
+            checked, fallbacks = step.stats.tolist()
+            softmax.rows_checked += checked
+            softmax.fallbacks += fallbacks
+            step.stats.zero_()
+        return x
 
     def _choose(self, t: int, cache: KVCache, unified: SoftmaxPolicy | None) -> DecodeStep | None:
         lib = cpu.load()

@@ -1,4 +1,4 @@
-"""The ctypes face of decode_step.c: a whole decode step (every layer, then the final norm) in one call.
+"""The ctypes face of decode_step.c: a whole model step (every layer, then the final norm) in one call.
 
 ``DecodeStep`` holds the C description of a model (per layer: norm weights and, per projection, its
 parts' formats and planes) and a reused workspace; ``run`` takes one step's tensors. What the model is
@@ -126,6 +126,7 @@ class DecodeStep:
             _i64,
             _vp,
             _vp,
+            _vp,
             _i64,
             _vp,
             _i32,
@@ -176,21 +177,23 @@ class DecodeStep:
         positions: torch.Tensor,
         new_slots: torch.Tensor,
         slots: torch.Tensor,
+        slot_rows: torch.Tensor,
         lens: torch.Tensor,
         max_len: int,
         num_threads: int,
     ) -> torch.Tensor:
         """x [T, hidden] fp32 contiguous (the embeddings; overwritten with the final hidden states,
-        returned); positions, new_slots, lens [T] int64 (``max_len``: the longest); slots [T, width]
-        int64 (each row's key slots, padded). The K and V of the step's tokens go to the cache."""
+        returned); positions, new_slots, lens [T] int64 (``max_len``: the longest); row t's key slots
+        are slots[slot_rows[t] : slot_rows[t] + lens[t]] (slots: 1-D int64, rows of one sequence may
+        share them). The K and V of the step's rows go to the cache."""
         t = x.shape[0]
         need = self.lib.fd_decode_workspace(ctypes.byref(self.model), t, max_len, num_threads)
         if self._workspace.numel() < need:
             self._workspace = torch.empty(need + need // 4, dtype=torch.uint8)
         rc = self.lib.fd_decode(
             ctypes.byref(self.model), t, x.data_ptr(), positions.data_ptr(), new_slots.data_ptr(),
-            slots.data_ptr(), slots.stride(0), lens.data_ptr(), self._workspace.data_ptr(),
-            self._workspace.numel(), self.stats.data_ptr(), num_threads,
+            slots.data_ptr(), slots.numel(), slot_rows.data_ptr(), lens.data_ptr(),
+            self._workspace.data_ptr(), self._workspace.numel(), self.stats.data_ptr(), num_threads,
         )  # fmt: skip
         if rc != 0:
             raise RuntimeError(f"fd_decode(T={t}) failed with code {rc}")

@@ -1,4 +1,5 @@
-/* A whole decode step natively: every layer of a batch of single-token decodes, in one OpenMP
+/* A whole model step natively: every layer for a batch of query rows (single-token decodes, prompt
+ * chunks and drafted tokens alike: each row is one token with its own context), in one OpenMP
  * parallel region, operation for operation what models/decoder.py's DecoderLayer runs (RMSNorm, QKV
  * projection, optional per-head q/k norm, RoPE, paged KV cache write, attention over the paged
  * cache, output projection and residual, RMSNorm, gate/up projection, SwiGLU, down projection and
@@ -242,9 +243,20 @@ static void attn_row_exact(const fd_model *M, int64_t layer, int64_t h, const fl
 typedef struct { /* a step's geometry, fixed across layers */
     int64_t T, part, items, max_k;
     const int64_t *positions, *new_slots, *slots, *lens;
-    int64_t ldslots;
+    const int64_t *slot_rows; /* [T]: where each row's key slots start in slots */
     const int64_t *item_base; /* [T + 1]: first item of token t (items: kv head, partition) */
 } fd_geometry;
+
+/* the row whose items hold item ``it``: item_base[t] <= it < item_base[t + 1] */
+static int64_t item_row(const fd_geometry *S, int64_t it) {
+    int64_t lo = 0, hi = S->T - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (S->item_base[mid] <= it) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
 
 typedef struct { /* the step's buffers, carved from one workspace */
     float *xn, *qkv, *attn, *gu, *act, *dx, *sx, *partials, *thread;
@@ -342,12 +354,11 @@ static void attention(fd_member *me, const fd_model *M, int64_t layer, const fd_
     const float phi = unified ? M->phi[layer] : 0.0f;
     float *scores = tb, *buf = tb + G * PART_MAX, *tmp = buf + D;
     TEAM_FOR(me, S->items, 1, it) {
-        int64_t t = 0;
-        while (S->item_base[t + 1] <= it) t++;
+        const int64_t t = item_row(S, it);
         const int64_t np = (S->item_base[t + 1] - S->item_base[t]) / KVH, k = it - S->item_base[t];
         const int64_t h = k / np, p = k % np, n = S->lens[t];
         const int64_t j0 = p * S->part, j1 = j0 + S->part < n ? j0 + S->part : n;
-        attn_partition(M, layer, h, B->qkv + t * width + h * G * D, D, (int)G, S->slots + t * S->ldslots, j0, j1,
+        attn_partition(M, layer, h, B->qkv + t * width + h * G * D, D, (int)G, S->slots + S->slot_rows[t], j0, j1,
                        unified, phi, scores, buf, B->partials + it * G * (D + 2));
     }
     int64_t fb = 0;
@@ -366,7 +377,7 @@ static void attention(fd_member *me, const fd_model *M, int64_t layer, const fd_
         }
         const int64_t n = S->lens[t];
         if (unified && !(l >= (float)n * expf(M->win_lo) && l <= expf(M->win_hi))) { /* NaN fails too */
-            attn_row_exact(M, layer, h, B->qkv + t * width + hq * D, S->slots + t * S->ldslots, n, S->part, scores,
+            attn_row_exact(M, layer, h, B->qkv + t * width + hq * D, S->slots + S->slot_rows[t], n, S->part, scores,
                            buf, tmp, y);
             fb++;
             continue;
@@ -418,24 +429,27 @@ static void run_layers(fd_member *me, const fd_model *M, const fd_geometry *S, c
     norm_rows(me, x, M->norm, x, T, M->hidden, M->eps);
 }
 
-/* Runs every layer and the final norm for T single-token decodes. x [T, hidden]: the embeddings in,
- * the final hidden states out. positions, new_slots, lens [T]: each token's position, the cache slot
- * its K and V go to, its context length (itself included); slots [T, ldslots]: each sequence's key
- * slots. workspace: fd_decode_workspace bytes for (T, max lens). stats[2] += rows checked, unified
- * rows recomputed exactly. Returns 0, or -1 on bad arguments. */
+/* Runs every layer and the final norm for T query rows, each one token of some sequence: decodes,
+ * prompt chunks (a chunk's rows share their sequence's key slots, each seeing its own prefix), or
+ * drafted tokens. Every layer writes all T rows' K and V before any row attends, so a row sees the
+ * rows before it in its sequence. x [T, hidden]: the embeddings in, the final hidden states out.
+ * positions, new_slots, lens [T]: each row's position, the cache slot its K and V go to, its context
+ * length (itself included); row t's key slots are slots[slot_rows[t] .. slot_rows[t] + lens[t]) of
+ * the nslots in slots. workspace: fd_decode_workspace bytes for (T, max lens). stats[2] += rows
+ * checked, unified rows recomputed exactly. Returns 0, or -1 on bad arguments. */
 int fd_decode(const fd_model *M, int64_t T, float *x, const int64_t *positions, const int64_t *new_slots,
-              const int64_t *slots, int64_t ldslots, const int64_t *lens, void *workspace, int64_t workspace_bytes,
-              int64_t *stats, int nthreads) {
+              const int64_t *slots, int64_t nslots, const int64_t *slot_rows, const int64_t *lens, void *workspace,
+              int64_t workspace_bytes, int64_t *stats, int nthreads) {
     if (!M || T < 1 || !x || M->heads % M->kv_heads || M->head_dim % 2) return -1;
     int64_t max_len = 0;
     for (int64_t t = 0; t < T; t++) {
-        if (lens[t] < 1 || lens[t] > ldslots) return -1;
+        if (lens[t] < 1 || slot_rows[t] < 0 || slot_rows[t] + lens[t] > nslots) return -1;
         max_len = lens[t] > max_len ? lens[t] : max_len;
     }
     const int nt = fd_team_size(nthreads);
     if (fd_decode_workspace(M, T, max_len, nt) > workspace_bytes) return -1;
     const int64_t q = M->heads * M->head_dim;
-    fd_geometry S = {T, partition_size(T, M->kv_heads, max_len, nt), 0, 0, positions, new_slots, slots, lens, ldslots, NULL};
+    fd_geometry S = {T, partition_size(T, M->kv_heads, max_len, nt), 0, 0, positions, new_slots, slots, lens, slot_rows, NULL};
     S.max_k = M->hidden > q ? M->hidden : q;
     S.max_k = S.max_k > M->inter ? S.max_k : M->inter;
     int64_t item_base[T + 1];
