@@ -1,0 +1,461 @@
+"""Speculative decoding by n-gram prompt lookup (engine/spec_decode.py): the same greedy tokens as plain
+decoding, the target's distribution when sampling, and a block pool that never leaks a rejected draft.
+
+Plain decoding is the reference for greedy output (itself held to transformers by test_hf_parity.py);
+transformers is the reference for the sampled distribution; hand arithmetic for the lookup and the
+adaptive draft length."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flashdecode import LLM, SamplingParams
+from flashdecode.config import EngineConfig, SpeculativeConfig
+from flashdecode.engine.block_manager import chain_hash
+from flashdecode.engine.llm_engine import LLMEngine
+from flashdecode.engine.sampler import Sampler, SamplingRow
+from flashdecode.engine.scheduler import ScheduledBatch
+from flashdecode.engine.spec_decode import best_draft_length, ngram_lookup
+from flashdecode.entrypoints.cli import speculative_json
+from flashdecode.errors import FlashDecodeError
+from flashdecode.layers.kv_cache import KVCache
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+# text that repeats itself, so prompt lookup finds drafts the model agrees with
+REPETITIVE = [
+    "The cat sat on the mat. The dog sat on the log. The cat sat on the mat. The dog sat on the",
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n",
+    "Copy this list exactly: apple, banana, cherry, date, elderberry, fig. Copy: apple, banana,",
+]
+OPEN_ENDED = "Write one sentence about the sea."
+
+
+# --- the lookup and the draft length, by hand ----------------------------------------------------
+
+
+def test_ngram_lookup_takes_the_most_recent_longest_match() -> None:
+    tokens = np.array([1, 2, 3, 9, 8, 1, 2, 3, 7, 6, 5, 1, 2, 3])
+    # [1, 2, 3] occurs at 0 and 5: the most recent (5) is followed by 7, 6, 5, 1
+    assert ngram_lookup(tokens, 3, 1, 3) == [7, 6, 5]
+    assert ngram_lookup(tokens, 10, 1, 3) == [7, 6, 5, 1, 2, 3]  # up to the end, never past it
+    # [4, 2] never occurred earlier, so n = 1 takes the earlier 2 (position 0), followed by 3, 9
+    assert ngram_lookup(np.array([2, 3, 9, 4, 2]), 2, 1, 2) == [3, 9]
+    assert ngram_lookup(np.array([2, 3, 9, 4, 2]), 2, 2, 2) == []  # n >= 2 only: no match
+    assert ngram_lookup(np.array([5, 6, 7]), 3, 1, 3) == []  # nothing repeats
+    assert ngram_lookup(np.array([5]), 3, 1, 3) == []
+
+
+def test_best_draft_length_maximises_tokens_per_cost() -> None:
+    # rate 0.5, row cost 0.1: d=1 -> 1.5/1.1 = 1.364, d=2 -> 1.75/1.2 = 1.458, d=3 -> 1.875/1.3 = 1.442
+    assert best_draft_length(0.5, 8, 0.1) == 2
+    assert best_draft_length(0.5, 1, 0.1) == 1
+    # rate 0.05, row cost 0.1: d=1 -> 1.05/1.1 < 1: plain decoding pays better
+    assert best_draft_length(0.05, 8, 0.1) == 0
+    assert best_draft_length(1.0, 6, 0.1) == 6  # every draft accepted: the most allowed
+    assert best_draft_length(0.9, 0, 0.0) == 0
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"method": "eagle"},
+        {"num_speculative_tokens": 0},
+        {"num_speculative_tokens": True},
+        {"prompt_lookup_min": 4, "prompt_lookup_max": 2},
+        {"prompt_lookup_max": 0},
+        {"draft_row_cost": -0.5},
+        {"lookahead": 3},
+    ],
+)
+def test_bad_speculative_config_is_a_clear_error(bad: dict[str, Any]) -> None:
+    with pytest.raises(FlashDecodeError, match="speculative"):
+        SpeculativeConfig.of({**NGRAM, **bad})
+
+
+def test_speculative_config_from_dict_and_cli_json() -> None:
+    cfg = SpeculativeConfig.of(speculative_json('{"method": "ngram", "num_speculative_tokens": 2}'))
+    assert (cfg.method, cfg.num_speculative_tokens, cfg.prompt_lookup_max) == ("ngram", 2, 3)
+    with pytest.raises(argparse.ArgumentTypeError):
+        speculative_json("[1, 2]")
+    with pytest.raises(argparse.ArgumentTypeError):
+        speculative_json("{method: ngram}")
+    with pytest.raises(FlashDecodeError, match="speculative must be a dict"):
+        SpeculativeConfig.of("ngram")
+
+
+# --- the embedded model: greedy equality, logprobs, stops, verification logits -------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded() -> tuple[LLM, LLM]:
+    options = dict(max_model_len=512, numerics="exact", max_num_seqs=8)
+    return LLM(**options), LLM(**options, speculative=NGRAM)
+
+
+def _tokens(outs: list[Any]) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_greedy_equals_plain_decoding_on_the_embedded_model(embedded: tuple[LLM, LLM]) -> None:
+    plain, spec = embedded
+    before = spec.stats()
+    # one batch: repetitive prompts that draft, an open-ended one that rarely does, one with logprobs
+    prompts = [*REPETITIVE, OPEN_ENDED]
+    params = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)] * 3 + [
+        SamplingParams(temperature=0, max_tokens=24, logprobs=2)
+    ]
+    expected, got = plain.generate(prompts, params), spec.generate(prompts, params)
+    assert _tokens(got) == _tokens(expected)
+    assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in expected]
+    for e, g in zip(expected[3].outputs[0].logprobs, got[3].outputs[0].logprobs):
+        assert e.keys() == g.keys()
+        for token in e:
+            assert g[token].rank == e[token].rank
+            assert math.isclose(g[token].logprob, e[token].logprob, abs_tol=2e-4)
+    after = spec.stats()
+    drafted = after.spec_num_draft_tokens - before.spec_num_draft_tokens
+    accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
+    assert drafted > 0 and accepted > 0, (drafted, accepted)
+    assert after.spec_acceptance_rate > 0 and after.spec_mean_accepted_length > 1
+    assert after.kv_blocks_free == after.kv_blocks_total
+
+
+def test_stops_and_max_tokens_end_where_plain_decoding_does(embedded: tuple[LLM, LLM]) -> None:
+    plain, spec = embedded
+    prompt = REPETITIVE[0]
+    full = plain.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0]
+    # a stop string and a stop id from inside the greedy text, where drafts run
+    stop_text = full.text[len(full.text) // 2 :][:5]
+    stop_id = full.token_ids[len(full.token_ids) // 2]
+    cases = [
+        SamplingParams(temperature=0, max_tokens=24, stop=[stop_text]),
+        SamplingParams(temperature=0, max_tokens=24, stop=[stop_text], include_stop_str_in_output=True),
+        SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_id]),
+        *(SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (2, 5, 13)),
+        SamplingParams(temperature=0, max_tokens=20, min_tokens=12),
+    ]
+    expected, got = plain.generate([prompt] * len(cases), cases), spec.generate([prompt] * len(cases), cases)
+    for e, g, p in zip(expected, got, cases):
+        e, g = e.outputs[0], g.outputs[0]
+        assert (g.token_ids, g.text, g.finish_reason, g.stop_reason) == (
+            e.token_ids,
+            e.text,
+            e.finish_reason,
+            e.stop_reason,
+        ), p
+        assert len(g.token_ids) <= p.max_tokens
+    assert expected[0].outputs[0].finish_reason == "stop"
+    assert expected[2].outputs[0].stop_reason == stop_id
+
+
+def _step_logits(engine: LLMEngine, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Plain greedy decoding, one token per step: the tokens and each step's logits row."""
+    rows: list[torch.Tensor] = []
+    run = engine.runner.run
+
+    def recording(batch: ScheduledBatch) -> Any:
+        result = run(batch)
+        rows.append(result.logits[0].clone())
+        return result
+
+    engine.runner.run = recording
+    try:
+        engine.add_request(
+            "ref", {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=steps)
+        )
+        while engine.has_unfinished_requests():
+            out = engine.step()
+    finally:
+        engine.runner.run = run
+    return out[0].outputs[0].token_ids, rows
+
+
+def test_verification_rows_equal_plain_decoding_logits(embedded: tuple[LLM, LLM]) -> None:
+    """The d + 1 rows of a verified sequence give the logits plain decoding gives at each position, as a
+    pure decode batch (the native step, where built) and beside a prefill chunk (the Python layers)."""
+    engine = embedded[0].engine
+    prompt = engine.tokenizer.encode(REPETITIVE[1])
+    tokens, reference = _step_logits(engine, prompt, 5)
+    for with_prefill in (False, True):
+        request = engine.add_request(
+            f"verify-{with_prefill}", {"prompt_token_ids": prompt}, SamplingParams(temperature=0)
+        )
+        engine.step()  # the prompt: its first token is tokens[0], as in the reference
+        seq = request.seqs[0]
+        assert seq.output_token_ids == tokens[:1]
+        seq.spec_token_ids = tokens[1:4]  # right drafts: rows at tokens[0..3] predict tokens[1..4]
+        engine.block_manager.allocate(seq, seq.num_tokens + 3)
+        batch = ScheduledBatch(decodes=[seq])
+        if with_prefill:
+            other = engine.add_request("other", {"prompt_token_ids": prompt[:9]}, SamplingParams()).seqs[0]
+            engine.scheduler.waiting.remove(other)
+            engine.block_manager.allocate(other, 9)
+            batch.prefills.append((other, 9))
+        result = engine.runner.run(batch)
+        got = torch.log_softmax(result.logits[:4], dim=-1)
+        want = torch.log_softmax(torch.stack(reference[1:5]), dim=-1)
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+        seq.spec_token_ids = []
+        engine.abort(request.request_id)
+        engine.abort("other")
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+# --- a random-weight model of another family -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory: pytest.TempPathFactory) -> tuple[LLM, LLM]:
+    pytest.importorskip("transformers")
+    import model_factory
+
+    path = str(model_factory.cached_hf_model("qwen2", root=tmp_path_factory.mktemp("spec-models")))
+    # one thread: a tiny model's products are too small to split, and spinning threads only contend
+    options = dict(model=path, max_model_len=256, max_num_seqs=8, num_threads=1)
+    return LLM(**options), LLM(**options, speculative={**NGRAM, "num_speculative_tokens": 3})
+
+
+def _repeating_prompts(vocab: int) -> list[dict[str, list[int]]]:
+    rng = np.random.default_rng(7)
+    prompts = []
+    for length in (5, 9, 13):
+        unit = rng.integers(10, vocab - 10, size=length).tolist()
+        prompts.append(unit * 3 + unit[:2])
+    prompts.append(rng.integers(10, vocab - 10, size=20).tolist())  # nothing repeats: plain rows
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+def _staggered(engine: LLMEngine, prompts: list[Any], params: SamplingParams) -> list[list[int]]:
+    """The prompts added one per step, so new prefills share steps with drafting sequences."""
+    ids, outs = [], {}
+    for i, prompt in enumerate(prompts):
+        ids.append(engine.add_request(f"staggered-{i}", prompt, params).request_id)
+        for out in engine.step():
+            outs[out.request_id] = out
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id] = out
+    return [outs[i].outputs[0].token_ids for i in ids]
+
+
+def test_greedy_equals_plain_decoding_on_random_qwen2(qwen2: tuple[LLM, LLM]) -> None:
+    plain, spec = qwen2
+    prompts = _repeating_prompts(1000)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    expected = _tokens(plain.generate(prompts, params))
+    assert _tokens(spec.generate(prompts, params)) == expected
+    stats = spec.stats()
+    assert stats.spec_num_draft_tokens > 0 and stats.spec_num_accepted_tokens > 0
+    assert _staggered(spec.engine, prompts, params) == expected
+
+
+def test_seeded_sampling_with_speculation_is_reproducible(qwen2: tuple[LLM, LLM]) -> None:
+    spec = qwen2[1]
+    prompts = _repeating_prompts(1000)
+    params = SamplingParams(temperature=0.8, top_p=0.95, repetition_penalty=1.1, max_tokens=24, seed=5)
+    before = spec.stats().spec_num_draft_tokens
+    first = _tokens(spec.generate(prompts, params))
+    assert _tokens(spec.generate(prompts, params)) == first
+    assert spec.stats().spec_num_draft_tokens > before
+
+
+# --- the sampled distribution ------------------------------------------------------------------------
+
+
+def _chi_square_p(observed: list[int], expected: list[float]) -> float:
+    from scipy.stats import chisquare
+
+    expected_arr = np.asarray(expected, dtype=np.float64)
+    assert abs(expected_arr.sum() - sum(observed)) < 1e-3 * sum(observed)
+    # rounding of the probabilities aside, both sum to the sample count (scipy checks it to 1e-8)
+    return float(chisquare(observed, expected_arr * sum(observed) / expected_arr.sum()).pvalue)
+
+
+def test_draft_rows_sample_the_target_distribution() -> None:
+    """The rejection rule alone: rows verifying a draft x emit tokens distributed as p (after
+    temperature and top-k), whether x is likely, unlikely or outside top-k."""
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -1.0, -3.0])
+    params = SamplingParams(temperature=0.9, top_k=4)
+    p = torch.softmax(logits / 0.9, dim=-1)
+    p[4:] = 0
+    p /= p.sum()
+    n = 4000
+    sampler = Sampler()
+    for draft in (0, 2, 5):
+        gen = torch.Generator().manual_seed(draft)
+        rows = [SamplingRow(params, gen, [1], [], draft_token_id=draft) for _ in range(n)]
+        tokens = sampler(logits.expand(n, -1).contiguous(), rows).token_ids
+        counts = Counter(tokens)
+        assert set(counts) <= {0, 1, 2, 3}
+        observed = [counts[t] for t in range(4)]
+        assert _chi_square_p(observed, (p[:4] * n).tolist()) > 1e-3, (draft, observed)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    pytest.importorskip("transformers")
+    import model_factory
+    from transformers import AutoModelForCausalLM
+
+    path = model_factory.cached_hf_model("llama", root=tmp_path_factory.mktemp("spec-llama"))
+    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _top_k_probs(model: Any, ids: list[int], temperature: float, k: int) -> dict[int, float]:
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    vals, idx = (logits / temperature).topk(k)
+    return dict(zip(idx.tolist(), torch.softmax(vals, dim=-1).tolist()))
+
+
+def test_sampled_pairs_follow_the_target_model(llama: tuple[Path, Any]) -> None:
+    """Chi-square of (first, second) generated tokens against transformers' probabilities. The second
+    token comes from a verification row (a draft exists for every likely first token), so both the
+    accepted and the rejected branch of the rule decide it."""
+    path, reference = llama
+    # the model's own greedy continuation falls into a cycle: prompt lookup drafts what it predicts
+    with torch.no_grad():
+        prompt = reference.generate(
+            torch.tensor([[1, 200, 201, 202, 203]]), max_new_tokens=60, do_sample=False
+        )
+    prompt = prompt[0].tolist()
+    temperature, k, n = 0.5, 2, 600
+    first = _top_k_probs(reference, prompt, temperature, k)
+    expected = {
+        (a, b): pa * pb
+        for a, pa in first.items()
+        for b, pb in _top_k_probs(reference, prompt + [a], temperature, k).items()
+    }
+    engine = LLM(
+        model=str(path),
+        max_model_len=128,
+        max_num_seqs=256,
+        num_threads=1,
+        speculative={**NGRAM, "num_speculative_tokens": 1},
+    )
+    engine.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))  # caches the prompt's blocks
+    # max_tokens=3: the second token's step may draft one token (and the third would be its bonus)
+    params = SamplingParams(n=n, temperature=temperature, top_k=k, max_tokens=3, ignore_eos=True, seed=11)
+    out = engine.generate({"prompt_token_ids": prompt}, params)[0]
+    pairs = Counter(tuple(c.token_ids[:2]) for c in out.outputs)
+    assert set(pairs) <= set(expected)
+    cells = sorted(expected)
+    assert min(expected[c] * n for c in cells) >= 5  # the chi-square approximation holds
+    stats = engine.stats()
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens  # both branches ran
+    assert _chi_square_p([pairs[c] for c in cells], [expected[c] * n for c in cells]) > 1e-3
+
+
+# --- the block pool under random traffic ------------------------------------------------------------
+
+
+def _check_pool(engine: LLMEngine) -> None:
+    bm = engine.block_manager
+    held: Counter[int] = Counter()
+    for seq in [*engine.scheduler.running, *engine.scheduler.waiting]:
+        assert not seq.spec_token_ids  # drafts live only inside a step
+        assert len(set(seq.block_table)) == len(seq.block_table)
+        held.update(seq.block_table)
+        # no block held for rejected drafts; every computed token has a block
+        assert len(seq.block_table) <= -(-seq.num_tokens // bm.block_size)
+        assert len(seq.block_table) * bm.block_size >= seq.num_computed_tokens
+        # a published hash covers only tokens the sequence holds and has computed
+        assert len(seq.block_hashes) * bm.block_size <= seq.num_computed_tokens
+        prev = None
+        for i, h in enumerate(seq.block_hashes):
+            prev = chain_hash(prev, tuple(seq.token_ids[i * bm.block_size : (i + 1) * bm.block_size]))
+            assert h == prev
+    for block in bm.blocks:
+        assert block.ref_count == held[block.block_id]
+        assert (block.block_id in bm.free) == (block.ref_count == 0)
+    for h, block_id in bm.cached.items():
+        assert bm.blocks[block_id].hash == h
+
+
+@pytest.fixture(scope="module")
+def pool_engine(llama: tuple[Path, Any]) -> LLMEngine:
+    path, reference = llama
+    cfg = reference.config
+    per_token = KVCache.bytes_per_token(
+        cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "auto"
+    )
+    config = EngineConfig(
+        model=str(path),
+        max_model_len=64,
+        kv_block_size=8,
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        kv_cache_bytes=20 * 8 * per_token,  # 20 blocks: room for two or three sequences at a time
+        speculative=NGRAM,
+        num_threads=1,
+    )
+    return LLMEngine(config)
+
+
+_POOL_IDS = itertools.count()
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 3), st.integers(2, 40)),
+        st.tuples(st.just("abort"), st.integers(0, 20), st.just(0)),
+        st.tuples(st.just("step"), st.integers(1, 6), st.just(0)),
+    ),
+    min_size=4,
+    max_size=14,
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_OPS)
+def test_block_pool_invariants_under_random_add_and_abort(pool_engine: LLMEngine, ops: list[tuple]) -> None:
+    engine = pool_engine
+    prompts = [p["prompt_token_ids"] for p in _repeating_prompts(512)]
+    live: list[str] = []
+    for kind, a, b in ops:
+        if kind == "add":
+            request_id = f"pool-{next(_POOL_IDS)}"
+            params = SamplingParams(temperature=0.7 if a % 2 else 0, max_tokens=b, ignore_eos=True, seed=a)
+            engine.add_request(request_id, {"prompt_token_ids": prompts[a][:20]}, params)
+            live.append(request_id)
+        elif kind == "abort" and live:
+            engine.abort(live.pop(a % len(live)))
+        else:
+            for _ in range(a):
+                engine.step()
+                _check_pool(engine)
+        _check_pool(engine)
+    for request_id in live:
+        engine.abort(request_id)
+    _check_pool(engine)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_the_random_traffic_drafts_and_preempts(pool_engine: LLMEngine) -> None:
+    """The pool test's engine does speculate and run out of blocks (else its invariants prove little)."""
+    engine = pool_engine
+    prompts = [p["prompt_token_ids"] for p in _repeating_prompts(512)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    before = engine.stats()
+    for i in range(4):
+        engine.add_request(f"busy-{i}", {"prompt_token_ids": prompts[i % 3][:20]}, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+        _check_pool(engine)
+    after = engine.stats()
+    assert after.spec_num_accepted_tokens > before.spec_num_accepted_tokens
+    assert after.num_preemptions > before.num_preemptions
