@@ -459,3 +459,26 @@ def test_the_random_traffic_drafts_and_preempts(pool_engine: LLMEngine) -> None:
     after = engine.stats()
     assert after.spec_num_accepted_tokens > before.spec_num_accepted_tokens
     assert after.num_preemptions > before.num_preemptions
+
+
+def test_bench_takes_the_speculative_option(llama: tuple[Path, Any]) -> None:
+    from flashdecode.tools import bench
+    from flashdecode.tools.roofline import Ceilings
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--speculative", '{"method": "ngram", "num_speculative_tokens": 2}'])
+    config = bench.BenchConfig(
+        model=str(llama[0]),
+        batches=[1],
+        prompt_lens=[8],
+        gen_len=6,
+        num_threads=1,
+        engine_options={"speculative": args.speculative},
+    )
+    ceilings = Ceilings(bandwidth=30e9, flops={"fp32": 2e11, "bf16": 7e11, "int8": 1.4e12}, threads=1)
+    result = bench.run_bench(config, progress=False, ceilings=ceilings)
+    summary = result["engine"]["speculative"]
+    assert summary["method"] == "ngram" and summary["num_speculative_tokens"] == 2
+    assert summary["num_accepted_tokens"] <= summary["num_draft_tokens"]
+    assert result["cells"][0]["runs"][0]["decode_tokens"] == 5  # all but the prefill's token, exactly

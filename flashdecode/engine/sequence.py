@@ -12,12 +12,37 @@ import torch
 
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
-from .spec_decode import DraftHistory
 
 if TYPE_CHECKING:
     from .structured_output import GrammarMatcher
 
 _arrival = itertools.count()
+
+
+# each step's evidence is weighed against the steps before it with this decay, so a sequence whose
+# text stops (or starts) repeating itself changes its draft length within a few steps, and one that
+# stopped drafting returns to the prior and tries again
+_DECAY = 0.9
+# the prior: a new sequence counts as having accepted half of two drafts, enough to try drafting
+_PRIOR_DRAFTED = 2.0
+_PRIOR_ACCEPTED = 1.0
+
+
+@dataclass
+class DraftHistory:
+    """A sequence's drafted and accepted tokens (speculative decoding, engine/spec_decode.py), each
+    step's count decayed by ``_DECAY``."""
+
+    drafted: float = 0.0
+    accepted: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return (self.accepted + _PRIOR_ACCEPTED) / (self.drafted + _PRIOR_DRAFTED)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.drafted = _DECAY * self.drafted + drafted
+        self.accepted = _DECAY * self.accepted + accepted
 
 
 class SequenceStatus(enum.Enum):

@@ -16,45 +16,17 @@ K/V slots are overwritten later or their blocks freed.
 
 The draft length adapts per sequence. With an acceptance rate a per draft, d drafts emit
 ``1 + a + ... + a^d`` tokens in a step that costs ``1 + d * draft_row_cost`` one-row steps; the
-length with the most tokens per cost is drafted (zero when no length beats plain decoding).
+length with the most tokens per cost is drafted (zero when no length beats plain decoding). The rate
+is the sequence's own (``Sequence.draft_history``), over its recent steps.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..config import SpeculativeConfig
-
-if TYPE_CHECKING:
-    from .sequence import Sequence
-
-# each step's evidence is weighed against the steps before it with this decay, so a sequence whose
-# text stops (or starts) repeating itself changes its draft length within a few steps, and one that
-# stopped drafting returns to the prior and tries again
-_DECAY = 0.9
-# the prior: a new sequence counts as having accepted half of two drafts, enough to try drafting
-_PRIOR_DRAFTED = 2.0
-_PRIOR_ACCEPTED = 1.0
-
-
-@dataclass
-class DraftHistory:
-    """A sequence's drafted and accepted tokens, each step's count decayed by ``_DECAY``."""
-
-    drafted: float = 0.0
-    accepted: float = 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return (self.accepted + _PRIOR_ACCEPTED) / (self.drafted + _PRIOR_DRAFTED)
-
-    def record(self, drafted: int, accepted: int) -> None:
-        self.drafted = _DECAY * self.drafted + drafted
-        self.accepted = _DECAY * self.accepted + accepted
+from .sequence import Sequence
 
 
 def best_draft_length(acceptance_rate: float, max_drafts: int, row_cost: float) -> int:
