@@ -295,3 +295,65 @@ def test_chunked_prefill_and_prefix_hits(hf_model: Callable[..., Path], hf_refer
     for k, (out, prompt) in enumerate(zip(llm.generate(requests, params), prompts)):
         parity.check_request(out, prompt, ref, f"gemma3 prefix hits request {k}", prompt_logprobs=False)
     assert llm.engine.stats().prefix_cache_hits > 0
+
+
+def test_configs_without_the_new_fields_read_as_transformers_reads_them() -> None:
+    """Hub configs older than transformers 5 (Gemma 3's rope_theta / rope_local_base_freq /
+    rope_scaling / sliding_window_pattern; Gemma 2 without layer_types or soft-caps): the spec follows
+    what transformers' own config classes make of them."""
+    import transformers
+
+    from flashdecode.models.safetensors_loader import spec_from_hf_config
+
+    shape = dict(vocab_size=512, hidden_size=96, num_attention_heads=6, num_key_value_heads=2, head_dim=16)
+    old3 = dict(
+        shape,
+        num_hidden_layers=8,
+        intermediate_size=144,
+        rope_theta=500000.0,
+        rope_local_base_freq=20000.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        sliding_window=16,
+        sliding_window_pattern=4,
+        query_pre_attn_scalar=32,
+    )
+    want = transformers.Gemma3TextConfig(**old3)
+    spec = spec_from_hf_config(dict(old3, architectures=["Gemma3ForCausalLM"]))
+    assert spec.layer_types == tuple(want.layer_types) and "full_attention" in spec.layer_types
+    full, local = want.rope_parameters["full_attention"], want.rope_parameters["sliding_attention"]
+    assert spec.rope_theta == full["rope_theta"] and spec.rope_local_theta == local["rope_theta"]
+    assert spec.rope_scaling is not None and spec.rope_scaling.factor == full["factor"]
+    assert spec.attention_scale == pytest.approx(want.query_pre_attn_scalar**-0.5)
+
+    old2 = dict(shape, num_hidden_layers=5, intermediate_size=144, sliding_window=32)
+    want = transformers.Gemma2Config(**old2)
+    spec = spec_from_hf_config(dict(old2, architectures=["Gemma2ForCausalLM"]))
+    assert spec.layer_types == tuple(want.layer_types)
+    assert spec.attn_logit_softcap == want.attn_logit_softcapping
+    assert spec.final_logit_softcap == want.final_logit_softcapping
+    assert spec.attention_scale == pytest.approx(want.query_pre_attn_scalar**-0.5)
+
+
+def test_gguf_metadata_follows_llama_cpp_defaults() -> None:
+    """llama.cpp's gemma2.cpp / gemma3.cpp rules, by hand: Gemma 2 windows 4096 and caps 50 / 30 when
+    the keys are missing, every other layer sliding; Gemma 3 slides only with a window, five of every
+    six layers or per a flag array, local base 10000; the 27B layer counts scale by hidden / heads."""
+    from flashdecode.models import gemma
+
+    def reader(meta: dict[str, Any]) -> Callable[..., Any]:
+        return lambda key, default=None, required=True: meta.get(key, default)
+
+    g2 = gemma.gguf_fields(reader({}), "gemma2", 4, 2304, 8, 256)
+    assert (g2["sliding_window"], g2["attn_logit_softcap"], g2["final_logit_softcap"]) == (4096, 50.0, 30.0)
+    assert g2["layer_types"] == ("sliding_attention", "full_attention") * 2
+    assert g2["attention_scale"] == 256**-0.5 and g2["rope_local_theta"] is None
+    assert gemma.gguf_fields(reader({}), "gemma2", 46, 4608, 32, 128)["attention_scale"] == 144**-0.5
+
+    assert gemma.gguf_fields(reader({}), "gemma3", 7, 1152, 4, 256)["layer_types"] == ()
+    g3 = gemma.gguf_fields(reader({"attention.sliding_window": 512}), "gemma3", 7, 1152, 4, 256)
+    assert g3["layer_types"] == ("sliding_attention",) * 5 + ("full_attention", "sliding_attention")
+    assert g3["rope_local_theta"] == 10000.0 and g3["attn_logit_softcap"] is None
+    flags = [True, False, False]
+    meta = {"attention.sliding_window": 8, "attention.sliding_window_pattern": flags}
+    g3 = gemma.gguf_fields(reader(meta), "gemma3", 3, 96, 6, 40)
+    assert g3["layer_types"] == ("sliding_attention", "full_attention", "full_attention")

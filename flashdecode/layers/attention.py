@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -623,7 +623,7 @@ def windowed(meta: AttentionMetadata, sliding_window: int | None) -> AttentionMe
     if meta.num_decode:
         slots, lens = window_slots(slots, lens, sliding_window)
     prefills = [window_segment(seg, sliding_window) for seg in meta.prefills]
-    return AttentionMetadata(meta.slot_mapping, meta.num_decode, slots, lens, prefills)
+    return replace(meta, decode_slots=slots, decode_context_lens=lens, prefills=prefills)
 
 
 def paged_attention(
@@ -689,12 +689,14 @@ def _paged_unified(
     phi = softmax.phi_at(layer)
     if soft_cap is not None:  # capped scores never exceed the cap (module docstring)
         phi = min(phi, soft_cap)
-    triton = _use_triton(softmax, q) and soft_cap is None
+    # the Triton kernels cap no scores and mask no band (module docstring)
+    decode_triton = _use_triton(softmax, q) and soft_cap is None
+    prefill_triton = decode_triton and sliding_window is None
     fallbacks = []
     if nd:
         k, v = gather_decode(cache, layer, meta.decode_slots, q.dtype)
         lens = meta.decode_context_lens
-        if triton:
+        if decode_triton:
             from ..kernels.triton.attention import decode_attention_triton
 
             res, lsum = decode_attention_triton(q[:nd], k, v, lens, scale, phi)
@@ -707,11 +709,10 @@ def _paged_unified(
             )
         out[:nd] = res
         fallbacks.append(fallback)
-    triton = triton and sliding_window is None
     for seg in meta.prefills:
         sl = slice(seg.start, seg.start + seg.num_query)
         k, v = cache.gather(layer, seg.slots, q.dtype)
-        if triton:
+        if prefill_triton:
             from ..kernels.triton.attention import prefill_attention_triton
 
             res, lsum = prefill_attention_triton(q[sl], k, v, scale, phi)

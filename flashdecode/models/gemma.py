@@ -45,27 +45,33 @@ def _softcap(value: Any) -> float | None:
     return float(value) if value else None
 
 
-def hf_rope_config(config: dict[str, Any], family: str) -> tuple[dict[str, Any], float | None]:
+def hf_rope_config(config: dict[str, Any], family: str) -> dict[str, Any]:
     """The config as the shared RoPE reader (``safetensors_loader._rope_scaling``) reads the global
-    layers' RoPE from, and the sliding layers' base (Gemma 3; None: the global one). transformers 5
-    writes Gemma 3's ``rope_parameters`` per layer type; older configs ``rope_theta``,
-    ``rope_local_base_freq`` and ``rope_scaling``."""
+    layers' RoPE from: transformers 5 writes Gemma 3's ``rope_parameters`` per layer type, older
+    configs ``rope_theta`` and ``rope_scaling``."""
     config = {"rope_theta": HF_DEFAULTS[family]["rope_theta"], **config}
     params = config.get("rope_parameters") or {}
     if FULL not in params and SLIDING not in params:
-        local = config.get("rope_local_base_freq")
-        if family == "gemma3":
-            return config, float(LOCAL_THETA if local is None else local)
-        return config, None
-    local_params = params.get(SLIDING) or {}
-    if local_params.get("rope_type", "default") != "default":
-        raise ModelLoadError(f"unsupported rope scaling {local_params['rope_type']!r} on sliding layers")
-    full = {"rope_theta": config["rope_theta"], **(params.get(FULL) or {})}
-    return {**config, "rope_parameters": full}, float(local_params.get("rope_theta", LOCAL_THETA))
+        return config
+    return {**config, "rope_parameters": {"rope_theta": config["rope_theta"], **(params.get(FULL) or {})}}
+
+
+def _hf_local_theta(config: dict[str, Any], family: str) -> float | None:
+    """The sliding layers' RoPE base (Gemma 3: ``rope_parameters["sliding_attention"]`` or
+    ``rope_local_base_freq``); None where they share the global layers' tables (Gemma 2)."""
+    local = (config.get("rope_parameters") or {}).get(SLIDING)
+    if local is not None:
+        if local.get("rope_type", "default") != "default":
+            raise ModelLoadError(f"unsupported rope scaling {local['rope_type']!r} on sliding layers")
+        return float(local.get("rope_theta", LOCAL_THETA))
+    if family == "gemma3":
+        return float(config.get("rope_local_base_freq") or LOCAL_THETA)
+    return None
 
 
 def hf_fields(config: dict[str, Any], family: str, num_layers: int) -> dict[str, Any]:
-    """``ModelSpec`` fields from a Gemma 2 / Gemma 3 config.json."""
+    """``ModelSpec`` fields from a Gemma 2 / Gemma 3 config.json (RoPE theta and scaling aside:
+    ``hf_rope_config``)."""
     act = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
     if act != "gelu_pytorch_tanh":
         raise ModelLoadError(
@@ -73,8 +79,10 @@ def hf_fields(config: dict[str, Any], family: str, num_layers: int) -> dict[str,
         )
     if config.get("use_bidirectional_attention"):
         raise ModelLoadError(f"{family} with use_bidirectional_attention is an encoder, not a causal LM")
-    defaults = HF_DEFAULTS[family]
-    get = lambda key: config.get(key, defaults[key])  # noqa: E731
+    caps = {
+        key: config.get(key, HF_DEFAULTS[family][key])
+        for key in ("attn_logit_softcapping", "final_logit_softcapping")
+    }
     window = config.get("sliding_window")
     types = tuple(config.get("layer_types") or ())
     if not types:
@@ -84,10 +92,11 @@ def hf_fields(config: dict[str, Any], family: str, num_layers: int) -> dict[str,
         attention_scale=float(config.get("query_pre_attn_scalar", QUERY_PRE_ATTN_SCALAR)) ** -0.5,
         # transformers' Gemma 3 attention never applies attn_logit_softcapping (llama.cpp's converter
         # asserts it is unset), so only Gemma 2 reads it
-        attn_logit_softcap=_softcap(get("attn_logit_softcapping")) if family == "gemma2" else None,
-        final_logit_softcap=_softcap(get("final_logit_softcapping")),
+        attn_logit_softcap=_softcap(caps["attn_logit_softcapping"]) if family == "gemma2" else None,
+        final_logit_softcap=_softcap(caps["final_logit_softcapping"]),
         sliding_window=int(window) if window else None,
         layer_types=types if window else (),
+        rope_local_theta=_hf_local_theta(config, family) if window else None,
     )
 
 

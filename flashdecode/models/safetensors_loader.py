@@ -117,9 +117,8 @@ def spec_from_hf_config(config: dict[str, Any], tokenizer: Tokenizer | None = No
         extra: dict[str, Any] = {}
         rope_config = config
         if family.gemma_norms:
-            rope_config, local_theta = gemma.hf_rope_config(config, family.name)
+            rope_config = gemma.hf_rope_config(config, family.name)
             extra = gemma.hf_fields(config, family.name, int(config["num_hidden_layers"]))
-            extra["rope_local_theta"] = local_theta if extra["layer_types"] else None
         theta, scaling = _rope_scaling(rope_config)
         eos = config.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
