@@ -357,3 +357,32 @@ def test_gguf_metadata_follows_llama_cpp_defaults() -> None:
     meta = {"attention.sliding_window": 8, "attention.sliding_window_pattern": flags}
     g3 = gemma.gguf_fields(reader(meta), "gemma3", 3, 96, 6, 40)
     assert g3["layer_types"] == ("sliding_attention", "full_attention", "full_attention")
+
+
+def test_gguf_q8_0_matches_transformers_dequantized(
+    gguf_model: Callable[..., Path], hf_reference: Any
+) -> None:
+    """Gemma 2 with every matrix in Q8_0 (run quantized), against transformers holding the weights
+    gguf-py dequantizes (the file's norms are 1 + w: transformers takes w)."""
+    import gguf
+
+    from flashdecode.layers.quant import QuantizedTensor
+
+    path = gguf_model("gemma2", "Q8_0")
+    loaded = load_model(path).weights
+    assert all(
+        isinstance(loaded[f"layers.0.{n}"], QuantizedTensor) for n in ("q", "k", "v", "o", "gate", "down")
+    )
+    ref = copy.deepcopy(hf_reference("gemma2"))
+    tensors = mf.read_gguf_tensors(path)
+    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA2, ref.config.num_hidden_layers)
+    state = ref.state_dict()
+    for name in state:
+        gguf_name = tensor_map.get_name(name, try_suffixes=(".weight",))
+        if gguf_name in tensors:
+            value = torch.from_numpy(tensors[gguf_name][1].copy())
+            state[name] = value - 1.0 if name.endswith("norm.weight") else value
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied: one tensor, loaded last
+    ref.load_state_dict(state)
+    assert torch.equal(ref.lm_head.weight, torch.from_numpy(tensors["token_embd.weight"][1].copy()))
+    run_parity(path, ref.eval(), "gemma2 gguf Q8_0")

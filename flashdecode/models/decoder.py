@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import cpu
-from ..layers.attention import AttentionMetadata, SoftmaxPolicy, paged_attention
+from ..layers.attention import AttentionMetadata, SoftmaxPolicy, paged_attention, soft_cap_
 from ..layers.dataflow import DataflowTable, configure
 from ..layers.device import CPU, Device
 from ..layers.kv_cache import KVCache
@@ -206,6 +206,4 @@ class Decoder:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
-        cap = self.spec.final_logit_softcap
-        return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
+        return soft_cap_(self.lm_head(hidden).float(), self.spec.final_logit_softcap)
