@@ -26,10 +26,17 @@ from flashdecode.engine.block_manager import chain_hash
 from flashdecode.engine.llm_engine import LLMEngine
 from flashdecode.engine.sampler import Sampler, SamplingRow
 from flashdecode.engine.scheduler import ScheduledBatch
-from flashdecode.engine.spec_decode import best_draft_length, ngram_lookup
+from flashdecode.engine.spec_decode import (
+    best_draft_length,
+    linear_step_costs,
+    ngram_lookup,
+    tuned_step_costs,
+)
 from flashdecode.entrypoints.cli import speculative_json
 from flashdecode.errors import FlashDecodeError
+from flashdecode.layers.dataflow import DataflowTable, ShapeResult
 from flashdecode.layers.kv_cache import KVCache
+from flashdecode.layers.linear import iter_linears
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 
@@ -58,13 +65,35 @@ def test_ngram_lookup_takes_the_most_recent_longest_match() -> None:
 
 
 def test_best_draft_length_maximises_tokens_per_cost() -> None:
+    costs = linear_step_costs(8, 0.1)
+    assert costs[:3] == pytest.approx([1.0, 1.1, 1.2])
     # rate 0.5, row cost 0.1: d=1 -> 1.5/1.1 = 1.364, d=2 -> 1.75/1.2 = 1.458, d=3 -> 1.875/1.3 = 1.442
-    assert best_draft_length(0.5, 8, 0.1) == 2
-    assert best_draft_length(0.5, 1, 0.1) == 1
+    assert best_draft_length(0.5, 8, costs) == 2
+    assert best_draft_length(0.5, 1, costs) == 1
     # rate 0.05, row cost 0.1: d=1 -> 1.05/1.1 < 1: plain decoding pays better
-    assert best_draft_length(0.05, 8, 0.1) == 0
-    assert best_draft_length(1.0, 6, 0.1) == 6  # every draft accepted: the most allowed
-    assert best_draft_length(0.9, 0, 0.0) == 0
+    assert best_draft_length(0.05, 8, costs) == 0
+    assert best_draft_length(1.0, 6, costs) == 6  # every draft accepted: the most allowed
+    assert best_draft_length(1.0, 20, costs) == 8  # never past the costs known
+    assert best_draft_length(0.9, 0, costs) == 0
+    # rate 0.5 where a second row costs as much as a step: nothing pays; where it is free: all of it
+    assert best_draft_length(0.5, 4, [1.0, 2.0, 3.0, 4.0, 5.0]) == 0
+    assert best_draft_length(0.5, 4, [1.0] * 5) == 4
+
+
+def test_tuned_step_costs_from_the_table_timings(llama: tuple[Path, Any]) -> None:
+    linears = list(iter_linears(LLM(model=str(llama[0]), num_threads=1).engine.model.linears()))
+    table = DataflowTable(fingerprint={})
+    for i, lin in enumerate(linears):
+        # every shape timed at M = 1, 2, 4 (linear in between): 1 + i, 1.2 (1 + i), 2 (1 + i) seconds
+        times = {1: 1.0 + i, 2: 1.2 * (1.0 + i), 4: 2.0 * (1.0 + i)}
+        table.shapes[lin.shape_key()] = ShapeResult(
+            plan=lin.plan, times={lin.candidate_at(1): times}, crossovers=[]
+        )
+    assert all(lin.candidate_at(m) == lin.candidate_at(1) for lin in linears for m in range(1, 6))
+    # by hand: M = 3 lies halfway between 1.2 and 2; past the last timed M the time stays flat
+    assert tuned_step_costs(linears, table, 4) == pytest.approx([1.0, 1.2, 1.6, 2.0, 2.0])
+    del table.shapes[linears[0].shape_key()]
+    assert tuned_step_costs(linears, table, 4) is None  # a shape it never timed: no tuned costs
 
 
 # --- configuration ----------------------------------------------------------------------------------
@@ -272,6 +301,30 @@ def test_seeded_sampling_with_speculation_is_reproducible(qwen2: tuple[LLM, LLM]
     first = _tokens(spec.generate(prompts, params))
     assert _tokens(spec.generate(prompts, params)) == first
     assert spec.stats().spec_num_draft_tokens > before
+
+
+def test_prometheus_metrics_report_the_drafts(qwen2: tuple[LLM, LLM]) -> None:
+    pytest.importorskip("prometheus_client")
+    from flashdecode.entrypoints.async_engine import AsyncLLMEngine
+    from flashdecode.entrypoints.server.metrics import ServerMetrics
+
+    spec = qwen2[1]
+    spec.generate(_repeating_prompts(1000)[:1], SamplingParams(temperature=0, max_tokens=16))
+    stats = spec.stats()
+    assert stats.spec_num_accepted_tokens > 0
+    text = ServerMetrics(AsyncLLMEngine(spec.engine), "m").render().decode()
+    values = {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("flashdecode:spec_decode")
+    }
+    assert values == {
+        "flashdecode:spec_decode_draft_acceptance_rate": pytest.approx(
+            stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens
+        ),
+        "flashdecode:spec_decode_num_draft_tokens_total": stats.spec_num_draft_tokens,
+        "flashdecode:spec_decode_num_accepted_tokens_total": stats.spec_num_accepted_tokens,
+    }
 
 
 # --- the sampled distribution ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from ..kernels.formats import is_quantized
 from ..layers.dataflow import DataflowTable, load_table
 from ..layers.device import resolve_device
 from ..layers.kv_cache import KVCache
+from ..layers.linear import iter_linears
 from ..models.decoder import Decoder
 from ..models.loader import load_model
 from ..models.weights import LoadedModel
@@ -31,7 +32,7 @@ from .model_runner import ModelRunner
 from .sampler import Sampler, SamplingRow, prompt_logprobs
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence
-from .spec_decode import NgramProposer
+from .spec_decode import NgramProposer, tuned_step_costs
 from .structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,9 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         proposer = None
         if config.speculative is not None:
-            proposer = NgramProposer(config.speculative, self.max_model_len).propose
+            k = config.speculative.num_speculative_tokens
+            costs = None if table is None else tuned_step_costs(iter_linears(self.model.linears()), table, k)
+            proposer = NgramProposer(config.speculative, self.max_model_len, costs).propose
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, proposer
         )
