@@ -26,6 +26,7 @@ from flashdecode.engine.block_manager import chain_hash
 from flashdecode.engine.llm_engine import LLMEngine
 from flashdecode.engine.sampler import Sampler, SamplingRow
 from flashdecode.engine.scheduler import ScheduledBatch
+from flashdecode.engine.sequence import DraftHistory
 from flashdecode.engine.spec_decode import (
     best_draft_length,
     linear_step_costs,
@@ -80,6 +81,20 @@ def test_best_draft_length_maximises_tokens_per_cost() -> None:
     assert best_draft_length(0.5, 4, [1.0] * 5) == 4
 
 
+def test_draft_history_stops_and_resumes_drafting() -> None:
+    history, costs = DraftHistory(), linear_step_costs(4, 0.1)
+    assert history.acceptance_rate == 0.5  # the prior: try drafting
+    assert best_draft_length(history.acceptance_rate, 4, costs) > 0
+    for _ in range(5):
+        history.record(4, 0)  # nothing accepted: 1 / (2 + 4 * (1 + 0.9 + ... + 0.9^4)) = 0.054
+    assert history.acceptance_rate == pytest.approx(1 / (2 + 4 * 4.0951))
+    assert best_draft_length(history.acceptance_rate, 4, costs) == 0
+    for _ in range(30):
+        history.record(0, 0)  # steps without drafts: the evidence fades back toward the prior
+    assert history.acceptance_rate == pytest.approx(1 / (2 + 4 * 4.0951 * 0.9**30))
+    assert best_draft_length(history.acceptance_rate, 4, costs) > 0
+
+
 def test_tuned_step_costs_from_the_table_timings(llama: tuple[Path, Any]) -> None:
     linears = list(iter_linears(LLM(model=str(llama[0]), num_threads=1).engine.model.linears()))
     table = DataflowTable(fingerprint={})
@@ -125,6 +140,18 @@ def test_speculative_config_from_dict_and_cli_json() -> None:
         speculative_json("{method: ngram}")
     with pytest.raises(FlashDecodeError, match="speculative must be a dict"):
         SpeculativeConfig.of("ngram")
+
+
+def test_serve_passes_the_speculative_option_to_the_engine() -> None:
+    from flashdecode.entrypoints.server import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--speculative", '{"num_speculative_tokens": 2, "prompt_lookup_max": 2}'])
+    config = serve.engine_config(args).speculative
+    assert isinstance(config, SpeculativeConfig)
+    assert (config.num_speculative_tokens, config.prompt_lookup_max) == (2, 2)
+    assert serve.engine_config(parser.parse_args([])).speculative is None
 
 
 # --- the embedded model: greedy equality, logprobs, stops, verification logits -------------------------
@@ -286,8 +313,14 @@ def test_greedy_equals_plain_decoding_on_random_qwen2(qwen2: tuple[LLM, LLM]) ->
     plain, spec = qwen2
     prompts = _repeating_prompts(1000)
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    expected = _tokens(plain.generate(prompts, params))
-    assert _tokens(spec.generate(prompts, params)) == expected
+    # a sequence under a grammar does not draft, beside ones that do
+    choice = SamplingParams(temperature=0, max_tokens=32, structured_output={"choice": ["yes", "no"]})
+    mixed = [params] * len(prompts) + [choice]
+    expected = _tokens(plain.generate([*prompts, prompts[0]], mixed))
+    got = spec.generate([*prompts, prompts[0]], mixed)
+    assert _tokens(got) == expected
+    assert got[-1].outputs[0].text in ("yes", "no")
+    expected = expected[:-1]
     stats = spec.stats()
     assert stats.spec_num_draft_tokens > 0 and stats.spec_num_accepted_tokens > 0
     assert _staggered(spec.engine, prompts, params) == expected
