@@ -28,6 +28,7 @@ from flashdecode.engine.sampler import Sampler, SamplingRow
 from flashdecode.engine.scheduler import ScheduledBatch
 from flashdecode.engine.sequence import DraftHistory
 from flashdecode.engine.spec_decode import (
+    _TokenArray,
     best_draft_length,
     linear_step_costs,
     ngram_lookup,
@@ -63,6 +64,14 @@ def test_ngram_lookup_takes_the_most_recent_longest_match() -> None:
     assert ngram_lookup(np.array([2, 3, 9, 4, 2]), 2, 2, 2) == []  # n >= 2 only: no match
     assert ngram_lookup(np.array([5, 6, 7]), 3, 1, 3) == []  # nothing repeats
     assert ngram_lookup(np.array([5]), 3, 1, 3) == []
+
+
+def test_token_array_follows_the_appended_tokens() -> None:
+    array, tokens = _TokenArray(), [3, 1, 4]
+    assert array.view(tokens).tolist() == tokens
+    for grow in (1, 300, 2, 700):  # past the first buffer and past doubling it
+        tokens += list(range(grow))
+        assert array.view(tokens).tolist() == tokens
 
 
 def test_best_draft_length_maximises_tokens_per_cost() -> None:

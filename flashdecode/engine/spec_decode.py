@@ -24,6 +24,7 @@ is the sequence's own (``Sequence.draft_history``), over its recent steps.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import numpy as np
@@ -95,6 +96,26 @@ def ngram_lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int
     return []
 
 
+class _TokenArray:
+    """A sequence's tokens as a numpy array, grown by the new tokens only: its tokens are only ever
+    appended to (rejected drafts never enter them), so each step copies what the last one added."""
+
+    def __init__(self) -> None:
+        self.buffer = np.empty(256, dtype=np.int64)
+        self.size = 0
+
+    def view(self, tokens: list[int]) -> np.ndarray:
+        n = len(tokens)
+        if n > len(self.buffer):
+            grown = np.empty(max(n, 2 * len(self.buffer)), dtype=np.int64)
+            grown[: self.size] = self.buffer[: self.size]
+            self.buffer = grown
+        if n > self.size:
+            self.buffer[self.size : n] = tokens[self.size : n]
+            self.size = n
+        return self.buffer[:n]
+
+
 class NgramProposer:
     def __init__(self, config: SpeculativeConfig, max_model_len: int, step_costs: list[float] | None = None):
         """``step_costs``: a step's cost at 1 + d rows, d = 0..num_speculative_tokens, in one-row
@@ -103,6 +124,8 @@ class NgramProposer:
         self.max_model_len = max_model_len
         k = config.num_speculative_tokens
         self.step_costs = step_costs or linear_step_costs(k, config.draft_row_cost)
+        # each sequence's tokens as an array, dropped with the sequence
+        self._arrays: weakref.WeakKeyDictionary[Sequence, _TokenArray] = weakref.WeakKeyDictionary()
 
     def propose(self, seq: Sequence, budget: int) -> list[int]:
         """The drafts of decoding sequence ``seq`` this step, at most ``budget`` of them."""
@@ -115,5 +138,8 @@ class NgramProposer:
         limit = best_draft_length(seq.draft_history.acceptance_rate, limit, self.step_costs)
         if limit <= 0:
             return []
-        tokens = np.asarray(seq.token_ids, dtype=np.int64)
+        array = self._arrays.get(seq)
+        if array is None:
+            array = self._arrays[seq] = _TokenArray()
+        tokens = array.view(seq.token_ids)
         return ngram_lookup(tokens, limit, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
