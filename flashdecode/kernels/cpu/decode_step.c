@@ -26,6 +26,7 @@
 #define KV_F16 2
 #define PART_MIN 128  /* keys per attention partition, at least */
 #define PART_MAX 1024 /* and at most (the per-thread score scratch) */
+#define GROUP_ROWS 4  /* rows of a prompt chunk that attend together */
 
 #define Q8_INTERLEAVED 2 /* fd_part.q8: int8 activations on weights repacked 16 rows at a time */
 
@@ -191,32 +192,48 @@ static void kv_store(const fd_model *M, int64_t layer, int64_t slot, int64_t h, 
 
 /* ---------------------------------------------------------------- attention */
 
-/* Keys [j0, j1) of one sequence for ng query heads q [ng][D] (stride ldq) of kv head h: writes, per
- * head g, out[g] = (m, l, acc[D]) with m = phi (unified) or the partition's max, l = sum e^(s - m)
- * and acc = sum e^(s - m) v. scores: [ng * (j1 - j0)] scratch; buf: [D]. */
-static void attn_partition(const fd_model *M, int64_t layer, int64_t h, const float *q, int64_t ldq, int ng,
-                           const int64_t *slots, int64_t j0, int64_t j1, int unified, float phi, float *scores,
-                           float *buf, float *out) {
+/* the first of a group's rows (row i sees keys < n0 + i) that sees key j */
+INLINE int first_row(int64_t j, int64_t n0) { return j < n0 ? 0 : (int)(j - n0 + 1); }
+
+/* Keys [j0, j1) of one sequence for nr consecutive query rows of it (row i sees the keys before
+ * n0 + i: a prompt chunk's causal mask) with ng query heads each, q [nr][ng][D] (rows ldq apart) of
+ * kv head h. Writes, per row i and head g, out[i * ldo + g * (D + 2)] = (m, l, acc[D]) with m = phi
+ * (unified) or the partition's max over the row's keys, l = sum e^(s - m), acc = sum e^(s - m) v; a
+ * row that sees none of these keys gets l = 0 (and m = -inf when exact). Each key row is read, and
+ * converted, once for all nr x ng queries. scores: [nr * ng * (j1 - j0)] scratch; buf: [D]. */
+static void attn_partition(const fd_model *M, int64_t layer, int64_t h, const float *q, int64_t ldq, int nr, int ng,
+                           int64_t n0, const int64_t *slots, int64_t j0, int64_t j1, int unified, float phi,
+                           float *scores, float *buf, float *out, int64_t ldo) {
     const int64_t D = M->head_dim, n = j1 - j0;
     for (int64_t j = 0; j < n; j++) {
         kv_prefetch(M, layer, slots, j0 + j, j1, h, 0);
         const float *k = kv_row(M, layer, slots[j0 + j], h, 0, buf);
-        for (int g = 0; g < ng; g++) scores[g * n + j] = dot(q + g * ldq, k, D) * M->scale;
+        for (int i = first_row(j0 + j, n0); i < nr; i++)
+            for (int g = 0; g < ng; g++) scores[(i * ng + g) * n + j] = dot(q + i * ldq + g * D, k, D) * M->scale;
     }
-    for (int g = 0; g < ng; g++) {
-        float *o = out + g * (D + 2), *s = scores + g * n, m = phi;
-        if (!unified) {
-            m = -INFINITY;
-            for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
+    for (int i = 0; i < nr; i++) {
+        const int64_t seen = n0 + i - j0 < n ? n0 + i - j0 : n; /* keys of this partition row i sees */
+        for (int g = 0; g < ng; g++) {
+            float *o = out + i * ldo + g * (D + 2), *sc = scores + (i * ng + g) * n, m = phi;
+            memset(o + 2, 0, sizeof(float) * (size_t)D);
+            if (seen <= 0) {
+                o[0] = unified ? phi : -INFINITY;
+                o[1] = 0.0f;
+                continue;
+            }
+            if (!unified) {
+                m = -INFINITY;
+                for (int64_t j = 0; j < seen; j++) m = sc[j] > m ? sc[j] : m;
+            }
+            o[0] = m;
+            o[1] = exp_sum(sc, seen, m);
         }
-        o[0] = m;
-        o[1] = exp_sum(s, n, m);
-        memset(o + 2, 0, sizeof(float) * (size_t)D);
     }
     for (int64_t j = 0; j < n; j++) {
         kv_prefetch(M, layer, slots, j0 + j, j1, h, 1);
         const float *v = kv_row(M, layer, slots[j0 + j], h, 1, buf);
-        for (int g = 0; g < ng; g++) axpy(out + g * (D + 2) + 2, scores[g * n + j], v, D);
+        for (int i = first_row(j0 + j, n0); i < nr; i++)
+            for (int g = 0; g < ng; g++) axpy(out + i * ldo + g * (D + 2) + 2, scores[(i * ng + g) * n + j], v, D);
     }
 }
 
@@ -229,7 +246,7 @@ static void attn_row_exact(const fd_model *M, int64_t layer, int64_t h, const fl
     memset(y, 0, sizeof(float) * (size_t)D);
     for (int64_t j0 = 0; j0 < n; j0 += part) {
         int64_t j1 = j0 + part < n ? j0 + part : n;
-        attn_partition(M, layer, h, q, D, 1, slots, j0, j1, 0, 0.0f, scores, buf, tmp);
+        attn_partition(M, layer, h, q, D, 1, 1, n, slots, j0, j1, 0, 0.0f, scores, buf, tmp, 0);
         float mn = tmp[0] > m ? tmp[0] : m, a = expf(m - mn), b = expf(tmp[0] - mn);
         l = l * a + tmp[1] * b;
         for (int64_t i = 0; i < D; i++) y[i] = y[i] * a + tmp[2 + i] * b;
@@ -244,15 +261,20 @@ typedef struct { /* a step's geometry, fixed across layers */
     int64_t T, part, items, max_k;
     const int64_t *positions, *new_slots, *slots, *lens;
     const int64_t *slot_rows; /* [T]: where each row's key slots start in slots */
-    const int64_t *item_base; /* [T + 1]: first item of token t (items: kv head, partition) */
+    /* attention's work items are (group, kv head, partition); a group is one row, or up to
+     * GROUP_ROWS consecutive rows of one prompt chunk, which read each key once between them */
+    int64_t groups;
+    const int64_t *group_first; /* [groups + 1]: a group's first row */
+    const int64_t *group_items; /* [groups + 1]: a group's first item */
+    const int64_t *row_base;    /* [T + 1]: a row's first partial (per kv head and partition) */
 } fd_geometry;
 
-/* the row whose items hold item ``it``: item_base[t] <= it < item_base[t + 1] */
-static int64_t item_row(const fd_geometry *S, int64_t it) {
-    int64_t lo = 0, hi = S->T - 1;
+/* k with base[k] <= i < base[k + 1], for ascending base[0 .. n] */
+static int64_t find_range(const int64_t *base, int64_t n, int64_t i) {
+    int64_t lo = 0, hi = n - 1;
     while (lo < hi) {
         const int64_t mid = (lo + hi + 1) / 2;
-        if (S->item_base[mid] <= it) lo = mid;
+        if (base[mid] <= i) lo = mid;
         else hi = mid - 1;
     }
     return lo;
@@ -274,7 +296,7 @@ static int64_t partition_size(int64_t T, int64_t kv_heads, int64_t max_len, int 
 
 static int64_t thread_floats(const fd_model *M, int64_t max_k) {
     const int64_t G = M->heads / M->kv_heads;
-    return 2 * (int64_t)fd_scale_scratch(max_k) + G * PART_MAX + 2 * M->head_dim + (M->head_dim + 2) + 64;
+    return 2 * (int64_t)fd_scale_scratch(max_k) + GROUP_ROWS * G * PART_MAX + 2 * M->head_dim + (M->head_dim + 2) + 64;
 }
 
 /* Bytes of workspace fd_decode needs for T tokens whose longest context is max_len. */
@@ -283,7 +305,8 @@ int64_t fd_decode_workspace(const fd_model *M, int64_t T, int64_t max_len, int n
     const int64_t q = M->heads * M->head_dim, kv = M->kv_heads * M->head_dim, G = M->heads / M->kv_heads;
     int64_t max_k = M->hidden > q ? M->hidden : q;
     max_k = max_k > M->inter ? max_k : M->inter;
-    const int64_t part = partition_size(T, M->kv_heads, max_len, nthreads);
+    /* the fewest groups T rows can form give the smallest partitions, so the most partials per row */
+    const int64_t part = partition_size((T + GROUP_ROWS - 1) / GROUP_ROWS, M->kv_heads, max_len, nthreads);
     const int64_t items = T * M->kv_heads * ((max_len + part - 1) / part);
     int64_t floats = T * (M->hidden + q + 2 * kv + q + 3 * M->inter) + 2 * T * (max_k / 32 + 1) +
                      items * G * (M->head_dim + 2) + (int64_t)nthreads * thread_floats(M, max_k);
@@ -352,20 +375,22 @@ static void attention(fd_member *me, const fd_model *M, int64_t layer, const fd_
     const int64_t width = (H + 2 * KVH) * D;
     const int unified = M->unified;
     const float phi = unified ? M->phi[layer] : 0.0f;
-    float *scores = tb, *buf = tb + G * PART_MAX, *tmp = buf + D;
+    float *scores = tb, *buf = tb + GROUP_ROWS * G * PART_MAX, *tmp = buf + D;
     TEAM_FOR(me, S->items, 1, it) {
-        const int64_t t = item_row(S, it);
-        const int64_t np = (S->item_base[t + 1] - S->item_base[t]) / KVH, k = it - S->item_base[t];
-        const int64_t h = k / np, p = k % np, n = S->lens[t];
+        const int64_t gi = find_range(S->group_items, S->groups, it), t = S->group_first[gi];
+        const int nr = (int)(S->group_first[gi + 1] - t);
+        const int64_t np = (S->group_items[gi + 1] - S->group_items[gi]) / KVH, k = it - S->group_items[gi];
+        const int64_t h = k / np, p = k % np, n = S->lens[t + nr - 1];
         const int64_t j0 = p * S->part, j1 = j0 + S->part < n ? j0 + S->part : n;
-        attn_partition(M, layer, h, B->qkv + t * width + h * G * D, D, (int)G, S->slots + S->slot_rows[t], j0, j1,
-                       unified, phi, scores, buf, B->partials + it * G * (D + 2));
+        attn_partition(M, layer, h, B->qkv + t * width + h * G * D, width, nr, (int)G, S->lens[t],
+                       S->slots + S->slot_rows[t], j0, j1, unified, phi, scores, buf,
+                       B->partials + (S->row_base[t] + h * np + p) * G * (D + 2), KVH * np * G * (D + 2));
     }
     int64_t fb = 0;
     TEAM_FOR(me, S->T * H, 1, r) {
         const int64_t t = r / H, hq = r % H, h = hq / G, g = hq % G;
-        const int64_t np = (S->item_base[t + 1] - S->item_base[t]) / KVH;
-        const float *first = B->partials + (S->item_base[t] + h * np) * G * (D + 2) + g * (D + 2);
+        const int64_t np = (S->row_base[t + 1] - S->row_base[t]) / KVH;
+        const float *first = B->partials + (S->row_base[t] + h * np) * G * (D + 2) + g * (D + 2);
         float *y = B->attn + t * H * D + hq * D, m = -INFINITY, l = 0.0f;
         for (int64_t p = 0; p < np; p++) m = first[p * G * (D + 2)] > m ? first[p * G * (D + 2)] : m;
         memset(y, 0, sizeof(float) * (size_t)D);
@@ -398,7 +423,7 @@ static void carve(const fd_model *M, const fd_geometry *S, void *ws, int nt, fd_
     B->act = f, f += T * M->inter;
     B->dx = f, f += T * (S->max_k / 32 + 1);
     B->sx = f, f += T * (S->max_k / 32 + 1);
-    B->partials = f, f += S->items * G * (M->head_dim + 2);
+    B->partials = f, f += S->row_base[S->T] * G * (M->head_dim + 2);
     B->thread_floats = thread_floats(M, S->max_k);
     B->thread = f, f += (int64_t)nt * B->thread_floats;
     B->xq = (int8_t *)f;
@@ -449,14 +474,26 @@ int fd_decode(const fd_model *M, int64_t T, float *x, const int64_t *positions, 
     const int nt = fd_team_size(nthreads);
     if (fd_decode_workspace(M, T, max_len, nt) > workspace_bytes) return -1;
     const int64_t q = M->heads * M->head_dim;
-    fd_geometry S = {T, partition_size(T, M->kv_heads, max_len, nt), 0, 0, positions, new_slots, slots, lens, slot_rows, NULL};
+    fd_geometry S = {T, 0, 0, 0, positions, new_slots, slots, lens, slot_rows, 0, NULL, NULL, NULL};
     S.max_k = M->hidden > q ? M->hidden : q;
     S.max_k = S.max_k > M->inter ? S.max_k : M->inter;
-    int64_t item_base[T + 1];
-    item_base[0] = 0;
-    for (int64_t t = 0; t < T; t++) item_base[t + 1] = item_base[t] + M->kv_heads * ((lens[t] + S.part - 1) / S.part);
-    S.items = item_base[T];
-    S.item_base = item_base;
+    int64_t group_first[T + 1], group_items[T + 1], row_base[T + 1];
+    for (int64_t t = 0; t < T;) { /* consecutive rows of one chunk: same slots, each one key further */
+        int64_t e = t + 1;
+        while (e < T && e - t < GROUP_ROWS && slot_rows[e] == slot_rows[t] && lens[e] == lens[e - 1] + 1) e++;
+        group_first[S.groups++] = t;
+        t = e;
+    }
+    group_first[S.groups] = T;
+    S.part = partition_size(S.groups, M->kv_heads, max_len, nt);
+    group_items[0] = row_base[0] = 0;
+    for (int64_t g = 0; g < S.groups; g++) {
+        const int64_t per_row = M->kv_heads * ((lens[group_first[g + 1] - 1] + S.part - 1) / S.part);
+        group_items[g + 1] = group_items[g] + per_row;
+        for (int64_t t = group_first[g]; t < group_first[g + 1]; t++) row_base[t + 1] = row_base[t] + per_row;
+    }
+    S.items = group_items[S.groups];
+    S.group_first = group_first, S.group_items = group_items, S.row_base = row_base;
     fd_buffers B;
     carve(M, &S, workspace, nt, &B);
     atomic_llong fallbacks;
