@@ -15,13 +15,18 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import model_factory as mf
-import pytest
+# the Triton kernels run under the interpreter on CPU tensors (test_triton_policy_...); set before
+# triton is first imported, as tests/test_attention_triton.py does
+os.environ["TRITON_INTERPRET"] = "1"
+
+import model_factory as mf  # noqa: E402
+import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -253,6 +258,41 @@ def test_paged_attention_soft_cap_and_window(soft_cap: float | None, window: int
             assert (got.double() - want).abs().max() < 1e-5
             # a capped layer's unified max is min(phi, cap): no row leaves the window
             assert policy.rows_checked == 16 * 6 and (policy.fallbacks > 0) == fallbacks
+
+
+@pytest.mark.parametrize("soft_cap, window", [(None, 5), (2.0, 4)])
+def test_triton_policy_soft_cap_and_window(
+    soft_cap: float | None, window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the Triton kernels chosen (under the interpreter): windowed decode rows run the decode
+    kernel on their cut rows, while capped layers and windowed prefills, which the kernels do not
+    implement, run the torch paths; every result equals the float64 reference."""
+    pytest.importorskip("triton")
+    from flashdecode.kernels.triton import attention as kernels
+
+    calls = {"decode": 0, "prefill": 0}
+
+    def counted(name: str, kernel: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return kernel(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(
+        kernels, "decode_attention_triton", counted("decode", kernels.decode_attention_triton)
+    )
+    monkeypatch.setattr(
+        kernels, "prefill_attention_triton", counted("prefill", kernels.prefill_attention_triton)
+    )
+    q, cache, meta = attention_helpers.paged_step()
+    q = q * 4.0
+    for layer in range(2):
+        want = reference_attention(q, cache, layer, meta, 0.25, soft_cap, window)
+        policy = SoftmaxPolicy("unified", phi=0.0, backend="triton")
+        got = paged_attention(q, cache, layer, meta, 0.25, policy, soft_cap, window)
+        assert (got.double() - want).abs().max() < 1e-5
+    assert calls == {"decode": 2 if soft_cap is None else 0, "prefill": 0}
 
 
 def test_soft_cap_is_transformers_softcap() -> None:
