@@ -295,6 +295,22 @@ def test_triton_policy_soft_cap_and_window(
     assert calls == {"decode": 2 if soft_cap is None else 0, "prefill": 0}
 
 
+@pytest.mark.parametrize("window", [1, 7, 20, None])
+def test_unified_prefill_blocks_skip_what_the_band_hides(window: int | None) -> None:
+    """Small query and key blocks, so that whole key blocks fall outside every query's band and are
+    skipped, and band edges cross blocks: the unified chunked prefill equals the exact one."""
+    from flashdecode.layers.attention import prefill_attention_exact, prefill_attention_unified
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(*shape, generator=g) for shape in ((37, 4, 16), (50, 2, 16), (50, 2, 16)))
+    want = prefill_attention_exact(q, k, v, 0.5, 3.0, window)
+    got, fallback = prefill_attention_unified(
+        q, k, v, 0.5, 3.0, block_q=4, block_k=8, soft_cap=3.0, sliding_window=window
+    )
+    assert not bool(fallback.any())
+    assert (got - want).abs().max() < 1e-5
+
+
 def test_soft_cap_is_transformers_softcap() -> None:
     from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
