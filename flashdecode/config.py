@@ -45,9 +45,11 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
     # the cost of one more query row in a decode step, as a fraction of a one-row step: what the
-    # adaptive draft length weighs against the expected accepted tokens (engine/spec_decode.py);
-    # small where a step is bound by reading the weights once, larger where compute binds
-    draft_row_cost: float = 0.1
+    # adaptive draft length weighs against the expected accepted tokens (engine/spec_decode.py) where
+    # the tuned dataflow table has not timed the model's kernels. Small where a step is bound by
+    # reading the weights once; the default is conservative for CPUs whose int8 products are
+    # compute-bound (AVX2 without VNNI), so that middling acceptance does not draft at a loss
+    draft_row_cost: float = 0.4
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:

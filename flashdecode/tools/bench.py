@@ -86,8 +86,9 @@ class CellRun:
 
     @property
     def itl_s(self) -> float:
-        """Median time of the decode steps that ran the full batch (all steps if none did)."""
-        full = [t for n, t in self.decode_steps if n == self.batch] or [t for _, t in self.decode_steps]
+        """Median time of the decode steps that ran the full batch (all steps if none did); with
+        speculative decoding a full step may emit more tokens than the batch has sequences."""
+        full = [t for n, t in self.decode_steps if n >= self.batch] or [t for _, t in self.decode_steps]
         return statistics.median(full) if full else float("nan")
 
 
