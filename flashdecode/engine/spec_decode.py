@@ -8,8 +8,9 @@ often right.
 
 A sequence with d drafts is d + 1 decode rows of the step (engine/model_runner.py): its last token
 and the drafts, at consecutive positions, sharing its block table, each attending up to its own
-position. The projections then run at M = d + 1, which costs about one read of the weights, as a
-single row does (FlashDecoding++'s flat GEMM). The sampler (engine/sampler.py) decides each row as
+position. The projections then run at M = d + 1 and read the weights once for all the rows
+(FlashDecoding++'s flat GEMM), which makes verification cheap where reading the weights bounds a
+step. The sampler (engine/sampler.py) decides each row as
 plain decoding would at that position, with the penalty state after the drafts before it; the engine
 keeps the accepted drafts and the token after them (engine/llm_engine.py), and the rejected rows'
 K/V slots are overwritten later or their blocks freed.
@@ -18,7 +19,8 @@ The draft length adapts per sequence. With an acceptance rate a per draft, d dra
 ``1 + a + ... + a^d`` tokens in a step of d + 1 rows; the length with the most tokens per cost is
 drafted (zero when no length beats plain decoding). The cost of d + 1 rows, in one-row steps, comes
 from the tuned dataflow table where it timed every projection of the model (``tuned_step_costs``:
-each shape's planned kernel at each M), else it is ``1 + d * draft_row_cost``. The rate
+each shape's planned kernel at each M; attention, which reads the context once per row, is left
+out), else it is ``1 + d * draft_row_cost``. The rate
 is the sequence's own (``Sequence.draft_history``), over its recent steps.
 """
 
