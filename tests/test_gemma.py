@@ -442,3 +442,18 @@ def test_gguf_q8_0_matches_transformers_dequantized(
     ref.load_state_dict(state)
     assert torch.equal(ref.lm_head.weight, torch.from_numpy(tensors["token_embd.weight"][1].copy()))
     run_parity(path, ref.eval(), "gemma2 gguf Q8_0")
+
+
+def test_triton_backend_matches_cpu(gguf_model: Callable[..., Path]) -> None:
+    """``device="cuda"`` (the Triton flat GEMM; under the interpreter on host memory without a GPU):
+    Gemma 2's embedding scale, fp32 norms, caps and windows give the CPU's tokens and logprobs, with the
+    capped attention on the torch paths (tests/test_device.py's harness)."""
+    import test_device as device_helpers
+
+    path = gguf_model("gemma2", "Q8_0")
+    _, cpu_outs = device_helpers._run(path, "cpu", "unified", 4)
+    llm, dev_outs = device_helpers._run(path, "cuda", "unified", 4)
+    assert llm.engine.device.backend == "triton"
+    assert all(lin.plan == [(1, "triton")] for lin in llm.engine.model.linears())
+    assert llm.engine.stats().attention_rows_checked > 0
+    device_helpers._assert_same(cpu_outs, dev_outs)
