@@ -104,8 +104,8 @@ def test_draft_history_stops_and_resumes_drafting() -> None:
     assert best_draft_length(history.acceptance_rate, 4, costs) > 0
 
 
-def test_tuned_step_costs_from_the_table_timings(llama: tuple[Path, Any]) -> None:
-    linears = list(iter_linears(LLM(model=str(llama[0]), num_threads=1).engine.model.linears()))
+def test_tuned_step_costs_from_the_table_timings(qwen2: tuple[LLM, LLM]) -> None:
+    linears = list(iter_linears(qwen2[0].engine.model.linears()))
     table = DataflowTable(fingerprint={})
     for i, lin in enumerate(linears):
         # every shape timed at M = 1, 2, 4 (linear in between): 1 + i, 1.2 (1 + i), 2 (1 + i) seconds
