@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import threading
 from importlib.resources import files
 
 import pytest
@@ -441,3 +442,88 @@ def test_shutdown_after_a_failed_step_returns(tiny_llm: LLM, monkeypatch: pytest
     # (CPython 3.11's "AST constructor recursion depth mismatch" aborts the whole session)
     if raised is not None:
         pytest.fail(f"AsyncLLMEngine.shutdown() raised {raised} after a failed step", pytrace=False)
+
+
+def test_a_grammar_compiles_off_the_event_loop_while_other_streams_go_on(tiny_llm: LLM, monkeypatch) -> None:
+    """The matcher of a structured request is built in a thread: here it is held until another
+    request has streamed three outputs, which could never happen if it blocked the event loop."""
+    structured = tiny_llm.engine.structured_outputs
+    build = structured.matcher
+    released, threads = threading.Event(), []
+
+    def held_matcher(grammar: str):
+        threads.append(threading.get_ident())
+        released.wait(timeout=30)
+        return build(grammar)
+
+    monkeypatch.setattr(structured, "matcher", held_matcher)
+    plain = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, output_kind="delta")
+    constrained = SamplingParams(temperature=0, max_tokens=8, structured_output={"choice": ["yes", "no"]})
+
+    async def run() -> tuple[int, str]:
+        engine = AsyncLLMEngine(tiny_llm.engine)
+
+        async def stream_plain() -> int:
+            seen = 0
+            async for _ in engine.generate({"prompt_token_ids": TINY_PROMPTS[0]}, plain):
+                seen += 1
+                if seen == 3:
+                    released.set()
+            return seen
+
+        async def constrained_text() -> str:
+            async for out in engine.generate({"prompt_token_ids": TINY_PROMPTS[1]}, constrained):
+                final = out
+            return final.outputs[0].text
+
+        try:
+            return await asyncio.wait_for(asyncio.gather(stream_plain(), constrained_text()), timeout=60)
+        finally:
+            await engine.shutdown()
+
+    loop_thread = threading.get_ident()
+    seen, text = asyncio.run(run())
+    assert released.is_set() and seen >= 3
+    assert threads and all(t != loop_thread for t in threads)
+    assert text in ("yes", "no")
+
+
+def test_the_server_compiles_schemas_off_the_event_loop(tiny_llm: LLM, monkeypatch) -> None:
+    """A response_format schema and a tool's parameters compile in a thread, not in the handler's
+    event loop (the engine-side matcher is covered above)."""
+    from flashdecode import sampling_params
+    from flashdecode.entrypoints.server import tool_calls
+    from flashdecode.entrypoints.server.errors import APIError
+    from flashdecode.entrypoints.server.handlers import OpenAIServing, ServerSettings
+    from flashdecode.entrypoints.server.metrics import ServerMetrics
+    from flashdecode.entrypoints.server.protocol import ChatCompletionRequest
+
+    threads: list[tuple[str, int]] = []
+    for module, name in ((sampling_params, "_compile_grammar"), (tool_calls, "_check_schema")):
+        original = getattr(module, name)
+
+        def recorded(*args, _original=original, _name=name):
+            threads.append((_name, threading.get_ident()))
+            return _original(*args)
+
+        monkeypatch.setattr(module, name, recorded)
+    engine = AsyncLLMEngine(tiny_llm.engine)
+    serving = OpenAIServing(engine, ServerSettings(model_names=["tiny"]), ServerMetrics(engine, "tiny"))
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    hi = [{"role": "user", "content": "Hi"}]
+    req = ChatCompletionRequest(
+        messages=hi,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    # top_logprobs without logprobs: refused after the tools are planned, before anything generates
+    with_tools = ChatCompletionRequest(messages=hi, tools=[tool], top_logprobs=2)
+
+    async def run() -> None:
+        await serving._sampling(req, 8, None, None)
+        with pytest.raises(APIError, match="top_logprobs requires logprobs"):
+            await serving.create_chat_completion(with_tools, None)
+
+    asyncio.run(run())  # the event loop runs in this thread
+    assert sorted({name for name, _ in threads}) == ["_check_schema", "_compile_grammar"]
+    assert all(t != threading.get_ident() for _, t in threads)

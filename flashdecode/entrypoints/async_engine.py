@@ -56,10 +56,14 @@ class AsyncLLMEngine:
         final-only per ``params.output_kind``). Leaving the loop early aborts the request."""
         self._ensure_running()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        # validation and tokenization happen here, in the caller, so bad input fails its own call; a
+        # grammar's matchers are built in a thread (a big schema takes a while), so other streams go on
+        if getattr(params, "grammar", None) is not None:
+            request = await asyncio.to_thread(self.engine.make_request, request_id, prompt, params, priority)
+        else:
+            request = self.engine.make_request(request_id, prompt, params, priority)
         if request_id in self._streams:
             raise FlashDecodeError(f"request id {request_id!r} is already in use")
-        # validation and tokenization happen here, in the caller, so bad input fails its own call
-        request = self.engine.make_request(request_id, prompt, params, priority)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = queue
         self._pending_adds.append(request)

@@ -18,7 +18,7 @@ from importlib.resources import files
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,7 +29,19 @@ from ..async_engine import AsyncLLMEngine, EngineDeadError
 from .errors import APIError, error_response, from_flashdecode
 from .handlers import OpenAIServing, ServerSettings
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from .streaming import ClientDisconnected
 
 logger = logging.getLogger("flashdecode.server")
@@ -44,6 +56,19 @@ _CHAT_PAGE_CSP = (
 # a body over the limit is read (and dropped) up to this much before the 413, so the client gets the
 # response instead of a connection reset
 _DRAIN_BYTES = 64 << 20
+# the OpenAPI schema (/openapi.json) documents what every route really returns: errors in OpenAI's
+# shape (invalid bodies are 400s, not FastAPI's 422s), streams as server-sent events
+_ERRORS = {
+    "4XX": {"model": ErrorResponse, "description": "Invalid request, missing key, unknown model or route"},
+    "5XX": {"model": ErrorResponse, "description": "The engine failed"},
+}
+# each server-sent event: data is one JSON chunk (ChatCompletionChunk / CompletionChunk), an error
+# object, or the final [DONE]
+_EVENT_STREAM = {
+    "text/event-stream": {
+        "schema": {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+    }
+}
 
 
 class GuardMiddleware:
@@ -179,7 +204,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         yield
         await engine.shutdown()
 
-    app = FastAPI(title="flashdecode", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="flashdecode", version=__version__, lifespan=lifespan, responses=_ERRORS)
     app.state.serving = serving
     app.state.metrics = metrics
     chat_page = files(__package__).joinpath("static/chat.html").read_text(encoding="utf-8")
@@ -223,38 +248,41 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     async def chat() -> HTMLResponse:
         return HTMLResponse(chat_page, headers={"Content-Security-Policy": _CHAT_PAGE_CSP})
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={200: {"description": "Ready"}})
     async def health() -> Response:
         if engine.errored:
             return error_response(503, "The engine loop has failed.")
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}})
     async def models():
         return serving.list_models().model_dump(mode="json")
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", responses={200: {"model": ModelCard}})
     async def model(name: str):
         serving.check_model(name)
         return serving.model_card(name).model_dump(mode="json")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={200: {"model": CompletionResponse, "content": _EVENT_STREAM}})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await serving.create_completion(body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        responses={200: {"model": ChatCompletionResponse, "content": _EVENT_STREAM}},
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.create_chat_completion(body, request)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses={200: {"model": TokenizeResponse}})
     async def tokenize(body: TokenizeRequest):
         return serving.tokenize(body).model_dump(mode="json")
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses={200: {"model": DetokenizeResponse}})
     async def detokenize(body: DetokenizeRequest):
         return serving.detokenize(body).model_dump(mode="json")
 

@@ -9,6 +9,7 @@ from http import HTTPStatus
 from fastapi.responses import JSONResponse
 
 from ...errors import FlashDecodeError, InvalidSamplingParamsError, PromptTooLongError
+from .protocol import ErrorDetail, ErrorResponse
 
 # the "type" OpenAI gives each status (it uses "invalid_request_error" for most client errors)
 _TYPES = {
@@ -41,7 +42,7 @@ class APIError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     kind = _TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code)).model_dump()
 
 
 def error_response(

@@ -10,7 +10,9 @@ read and written by tool_calls.py; here they only pass through.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import time
 import uuid
@@ -156,7 +158,7 @@ class OpenAIServing:
                 what,
             )
 
-    def _sampling(
+    async def _sampling(
         self,
         req: SamplingRequest,
         max_tokens: int | None,
@@ -168,29 +170,32 @@ class OpenAIServing:
             return default if value is None else value
 
         structured_output, param = self._structured_output(req, tool_schema)
+        build = functools.partial(
+            SamplingParams,
+            n=req.n,
+            temperature=pick(req.temperature, 1.0),
+            top_p=pick(req.top_p, 1.0),
+            top_k=pick(req.top_k, 0),
+            min_p=pick(req.min_p, 0.0),
+            repetition_penalty=pick(req.repetition_penalty, 1.0),
+            presence_penalty=pick(req.presence_penalty, 0.0),
+            frequency_penalty=pick(req.frequency_penalty, 0.0),
+            seed=req.seed,
+            stop=req.stop,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            output_kind="delta" if req.stream else "final_only",
+            structured_output=structured_output,
+        )
         try:
-            return SamplingParams(
-                n=req.n,
-                temperature=pick(req.temperature, 1.0),
-                top_p=pick(req.top_p, 1.0),
-                top_k=pick(req.top_k, 0),
-                min_p=pick(req.min_p, 0.0),
-                repetition_penalty=pick(req.repetition_penalty, 1.0),
-                presence_penalty=pick(req.presence_penalty, 0.0),
-                frequency_penalty=pick(req.frequency_penalty, 0.0),
-                seed=req.seed,
-                stop=req.stop,
-                stop_token_ids=req.stop_token_ids,
-                ignore_eos=req.ignore_eos,
-                max_tokens=max_tokens,
-                min_tokens=req.min_tokens,
-                logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs,
-                skip_special_tokens=req.skip_special_tokens,
-                include_stop_str_in_output=req.include_stop_str_in_output,
-                output_kind="delta" if req.stream else "final_only",
-                structured_output=structured_output,
-            )
+            # a grammar compiles in a thread (a big schema takes a while), so other streams go on
+            return await asyncio.to_thread(build) if structured_output is not None else build()
         except InvalidSamplingParamsError as exc:
             if param is not None and str(exc).startswith("structured_output"):
                 raise bad_request(f"{param}: {exc}", param) from exc
@@ -279,11 +284,6 @@ class OpenAIServing:
     def _chat_entry(self, k: int, m: ChatMessage) -> dict[str, Any]:
         """One message as the chat template sees it (Hugging Face's shape)."""
         role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant", "tool"):
-            raise bad_request(
-                f"messages[{k}].role must be system, user, assistant or tool, got {m.role!r}",
-                f"messages[{k}].role",
-            )
         if m.tool_calls and role != "assistant":
             raise bad_request(f"messages[{k}]: only assistant messages carry tool_calls", f"messages[{k}]")
         content = self._message_text(k, m)
@@ -459,7 +459,7 @@ class OpenAIServing:
         for p in prompts:
             self._check_length(len(p.ids), req.max_tokens, "prompt")
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-        params = self._sampling(req, req.max_tokens, req.logprobs, prompt_logprobs)
+        params = await self._sampling(req, req.max_tokens, req.logprobs, prompt_logprobs)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         log = self._log_entry(request, request_id, prompts)
         streams = self._streams(request_id, prompts, params, req.priority)
@@ -561,7 +561,9 @@ class OpenAIServing:
             raise bad_request(
                 "functions and function_call are deprecated: use tools and tool_choice", "functions"
             )
-        plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+        tools = (req.tools, req.tool_choice, req.parallel_tool_calls)
+        # each tool's parameters schema compiles: in a thread, as a grammar does (see _sampling)
+        plan = await asyncio.to_thread(plan_tools, *tools) if req.tools else plan_tools(*tools)
         top_logprobs = None
         if req.logprobs:
             top_logprobs = 0 if req.top_logprobs is None else req.top_logprobs
@@ -574,7 +576,7 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         prompt = self.chat_prompt(req, plan)
         self._check_length(len(prompt.ids), max_tokens, "messages")
-        params = self._sampling(req, max_tokens, top_logprobs, None, plan.schema if plan else None)
+        params = await self._sampling(req, max_tokens, top_logprobs, None, plan.schema if plan else None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         log = self._log_entry(request, request_id, [prompt])
         streams = self._streams(request_id, [prompt], params, req.priority)

@@ -67,6 +67,14 @@ class SamplingRequest(_Request):
 
 
 class CompletionRequest(SamplingRequest):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0},
+                {"prompt": ["Once upon a time", "Hello"], "max_tokens": 4, "n": 2, "seed": 1, "logprobs": 2},
+            ]
+        }
+    )
     prompt: StrictStr | list[StrictStr] | list[Int] | list[list[Int]]
     max_tokens: Int | None = 16
     logprobs: Int | None = None
@@ -92,7 +100,7 @@ class ToolCallIn(_Request):
 
 
 class ChatMessage(_Request):
-    role: StrictStr
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's new system
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
     tool_calls: list[ToolCallIn] | None = None
@@ -121,7 +129,23 @@ class NamedToolChoice(_Request):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage]
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8},
+                {
+                    "messages": [
+                        {"role": "system", "content": "You answer briefly."},
+                        {"role": "user", "content": "Hello!"},
+                    ],
+                    "max_tokens": 8,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            ]
+        }
+    )
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Int | None = None
     max_completion_tokens: Int | None = None
     logprobs: StrictBool = False
@@ -135,6 +159,11 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class TokenizeRequest(_Request):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"prompt": "Hello, world!"}, {"messages": [{"role": "user", "content": "Hi"}]}]
+        }
+    )
     model: StrictStr | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
@@ -145,6 +174,7 @@ class TokenizeRequest(_Request):
 
 
 class DetokenizeRequest(_Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"tokens": [1, 2, 3]}]})
     model: StrictStr | None = None
     tokens: list[Int]
 
@@ -331,3 +361,16 @@ class TokenizeResponse(_Response):
 
 class DetokenizeResponse(_Response):
     prompt: str
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    """Every error the server returns, in OpenAI's shape."""
+
+    error: ErrorDetail
