@@ -63,6 +63,31 @@ def test_auto_output_finds_the_models_own_syntax(step: int) -> None:
     assert _run(AutoToolCalls(NAMES), unknown, step) == (unknown, [])
 
 
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_auto_json_streams_once_it_cannot_be_a_call(step: int) -> None:
+    """A reply that starts as JSON is held only while it may be a bare call of a tool: once it cannot
+    be, everything so far comes out of feed() as content, before the end."""
+    for reply, shown_after in (
+        ('{"city": "Paris", "population": 2102650}', len('{"c')),  # the first key is not "name"
+        ('{"name": "Paris", "country": "France"}', len('{"name": "P')),  # no tool's name starts so
+        ('{"name": "clockwork", "gears": 3}', len('{"name": "clockw')),  # past a tool's name
+        ("[1, 2, 3]", len("[1")),
+    ):
+        parser = AutoToolCalls(NAMES)
+        streamed = ""
+        for i in range(0, len(reply), step):
+            streamed += parser.feed(reply[i : i + step])[0]
+            fed = min(i + step, len(reply))
+            assert streamed == ("" if fed < shown_after else reply[:fed]), (reply, fed, streamed)
+        assert parser.close() == ("", []) and streamed == reply
+    # a call of a tool is held to the end, whitespace or a list around it
+    for call in ('{ "name" : "weather", "arguments": {"city": "Rome"}}', '[{"name":"clock","arguments":{}}]'):
+        parser = AutoToolCalls(NAMES)
+        assert all(parser.feed(call[i : i + step]) == ("", []) for i in range(0, len(call), step))
+        content, deltas = parser.close()
+        assert content == "" and [d.function.name for d in deltas] in (["weather"], ["clock"])
+
+
 def test_parse_tool_calls_takes_several_tagged_calls() -> None:
     text = '<tool_call>{"name":"clock","arguments":{}}</tool_call>'
     text += '<tool_call>{"name":"weather","arguments":"{\\"city\\":\\"Rome\\"}"}</tool_call>'  # as JSON text

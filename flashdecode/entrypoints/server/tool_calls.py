@@ -30,6 +30,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 # where a model's own tool-call syntax starts, in auto mode
 _CALL_MARKERS = ("<tool_call>", "<|python_tag|>")
+# how a bare JSON call (Llama 3's) starts, without whitespace: one call, or a list of them
+_BARE_CALL_HEADS = ('{"name":"', '[{"name":"')
 _TAGGED = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 # the head of one forced call, as the grammar writes it (compact JSON, "name" first)
 _FORCED_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
@@ -297,14 +299,16 @@ class ForcedToolCalls(ToolCallParser):
 
 class AutoToolCalls(ToolCallParser):
     """Free text that may hold the model's own tool-call syntax: plain text streams as content until
-    a call may be starting, then the rest is held and parsed at the end."""
+    a call may be starting, then the rest is held and parsed at the end. A reply that starts as JSON
+    is held only while it can still be a bare call of one of the tools (``{"name": "<tool>"`` or a
+    list of such, whitespace aside); once it cannot, it streams as content."""
 
     def __init__(self, names: set[str]) -> None:
         super().__init__()
         self._names = names
         self._held = ""
         self._holding = False  # a call has (maybe) begun: nothing more streams as content
-        self._prose = False  # the output began with something other than JSON
+        self._prose = False  # the output is not a bare JSON call
 
     def feed(self, text: str) -> tuple[str, list[DeltaToolCall]]:
         self._held += text
@@ -314,9 +318,9 @@ class AutoToolCalls(ToolCallParser):
             stripped = self._held.lstrip()
             if not stripped:
                 return "", []
-            self._holding = stripped[0] in "{["
-            self._prose = not self._holding
-            if self._holding:
+            state = _bare_call(stripped, self._names)
+            self._holding, self._prose = state == "call", state == "no"
+            if not self._prose:
                 return "", []
         starts = [i for i in (self._held.find(m) for m in _CALL_MARKERS) if i >= 0]
         if starts:
@@ -335,6 +339,23 @@ class AutoToolCalls(ToolCallParser):
             start.function.arguments = arguments
             deltas.append(start)
         return content or "", deltas
+
+
+def _bare_call(text: str, names: set[str]) -> str:
+    """Whether a reply starting with ``text`` is a bare JSON call of one of ``names``: "call" (its
+    name is complete), "maybe" or "no". "no" only for a prefix whose every extension is "no" too, so
+    the answer does not depend on how the reply was cut into chunks."""
+    compact = "".join(text.split())  # the head has no string that may hold whitespace
+    for head in _BARE_CALL_HEADS:
+        if len(compact) <= len(head):
+            if head.startswith(compact):
+                return "maybe"
+        elif compact.startswith(head):
+            name, closed, _ = compact[len(head) :].partition('"')
+            if closed:
+                return "call" if name in names else "no"
+            return "maybe" if any(n.startswith(name) for n in names) else "no"
+    return "no"
 
 
 def _partial_marker(text: str) -> int:
