@@ -102,13 +102,31 @@ def test_unified_softmax_and_its_fallbacks(gguf_model, native_kernels, monkeypat
     assert model.softmax.fallbacks == model.softmax.rows_checked > 0
 
 
-@pytest.mark.parametrize("kernel", ["native_q8", "native_i8"])
-def test_int8_activations(kernel: str, gguf_model, native_kernels, monkeypatch) -> None:
+K_QUANT_SHAPES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "tensor_type"),
+    [
+        ("native_q8", "Q8_0"),
+        ("native_i8", "Q8_0"),
+        ("native_i8", "Q4_K"),
+        ("native_i8", "Q6_K"),
+        ("native_i8", "Q5_0"),
+    ],
+)
+def test_int8_activations(kernel: str, tensor_type: str, gguf_model, native_kernels, monkeypatch) -> None:
     """Both int8-activation kernels inside the step: on the stored planes and on the rows-interleaved
-    repack (Q8_0 weights with q/k/v biases)."""
+    repack (q/k/v biases; Q8_0, the K-quants (rows of 256), Q5_0 in Q5_K's planes)."""
     if not (native_kernels.has_i8 if kernel == "native_i8" else native_kernels.has_q8):
         pytest.skip(f"{native_kernels.isa} build: no {kernel}")
-    llm = LLM(model=str(gguf_model("qwen2", "Q8_0")), max_model_len=512, num_threads=2, **EXACT)
+    shapes = K_QUANT_SHAPES if tensor_type.endswith("_K") else {}
+    path = gguf_model("qwen2", tensor_type, **shapes)
+    llm = LLM(model=str(path), max_model_len=512, num_threads=2, **EXACT)
+    assert {lin.format for layer in llm.engine.model.layers for lin in layer.linears()} <= {
+        tensor_type,
+        "Q5_K",
+    }
     for lin in iter_linears(llm.engine.model.linears()):
         lin.set_plan([(1, kernel)])
     native = run(llm)

@@ -31,7 +31,7 @@ class NativeLayout:
     has_min: bool = False
     scales_per_block: int = 1
     repacked: bool = False  # K-quants: super-blocks repacked at load (the file's bytes are not kept)
-    int8_activations: bool = False  # fd_linear_i8 runs it (int8 activations x integer weights, VNNI)
+    int8_activations: bool = False  # fd_linear_i8 runs it (int8 activations x weights 16 rows a vector)
 
 
 # GGUF name -> native layout; every other format is dequantized at load
@@ -39,9 +39,9 @@ NATIVE: dict[str, NativeLayout] = {
     "Q4_0": NativeLayout(0, 16, "float16", int8_activations=True),
     "Q4_1": NativeLayout(1, 16, "float16", has_min=True, int8_activations=True),
     "Q8_0": NativeLayout(2, 32, "float16", int8_activations=True),
-    "Q4_K": NativeLayout(4, 16, "float32", has_min=True, repacked=True),
-    "Q5_K": NativeLayout(5, 32, "float32", has_min=True, repacked=True),
-    "Q6_K": NativeLayout(6, 32, "float32", scales_per_block=2, repacked=True),
+    "Q4_K": NativeLayout(4, 16, "float32", has_min=True, repacked=True, int8_activations=True),
+    "Q5_K": NativeLayout(5, 32, "float32", has_min=True, repacked=True, int8_activations=True),
+    "Q6_K": NativeLayout(6, 32, "float32", scales_per_block=2, repacked=True, int8_activations=True),
 }
 BF16_KERNEL_ID = 3  # bf16 matrices run on the flat GEMM too, as [N, K] bf16 with no scales
 

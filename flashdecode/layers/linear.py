@@ -14,9 +14,9 @@ first use. A new kernel is one ``@candidate`` entry below:
     dequant_bf16 dequantize to bf16, then torch's bf16 GEMM (approximate: rounds the weights)
     native_q8    int8 activations (per 32-block scales, as llama.cpp) times the integer weights of any
                  native format, read in place (AVX2 vpmaddubsw; approximate: rounds the activations)
-    native_i8    the same rounding on weights repacked 16 rows at a time (Q4_0, Q4_1, Q8_0): a lane
-                 is a weight row, so each activation byte serves 16 rows (AVX512-VNNI vpdpbusd, or
-                 AVX2 vpmaddubsw on 8-row halves)
+    native_i8    the same rounding on weights repacked 16 rows at a time (every native integer
+                 format): a lane is a weight row, so each activation byte serves 16 rows (AVX2
+                 vpmaddubsw on 8-row halves; AVX512-VNNI vpdpbusd for Q4_0, Q4_1, Q8_0)
     torch_bf16_cast  torch F.linear on an fp32 weight rounded to bf16 (approximate)
     triton       the Triton flat GEMM (kernels/triton/flat_gemm.py), fused dequantization: the GPU
                  version of ``native``, for float and quantized weights

@@ -212,12 +212,14 @@ class NativeKernels:
 
 
 def repack_i8(fmt: str, planes: Planes) -> Planes:
-    """A matrix in ``fmt`` in the int8-activation kernel's layout (flat_gemm.c): groups of 16 rows
-    (zero-padded), per block 4 (Q4) or 8 (Q8_0) vectors of 16 rows x 4 elements; d and m as
-    [groups, K/32, 16] fp16. Values are moved, never changed."""
+    """A matrix in ``fmt`` in the int8-activation kernel's layout (flat_gemm.c, "rows interleaved"):
+    groups of 16 rows (zero-padded), per block 4 vectors of 16 rows x 4 nibble pairs (Q4_0, Q4_1, Q4_K)
+    or 8 vectors of 16 rows x 4 bytes (the byte-per-value planes: Q8_0, Q5_K, Q6_K); d as
+    [groups, K/32, scales per block, 16] and m as [groups, K/32, 16], in the planes' own dtype.
+    Values are moved, never changed."""
     qs, d_plane, m_plane = planes
-    n, k = qs.shape[0], qs.shape[1] * 32
-    nb, groups = k // 32, -(-n // 16)
+    n, nb = qs.shape[0], qs.shape[1]
+    groups = -(-n // 16)
     pad = groups * 16 - n
 
     def rows16(t: torch.Tensor) -> torch.Tensor:  # [N, nb, ...] -> [groups, nb, 16, ...]
@@ -225,13 +227,13 @@ def repack_i8(fmt: str, planes: Planes) -> Planes:
         t = t.reshape(groups, 16, nb, *t.shape[2:])
         return t.transpose(1, 2)
 
-    if fmt == "Q8_0":
+    if NATIVE[fmt].qs_bytes == 32:  # a byte per value
         q = rows16(qs).reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)  # [g, b, quad, row, 4]
     else:
         q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # [N, nb, 32] values 0..15, element order
         q = rows16(q).reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)
         q = q[:, :, :4] | (q[:, :, 4:] << 4)  # quads i and i + 4 share a byte: low and high nibble
-    d = rows16(d_plane).contiguous()
+    d = rows16(d_plane.reshape(n, nb, -1)).transpose(2, 3).contiguous()  # [g, b, scales, 16]
     m = None if m_plane is None else rows16(m_plane).contiguous()
     return q.contiguous(), d, m
 
@@ -333,7 +335,7 @@ def _self_test(kernels: NativeKernels) -> None:
                 raise RuntimeError(f"self-test: {fmt} int8-activation product differs")
     if kernels.has_i8:
         for fmt in I8_FORMATS:
-            planes = reference.quantize(w, fmt)
+            planes = k_quant(fmt) if NATIVE[fmt].repacked else reference.quantize(w, fmt)
             ref = reference.linear_q8(x, fmt, planes)
             y = kernels.linear_i8(fmt, x, repack_i8(fmt, planes), 13)
             if not torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max())):

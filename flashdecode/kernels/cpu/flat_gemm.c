@@ -676,12 +676,15 @@ int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
  * Activations are rounded exactly as in fd_linear_q8 (same results up to fp32 summation order).
  *
  * Layout (kernels/cpu/build.py repack_i8): groups of 16 rows, per (group, block):
- *   Q4_0/Q4_1  4 x 64 bytes: vector i holds, for each of the 16 rows, elements 4i..4i+3 of the
- *              block in the low nibbles of 4 bytes and elements 4(i+4)..4(i+4)+3 in the high nibbles
- *   Q8_0       8 x 64 bytes: vector j holds elements 4j..4j+3 of each of the 16 rows (int8)
- *   d, m       [groups, K/32, 16] fp16 (rows padded to a multiple of 16 with zeros)
- * AVX512-VNNI runs a 64-byte vector as one vpdpbusd; AVX2 runs it as two 8-row halves with
- * vpmaddubsw + vpmaddwd. */
+ *   Q4_0/Q4_1/Q4_K  4 x 64 bytes: vector i holds, for each of the 16 rows, elements 4i..4i+3 of the
+ *                   block in the low nibbles of 4 bytes and elements 4(i+4)..4(i+4)+3 in the high nibbles
+ *   Q8_0/Q5_K/Q6_K  8 x 64 bytes: vector j holds elements 4j..4j+3 of each of the 16 rows, a byte each
+ *                   (Q5_K's 0..31, Q6_K's and Q8_0's signed values)
+ *   d               [groups, K/32, S, 16]: fp16 (Q4_0, Q4_1, Q8_0) or fp32 (K-quants, multiplied out);
+ *                   S = 2 for Q6_K (a scale per 16 elements), else 1
+ *   m               [groups, K/32, 16], the same type (formats with a min)
+ * (rows padded to a multiple of 16 with zeros). AVX512-VNNI runs a 64-byte vector of Q4_0, Q4_1 and
+ * Q8_0 as one vpdpbusd; AVX2 runs every format as two 8-row halves with vpmaddubsw + vpmaddwd. */
 #if defined(__AVX2__)
 #define FD_HAVE_I8 1
 #define I8_MR 4 /* activation rows per register tile */
@@ -692,19 +695,45 @@ INLINE __m256i bcast4(const int8_t *p) {
     return _mm256_set1_epi32(quad);
 }
 
+#define I8_BLOCK_BYTES(f) (FMT_NIBBLES(f) ? 256 : 512)
+
+/* eight rows' scales of one (block, sub-scale) as fp32 */
+INLINE __m256 i8_scales(const int FMT, const void *p, int64_t at) {
+    if (FMT_F32_SCALES(FMT)) return _mm256_loadu_ps((const float *)p + at);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + at)));
+}
+
+/* sum over quads [j0, j0 + 4) of w * xq as 8 int32 lanes. Q5_K's values are 0..31, so its four
+ * vpmaddubsw sum in int16 (4 x 2 x 31 x 127 < 2^15) before one widening; the values of Q6_K's
+ * planes may be any int8 (IQ4_XS and Q3_K are repacked into them), so each pair sum widens at once
+ * and their signs move onto xq (|w| x sign(w) xq) */
+INLINE __m256i i8_bytes4(const int FMT, const uint8_t *blk, const int8_t *xb, int j0) {
+    const __m256i one16 = _mm256_set1_epi16(1);
+    __m256i t = _mm256_setzero_si256();
+    for (int j = j0; j < j0 + 4; j++) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 64 * j)), x = bcast4(xb + 4 * j);
+        if (FMT == FD_Q5_K)
+            t = _mm256_add_epi16(t, _mm256_maddubs_epi16(w, x));
+        else
+            t = _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), one16));
+    }
+    return FMT == FD_Q5_K ? _mm256_madd_epi16(t, one16) : t;
+}
+
 /* One 8-row half (h) of a group against MR activation rows, over all K. Nibble products of a block
  * sum in int16 (8 x 2 x 15 x 127 < 2^15), so a block costs one vpmaddwd per row; Q8_0 moves the
- * weights' signs onto the activations (|w| x sign(w) xq, as fd_linear_q8 does). */
+ * weights' signs onto the activations (|w| x sign(w) xq, as fd_linear_q8 does) and widens every
+ * product; Q6_K keeps its two halves' sums apart for their two scales. */
 INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *dx, const float *sx, int64_t K,
-                    const uint8_t *qp, const uint16_t *dp, const uint16_t *mp, int h, __m256 acc[I8_MR]) {
-    const int nb = (int)(K / 32);
+                    const uint8_t *qp, const void *dp, const void *mp, int h, __m256 acc[I8_MR]) {
+    const int nb = (int)(K / 32), S = FMT_SCALES_PER_BLOCK(FMT);
     const __m256i nib = _mm256_set1_epi8(0x0F), one16 = _mm256_set1_epi16(1);
     for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const int8_t *xb = xq + (int64_t)b * 32;
-        __m256i s[I8_MR];
+        const uint8_t *blk = qp + (int64_t)b * I8_BLOCK_BYTES(FMT) + 32 * h;
+        __m256i s[I8_MR], s1[I8_MR];
         if (FMT == FD_Q8_0) {
-            const uint8_t *blk = qp + (int64_t)b * 512 + 32 * h;
             for (int r = 0; r < MR; r++) s[r] = _mm256_setzero_si256();
             for (int j = 0; j < 8; j++) {
                 const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 64 * j)), aw = _mm256_sign_epi8(w, w);
@@ -713,8 +742,7 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
                     s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(p, one16));
                 }
             }
-        } else {
-            const uint8_t *blk = qp + (int64_t)b * 256 + 32 * h;
+        } else if (FMT_NIBBLES(FMT)) {
             for (int i = 0; i < 4; i++) {
                 const __m256i z = _mm256_loadu_si256((const __m256i *)(blk + 64 * i));
                 const __m256i lo = _mm256_and_si256(z, nib), hi = _mm256_and_si256(_mm256_srli_epi16(z, 4), nib);
@@ -725,13 +753,22 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
                 }
             }
             for (int r = 0; r < MR; r++) s[r] = _mm256_madd_epi16(s[r], one16);
+        } else { /* Q5_K, Q6_K: a byte per value */
+            for (int r = 0; r < MR; r++) {
+                s[r] = i8_bytes4(FMT, blk, xb + r * K, 0);
+                s1[r] = i8_bytes4(FMT, blk, xb + r * K, 4);
+                if (FMT == FD_Q5_K) s[r] = _mm256_add_epi32(s[r], s1[r]);
+            }
         }
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dp + (int64_t)b * 16 + 8 * h)));
-        const __m256 mv = FMT == FD_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mp + (int64_t)b * 16 + 8 * h)))
-                                         : _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f));
+        const int64_t at = ((int64_t)b * S) * 16 + 8 * h;
+        const __m256 dv = i8_scales(FMT, dp, at);
+        const __m256 d1 = FMT == FD_Q6_K ? i8_scales(FMT, dp, at + 16) : dv;
+        const __m256 mv = FMT_HAS_MIN(FMT) ? i8_scales(FMT, mp, (int64_t)b * 16 + 8 * h) : _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f));
         for (int r = 0; r < MR; r++) {
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(dv, _mm256_set1_ps(dx[r * nb + b])), acc[r]);
-            if (FMT != FD_Q8_0) acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[r * nb + b]), acc[r]);
+            const __m256 dxr = _mm256_set1_ps(dx[r * nb + b]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(dv, dxr), acc[r]);
+            if (FMT == FD_Q6_K) acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[r]), _mm256_mul_ps(d1, dxr), acc[r]);
+            if (FMT_HAS_MIN(FMT) || FMT == FD_Q4_0) acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[r * nb + b]), acc[r]);
         }
     }
 }
@@ -745,7 +782,7 @@ INLINE void i8_store(const float *out, int cols, const float *bias, float *yr, i
 }
 
 INLINE void i8_group_avx2(const int FMT, const int8_t *xq, const float *dx, const float *sx, int64_t M, int64_t K,
-                          const uint8_t *q, const uint16_t *d, const uint16_t *mm, const float *bias, float *y,
+                          const uint8_t *q, const void *d, const void *mm, const float *bias, float *y,
                           int64_t ldy, int add, int64_t n0, int cols) {
     const int64_t nb = K / 32;
     for (int64_t r0 = 0; r0 < M; r0 += I8_MR) {
@@ -877,11 +914,13 @@ int fd_i8_available(void) {
 /* The 16-row groups of one product, shared among a team (every member calls it; it ends in the
  * team's barrier), on activations already rounded by fd_q8_quantize_rows. */
 void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *dx, const float *sx, int64_t M,
-                        int64_t K, const uint8_t *qp, const uint16_t *dp, const uint16_t *mp, const float *bias,
+                        int64_t K, const uint8_t *qp, const void *dp, const void *mp, const float *bias,
                         float *y, int64_t ldy, int add, int64_t N) {
 #ifdef FD_HAVE_I8
     const int64_t groups = (N + 15) / 16, nb = K / 32, chunk = fd_chunk(me, groups);
-    const int64_t gbytes = nb * (fmt == FD_Q8_0 ? 512 : 256);
+    const int64_t gbytes = nb * I8_BLOCK_BYTES(fmt);
+    const size_t scale = FMT_F32_SCALES(fmt) ? 4 : 2; /* bytes of one scale */
+    const int64_t dstride = nb * FMT_SCALES_PER_BLOCK(fmt) * 16, mstride = nb * 16; /* scales per group */
 #ifdef FD_HAVE_VNNI
     const int vnni = i8_use_vnni();
 #endif
@@ -889,24 +928,28 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
     fd_loop_begin(me);
     while (fd_loop_next(me, groups, chunk, &lo, &hi)) for (int64_t g = lo; g < hi; g++) {
         const uint8_t *q = qp + g * gbytes;
-        const uint16_t *d = dp + g * nb * 16, *mm = mp ? mp + g * nb * 16 : NULL;
+        const void *d = (const char *)dp + (size_t)(g * dstride) * scale;
+        const void *mm = mp ? (const char *)mp + (size_t)(g * mstride) * scale : NULL;
         const int64_t n0 = g * 16;
         const int cols = (int)(N - n0 < 16 ? N - n0 : 16);
+#define I8_AVX2(F) i8_group_avx2(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols);
 #ifdef FD_HAVE_VNNI
 #define I8_RUN(F)                                                                                   \
-    if (vnni) vnni_group_rows(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols);          \
-    else i8_group_avx2(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols);
+    if (vnni) vnni_group_rows(F, xq, dx, sx, M, K, q, (const uint16_t *)d, (const uint16_t *)mm, bias, y, ldy, add, n0, cols); \
+    else I8_AVX2(F)
 #else
-#define I8_RUN(F) i8_group_avx2(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols);
+#define I8_RUN(F) I8_AVX2(F)
 #endif
-        if (fmt == FD_Q4_0) {
-            I8_RUN(FD_Q4_0)
-        } else if (fmt == FD_Q4_1) {
-            I8_RUN(FD_Q4_1)
-        } else {
-            I8_RUN(FD_Q8_0)
+        switch (fmt) {
+        case FD_Q4_0: I8_RUN(FD_Q4_0) break;
+        case FD_Q4_1: I8_RUN(FD_Q4_1) break;
+        case FD_Q8_0: I8_RUN(FD_Q8_0) break;
+        case FD_Q4_K: I8_AVX2(FD_Q4_K) break;
+        case FD_Q5_K: I8_AVX2(FD_Q5_K) break;
+        case FD_Q6_K: I8_AVX2(FD_Q6_K) break;
         }
 #undef I8_RUN
+#undef I8_AVX2
     }
     fd_loop_end(me);
 #else
@@ -918,10 +961,10 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
 /* y = x W^T (+ bias) with int8 activations, W repacked as described above. Returns 0, -1 on bad
  * arguments, -2 out of memory, -3 when this build has no AVX2. */
 int fd_linear_i8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *qp,
-                 const uint16_t *dp, const uint16_t *mp, const float *bias, float *y, int64_t ldy, int64_t N,
+                 const void *dp, const void *mp, const float *bias, float *y, int64_t ldy, int64_t N,
                  int nthreads) {
     if (!fd_i8_available()) return -3;
-    if (fmt < FD_Q4_0 || fmt > FD_Q8_0 || K % 32 || M < 0 || N < 0 || (fmt == FD_Q4_1 && !mp)) return -1;
+    if (fmt < 0 || fmt > FD_LAST || fmt == FD_BF16 || K % 32 || M < 0 || N < 0 || (FMT_HAS_MIN(fmt) && !mp)) return -1;
     if (M == 0 || N == 0) return 0;
     const int64_t nb = K / 32;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));

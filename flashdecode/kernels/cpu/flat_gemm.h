@@ -238,6 +238,6 @@ void fd_linear_q8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
                         int64_t ldy, int add, int64_t N, float *db, float *mb);
 /* the same on weights repacked 16 rows at a time (flat_gemm.c, "rows interleaved") */
 void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *dx, const float *sx, int64_t M,
-                        int64_t K, const uint8_t *qp, const uint16_t *dp, const uint16_t *mp, const float *bias,
+                        int64_t K, const uint8_t *qp, const void *dp, const void *mp, const float *bias,
                         float *y, int64_t ldy, int add, int64_t N);
 #endif
