@@ -39,6 +39,7 @@ import inspect
 import json
 import math
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -55,6 +56,8 @@ ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 PHI3_ARCHS = ["phi3", "phi3-partial", "phi3-longrope", "phi3-longrope-long"]
 # Gemma 2 / Gemma 3 text (tests/test_gemma.py), kept out of ARCHS for the same reason.
 GEMMA_ARCHS = ["gemma2", "gemma3"]
+# Mixture of experts (tests/test_moe.py), kept out of ARCHS: their GGUF stacks the experts.
+MOE_ARCHS = ["mixtral", "qwen2moe", "qwen3moe"]
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -282,6 +285,68 @@ _ARCH_CONFIGS |= {
     ),
 }
 
+# MoE: head dims 24, 16 and 48 (not 64), GQA 6:2, 6:2 and 4:2; top-2 of 4 experts (Mixtral, always
+# renormalised), of 8 with Qwen2-MoE's shared expert and no renormalisation (its default), of 8
+# renormalised (Qwen3-MoE). Dense layers (mlp_only_layers) are an override: llama.cpp cannot hold
+# them. Every matrix row a multiple of 32 long, so Q8_0 / Q4_0 apply to every expert.
+_ARCH_CONFIGS |= {
+    "mixtral": dict(
+        model_type="mixtral",
+        vocab_size=512,
+        hidden_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=24,
+        intermediate_size=160,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rms_norm_eps=1e-5,
+        rope_theta=1000000.0,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    ),
+    "qwen2moe": dict(
+        model_type="qwen2_moe",
+        vocab_size=512,
+        hidden_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        intermediate_size=192,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        use_sliding_window=False,
+        sliding_window=None,
+        tie_word_embeddings=True,
+    ),
+    "qwen3moe": dict(
+        model_type="qwen3_moe",
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=48,
+        intermediate_size=128,
+        moe_intermediate_size=96,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        attention_bias=False,
+        use_sliding_window=False,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    ),
+}
+
 # Overrides for a model whose every matrix row is a multiple of 256 values long, so that Q4_K/Q6_K
 # (256-value super-blocks) apply to every weight instead of falling back to F16.
 KQUANT_OVERRIDES: dict[str, Any] = dict(
@@ -303,6 +368,11 @@ _TOKENIZER_STYLE: dict[str, dict[str, Any]] = (
         for arch in PHI3_ARCHS
     }
     | {arch: dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=True, extra_eos=[]) for arch in GEMMA_ARCHS}
+    | {
+        "mixtral": dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=True, extra_eos=[]),
+        "qwen2moe": dict(regex=QWEN2_REGEX, bos=None, eos=IM_END, add_bos=False, extra_eos=[EOS]),
+        "qwen3moe": dict(regex=QWEN2_REGEX, bos=None, eos=IM_END, add_bos=False, extra_eos=[EOS]),
+    }
 )
 
 _CORPUS = """\
@@ -447,6 +517,9 @@ def _config_class(model_type: str) -> Any:
         "phi3": transformers.Phi3Config,
         "gemma2": transformers.Gemma2Config,
         "gemma3_text": transformers.Gemma3TextConfig,
+        "mixtral": transformers.MixtralConfig,
+        "qwen2_moe": transformers.Qwen2MoeConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
     }[model_type]
 
 
@@ -471,8 +544,8 @@ def randomize_weights(model: torch.nn.Module, seed: int) -> None:
             value = 0.2 * randn(p.shape)
         elif "embed_tokens" in name or "lm_head" in name:
             value = 0.25 * randn(p.shape)
-        elif p.ndim == 2:
-            value = randn(p.shape) / math.sqrt(p.shape[1])
+        elif p.ndim in (2, 3):  # 3: transformers 5's stacked experts, [n_expert, out, in]
+            value = randn(p.shape) / math.sqrt(p.shape[-1])
         else:
             raise AssertionError(f"unexpected parameter {name} {tuple(p.shape)}")
         p.copy_(value.to(p.dtype))
@@ -663,7 +736,19 @@ _GGUF_ARCH = {
     "phi3": ("PHI3", False),
     "gemma2": ("GEMMA2", False),
     "gemma3_text": ("GEMMA3", False),
+    "mixtral": ("LLAMA", True),  # LlamaModel converts Mixtral: general.architecture "llama"
+    "qwen2_moe": ("QWEN2MOE", False),
+    "qwen3_moe": ("QWEN3MOE", False),
 }
+# Hugging Face's per-expert weight -> the merged name whose experts llama.cpp stacks (LlamaModel /
+# Qwen2MoeModel.modify_tensors), mapped by the tensor map to ffn_{gate,up,down}_exps
+_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
+_MERGED_EXPERT = {
+    "block_sparse_moe": "layers.{bid}.feed_forward.experts.{w}.weight",
+    "mlp": "model.layers.{bid}.mlp.experts.{w}.weight",
+}
+# llama.cpp keeps these F32 whatever the file type (prepare_tensors)
+_ALWAYS_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 
 FILE_TYPES = {
     "F32": "ALL_F32",
@@ -802,6 +887,8 @@ def hf_to_gguf(hf_dir: Path, out_path: Path, tensor_type: str = "F32") -> Path:
     model_type = hparams["model_type"]
     if model_type not in _GGUF_ARCH:
         raise NotImplementedError(f"no GGUF conversion for model_type {model_type!r}")
+    if hparams.get("mlp_only_layers") or (hparams.get("decoder_sparse_step") or 1) != 1:
+        raise NotImplementedError("llama.cpp's MoE graphs have no dense layers (mlp_only_layers)")
     arch_member, permute_qk = _GGUF_ARCH[model_type]
     arch = gguf.MODEL_ARCH[arch_member]
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
@@ -841,7 +928,7 @@ def hf_to_gguf(hf_dir: Path, out_path: Path, tensor_type: str = "F32") -> Path:
 
     gemma = arch in (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
 
-    def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+    def hf_tensors_raw() -> Iterator[tuple[str, torch.Tensor]]:
         for name, data in _iter_safetensors(hf_dir):
             if name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")):
                 continue
@@ -854,17 +941,39 @@ def hf_to_gguf(hf_dir: Path, out_path: Path, tensor_type: str = "F32") -> Path:
                     data = permute(data, n_head, n_head)
                 if name.endswith(("k_proj.weight", "k_proj.bias")):
                     data = permute(data, n_head, n_head_kv)
+            yield name, data
+
+    def stacked_experts(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each layer's per-expert weights stacked into one [n_expert, rows, cols] tensor, experts in
+        index order, as llama.cpp's converters merge them."""
+        experts: dict[tuple[int, str, str], dict[int, torch.Tensor]] = {}
+        for name, data in tensors:
+            m = _EXPERT_RE.match(name)
+            if m is None:
+                yield name, data
+                continue
+            bid, block, xid, w = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+            experts.setdefault((bid, block, w), {})[xid] = data
+        for (bid, block, w), by_id in experts.items():
+            yield _MERGED_EXPERT[block].format(bid=bid, w=w), torch.stack([by_id[x] for x in sorted(by_id)])
+
+    def gguf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, data in stacked_experts(hf_tensors_raw()):
             new_name = tensor_map.get_name(name, try_suffixes=(".weight", ".bias"))
             if new_name is None:
                 raise ValueError(f"can not map tensor {name!r}")
             yield new_name, data
 
-    for new_name, data_torch in list(extra_tensors()) + list(hf_tensors()):
+    for new_name, data_torch in list(extra_tensors()) + list(gguf_tensors()):
         if data_torch.dtype not in (torch.float16, torch.float32):
             data_torch = data_torch.to(torch.float32)
         data = data_torch.numpy()
         qtype = qtype_requested
-        if data.ndim <= 1 or new_name.endswith("_norm.weight") or not new_name.endswith(".weight"):
+        if (
+            data.ndim <= 1
+            or new_name.endswith(("_norm.weight", *_ALWAYS_F32))
+            or not new_name.endswith(".weight")
+        ):
             qtype = gguf.GGMLQuantizationType.F32  # 1-D tensors and norms stay F32, as llama.cpp does
         try:
             data = quantize(data, qtype)
@@ -991,6 +1100,14 @@ def _gguf_parameters(writer: Any, hparams: dict[str, Any], ftype: Any, arch: Any
     if arch == gguf.MODEL_ARCH.LLAMA:  # LlamaModel.set_gguf_parameters
         writer.add_vocab_size(hparams["vocab_size"])
         writer.add_rope_dimension_count(head_dim)
+    n_experts = hparams.get("num_local_experts") or hparams.get("num_experts")
+    if n_experts:  # TextModel, then Qwen2MoeModel.set_gguf_parameters
+        writer.add_expert_count(n_experts)
+        writer.add_expert_used_count(hparams["num_experts_per_tok"])
+        if hparams.get("moe_intermediate_size") is not None:
+            writer.add_expert_feed_forward_length(hparams["moe_intermediate_size"])
+        if hparams.get("shared_expert_intermediate_size") is not None:
+            writer.add_expert_shared_feed_forward_length(hparams["shared_expert_intermediate_size"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import DEVICES, KV_CACHE_DTYPES, NUMERICS_MODES
 from ..models.loader import load_model
+from ..models.spec import ModelSpec
 from ..sampling_params import SamplingParams
 from .llm import LLM
 
@@ -202,6 +203,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experts(spec: ModelSpec) -> str:
+    shared = spec.shared_expert_intermediate_size
+    return (
+        f"{spec.num_experts} of {spec.moe_intermediate_size} wide, top {spec.num_experts_per_tok} per token"
+        + (f", a shared expert {shared} wide" if shared else "")
+    )
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     spec = loaded.spec
@@ -214,6 +223,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("hidden size", spec.hidden_size),
         ("attention heads", f"{spec.num_heads} (kv {spec.num_kv_heads}, head dim {spec.head_dim})"),
         ("intermediate size", spec.intermediate_size),
+        *([("experts", _experts(spec))] if spec.family.moe else []),
         ("vocabulary", spec.vocab_size),
         ("context length", spec.max_position),
         (

@@ -4,9 +4,10 @@ Pre-norm blocks: RMSNorm -> attention (fused QKV projection, optional q/k biases
 RMSNorm, RoPE, paged KV cache) -> residual -> RMSNorm -> SwiGLU MLP (fused gate/up) -> residual.
 Gemma's differences are data on the spec: an RMSNorm after attention and after the MLP, GeGLU, the
 embeddings scaled by sqrt(hidden), its attention scale, soft-capped attention scores and logits, and
-sliding-window layers with their own RoPE base. All of a step's tokens, from every sequence, run
-flattened through the projections as one matrix, so a decode batch of B sequences is one [B, hidden]
-GEMM per projection.
+sliding-window layers with their own RoPE base. An MoE family's sparse layers route each token to
+its top-k experts (models/moe.py, layers/moe.py) in place of the dense MLP. All of a step's tokens,
+from every sequence, run flattened through the projections as one matrix, so a decode batch of B
+sequences is one [B, hidden] GEMM per projection.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from ..layers.dataflow import DataflowTable, configure
 from ..layers.device import CPU, Device
 from ..layers.kv_cache import KVCache
 from ..layers.linear import Linear, SplitLinear, fused_linear, iter_linears
+from ..layers.moe import GatedMLP, SparseMoE
 from ..layers.norms import rms_norm
 from ..layers.quant import QuantizedTensor, prepare_weights
 from ..layers.rope import RotaryEmbedding, apply_rope
+from . import moe
 from .native_decode import NativeDecode
 from .spec import ModelSpec
 from .weights import LoadedModel
@@ -60,11 +63,16 @@ class DecoderLayer:
                     w[prefix + "k_norm"].expand(spec.num_kv_heads, spec.head_dim),
                 ]
             )
-        self.gate_up = fused_linear([w[prefix + "gate"], w[prefix + "up"]], backend=backend)
-        self.down = Linear(w[prefix + "down"], backend=backend)
+        # the MLP: a mixture of experts in an MoE family's sparse layers (models/moe.py), else dense
+        self.mlp: GatedMLP | SparseMoE
+        if spec.moe_at(index):
+            self.mlp = moe.sparse_moe(spec, w, prefix, self.act, backend)
+        else:
+            gate_up = fused_linear([w[prefix + "gate"], w[prefix + "up"]], backend=backend)
+            self.mlp = GatedMLP(gate_up, Linear(w[prefix + "down"], backend=backend), self.act)
 
     def projections(self) -> list[Linear | SplitLinear]:
-        return [self.qkv, self.o, self.gate_up, self.down]
+        return [self.qkv, self.o, *self.mlp.projections()]
 
     def linears(self) -> list[Linear]:
         return list(iter_linears(self.projections()))
@@ -93,9 +101,7 @@ class DecoderLayer:
             q, cache, index, meta, self.scale, softmax, s.attn_logit_softcap, self.sliding_window
         )
         x = x + self._post(self.o(attn.reshape(t, s.q_size)), self.attn_post_norm)
-        gate_up = self.gate_up(rms_norm(x, self.mlp_norm, s.norm_eps))
-        gate, up = gate_up[:, : s.intermediate_size], gate_up[:, s.intermediate_size :]
-        return x + self._post(self.down(self.act(gate) * up), self.mlp_post_norm)
+        return x + self._post(self.mlp(rms_norm(x, self.mlp_norm, s.norm_eps)), self.mlp_post_norm)
 
     def _post(self, y: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
         return y if norm is None else rms_norm(y, norm, self.spec.norm_eps)

@@ -8,6 +8,7 @@ recorded for ``flashdecode info``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,26 @@ from ..errors import ModelLoadError
 from ..kernels.formats import LOADED_NATIVE
 from ..layers.quant import QuantizedTensor
 from ..layers.rope import RopeScaling
-from . import gemma
-from .spec import FUSED_TENSORS, GLOBAL_TENSORS, LAYER_TENSORS, FusedDef, ModelSpec, family_for, split_fused
+from . import gemma, moe
+from .spec import (
+    EXPERT_TENSORS,
+    FAMILIES,
+    FUSED_TENSORS,
+    GLOBAL_TENSORS,
+    LAYER_TENSORS,
+    ModelSpec,
+    expert_name,
+    family_for,
+    split_experts,
+    split_fused,
+)
 from .tokenizer import Tokenizer
 from .weights import LoadedModel
 
 _GLOBAL_TENSORS = {t.gguf: t.name for t in GLOBAL_TENSORS}
 _FUSED_TENSORS = {t.gguf: t for t in FUSED_TENSORS}
+# a stored tensor that holds several canonical ones: (their names, how to split it into them in order)
+Split = tuple[list[str], Callable[[Any, str], list[Any]]]
 # tensors that are model metadata, not weights: popped into the spec by ``load_gguf``
 _ROPE_TENSORS = {
     "rope_freqs.weight": "rope_freqs",  # Llama 3's per-frequency divisors
@@ -80,6 +94,8 @@ def _spec_from_metadata(meta: dict[str, Any], tensor_names: set[str], tokenizer:
     if not isinstance(arch, str):
         raise ModelLoadError("GGUF file has no general.architecture")
     family = family_for(arch)
+    if arch == "llama" and meta.get("llama.expert_count"):
+        family = FAMILIES["mixtral"]  # convert_hf_to_gguf.py writes Mixtral as llama with experts
 
     def get(key: str, default: Any = None, required: bool = True) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -109,9 +125,11 @@ def _spec_from_metadata(meta: dict[str, Any], tensor_names: set[str], tokenizer:
     rotary_dim = get("rope.dimension_count", None, required=False)
     rotary_dim = None if rotary_dim is None or int(rotary_dim) == head_dim else int(rotary_dim)
     n_layers = int(get("block_count"))
-    extra = (
-        gemma.gguf_fields(get, family.name, n_layers, hidden, n_head, head_dim) if family.gemma_norms else {}
-    )
+    extra: dict[str, Any] = {}
+    if family.gemma_norms:
+        extra = gemma.gguf_fields(get, family.name, n_layers, hidden, n_head, head_dim)
+    if family.moe:
+        extra = moe.gguf_fields(get, family, n_layers, tensor_names)
     return ModelSpec(
         family=family,
         vocab_size=int(vocab),
@@ -153,15 +171,32 @@ def _tensor_to_torch(t: Any) -> torch.Tensor | QuantizedTensor:
     return torch.from_numpy(np.ascontiguousarray(arr).reshape(shape))
 
 
-def _canonical_names(name: str, spec: ModelSpec) -> tuple[list[str], FusedDef | None]:
-    """The canonical names one stored tensor holds: itself, or a fused tensor's parts (Phi-3)."""
+def _expert_tensors(t: Any, spec: ModelSpec, where: str) -> list[torch.Tensor | QuantizedTensor]:
+    """A stacked [n_expert, rows, cols] expert tensor as one matrix per expert; a natively run format
+    split on its raw blocks, so every expert keeps them."""
+    shape = [int(d) for d in reversed(t.shape)]
+    if t.tensor_type.name in LOADED_NATIVE and len(shape) == 3:
+        blocks = split_experts(np.asarray(t.data), spec, where)
+        return [QuantizedTensor.from_gguf_blocks(t.tensor_type.name, b, shape[1:]) for b in blocks]
+    return split_experts(_tensor_to_torch(t), spec, where)
+
+
+def _canonical_names(t: Any, spec: ModelSpec) -> tuple[list[str], Split | None]:
+    """The canonical names one stored tensor holds: itself, a fused tensor's parts (Phi-3), or a
+    stacked expert tensor's experts; with the split of a tensor that holds several."""
+    name = t.name
     if name in _GLOBAL_TENSORS:
         return [_GLOBAL_TENSORS[name]], None
     if name.startswith("blk."):
         _, layer, rest = name.split(".", 2)
         fused = _FUSED_TENSORS.get(rest)
         if layer.isdigit() and fused is not None and fused.when(spec):
-            return [f"layers.{int(layer)}.{part}" for part in fused.parts], fused
+            names = [f"layers.{int(layer)}.{part}" for part in fused.parts]
+            return names, (names, lambda w, where: list(split_fused(fused, spec, w, where).values()))
+        stacked = {e.gguf: e.name for e in EXPERT_TENSORS if e.present(spec)}
+        if layer.isdigit() and rest in stacked:
+            names = [f"layers.{int(layer)}.{expert_name(e, stacked[rest])}" for e in range(spec.num_experts)]
+            return names, (names, lambda _, where: _expert_tensors(t, spec, where))
         # a layer's names among the rows present for this spec (a family may store a canonical
         # tensor under its own name: models/spec.py)
         layer_names = {t.gguf: t.name for t in LAYER_TENSORS if t.present(spec)}
@@ -173,9 +208,9 @@ def _canonical_names(name: str, spec: ModelSpec) -> tuple[list[str], FusedDef | 
     raise ModelLoadError(f"unexpected tensor {name!r}")
 
 
-def _open(path: str | Path) -> tuple[Any, ModelSpec, Tokenizer, dict[str, Any], dict[str, FusedDef]]:
-    """Reader, spec, tokenizer, the tensors by canonical name (a fused tensor under each of its parts'
-    names) and the fused definition of every fused tensor by its GGUF name, without reading any
+def _open(path: str | Path) -> tuple[Any, ModelSpec, Tokenizer, dict[str, Any], dict[str, Split]]:
+    """Reader, spec, tokenizer, the tensors by canonical name (a fused or stacked tensor under each of
+    its parts' names) and the split of every such tensor by its GGUF name, without reading any
     tensor data."""
     reader = read_gguf(path)
     meta = gguf_metadata(reader)
@@ -183,13 +218,13 @@ def _open(path: str | Path) -> tuple[Any, ModelSpec, Tokenizer, dict[str, Any], 
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     spec = _spec_from_metadata(meta, {t.name for t in reader.tensors}, tokenizer)
     tensors: dict[str, Any] = {}
-    fused: dict[str, FusedDef] = {}
+    fused: dict[str, Split] = {}
     try:
         for t in reader.tensors:
-            names, definition = _canonical_names(t.name, spec)
+            names, split = _canonical_names(t, spec)
             tensors |= {name: t for name in names}
-            if definition is not None:
-                fused[t.name] = definition
+            if split is not None:
+                fused[t.name] = split
     except ModelLoadError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
     return reader, spec, tokenizer, tensors, fused
@@ -208,19 +243,19 @@ def load_gguf(path: str | Path) -> LoadedModel:
     formats: dict[str, str] = {}
     for canonical, t in tensors.items():
         if canonical in weights:
-            continue  # a fused tensor's later part: split with its first
+            continue  # a fused or stacked tensor's later part: split with its first
+        where = f"{path}: tensor {t.name!r}"
         try:
-            w = _tensor_to_torch(t)
+            w = None if t.name in fused and len(t.shape) == 3 else _tensor_to_torch(t)
+            if t.name in fused:
+                names, split = fused[t.name]
+                weights |= dict(zip(names, split(w, where), strict=True))
+            else:
+                weights[canonical] = w
+        except ModelLoadError:
+            raise
         except Exception as exc:
-            raise ModelLoadError(
-                f"{path}: tensor {t.name!r} cannot be read (truncated file?): {exc}"
-            ) from exc
-        if t.name in fused:
-            layer = canonical.split(".")[1]
-            parts = split_fused(fused[t.name], spec, w, f"{path}: tensor {t.name!r}")
-            weights |= {f"layers.{layer}.{part}": p for part, p in parts.items()}
-        else:
-            weights[canonical] = w
+            raise ModelLoadError(f"{where} cannot be read (truncated file?): {exc}") from exc
     formats |= {canonical: t.tensor_type.name for canonical, t in tensors.items()}
 
     if "rope_freqs" in weights:

@@ -16,8 +16,9 @@ from safetensors import safe_open
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..layers.rope import RopeScaling
-from . import gemma
+from . import gemma, moe
 from .spec import (
+    EXPERT_TENSORS,
     FUSED_TENSORS,
     GLOBAL_TENSORS,
     HF_ARCHITECTURES,
@@ -26,6 +27,7 @@ from .spec import (
     Family,
     FusedDef,
     ModelSpec,
+    expert_name,
     family_for,
     split_fused,
     supported_architectures,
@@ -119,6 +121,8 @@ def spec_from_hf_config(config: dict[str, Any], tokenizer: Tokenizer | None = No
         if family.gemma_norms:
             rope_config = gemma.hf_rope_config(config, family.name)
             extra = gemma.hf_fields(config, family.name, int(config["num_hidden_layers"]))
+        if family.moe:
+            extra = moe.hf_fields(config, family, int(config["num_hidden_layers"]))
         theta, scaling = _rope_scaling(rope_config)
         eos = config.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
@@ -177,7 +181,20 @@ def _canonical_name(name: str, spec: ModelSpec) -> str | None:
     layer_names = {t.hf: t.name for t in LAYER_TENSORS if t.present(spec)}
     if m and m.group(2) in layer_names:
         return f"layers.{int(m.group(1))}.{layer_names[m.group(2)]}"
+    for pattern, part in _expert_patterns(spec):
+        e = pattern.match(m.group(2)) if m else None
+        if e:
+            return f"layers.{int(m.group(1))}.{expert_name(int(e.group(1)), part)}"
     return None
+
+
+def _expert_patterns(spec: ModelSpec) -> list[tuple[re.Pattern[str], str]]:
+    """Each expert weight's Hugging Face name (its index as a group) and canonical part."""
+    return [
+        (re.compile(re.escape(t.hf).replace(re.escape("{expert}"), r"(\d+)") + "$"), t.name)
+        for t in EXPERT_TENSORS
+        if t.present(spec)
+    ]
 
 
 def _fused(name: str, spec: ModelSpec) -> tuple[int, FusedDef] | None:

@@ -40,6 +40,12 @@ class Family:
     # embeddings scaled by sqrt(hidden_size), and norms that scale by (1 + w) in fp32: Hugging Face
     # stores w, GGUF 1 + w; the loaders hand the decoder 1 + w (models/gemma.py)
     gemma_norms: bool = False
+    # mixture of experts (models/moe.py); moe_norm_topk: whether llama.cpp renormalises the chosen
+    # top-k where a GGUF does not say (off for qwen2moe); shared_expert: layers may carry a shared
+    # expert behind a sigmoid gate (Qwen2-MoE)
+    moe: bool = False
+    moe_norm_topk: bool = True
+    shared_expert: bool = False
 
 
 # Keyed by the name GGUF files use in ``general.architecture``.
@@ -51,6 +57,10 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family("phi3", fused_projections=True),
     "gemma2": Family("gemma2", gemma_norms=True),
     "gemma3": Family("gemma3", qk_norm=True, gemma_norms=True),
+    # GGUF files name Mixtral "llama" (convert_hf_to_gguf.py); the loader tells them apart by expert_count
+    "mixtral": Family("mixtral", gguf_permuted_qk=True, moe=True),
+    "qwen2moe": Family("qwen2moe", qkv_bias=True, moe=True, moe_norm_topk=False, shared_expert=True),
+    "qwen3moe": Family("qwen3moe", qk_norm=True, moe=True),
 }
 
 # Hugging Face ``config.json`` "architectures" / "model_type" -> family.
@@ -62,6 +72,9 @@ HF_ARCHITECTURES: dict[str, str] = {
     "Phi3ForCausalLM": "phi3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2moe",
+    "Qwen3MoeForCausalLM": "qwen3moe",
 }
 HF_MODEL_TYPES: dict[str, str] = {
     "llama": "llama",
@@ -71,6 +84,9 @@ HF_MODEL_TYPES: dict[str, str] = {
     "phi3": "phi3",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "mixtral": "mixtral",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
 }
 
 
@@ -118,6 +134,15 @@ class ModelSpec:
     sliding_window: int | None = None  # a sliding layer's query at p sees keys in (p - window, p]
     layer_types: tuple[str, ...] = ()  # per layer "sliding_attention" or "full_attention"; (): all full
     rope_local_theta: float | None = None  # sliding layers' RoPE base, unscaled (Gemma 3); None: rope_theta
+    # mixture of experts (family.moe): each MoE layer routes a token to num_experts_per_tok of its
+    # num_experts SwiGLU experts of moe_intermediate_size; dense_layers keep the dense MLP of
+    # intermediate_size (Qwen's mlp_only_layers / decoder_sparse_step)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert; 0: none
+    norm_topk_prob: bool = True
+    dense_layers: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -143,7 +168,7 @@ class ModelSpec:
                 problems.append(f"rotary_dim={self.rotary_dim!r} and head_dim={self.head_dim} must be even")
             elif not 0 < self.rotary_dim <= self.head_dim:
                 problems.append(f"rotary_dim={self.rotary_dim} must be in 1..head_dim={self.head_dim}")
-        problems += self._layer_problems()
+        problems += self._layer_problems() + self._moe_problems()
         if problems:
             raise ModelLoadError("invalid model config: " + "; ".join(problems))
 
@@ -166,6 +191,26 @@ class ModelSpec:
                 problems.append(f"sliding layers need a positive sliding_window, got {self.sliding_window!r}")
         return problems
 
+    def _moe_problems(self) -> list[str]:
+        if not self.family.moe:
+            return []
+        problems = [
+            f"{name}={getattr(self, name)!r} must be a positive integer"
+            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0
+        ]
+        if not problems and self.num_experts_per_tok > self.num_experts:
+            problems.append(
+                f"num_experts_per_tok={self.num_experts_per_tok} exceeds num_experts={self.num_experts}"
+            )
+        if not set(self.dense_layers) <= set(range(self.num_layers)):
+            problems.append(f"dense_layers={self.dense_layers} name layers outside 0..{self.num_layers - 1}")
+        return problems
+
+    def moe_at(self, layer: int) -> bool:
+        """Whether ``layer``'s MLP is a mixture of experts."""
+        return self.family.moe and layer not in self.dense_layers
+
     @property
     def llama_block(self) -> bool:
         """The plain pre-norm block with SwiGLU, the head_dim ** -0.5 scale, no soft-caps, no
@@ -177,6 +222,7 @@ class ModelSpec:
             and self.attn_logit_softcap is None
             and self.final_logit_softcap is None
             and not self.layer_types
+            and not self.family.moe
         )
 
     def window_at(self, layer: int) -> int | None:
@@ -205,6 +251,17 @@ class ModelSpec:
         ):
             if value is not None:
                 out.append(f"{label} {value:g}")
+        if self.family.moe:
+            moe = sum(self.moe_at(i) for i in range(self.num_layers))
+            shared = (
+                f", shared expert {self.shared_expert_intermediate_size}"
+                if self.shared_expert_intermediate_size
+                else ""
+            )
+            out.append(
+                f"mixture of experts: top {self.num_experts_per_tok} of {self.num_experts} experts of "
+                f"{self.moe_intermediate_size} on {moe}/{self.num_layers} layers{shared}"
+            )
         sliding = sum(self.window_at(i) is not None for i in range(self.num_layers))
         if sliding:
             local = f", local rope theta {self.rope_local_theta:g}" if self.rope_local_theta else ""
@@ -222,19 +279,32 @@ class ModelSpec:
     def with_(self, **changes: Any) -> ModelSpec:
         return replace(self, **changes)
 
+    def tensor_defs(self) -> dict[str, TensorDef]:
+        """Canonical name -> definition of every weight this model has."""
+        out = {t.name: t for t in GLOBAL_TENSORS if t.present(self)}
+        for i in range(self.num_layers):
+            moe = self.moe_at(i)
+            rows = [
+                t for t in LAYER_TENSORS if t.present(self) and t.mlp in (None, "moe" if moe else "dense")
+            ]
+            out |= {f"layers.{i}.{t.name}": t for t in rows}
+            if moe:
+                for e in range(self.num_experts):
+                    out |= {
+                        f"layers.{i}.{expert_name(e, t.name)}": t for t in EXPERT_TENSORS if t.present(self)
+                    }
+        return out
+
     def tensors(self) -> dict[str, tuple[int, ...]]:
         """Canonical name -> shape of every weight this model has."""
-        out = {}
-        for i in range(self.num_layers):
-            out |= {f"layers.{i}.{t.name}": t.shape(self) for t in LAYER_TENSORS if t.present(self)}
-        return {t.name: t.shape(self) for t in GLOBAL_TENSORS if t.present(self)} | out
+        return {name: t.shape(self) for name, t in self.tensor_defs().items()}
 
     def weight_names(self) -> list[str]:
         return list(self.tensors())
 
     def matrices(self) -> set[str]:
         """The weights that are projection matrices (the embedding too: it serves a tied head)."""
-        return {n for n in self.tensors() if TENSOR_BY_NAME[n.rsplit(".", 1)[-1]].matrix}
+        return {name for name, t in self.tensor_defs().items() if t.matrix}
 
     def num_parameters(self) -> int:
         return sum(math.prod(shape) for shape in self.tensors().values())
@@ -251,6 +321,7 @@ class TensorDef:
     shape: Callable[[ModelSpec], tuple[int, ...]]
     matrix: bool = False  # a projection: runs through a Linear, counted as matmul work, quantizable
     when: Callable[[ModelSpec], bool] | None = None
+    mlp: str | None = None  # "dense" / "moe": only in layers whose MLP is dense / a mixture of experts
 
     def present(self, spec: ModelSpec) -> bool:
         return self.when is None or self.when(spec)
@@ -265,6 +336,11 @@ _hidden = _dims("hidden_size")
 _up = _dims("intermediate_size", "hidden_size")  # gate and up
 _vocab = _dims("vocab_size", "hidden_size")  # embedding and head
 _down = _dims("hidden_size", "intermediate_size")
+_expert_up = _dims("moe_intermediate_size", "hidden_size")
+_expert_down = _dims("hidden_size", "moe_intermediate_size")
+_router = _dims("num_experts", "hidden_size")
+_shared_up = _dims("shared_expert_intermediate_size", "hidden_size")
+_shared_down = _dims("hidden_size", "shared_expert_intermediate_size")
 
 
 def _qkv_bias(s: ModelSpec) -> bool:
@@ -277,6 +353,18 @@ def _qk_norm(s: ModelSpec) -> bool:
 
 def _untied(s: ModelSpec) -> bool:
     return not s.tie_embeddings
+
+
+def _shared_expert(s: ModelSpec) -> bool:
+    return s.family.shared_expert and s.shared_expert_intermediate_size > 0
+
+
+def _mixtral(s: ModelSpec) -> bool:
+    return s.family.name == "mixtral"
+
+
+def _qwen_moe(s: ModelSpec) -> bool:
+    return s.family.moe and s.family.name != "mixtral"
 
 
 def _gemma(s: ModelSpec) -> bool:
@@ -299,9 +387,21 @@ LAYER_TENSORS = (
               when=_gemma),
     TensorDef("mlp_post_norm", "post_ffw_norm.weight", "post_feedforward_layernorm.weight", _hidden,
               when=_gemma),
-    TensorDef("gate", "ffn_gate.weight", "mlp.gate_proj.weight", _up, True),
-    TensorDef("up", "ffn_up.weight", "mlp.up_proj.weight", _up, True),
-    TensorDef("down", "ffn_down.weight", "mlp.down_proj.weight", _down, True),
+    TensorDef("gate", "ffn_gate.weight", "mlp.gate_proj.weight", _up, True, mlp="dense"),
+    TensorDef("up", "ffn_up.weight", "mlp.up_proj.weight", _up, True, mlp="dense"),
+    TensorDef("down", "ffn_down.weight", "mlp.down_proj.weight", _down, True, mlp="dense"),
+    TensorDef("router", "ffn_gate_inp.weight", "block_sparse_moe.gate.weight", _router, True,
+              when=_mixtral, mlp="moe"),
+    TensorDef("router", "ffn_gate_inp.weight", "mlp.gate.weight", _router, True, when=_qwen_moe, mlp="moe"),
+    TensorDef("shared_gate", "ffn_gate_shexp.weight", "mlp.shared_expert.gate_proj.weight", _shared_up, True,
+              when=_shared_expert, mlp="moe"),
+    TensorDef("shared_up", "ffn_up_shexp.weight", "mlp.shared_expert.up_proj.weight", _shared_up, True,
+              when=_shared_expert, mlp="moe"),
+    TensorDef("shared_down", "ffn_down_shexp.weight", "mlp.shared_expert.down_proj.weight", _shared_down,
+              True, when=_shared_expert, mlp="moe"),
+    # [1, hidden]: one logit per token, run as a plain product (models/moe.py)
+    TensorDef("shared_expert_gate", "ffn_gate_inp_shexp.weight", "mlp.shared_expert_gate.weight",
+              lambda s: (1, s.hidden_size), when=_shared_expert, mlp="moe"),
     TensorDef("q_bias", "attn_q.bias", "self_attn.q_proj.bias", _dims("q_size"), when=_qkv_bias),
     TensorDef("k_bias", "attn_k.bias", "self_attn.k_proj.bias", _dims("kv_size"), when=_qkv_bias),
     TensorDef("v_bias", "attn_v.bias", "self_attn.v_proj.bias", _dims("kv_size"), when=_qkv_bias),
@@ -313,8 +413,43 @@ GLOBAL_TENSORS = (
     TensorDef("norm", "output_norm.weight", "model.norm.weight", _hidden),
     TensorDef("lm_head", "output.weight", "lm_head.weight", _vocab, True, when=_untied),
 )  # fmt: skip
+# One expert's weights (canonical name after ``layers.N.experts.E.``). Hugging Face stores each
+# expert's under its index (``{expert}`` in the name); GGUF stacks all of a layer's experts in one
+# [n_expert, rows, cols] tensor (llama.cpp's ``ffn_*_exps``), which the loader splits per expert.
+EXPERT_TENSORS = (
+    TensorDef("gate", "ffn_gate_exps.weight", "block_sparse_moe.experts.{expert}.w1.weight", _expert_up, True,
+              when=_mixtral),
+    TensorDef("up", "ffn_up_exps.weight", "block_sparse_moe.experts.{expert}.w3.weight", _expert_up, True,
+              when=_mixtral),
+    TensorDef("down", "ffn_down_exps.weight", "block_sparse_moe.experts.{expert}.w2.weight", _expert_down,
+              True, when=_mixtral),
+    TensorDef("gate", "ffn_gate_exps.weight", "mlp.experts.{expert}.gate_proj.weight", _expert_up, True,
+              when=_qwen_moe),
+    TensorDef("up", "ffn_up_exps.weight", "mlp.experts.{expert}.up_proj.weight", _expert_up, True,
+              when=_qwen_moe),
+    TensorDef("down", "ffn_down_exps.weight", "mlp.experts.{expert}.down_proj.weight", _expert_down, True,
+              when=_qwen_moe),
+)  # fmt: skip
+
+
 # one row per canonical name: rows that share a name differ only in their stored names
 TENSOR_BY_NAME = {t.name: t for t in LAYER_TENSORS + GLOBAL_TENSORS}
+
+
+def expert_name(expert: int, name: str) -> str:
+    """The canonical name of expert ``expert``'s weight ``name``, after ``layers.N.``."""
+    return f"experts.{expert}.{name}"
+
+
+def split_experts(w: Any, spec: ModelSpec, where: str) -> list[Any]:
+    """One stacked GGUF expert tensor (experts first: a torch tensor, or the raw [n_expert, rows, row
+    bytes] blocks of a quantized one, so each expert keeps its stored blocks) as one per expert.
+    ``where``: the tensor's name, for the error."""
+    if w.shape[0] != spec.num_experts or len(w.shape) != 3:
+        raise ModelLoadError(
+            f"{where} has shape {tuple(w.shape)}, expected {spec.num_experts} stacked experts"
+        )
+    return [w[e] for e in range(spec.num_experts)]
 
 
 def _fused(s: ModelSpec) -> bool:

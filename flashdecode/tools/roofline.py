@@ -219,13 +219,34 @@ class ModelCost:
     def weight_bytes(self, name: str, numel: int) -> float:
         return numel * bytes_per_weight(self.format_of(name))
 
-    def matmul_params(self, head: bool = True) -> int:
-        """Multiply-adds per token of the layers' projections (and of the head, with ``head``)."""
-        return sum(r * c for n, (r, c) in self.matrix_shapes().items() if head or n != "lm_head")
+    def expert_share(self, name: str, tokens: float) -> float:
+        """The share of weight ``name`` a step of ``tokens`` tokens reads: 1, except for a routed
+        expert's, which it reads where at least one token chose that expert: with top-k of n routed
+        uniformly, 1 - (1 - k/n) ** tokens (k/n at one token: only the active experts' bytes).
+        ``tokens`` 0: the expected share of one token's multiply-adds, k/n."""
+        if ".experts." not in name:
+            return 1.0
+        chosen = self.spec.num_experts_per_tok / self.spec.num_experts
+        return chosen if tokens == 0 else 1.0 - (1.0 - chosen) ** tokens
 
-    def resident_weight_bytes(self) -> float:
-        """Bytes one step reads for the weights, the embedding gather aside."""
-        total = sum(self.weight_bytes(n, r * c) for n, (r, c) in self.matrix_shapes().items())
+    def matmul_params(self, head: bool = True) -> int:
+        """Multiply-adds per token of the layers' projections (and of the head, with ``head``); a
+        token runs only its top-k experts."""
+        return round(
+            sum(
+                r * c * self.expert_share(n, 0)
+                for n, (r, c) in self.matrix_shapes().items()
+                if head or n != "lm_head"
+            )
+        )
+
+    def resident_weight_bytes(self, tokens: int = 1) -> float:
+        """Bytes a step of ``tokens`` tokens reads for the weights, the embedding gather aside (an MoE
+        model's routed experts only where some token chose them: ``expert_share``)."""
+        total = sum(
+            self.weight_bytes(n, r * c) * self.expert_share(n, tokens)
+            for n, (r, c) in self.matrix_shapes().items()
+        )
         return total + sum(self.weight_bytes(n, size) for n, size in self.vector_sizes().items())
 
     def embedding_row_bytes(self) -> float:
@@ -233,10 +254,20 @@ class ModelCost:
 
     def activation_bytes_per_token(self, head: bool = True) -> float:
         s = self.spec
-        h, q, kv, inter = s.hidden_size, s.q_size, s.kv_size, s.intermediate_size
-        # qkv: h in, q+2kv out; o: q in, h out; gate/up: h in, 2*inter out; down: inter in, h out
-        per_layer = (h + q + 2 * kv) + (q + h) + (h + 2 * inter) + (inter + h)
-        elems = s.num_layers * per_layer
+        h, q, kv = s.hidden_size, s.q_size, s.kv_size
+        elems = 0
+        for i in range(s.num_layers):
+            # gated MLPs of this layer (width, how many a token runs); an MoE layer's router: h in, n out
+            mlps, router = [(s.intermediate_size, 1)], 0
+            if s.moe_at(i):
+                mlps = [
+                    (s.moe_intermediate_size, s.num_experts_per_tok),
+                    (s.shared_expert_intermediate_size, 1),
+                ]
+                router = h + s.num_experts
+            # qkv: h in, q+2kv out; o: q in, h out; gate/up: h in, 2*inter out; down: inter in, h out
+            mlp = sum(n * ((h + 2 * inter) + (inter + h)) for inter, n in mlps if inter)
+            elems += (h + q + 2 * kv) + (q + h) + router + mlp
         total = elems * self.activation_bytes
         if head:
             total += h * self.activation_bytes + s.vocab_size * 4  # fp32 logits
@@ -259,7 +290,7 @@ class ModelCost:
         return StepCost(
             tokens=batch,
             flops=2.0 * batch * self.matmul_params() + self.attention_flops(attended),
-            weight_bytes=self.resident_weight_bytes() + batch * self.embedding_row_bytes(),
+            weight_bytes=self.resident_weight_bytes(batch) + batch * self.embedding_row_bytes(),
             kv_read_bytes=attended * self.kv_bytes_per_token,
             kv_write_bytes=batch * self.kv_bytes_per_token,
             activation_bytes=batch * self.activation_bytes_per_token(),
@@ -278,7 +309,7 @@ class ModelCost:
             flops=2.0 * tokens * self.matmul_params(head=False)
             + 2.0 * batch * head_params
             + batch * self.attention_flops(causal),
-            weight_bytes=self.resident_weight_bytes() + tokens * self.embedding_row_bytes(),
+            weight_bytes=self.resident_weight_bytes(tokens) + tokens * self.embedding_row_bytes(),
             kv_read_bytes=tokens * self.kv_bytes_per_token,
             kv_write_bytes=tokens * self.kv_bytes_per_token,
             activation_bytes=tokens * self.activation_bytes_per_token(head=False)
@@ -381,7 +412,8 @@ def roofline_report(
     return {
         "model": {
             "source": source,
-            "architecture": s.family.name,
+            "architecture": s.family.name
+            + (f" (top {s.num_experts_per_tok} of {s.num_experts} experts)" if s.family.moe else ""),
             "parameters": s.num_parameters(),
             "layers": s.num_layers,
             "hidden": s.hidden_size,
