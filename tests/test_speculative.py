@@ -330,6 +330,24 @@ def test_seeded_sampling_with_speculation_is_reproducible(qwen2: tuple[LLM, LLM]
     assert spec.stats().spec_num_draft_tokens > before
 
 
+def test_delta_outputs_carry_every_accepted_token_once(qwen2: tuple[LLM, LLM]) -> None:
+    plain, spec = qwen2
+    prompt = _repeating_prompts(1000)[1]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, output_kind="delta", logprobs=1)
+    engine, accepted = spec.engine, spec.stats().spec_num_accepted_tokens
+    engine.add_request("deltas", prompt, params)
+    tokens: list[int] = []
+    logprobs: list[Any] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens += out.outputs[0].token_ids
+            logprobs += out.outputs[0].logprobs
+    assert spec.stats().spec_num_accepted_tokens > accepted  # some steps emitted several tokens
+    reference = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    assert tokens == plain.generate(prompt, reference)[0].outputs[0].token_ids
+    assert [next(iter(lp)) for lp in logprobs] == tokens  # each token's entry leads with the token
+
+
 def test_tuned_step_costs_from_the_table_timings(qwen2: tuple[LLM, LLM]) -> None:
     linears = list(iter_linears(qwen2[0].engine.model.linears()))
     table = DataflowTable(fingerprint={})
