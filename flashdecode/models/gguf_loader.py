@@ -39,7 +39,7 @@ from .weights import LoadedModel
 
 _GLOBAL_TENSORS = {t.gguf: t.name for t in GLOBAL_TENSORS}
 _FUSED_TENSORS = {t.gguf: t for t in FUSED_TENSORS}
-# a stored tensor that holds several canonical ones: (their names, how to split it into them in order)
+# a stored tensor that holds several canonical ones: (their names, how to read it as them, in order)
 Split = tuple[list[str], Callable[[Any, str], list[Any]]]
 # tensors that are model metadata, not weights: popped into the spec by ``load_gguf``
 _ROPE_TENSORS = {
@@ -192,11 +192,14 @@ def _canonical_names(t: Any, spec: ModelSpec) -> tuple[list[str], Split | None]:
         fused = _FUSED_TENSORS.get(rest)
         if layer.isdigit() and fused is not None and fused.when(spec):
             names = [f"layers.{int(layer)}.{part}" for part in fused.parts]
-            return names, (names, lambda w, where: list(split_fused(fused, spec, w, where).values()))
+            return names, (
+                names,
+                lambda t, where: list(split_fused(fused, spec, _tensor_to_torch(t), where).values()),
+            )
         stacked = {e.gguf: e.name for e in EXPERT_TENSORS if e.present(spec)}
         if layer.isdigit() and rest in stacked:
             names = [f"layers.{int(layer)}.{expert_name(e, stacked[rest])}" for e in range(spec.num_experts)]
-            return names, (names, lambda _, where: _expert_tensors(t, spec, where))
+            return names, (names, lambda t, where: _expert_tensors(t, spec, where))
         # a layer's names among the rows present for this spec (a family may store a canonical
         # tensor under its own name: models/spec.py)
         layer_names = {t.gguf: t.name for t in LAYER_TENSORS if t.present(spec)}
@@ -246,12 +249,11 @@ def load_gguf(path: str | Path) -> LoadedModel:
             continue  # a fused or stacked tensor's later part: split with its first
         where = f"{path}: tensor {t.name!r}"
         try:
-            w = None if t.name in fused and len(t.shape) == 3 else _tensor_to_torch(t)
             if t.name in fused:
                 names, split = fused[t.name]
-                weights |= dict(zip(names, split(w, where), strict=True))
+                weights |= dict(zip(names, split(t, where), strict=True))
             else:
-                weights[canonical] = w
+                weights[canonical] = _tensor_to_torch(t)
         except ModelLoadError:
             raise
         except Exception as exc:

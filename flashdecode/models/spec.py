@@ -14,6 +14,9 @@ qkv and gate_up): the loaders split them into the canonical parts (the decoder f
 A canonical name may have several ``TENSORS`` rows, each behind its own ``when``, where families store
 it under different names (Gemma's ``pre_feedforward_layernorm`` is the MLP norm that Llama calls
 ``post_attention_layernorm``); for any one spec at most one of them is present.
+Mixture of experts (``Family.moe``): a layer's ``mlp`` rows say whether it exists in dense or in MoE
+layers (router, shared expert); ``EXPERT_TENSORS`` lists one expert's weights, canonical
+``layers.N.experts.E.gate`` etc., which GGUF stores stacked over the experts (``split_experts``).
 """
 
 from __future__ import annotations
