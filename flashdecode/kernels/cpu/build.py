@@ -211,10 +211,18 @@ class NativeKernels:
         return out
 
 
+def _nibble_vectors(values: torch.Tensor) -> torch.Tensor:
+    """[groups, nb, 16 rows, 32] values 0..15 -> the 4 vectors of 16 rows x 4 bytes of one block:
+    vector i's bytes hold quad i (elements 4i..4i+3) in their low nibbles and quad i + 4 in their high."""
+    groups, nb = values.shape[:2]
+    q = values.reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)  # [g, b, quad, row, 4]
+    return q[:, :, :4] | (q[:, :, 4:] << 4)
+
+
 def repack_i8(fmt: str, planes: Planes) -> Planes:
     """A matrix in ``fmt`` in the int8-activation kernel's layout (flat_gemm.c, "rows interleaved"):
-    groups of 16 rows (zero-padded), per block 4 vectors of 16 rows x 4 nibble pairs (Q4_0, Q4_1, Q4_K)
-    or 8 vectors of 16 rows x 4 bytes (the byte-per-value planes: Q8_0, Q5_K, Q6_K); d as
+    groups of 16 rows (zero-padded), per block 4 vectors of 16 rows x 4 nibble pairs (Q4_0, Q4_1, Q4_K;
+    Q5_K adds 64 bytes of fifth bits) or 8 vectors of 16 rows x 4 bytes (Q8_0, Q6_K); d as
     [groups, K/32, scales per block, 16] and m as [groups, K/32, 16], in the planes' own dtype.
     Values are moved, never changed."""
     qs, d_plane, m_plane = planes
@@ -227,12 +235,17 @@ def repack_i8(fmt: str, planes: Planes) -> Planes:
         t = t.reshape(groups, 16, nb, *t.shape[2:])
         return t.transpose(1, 2)
 
-    if NATIVE[fmt].qs_bytes == 32:  # a byte per value
+    if fmt in ("Q8_0", "Q6_K"):  # a byte per value
         q = rows16(qs).reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)  # [g, b, quad, row, 4]
+    elif fmt == "Q5_K":  # values 0..31, a byte each in the planes: low nibbles as Q4, then fifth bits
+        nibbles = _nibble_vectors(rows16(qs & 0x0F))
+        # [g, b, half, row, part (quads i / i + 4), i, 4] -> [g, b, i, half, part, 32 bits]
+        fifth = (rows16(qs >> 4) & 1).reshape(groups, nb, 2, 8, 2, 4, 4).permute(0, 1, 5, 2, 4, 3, 6)
+        weights = 1 << torch.arange(8, dtype=torch.uint8)
+        bits = (fifth.reshape(groups, nb, 64, 8) * weights).sum(-1, dtype=torch.uint8)  # bit k: byte k
+        q = torch.cat([nibbles.reshape(groups, nb, 256), bits], dim=-1)
     else:
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # [N, nb, 32] values 0..15, element order
-        q = rows16(q).reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)
-        q = q[:, :, :4] | (q[:, :, 4:] << 4)  # quads i and i + 4 share a byte: low and high nibble
+        q = _nibble_vectors(rows16(torch.cat([qs & 0x0F, qs >> 4], dim=-1)))  # element order
     d = rows16(d_plane.reshape(n, nb, -1)).transpose(2, 3).contiguous()  # [g, b, scales, 16]
     m = None if m_plane is None else rows16(m_plane).contiguous()
     return q.contiguous(), d, m

@@ -678,8 +678,11 @@ int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
  * Layout (kernels/cpu/build.py repack_i8): groups of 16 rows, per (group, block):
  *   Q4_0/Q4_1/Q4_K  4 x 64 bytes: vector i holds, for each of the 16 rows, elements 4i..4i+3 of the
  *                   block in the low nibbles of 4 bytes and elements 4(i+4)..4(i+4)+3 in the high nibbles
- *   Q8_0/Q5_K/Q6_K  8 x 64 bytes: vector j holds elements 4j..4j+3 of each of the 16 rows, a byte each
- *                   (Q5_K's 0..31, Q6_K's and Q8_0's signed values)
+ *   Q5_K            the Q4 layout of the low 4 bits, then 64 bytes of fifth bits: for vector i and
+ *                   half h (rows 8h..8h+7), 4 bytes for its low-nibble bytes, then 4 for its high-
+ *                   nibble bytes, bit k for byte k of that half
+ *   Q8_0/Q6_K       8 x 64 bytes: vector j holds elements 4j..4j+3 of each of the 16 rows, a byte each
+ *                   (signed values)
  *   d               [groups, K/32, S, 16]: fp16 (Q4_0, Q4_1, Q8_0) or fp32 (K-quants, multiplied out);
  *                   S = 2 for Q6_K (a scale per 16 elements), else 1
  *   m               [groups, K/32, 16], the same type (formats with a min)
@@ -695,7 +698,18 @@ INLINE __m256i bcast4(const int8_t *p) {
     return _mm256_set1_epi32(quad);
 }
 
-#define I8_BLOCK_BYTES(f) (FMT_NIBBLES(f) ? 256 : 512)
+#define I8_BLOCK_BYTES(f) (FMT_NIBBLES(f) ? 256 : ((f) == FD_Q5_K ? 320 : 512))
+
+/* 32 bytes of 0x10 where the matching bit of the 4 bytes at p is set (llama.cpp's bytes_from_bits_32) */
+INLINE __m256i fifth_bits(const uint8_t *p) {
+    int32_t bits;
+    memcpy(&bits, p, 4);
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits), _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+    const __m256i hit = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+                                          _mm256_set1_epi64x(-1));
+    return _mm256_and_si256(hit, _mm256_set1_epi8(0x10));
+}
 
 /* eight rows' scales of one (block, sub-scale) as fp32 */
 INLINE __m256 i8_scales(const int FMT, const void *p, int64_t at) {
@@ -703,21 +717,17 @@ INLINE __m256 i8_scales(const int FMT, const void *p, int64_t at) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + at)));
 }
 
-/* sum over quads [j0, j0 + 4) of w * xq as 8 int32 lanes. Q5_K's values are 0..31, so its four
- * vpmaddubsw sum in int16 (4 x 2 x 31 x 127 < 2^15) before one widening; the values of Q6_K's
- * planes may be any int8 (IQ4_XS and Q3_K are repacked into them), so each pair sum widens at once
- * and their signs move onto xq (|w| x sign(w) xq) */
-INLINE __m256i i8_bytes4(const int FMT, const uint8_t *blk, const int8_t *xb, int j0) {
+/* sum over quads [j0, j0 + 4) of w * xq as 8 int32 lanes, for Q6_K's byte planes: their values may
+ * be any int8 (IQ4_XS and Q3_K are repacked into them), so each pair sum widens at once, and the
+ * signs move onto xq (|w| x sign(w) xq) */
+INLINE __m256i i8_bytes4(const uint8_t *blk, const int8_t *xb, int j0) {
     const __m256i one16 = _mm256_set1_epi16(1);
     __m256i t = _mm256_setzero_si256();
     for (int j = j0; j < j0 + 4; j++) {
         const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 64 * j)), x = bcast4(xb + 4 * j);
-        if (FMT == FD_Q5_K)
-            t = _mm256_add_epi16(t, _mm256_maddubs_epi16(w, x));
-        else
-            t = _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), one16));
+        t = _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), one16));
     }
-    return FMT == FD_Q5_K ? _mm256_madd_epi16(t, one16) : t;
+    return t;
 }
 
 /* One 8-row half (h) of a group against MR activation rows, over all K. Nibble products of a block
@@ -742,22 +752,32 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
                     s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(p, one16));
                 }
             }
-        } else if (FMT_NIBBLES(FMT)) {
+        } else if (FMT_NIBBLES(FMT) || FMT == FD_Q5_K) {
+            /* 4-bit products sum in int16 over the whole block (8 x 2 x 15 x 127 < 2^15), 5-bit ones
+             * over half of it (4 x 2 x 31 x 127 < 2^15) */
+            const uint8_t *fifth = qp + (int64_t)b * I8_BLOCK_BYTES(FMT) + 256 + 8 * h;
+            __m256i t[I8_MR];
             for (int i = 0; i < 4; i++) {
                 const __m256i z = _mm256_loadu_si256((const __m256i *)(blk + 64 * i));
-                const __m256i lo = _mm256_and_si256(z, nib), hi = _mm256_and_si256(_mm256_srli_epi16(z, 4), nib);
+                __m256i lo = _mm256_and_si256(z, nib), hi = _mm256_and_si256(_mm256_srli_epi16(z, 4), nib);
+                if (FMT == FD_Q5_K) {
+                    lo = _mm256_or_si256(lo, fifth_bits(fifth + 16 * i));
+                    hi = _mm256_or_si256(hi, fifth_bits(fifth + 16 * i + 4));
+                }
                 for (int r = 0; r < MR; r++) {
                     const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xb + r * K + 4 * i)),
                                                        _mm256_maddubs_epi16(hi, bcast4(xb + r * K + 16 + 4 * i)));
-                    s[r] = i ? _mm256_add_epi16(s[r], p) : p;
+                    t[r] = i == 0 || (FMT == FD_Q5_K && i == 2) ? p : _mm256_add_epi16(t[r], p);
+                    if (FMT == FD_Q5_K && i == 1) s[r] = _mm256_madd_epi16(t[r], one16);
                 }
             }
-            for (int r = 0; r < MR; r++) s[r] = _mm256_madd_epi16(s[r], one16);
-        } else { /* Q5_K, Q6_K: a byte per value */
+            for (int r = 0; r < MR; r++)
+                s[r] = FMT == FD_Q5_K ? _mm256_add_epi32(s[r], _mm256_madd_epi16(t[r], one16))
+                                      : _mm256_madd_epi16(t[r], one16);
+        } else { /* Q6_K: a byte per value, two scales */
             for (int r = 0; r < MR; r++) {
-                s[r] = i8_bytes4(FMT, blk, xb + r * K, 0);
-                s1[r] = i8_bytes4(FMT, blk, xb + r * K, 4);
-                if (FMT == FD_Q5_K) s[r] = _mm256_add_epi32(s[r], s1[r]);
+                s[r] = i8_bytes4(blk, xb + r * K, 0);
+                s1[r] = i8_bytes4(blk, xb + r * K, 4);
             }
         }
         const int64_t at = ((int64_t)b * S) * 16 + 8 * h;
