@@ -12,12 +12,17 @@ every expert in its block format.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import model_factory as mf
-import pytest
+# the Triton kernels run under the interpreter on CPU tensors (test_triton_backend_matches_cpu); set
+# before triton is first imported, as tests/test_gemma.py does
+os.environ["TRITON_INTERPRET"] = "1"
+
+import model_factory as mf  # noqa: E402
+import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -275,3 +280,20 @@ def test_roofline_counts_active_experts(hf_model: Callable[..., Path]) -> None:
     assert cost.matmul_params() == rest + 2 * 147456 // 4
     assert cost.decode_step(1, 10).weight_bytes == 4 * (rest + 2 * 147456 / 4 + vectors) + 4 * 64
     assert cost.decode_step(2, 10).weight_bytes == 4 * (rest + 2 * 147456 * (1 - 0.75**2) + vectors) + 8 * 64
+
+
+def test_triton_backend_matches_cpu(gguf_model: Callable[..., Path]) -> None:
+    """``device="cuda"`` (the Triton flat GEMM; under the interpreter on host memory without a GPU):
+    Q8_0 experts, router and shared expert on the Triton kernels give the CPU's tokens and logprobs
+    (tests/test_device.py's harness)."""
+    import test_device as device_helpers
+
+    path = gguf_model("qwen2moe", "Q8_0")
+    _, cpu_outs = device_helpers._run(path, "cpu", "exact", 4)
+    llm, dev_outs = device_helpers._run(path, "cuda", "exact", 4)
+    assert llm.engine.device.backend == "triton"
+    experts = llm.engine.model.layers[0].mlp.experts
+    assert all(
+        lin.plan == [(1, "triton")] and lin.format == "Q8_0" for e in experts for lin in e.projections()
+    )
+    device_helpers._assert_same(cpu_outs, dev_outs)
