@@ -11,9 +11,10 @@ p(x) and otherwise samples from p with x removed, renormalised. That is the stan
 (accept with min(1, p/q), resample from the residual max(0, p - q)) for a draft distribution q that is
 a point mass on x, so every emitted token is distributed as p, exactly as without the draft.
 
-Sampling uses the exponential race (``argmax(probs / Exp(1))``, as vLLM does) instead of
-``torch.multinomial``: it is one batched op, it needs no host sync, and each row's noise comes from that
-row's own generator, so a seeded request draws the same token whatever else is in the batch.
+Sampling inverts each row's cumulative distribution at one uniform draw from that row's own generator,
+so a seeded request draws the same token whatever else is in the batch. One draw and one cumulative sum
+per row cost far less on a CPU than vLLM's exponential race (``argmax(probs / Exp(1))``, a random
+exponential for every vocabulary entry, made for GPUs where it avoids a host sync).
 """
 
 from __future__ import annotations
@@ -248,19 +249,28 @@ def _sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 
     probs = x.softmax(dim=-1)
     accepted = _accept_drafts(probs, rows)
-    q = torch.empty_like(probs)
-    if any(r.generator is None for r in rows):
-        q.exponential_()
-    for i, r in enumerate(rows):
-        if r.generator is not None:
-            # Only this row's generator feeds this row's noise, so a seeded row is batch-independent.
-            q[i].exponential_(generator=r.generator)
-    # exponential_ can return exactly 0; 0/0 = NaN would win argmax for a masked-out token.
-    q.clamp_min_(torch.finfo(q.dtype).tiny)
-    next_ids = probs.div_(q).argmax(dim=-1)
+    cdf = probs.cumsum_(dim=-1)
+    total = cdf[:, -1:]
+    # the first token whose cumulative probability exceeds u * total (u in [0, 1)): never one of
+    # probability 0, and u * total rounded up to total is kept below it
+    target = torch.minimum(_uniforms(rows, dev) * total, total.nextafter(torch.zeros_like(total)))
+    next_ids = torch.searchsorted(cdf, target, right=True).squeeze(1)
     for i, draft in accepted:
         next_ids[i] = draft
     return next_ids
+
+
+def _uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
+    """[rows, 1] uniform draws in [0, 1): a seeded row's from its own generator (batch-independent),
+    the others' from the global one."""
+    u = torch.empty(len(rows), 1, device=device)
+    unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+    if unseeded:
+        u[unseeded] = torch.rand(len(unseeded), 1, device=device)
+    for i, r in enumerate(rows):
+        if r.generator is not None:
+            u[i] = torch.rand(1, generator=r.generator, device=device)
+    return u
 
 
 def _accept_drafts(probs: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, int]]:
