@@ -58,6 +58,9 @@ PHI3_ARCHS = ["phi3", "phi3-partial", "phi3-longrope", "phi3-longrope-long"]
 GEMMA_ARCHS = ["gemma2", "gemma3"]
 # Mixture of experts (tests/test_moe.py), kept out of ARCHS: their GGUF stacks the experts.
 MOE_ARCHS = ["mixtral", "qwen2moe", "qwen3moe"]
+# OPT (tests/test_opt.py): pre-norm with a tied head; post-norm (OPT-350m's do_layer_norm_before off)
+# with embeddings narrower than the hidden size (project_in / project_out). Hugging Face only.
+OPT_ARCHS = ["opt", "opt-350m"]
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -347,6 +350,34 @@ _ARCH_CONFIGS |= {
     ),
 }
 
+# OPT: head_dim 16 and 20 (not 64), MHA (OPT has no GQA), ffn_dim not a multiple of hidden.
+_ARCH_CONFIGS |= {
+    "opt": dict(
+        model_type="opt",
+        vocab_size=512,
+        hidden_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        ffn_dim=200,
+        do_layer_norm_before=True,
+        word_embed_proj_dim=96,
+        activation_function="relu",
+        tie_word_embeddings=True,
+    ),
+    "opt-350m": dict(
+        model_type="opt",
+        vocab_size=512,
+        hidden_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        ffn_dim=144,
+        do_layer_norm_before=False,
+        word_embed_proj_dim=48,
+        activation_function="relu",
+        tie_word_embeddings=True,
+    ),
+}
+
 # Overrides for a model whose every matrix row is a multiple of 256 values long, so that Q4_K/Q6_K
 # (256-value super-blocks) apply to every weight instead of falling back to F16.
 KQUANT_OVERRIDES: dict[str, Any] = dict(
@@ -373,6 +404,7 @@ _TOKENIZER_STYLE: dict[str, dict[str, Any]] = (
         "qwen2moe": dict(regex=QWEN2_REGEX, bos=None, eos=IM_END, add_bos=False, extra_eos=[EOS]),
         "qwen3moe": dict(regex=QWEN2_REGEX, bos=None, eos=IM_END, add_bos=False, extra_eos=[EOS]),
     }
+    | {arch: dict(regex=LLAMA3_REGEX, bos=BOS, eos=EOS, add_bos=True, extra_eos=[]) for arch in OPT_ARCHS}
 )
 
 _CORPUS = """\
@@ -520,6 +552,7 @@ def _config_class(model_type: str) -> Any:
         "mixtral": transformers.MixtralConfig,
         "qwen2_moe": transformers.Qwen2MoeConfig,
         "qwen3_moe": transformers.Qwen3MoeConfig,
+        "opt": transformers.OPTConfig,
     }[model_type]
 
 

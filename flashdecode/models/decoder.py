@@ -5,13 +5,16 @@ RMSNorm, RoPE, paged KV cache) -> residual -> RMSNorm -> SwiGLU MLP (fused gate/
 Gemma's differences are data on the spec: an RMSNorm after attention and after the MLP, GeGLU, the
 embeddings scaled by sqrt(hidden), its attention scale, soft-capped attention scores and logits, and
 sliding-window layers with their own RoPE base. An MoE family's sparse layers route each token to
-its top-k experts (models/moe.py, layers/moe.py) in place of the dense MLP. All of a step's tokens,
-from every sequence, run flattened through the projections as one matrix, so a decode batch of B
-sequences is one [B, hidden] GEMM per projection.
+its top-k experts (models/moe.py, layers/moe.py) in place of the dense MLP. OPT's (models/opt.py):
+LayerNorm with biases, learned positions in place of RoPE, a plain ReLU MLP, biases on every
+projection, norms after the residual adds where configured, and embeddings projected in and out of
+the hidden size. All of a step's tokens, from every sequence, run flattened through the projections
+as one matrix, so a decode batch of B sequences is one [B, hidden] GEMM per projection.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -29,10 +32,33 @@ from ..layers.quant import QuantizedTensor, prepare_weights
 from ..layers.rope import RotaryEmbedding, apply_rope
 from . import moe
 from .native_decode import NativeDecode
+from .opt import POSITION_OFFSET as OPT_POSITION_OFFSET
 from .spec import ModelSpec
 from .weights import LoadedModel
 
-ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu}
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm, or where the norm has a bias (OPT) LayerNorm."""
+    if bias is None:
+        return rms_norm(x, weight, eps)
+    return F.layer_norm(x, weight.shape, weight, bias, eps)
+
+
+class PlainMLP:
+    """down(act(up(x))) with biases: OPT's fc1 -> ReLU -> fc2."""
+
+    def __init__(self, up: Linear, down: Linear, act: Callable[[torch.Tensor], torch.Tensor]):
+        self.up = up
+        self.down = down
+        self.act = act
+
+    def projections(self) -> list[Linear | SplitLinear]:
+        return [self.up, self.down]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
 
 
 class DecoderLayer:
@@ -41,6 +67,11 @@ class DecoderLayer:
         prefix = f"layers.{index}."
         self.attn_norm = w[prefix + "attn_norm"]
         self.mlp_norm = w[prefix + "mlp_norm"]
+        # OPT: LayerNorm biases, no RoPE (its positions are embeddings), norms after the residual adds
+        # where norm_before is off
+        self.attn_norm_bias = w.get(prefix + "attn_norm_bias")
+        self.mlp_norm_bias = w.get(prefix + "mlp_norm_bias")
+        self.rotary = not spec.family.opt
         # Gemma: norms of the attention and MLP outputs before their residual adds
         self.attn_post_norm = w.get(prefix + "attn_post_norm")
         self.mlp_post_norm = w.get(prefix + "mlp_post_norm")
@@ -51,7 +82,7 @@ class DecoderLayer:
         if spec.family.qkv_bias:
             qkv_bias = [w[prefix + "q_bias"], w[prefix + "k_bias"], w[prefix + "v_bias"]]
         self.qkv = fused_linear([w[prefix + "q"], w[prefix + "k"], w[prefix + "v"]], qkv_bias, backend)
-        self.o = Linear(w[prefix + "o"], backend=backend)
+        self.o = Linear(w[prefix + "o"], w.get(prefix + "o_bias"), backend=backend)
         # q and k are adjacent in the QKV output and normalise and rotate alike, so each runs as one
         # call over q's and k's heads together; the per-head norms become one [heads, head_dim] weight
         self.qk_heads = spec.num_heads + spec.num_kv_heads
@@ -64,9 +95,14 @@ class DecoderLayer:
                 ]
             )
         # the MLP: a mixture of experts in an MoE family's sparse layers (models/moe.py), else dense
-        self.mlp: GatedMLP | SparseMoE
+        self.mlp: GatedMLP | SparseMoE | PlainMLP
         if spec.moe_at(index):
             self.mlp = moe.sparse_moe(spec, w, prefix, self.act, backend)
+        elif spec.family.opt:
+            up = Linear(w[prefix + "up"], w[prefix + "up_bias"], backend=backend)
+            self.mlp = PlainMLP(
+                up, Linear(w[prefix + "down"], w[prefix + "down_bias"], backend=backend), self.act
+            )
         else:
             gate_up = fused_linear([w[prefix + "gate"], w[prefix + "up"]], backend=backend)
             self.mlp = GatedMLP(gate_up, Linear(w[prefix + "down"], backend=backend), self.act)
@@ -89,19 +125,25 @@ class DecoderLayer:
         """``rope``: the step's cos/sin rows (``RotaryEmbedding.tables``)."""
         s = self.spec
         t = x.shape[0]
-        qkv = self.qkv(rms_norm(x, self.attn_norm, s.norm_eps))
+        attn_norm = partial(_norm, weight=self.attn_norm, bias=self.attn_norm_bias, eps=s.norm_eps)
+        mlp_norm = partial(_norm, weight=self.mlp_norm, bias=self.mlp_norm_bias, eps=s.norm_eps)
+        qkv = self.qkv(attn_norm(x) if s.norm_before else x)
         qk = qkv[:, : -s.kv_size].view(t, self.qk_heads, s.head_dim)
         v = qkv[:, -s.kv_size :].view(t, s.num_kv_heads, s.head_dim)
         if self.qk_norm is not None:
             qk = rms_norm(qk, self.qk_norm, s.norm_eps)
-        qk = apply_rope(qk, *rope)
+        if self.rotary:
+            qk = apply_rope(qk, *rope)
         q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]
         cache.write(index, meta.slot_mapping, k, v)
         attn = paged_attention(
             q, cache, index, meta, self.scale, softmax, s.attn_logit_softcap, self.sliding_window
         )
         x = x + self._post(self.o(attn.reshape(t, s.q_size)), self.attn_post_norm)
-        return x + self._post(self.mlp(rms_norm(x, self.mlp_norm, s.norm_eps)), self.mlp_post_norm)
+        if not s.norm_before:  # OPT-350m: each norm follows its residual add
+            x = attn_norm(x)
+            return mlp_norm(x + self.mlp(x))
+        return x + self._post(self.mlp(mlp_norm(x)), self.mlp_post_norm)
 
     def _post(self, y: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
         return y if norm is None else rms_norm(y, norm, self.spec.norm_eps)
@@ -173,7 +215,14 @@ class Decoder:
         if spec.family.gemma_norms:
             self.embed_scale = torch.tensor(spec.hidden_size**0.5, dtype=dtype, device=device.torch)
         self.layers = [DecoderLayer(spec, w, i, device.backend) for i in range(spec.num_layers)]
-        self.norm = w["norm"]
+        self.norm = w.get("norm")  # OPT-350m (norms after the residual adds) has no final norm
+        self.norm_bias = w.get("norm_bias")
+        # OPT: learned positions; the embeddings' own width projected in and out of the hidden size
+        self.pos_embed = w.get("pos_embed")
+        self.project_in = self.project_out = None
+        if "project_in" in w:
+            self.project_in = Linear(w["project_in"], backend=device.backend)
+            self.project_out = Linear(w["project_out"], backend=device.backend)
         self.lm_head = Linear(self.embed if spec.tie_embeddings else w["lm_head"], backend=device.backend)
         self.softmax: SoftmaxPolicy | None = None  # None: exact attention (layers/attention.py)
         # every projection's kernel per M: the tuned table, the default plan, or one static kernel
@@ -185,6 +234,8 @@ class Decoder:
 
     def linears(self) -> list[Linear | SplitLinear]:
         mods: list[Linear | SplitLinear] = [self.lm_head]
+        if self.project_in is not None:
+            mods += [self.project_in, self.project_out]
         for layer in self.layers:
             mods += layer.projections()
         return mods
@@ -200,6 +251,10 @@ class Decoder:
             x = F.embedding(input_ids, self.embed)
         if self.embed_scale is not None:
             x = x * self.embed_scale
+        if self.project_in is not None:
+            x = self.project_in(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[positions + OPT_POSITION_OFFSET]
         t = x.shape[0]
         step = None if self.native is None else self.native.step(t, cache, self.softmax)
         if step is not None:
@@ -208,7 +263,9 @@ class Decoder:
         local = rope if self.rope_local is None else self.rope_local.tables(positions)
         for i, layer in enumerate(self.layers):
             x = layer(i, x, local if layer.sliding_window else rope, cache, meta, self.softmax)
-        return rms_norm(x, self.norm, self.spec.norm_eps)
+        if self.norm is not None:
+            x = _norm(x, self.norm, self.norm_bias, self.spec.norm_eps)
+        return x if self.project_out is None else self.project_out(x)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..kernels.formats import LOADED_NATIVE
 from ..layers.quant import QuantizedTensor
 from ..layers.rope import RopeScaling
@@ -217,7 +217,9 @@ def _open(path: str | Path) -> tuple[Any, ModelSpec, Tokenizer, dict[str, Any], 
     tensor data."""
     reader = read_gguf(path)
     meta = gguf_metadata(reader)
-    family_for(str(meta.get("general.architecture")))  # an unsupported model fails first, by name
+    # an unsupported model fails first, by name
+    if family_for(str(meta.get("general.architecture"))).opt:
+        raise UnsupportedArchitectureError("OPT loads from Hugging Face folders only (llama.cpp has no OPT)")
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     spec = _spec_from_metadata(meta, {t.name for t in reader.tensors}, tokenizer)
     tensors: dict[str, Any] = {}

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..layers.rope import RopeScaling
-from . import gemma, moe
+from . import gemma, moe, opt
 from .spec import (
     EXPERT_TENSORS,
     FUSED_TENSORS,
@@ -35,7 +35,7 @@ from .spec import (
 from .tokenizer import Tokenizer
 from .weights import LoadedModel
 
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_LAYER_RE = re.compile(r"^model\.(?:decoder\.)?layers\.(\d+)\.(.+)$")  # OPT: model.decoder.layers
 _GLOBAL_TENSORS = {t.hf: t.name for t in GLOBAL_TENSORS}
 _FUSED_TENSORS = {t.hf: t for t in FUSED_TENSORS}
 
@@ -123,6 +123,9 @@ def spec_from_hf_config(config: dict[str, Any], tokenizer: Tokenizer | None = No
             extra = gemma.hf_fields(config, family.name, int(config["num_hidden_layers"]))
         if family.moe:
             extra = moe.hf_fields(config, family, int(config["num_hidden_layers"]))
+        if family.opt:
+            config = opt.hf_config(config)
+            extra = opt.hf_fields(config)
         theta, scaling = _rope_scaling(rope_config)
         eos = config.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))

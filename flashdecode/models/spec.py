@@ -49,6 +49,9 @@ class Family:
     moe: bool = False
     moe_norm_topk: bool = True
     shared_expert: bool = False
+    # OPT (models/opt.py): LayerNorm with biases, learned positions (offset 2) in place of RoPE, a
+    # plain fc1 -> ReLU -> fc2 MLP, biases on every projection
+    opt: bool = False
 
 
 # Keyed by the name GGUF files use in ``general.architecture``.
@@ -64,6 +67,7 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family("mixtral", gguf_permuted_qk=True, moe=True),
     "qwen2moe": Family("qwen2moe", qkv_bias=True, moe=True, moe_norm_topk=False, shared_expert=True),
     "qwen3moe": Family("qwen3moe", qk_norm=True, moe=True),
+    "opt": Family("opt", qkv_bias=True, opt=True),
 }
 
 # Hugging Face ``config.json`` "architectures" / "model_type" -> family.
@@ -78,6 +82,7 @@ HF_ARCHITECTURES: dict[str, str] = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2moe",
     "Qwen3MoeForCausalLM": "qwen3moe",
+    "OPTForCausalLM": "opt",
 }
 HF_MODEL_TYPES: dict[str, str] = {
     "llama": "llama",
@@ -90,6 +95,7 @@ HF_MODEL_TYPES: dict[str, str] = {
     "mixtral": "mixtral",
     "qwen2_moe": "qwen2moe",
     "qwen3_moe": "qwen3moe",
+    "opt": "opt",
 }
 
 
@@ -106,7 +112,7 @@ def family_for(name: str) -> Family:
     return family
 
 
-ACTIVATIONS = ("silu", "gelu_tanh")
+ACTIVATIONS = ("silu", "gelu_tanh", "relu")
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -146,6 +152,10 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert; 0: none
     norm_topk_prob: bool = True
     dense_layers: tuple[int, ...] = ()
+    # OPT: norms before attention and the MLP (do_layer_norm_before), else after each residual add;
+    # the embeddings' width where it differs from hidden_size (word_embed_proj_dim: project_in/out)
+    norm_before: bool = True
+    embed_dim: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -226,6 +236,7 @@ class ModelSpec:
             and self.final_logit_softcap is None
             and not self.layer_types
             and not self.family.moe
+            and not self.family.opt
         )
 
     def window_at(self, layer: int) -> int | None:
@@ -243,8 +254,12 @@ class ModelSpec:
             ("fused projections", f.fused_projections),
             ("post-norms, (1 + w) RMSNorm, sqrt(hidden) embedding scale", f.gemma_norms),
             ("GeGLU (tanh GELU)", self.hidden_act == "gelu_tanh"),
+            ("LayerNorm, learned positions, ReLU MLP, biases", f.opt),
+            ("norms after the residual adds", not self.norm_before),
         )
         out = [name for name, on in flags if on]
+        if self.embed_dim is not None:
+            out.append(f"embeddings {self.embed_dim} wide, projected to {self.hidden_size}")
         if self.rotary_dim is not None:
             out.append(f"partial rotary {self.rotary_dim}/{self.head_dim}")
         for label, value in (
@@ -278,6 +293,16 @@ class ModelSpec:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def embed_size(self) -> int:
+        """The embedding's (and tied head's) width."""
+        return self.hidden_size if self.embed_dim is None else self.embed_dim
+
+    @property
+    def position_rows(self) -> int:
+        """OPT's learned position table: max_position rows after its offset of 2."""
+        return self.max_position + 2
 
     def with_(self, **changes: Any) -> ModelSpec:
         return replace(self, **changes)
@@ -337,7 +362,7 @@ def _dims(*fields: str) -> Callable[[ModelSpec], tuple[int, ...]]:
 
 _hidden = _dims("hidden_size")
 _up = _dims("intermediate_size", "hidden_size")  # gate and up
-_vocab = _dims("vocab_size", "hidden_size")  # embedding and head
+_vocab = _dims("vocab_size", "embed_size")  # embedding and head
 _down = _dims("hidden_size", "intermediate_size")
 _expert_up = _dims("moe_intermediate_size", "hidden_size")
 _expert_down = _dims("hidden_size", "moe_intermediate_size")
@@ -370,29 +395,57 @@ def _qwen_moe(s: ModelSpec) -> bool:
     return s.family.moe and s.family.name != "mixtral"
 
 
+def _opt(s: ModelSpec) -> bool:
+    return s.family.opt
+
+
+def _not_opt(s: ModelSpec) -> bool:
+    return not s.family.opt
+
+
+def _opt_final_norm(s: ModelSpec) -> bool:
+    return s.family.opt and s.norm_before
+
+
+def _projected(s: ModelSpec) -> bool:
+    return s.embed_dim is not None
+
+
 def _gemma(s: ModelSpec) -> bool:
     return s.family.gemma_norms
 
 
-def _not_gemma(s: ModelSpec) -> bool:
-    return not s.family.gemma_norms
+def _llama_norms(s: ModelSpec) -> bool:
+    return not s.family.gemma_norms and not s.family.opt
 
 
 LAYER_TENSORS = (
-    TensorDef("attn_norm", "attn_norm.weight", "input_layernorm.weight", _hidden),
+    TensorDef("attn_norm", "attn_norm.weight", "input_layernorm.weight", _hidden, when=_not_opt),
+    TensorDef("attn_norm", "attn_norm.weight", "self_attn_layer_norm.weight", _hidden, when=_opt),
+    TensorDef("attn_norm_bias", "attn_norm.bias", "self_attn_layer_norm.bias", _hidden, when=_opt),
     TensorDef("q", "attn_q.weight", "self_attn.q_proj.weight", _dims("q_size", "hidden_size"), True),
     TensorDef("k", "attn_k.weight", "self_attn.k_proj.weight", _dims("kv_size", "hidden_size"), True),
     TensorDef("v", "attn_v.weight", "self_attn.v_proj.weight", _dims("kv_size", "hidden_size"), True),
-    TensorDef("o", "attn_output.weight", "self_attn.o_proj.weight", _dims("hidden_size", "q_size"), True),
-    TensorDef("mlp_norm", "ffn_norm.weight", "post_attention_layernorm.weight", _hidden, when=_not_gemma),
+    TensorDef("o", "attn_output.weight", "self_attn.o_proj.weight", _dims("hidden_size", "q_size"), True,
+              when=_not_opt),
+    TensorDef("o", "attn_output.weight", "self_attn.out_proj.weight", _dims("hidden_size", "q_size"), True,
+              when=_opt),
+    TensorDef("o_bias", "attn_output.bias", "self_attn.out_proj.bias", _hidden, when=_opt),
+    TensorDef("mlp_norm", "ffn_norm.weight", "post_attention_layernorm.weight", _hidden, when=_llama_norms),
+    TensorDef("mlp_norm", "ffn_norm.weight", "final_layer_norm.weight", _hidden, when=_opt),
+    TensorDef("mlp_norm_bias", "ffn_norm.bias", "final_layer_norm.bias", _hidden, when=_opt),
     TensorDef("mlp_norm", "ffn_norm.weight", "pre_feedforward_layernorm.weight", _hidden, when=_gemma),
     TensorDef("attn_post_norm", "post_attention_norm.weight", "post_attention_layernorm.weight", _hidden,
               when=_gemma),
     TensorDef("mlp_post_norm", "post_ffw_norm.weight", "post_feedforward_layernorm.weight", _hidden,
               when=_gemma),
-    TensorDef("gate", "ffn_gate.weight", "mlp.gate_proj.weight", _up, True, mlp="dense"),
-    TensorDef("up", "ffn_up.weight", "mlp.up_proj.weight", _up, True, mlp="dense"),
-    TensorDef("down", "ffn_down.weight", "mlp.down_proj.weight", _down, True, mlp="dense"),
+    TensorDef("gate", "ffn_gate.weight", "mlp.gate_proj.weight", _up, True, when=_not_opt, mlp="dense"),
+    TensorDef("up", "ffn_up.weight", "mlp.up_proj.weight", _up, True, when=_not_opt, mlp="dense"),
+    TensorDef("down", "ffn_down.weight", "mlp.down_proj.weight", _down, True, when=_not_opt, mlp="dense"),
+    TensorDef("up", "ffn_up.weight", "fc1.weight", _up, True, when=_opt),
+    TensorDef("up_bias", "ffn_up.bias", "fc1.bias", _dims("intermediate_size"), when=_opt),
+    TensorDef("down", "ffn_down.weight", "fc2.weight", _down, True, when=_opt),
+    TensorDef("down_bias", "ffn_down.bias", "fc2.bias", _hidden, when=_opt),
     TensorDef("router", "ffn_gate_inp.weight", "block_sparse_moe.gate.weight", _router, True,
               when=_mixtral, mlp="moe"),
     TensorDef("router", "ffn_gate_inp.weight", "mlp.gate.weight", _router, True, when=_qwen_moe, mlp="moe"),
@@ -412,8 +465,19 @@ LAYER_TENSORS = (
     TensorDef("k_norm", "attn_k_norm.weight", "self_attn.k_norm.weight", _dims("head_dim"), when=_qk_norm),
 )  # fmt: skip
 GLOBAL_TENSORS = (
-    TensorDef("embed", "token_embd.weight", "model.embed_tokens.weight", _vocab, True),
-    TensorDef("norm", "output_norm.weight", "model.norm.weight", _hidden),
+    TensorDef("embed", "token_embd.weight", "model.embed_tokens.weight", _vocab, True, when=_not_opt),
+    TensorDef("norm", "output_norm.weight", "model.norm.weight", _hidden, when=_not_opt),
+    TensorDef("embed", "token_embd.weight", "model.decoder.embed_tokens.weight", _vocab, True, when=_opt),
+    TensorDef("pos_embed", "position_embd.weight", "model.decoder.embed_positions.weight",
+              _dims("position_rows", "hidden_size"), when=_opt),
+    TensorDef("norm", "output_norm.weight", "model.decoder.final_layer_norm.weight", _hidden,
+              when=_opt_final_norm),
+    TensorDef("norm_bias", "output_norm.bias", "model.decoder.final_layer_norm.bias", _hidden,
+              when=_opt_final_norm),
+    TensorDef("project_in", "", "model.decoder.project_in.weight", _dims("hidden_size", "embed_size"), True,
+              when=_projected),
+    TensorDef("project_out", "", "model.decoder.project_out.weight", _dims("embed_size", "hidden_size"), True,
+              when=_projected),
     TensorDef("lm_head", "output.weight", "lm_head.weight", _vocab, True, when=_untied),
 )  # fmt: skip
 # One expert's weights (canonical name after ``layers.N.experts.E.``). Hugging Face stores each
