@@ -88,6 +88,29 @@ def test_auto_json_streams_once_it_cannot_be_a_call(step: int) -> None:
         assert content == "" and [d.function.name for d in deltas] in (["weather"], ["clock"])
 
 
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_auto_tagged_calls_are_sent_as_they_close(step: int) -> None:
+    first = '<tool_call>\n{"name": "clock", "arguments": {}}\n</tool_call>'
+    rocket = '<tool_call>{"name": "rocket", "arguments": {}}</tool_call>'  # not a tool: stays text
+    second = '<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    reply = "Checking.\n" + first + "\n\n" + rocket + " then " + second + "\n Done."
+    parser = AutoToolCalls(NAMES)
+    content, calls, seen_at = "", [], {}
+    for i in range(0, len(reply), step):
+        c, d = parser.feed(reply[i : i + step])
+        content, calls = content + c, calls + d
+        for delta in d:
+            seen_at[delta.function.name] = min(i + step, len(reply))
+    tail, more = parser.close()
+    assert more == [] and content + tail == "Checking.\n" + rocket + " then " + "Done."
+    whole = [(c.function.name, c.function.arguments) for c in tool_calls_of(calls)]
+    assert whole == [("clock", "{}"), ("weather", '{"city": "Oslo"}')]
+    # each call came out of feed() as soon as its closing tag had arrived
+    assert seen_at["clock"] - len("Checking.\n" + first) < step
+    assert seen_at["weather"] - reply.index(second) - len(second) < step
+    assert parser.finish_reason("stop") == "tool_calls"
+
+
 def test_parse_tool_calls_takes_several_tagged_calls() -> None:
     text = '<tool_call>{"name":"clock","arguments":{}}</tool_call>'
     text += '<tool_call>{"name":"weather","arguments":"{\\"city\\":\\"Rome\\"}"}</tool_call>'  # as JSON text

@@ -29,7 +29,8 @@ from .protocol import DeltaFunction, DeltaToolCall, NamedToolChoice, Tool, ToolC
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 # where a model's own tool-call syntax starts, in auto mode
-_CALL_MARKERS = ("<tool_call>", "<|python_tag|>")
+_TAG_OPEN, _TAG_CLOSE = "<tool_call>", "</tool_call>"
+_CALL_MARKERS = (_TAG_OPEN, "<|python_tag|>")
 # how a bare JSON call (Llama 3's) starts, without whitespace: one call, or a list of them
 _BARE_CALL_HEADS = ('{"name":"', '[{"name":"')
 _TAGGED = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
@@ -299,9 +300,11 @@ class ForcedToolCalls(ToolCallParser):
 
 class AutoToolCalls(ToolCallParser):
     """Free text that may hold the model's own tool-call syntax: plain text streams as content until
-    a call may be starting, then the rest is held and parsed at the end. A reply that starts as JSON
-    is held only while it can still be a bare call of one of the tools (``{"name": "<tool>"`` or a
-    list of such, whitespace aside); once it cannot, it streams as content."""
+    a call may be starting. A ``<tool_call>...</tool_call>`` block is sent as a call as soon as it
+    closes (a block that is no call of the tools stays text), and text after it streams again;
+    whitespace right after a call is dropped. A reply that starts as JSON is held only while it can
+    still be a bare call of one of the tools (``{"name": "<tool>"`` or a list of such, whitespace
+    aside); held text is parsed at the end."""
 
     def __init__(self, names: set[str]) -> None:
         super().__init__()
@@ -309,36 +312,63 @@ class AutoToolCalls(ToolCallParser):
         self._held = ""
         self._holding = False  # a call has (maybe) begun: nothing more streams as content
         self._prose = False  # the output is not a bare JSON call
+        self._after_call = False  # a tagged call just closed: its trailing whitespace is dropped
 
     def feed(self, text: str) -> tuple[str, list[DeltaToolCall]]:
         self._held += text
-        if self._holding:
-            return "", []
-        if not self._prose:  # a bare JSON call counts only at the very start
+        if not self._prose and not self._holding:  # a bare JSON call counts only at the very start
             stripped = self._held.lstrip()
             if not stripped:
                 return "", []
             state = _bare_call(stripped, self._names)
             self._holding, self._prose = state == "call", state == "no"
-            if not self._prose:
-                return "", []
-        starts = [i for i in (self._held.find(m) for m in _CALL_MARKERS) if i >= 0]
-        if starts:
-            cut, self._holding = min(starts), True
-        else:
-            cut = len(self._held) - _partial_marker(self._held)
-        content, self._held = self._held[:cut], self._held[cut:]
-        return content, []
+        content, deltas = "", []
+        while self._prose:
+            if self._holding:
+                closed = self._close_tagged()
+                if closed is None:
+                    break
+                content, deltas = content + closed[0], deltas + closed[1]
+                continue
+            if self._after_call:
+                if not self._held.strip():
+                    break
+                self._held, self._after_call = self._held.lstrip(), False
+            starts = [i for i in (self._held.find(m) for m in _CALL_MARKERS) if i >= 0]
+            if starts:
+                cut, self._holding = min(starts), True
+            else:
+                cut = len(self._held) - _partial_marker(self._held)
+            content, self._held = content + self._held[:cut], self._held[cut:]
+            if not starts:
+                break
+        return content, deltas
+
+    def _close_tagged(self) -> tuple[str, list[DeltaToolCall]] | None:
+        """The held ``<tool_call>`` block once it is complete: ("", [its call]) or (the block as
+        text, []); None while it is open (or held to the end: ``<|python_tag|>``)."""
+        end = self._held.find(_TAG_CLOSE)
+        if not self._held.startswith(_TAG_OPEN) or end < 0:
+            return None
+        block, self._held = self._held[: end + len(_TAG_CLOSE)], self._held[end + len(_TAG_CLOSE) :]
+        self._holding = False
+        call = _call(_json(block[len(_TAG_OPEN) : -len(_TAG_CLOSE)]), self._names)
+        if call is None:
+            return block, []
+        self._after_call = True
+        return "", [self._whole_call(*call)]
+
+    def _whole_call(self, name: str, arguments: str) -> DeltaToolCall:
+        start = self._start(name)
+        start.function.arguments = arguments
+        return start
 
     def close(self) -> tuple[str, list[DeltaToolCall]]:
         held, self._held = self._held, ""
+        if self._after_call and not held.strip():
+            return "", []
         content, calls = parse_tool_calls(held, self._names)
-        deltas = []
-        for name, arguments in calls:
-            start = self._start(name)
-            start.function.arguments = arguments
-            deltas.append(start)
-        return content or "", deltas
+        return content or "", [self._whole_call(name, arguments) for name, arguments in calls]
 
 
 def _bare_call(text: str, names: set[str]) -> str:
