@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..kernels import cpu, reference
 from ..utils.cpuinfo import physical_cores
 
 
@@ -56,11 +57,12 @@ def measure_matmul_flops(
     dtype: str, num_threads: int | None = None, sizes: tuple[int, ...] = (1024, 2048), min_time: float = 0.3
 ) -> float:
     """Dense square matmul throughput in FLOP/s (2 n^3 per product) for ``dtype`` in fp32, bf16 or
-    int8 (``torch._int_mm``: int8 x int8 -> int32); the best over ``sizes``. 0.0 when this torch build
-    has no kernel for the dtype."""
+    int8 (the faster of ``torch._int_mm``, int8 x int8 -> int32, and flashdecode's own int8-activation
+    kernel, which is what quantized weights run); the best over ``sizes``. 0.0 when
+    neither torch nor the native build has a kernel for the dtype."""
     if dtype not in MATMUL_DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {MATMUL_DTYPES}")
-    best = 0.0
+    best = _native_int8_flops(num_threads, sizes[0], min_time) if dtype == "int8" else 0.0
     with _threads(num_threads), torch.inference_mode():
         for n in sizes:
             if dtype == "int8":
@@ -75,6 +77,20 @@ def measure_matmul_flops(
             try:
                 seconds = _best_time(fn, min_time)
             except (RuntimeError, NotImplementedError):
-                return 0.0
+                return best
             best = max(best, 2 * n**3 / seconds)
     return best
+
+
+def _native_int8_flops(num_threads: int | None, n: int, min_time: float) -> float:
+    """FLOP/s of the native int8-activation kernel (``native_i8``) on an n x n Q4_0 weight (its fastest
+    format), M = n."""
+    lib = cpu.load()
+    if lib is None or not lib.has_i8:
+        return 0.0
+    with _threads(num_threads), torch.inference_mode():
+        gen = torch.Generator().manual_seed(0)
+        planes = reference.quantize(torch.randn(n, n, generator=gen), "Q4_0")
+        packed, x = cpu.repack_i8("Q4_0", planes), torch.randn(n, n, generator=gen)
+        seconds = _best_time(lambda: lib.linear_i8("Q4_0", x, packed, n), min_time)
+    return 2 * n**3 / seconds
