@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +113,16 @@ def hf_reference(hf_model: Callable[..., Path]) -> Callable[..., Any]:
         return cache[path]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for a module's tests, the engine's and transformers'. Their models are far
+    too small to gain from more, and on a shared 2-core machine two OpenMP threads collide with any
+    other busy process (a 3 x 32-token parity run took 30 ms on one thread, 1.5-7.5 s on two)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -34,13 +34,7 @@ DEVICE = resolve_device("cuda")
 TORCH_CANDIDATES = {"torch_f32", "torch_bf16", "torch_bf16_cast"}  # F.linear: any device
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The engine sets torch's thread count; these models are far too small to gain from more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 # --- (1) the option and its resolution -----------------------------------------------------------

@@ -38,13 +38,7 @@ from flashdecode.errors import UnsupportedArchitectureError  # noqa: E402
 from flashdecode.layers.attention import SoftmaxPolicy, paged_attention  # noqa: E402
 from flashdecode.models.loader import load_model  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 def check_outputs(outs: list[Any], prompts: list[list[int]], ref: Any, label: str) -> None:

@@ -39,15 +39,7 @@ KV_BLOCK = 16
 KV_BYTES = 16 << 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Any:
-    """One intra-op thread, for the engine and for transformers. These models are far too small to gain
-    from more, and on a shared 2-core machine two OpenMP threads collide with any other busy process:
-    measured 30 ms single-threaded vs 1.5-7.5 s with 2 threads for the same 3 x 32-token run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 def make_llm(path: Path, **kwargs: Any) -> Any:

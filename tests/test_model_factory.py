@@ -23,13 +23,7 @@ T = gguf.GGMLQuantizationType
 PROMPT = [(7 * i + 3) % 480 for i in range(40)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models: one intra-op thread is fastest, and robust on a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 def _logits(model, ids=PROMPT):

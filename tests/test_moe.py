@@ -36,13 +36,7 @@ from flashdecode.layers.moe import GatedMLP, SparseMoE  # noqa: E402
 from flashdecode.layers.quant import QuantizedTensor  # noqa: E402
 from flashdecode.models.loader import load_model  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 class ExpertLog:

@@ -25,13 +25,7 @@ from flashdecode.errors import ModelLoadError  # noqa: E402
 from flashdecode.models.loader import load_model  # noqa: E402
 from flashdecode.models.safetensors_loader import spec_from_hf_config  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 @pytest.mark.parametrize("arch", mf.OPT_ARCHS)

@@ -30,12 +30,7 @@ from flashdecode.models.loader import load_model  # noqa: E402
 MAX_TOKENS = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 def run_parity(path: Path, ref: Any, label: str) -> None:
