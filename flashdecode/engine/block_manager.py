@@ -4,6 +4,15 @@ A full block is identified by a hash chained with its predecessor's, so equal ha
 token prefixes (the tokens are compared too, so a hash collision can never alias two prefixes).
 Freed blocks keep their contents and hash and sit in an LRU free list: a later request with the
 same prefix takes them back instead of recomputing, until they are evicted for new allocations.
+
+Sliding windows (``sliding_window`` W, given only when every layer of the model slides: a global
+layer sees every position, so a model with one keeps all its blocks): a sequence's next query sees
+no key before position ``num_computed_tokens - W + 1``, so the blocks wholly before it are released
+(``remove_skipped_blocks``, as vLLM's) and their table entries become ``NULL_BLOCK``. The table keeps
+its shape, so positions still index it; attention cuts windowed rows to their last W slots
+(layers/attention.py) and never reads a null entry. A released block is an ordinary free block: it
+keeps its hash and contents, so a later request with the same prefix may adopt it until it is evicted
+(its K/V depend only on the tokens up to it), and eviction unpublishes it as any other.
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .sequence import Sequence
+
+NULL_BLOCK = -1  # a released block's table entry (a slot of it is negative: no read can pass unseen)
 
 
 @dataclass
@@ -27,8 +38,15 @@ def chain_hash(prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
+    ):
         self.block_size = block_size
+        self.sliding_window = sliding_window
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         # every block with ref_count 0, least recently freed first; popitem(last=False) evicts LRU
@@ -105,24 +123,37 @@ class BlockManager:
             block.hash, block.token_ids = h, tokens
             self.cached.setdefault(h, block.block_id)
 
+    def remove_skipped_blocks(self, seq: Sequence) -> None:
+        """Release the blocks of ``seq`` that no layer's window reaches from its next query on."""
+        if self.sliding_window is None:
+            return
+        first_visible = seq.num_computed_tokens - self.sliding_window + 1
+        # released entries are a prefix of the table: walk back from the newest to the first null
+        for i in reversed(range(max(0, first_visible) // self.block_size)):
+            if seq.block_table[i] == NULL_BLOCK:
+                break
+            self._release(seq.block_table[i])
+            seq.block_table[i] = NULL_BLOCK
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block_id] = None
+
     def free_trailing_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Shrink ``seq``'s block table to the blocks that hold its first ``num_tokens`` tokens: after
         a speculative step, the blocks taken only for rejected drafts go back to the pool. Those
         blocks were never full and computed, so no hash or other sequence refers to them."""
         keep = -(-num_tokens // self.block_size)
         while len(seq.block_table) > keep:
-            block = self.blocks[seq.block_table.pop()]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block.block_id] = None
+            self._release(seq.block_table.pop())
 
     def free_sequence(self, seq: Sequence) -> None:
         # release in reverse so a chain's tail is evicted before its head, keeping prefixes reusable
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
+            if block_id != NULL_BLOCK:
+                self._release(block_id)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0

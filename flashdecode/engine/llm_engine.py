@@ -143,7 +143,9 @@ class LLMEngine:
             self.kv_cache_dtype,
             self.device.torch,
         )
-        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, bs, config.enable_prefix_caching, self.spec.cache_sliding_window
+        )
         proposer = None
         if config.speculative is not None:
             k = config.speculative.num_speculative_tokens
@@ -175,6 +177,18 @@ class LLMEngine:
             )
         return wanted
 
+    def _max_blocks_per_seq(self) -> int:
+        """The most blocks one sequence holds at once: its full length, or, where every layer
+        slides within W (the block manager releases what precedes the window), the W - 1
+        positions before a step's chunk and the chunk, over a block more for alignment (vLLM's
+        bound for sliding-window layers)."""
+        bs = self.config.kv_block_size
+        full = -(-self.max_model_len // bs)
+        window = self.spec.cache_sliding_window
+        if window is None:
+            return full
+        return min(full, -(-(window - 1 + self.config.max_num_batched_tokens) // bs) + 1)
+
     def _num_kv_blocks(self) -> int:
         s, cfg = self.spec, self.config
         bs = cfg.kv_block_size
@@ -182,20 +196,21 @@ class LLMEngine:
             s.num_layers, s.num_kv_heads, s.head_dim, self.dtype, self.kv_cache_dtype
         )
         bytes_per_block = per_token * bs
-        min_blocks = -(-self.max_model_len // bs)
+        min_blocks = self._max_blocks_per_seq()
         if cfg.kv_cache_memory_fraction is not None:
             budget = int(cfg.kv_cache_memory_fraction * self.device.available_memory())
         elif cfg.kv_cache_bytes is not None:
             budget = cfg.kv_cache_bytes
         else:
-            # room for every sequence at full length, within a cap that leaves the machine usable
+            # room for every sequence at its most blocks, within a cap that leaves the machine usable
             cap = min(DEFAULT_KV_CACHE_BYTES, self.device.available_memory() // 4)
             return max(min_blocks, min(cfg.max_num_seqs * min_blocks, cap // bytes_per_block))
         blocks = budget // bytes_per_block
         if blocks < min_blocks:
             raise FlashDecodeError(
-                f"the KV-cache budget of {budget} bytes holds {blocks * bs} tokens, fewer than "
-                f"max_model_len={self.max_model_len}; give at least {min_blocks * bytes_per_block} bytes"
+                f"the KV-cache budget of {budget} bytes holds {blocks * bs} tokens, fewer than one "
+                f"sequence may hold ({min_blocks * bs} at max_model_len={self.max_model_len}); give at "
+                f"least {min_blocks * bytes_per_block} bytes"
             )
         return blocks
 

@@ -6,7 +6,10 @@ chunk for one still prefilling), then waiting sequences are admitted in priority
 prompt larger than the remaining budget is split into chunks over several steps, so a long prompt
 never stalls the decodes. When blocks run out, the lowest-priority, latest-arrived running sequence
 is preempted: its blocks are freed and it is recomputed later (its full blocks usually survive in the
-prefix cache, so "recompute" is mostly a cache hit).
+prefix cache, so "recompute" is mostly a cache hit). On a model whose every layer slides within a
+window, a sequence's blocks that its next query's window no longer reaches go back to the pool
+before it takes new ones (``BlockManager.remove_skipped_blocks``), so it holds about its window's
+blocks however long it runs.
 
 With speculative decoding, a decoding sequence also takes its drafts (``Sequence.spec_token_ids``) into
 the step, within the token budget and only where the free blocks allow: drafts never preempt anyone.
@@ -92,6 +95,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            self.blocks.remove_skipped_blocks(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self.proposer is not None and seq.num_computed_tokens == seq.num_tokens - 1:
                 n += self._draft(seq, budget - 1)
@@ -117,6 +121,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             queries, hits = self.blocks.reuse_cached_prefix(seq)
+            self.blocks.remove_skipped_blocks(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
                 if not self.running and not batch:

@@ -123,6 +123,14 @@ def spec_from_hf_config(config: dict[str, Any], tokenizer: Tokenizer | None = No
             extra = gemma.hf_fields(config, family.name, int(config["num_hidden_layers"]))
         if family.moe:
             extra = moe.hf_fields(config, family, int(config["num_hidden_layers"]))
+        window = config.get("sliding_window")
+        if (
+            family.hf_sliding_window
+            and window
+            and int(window) < int(config.get("max_position_embeddings", 2048))
+        ):
+            layers = int(config["num_hidden_layers"])
+            extra |= {"sliding_window": int(window), "layer_types": ("sliding_attention",) * layers}
         if family.opt:
             config = opt.hf_config(config)
             extra = opt.hf_fields(config)

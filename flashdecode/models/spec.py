@@ -38,6 +38,9 @@ class Family:
     qkv_bias: bool = False  # Qwen2: biases on q, k and v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     gguf_permuted_qk: bool = False  # llama.cpp's converter reorders Q/K rows for interleaved RoPE
+    # Mistral: config.json's sliding_window (below max_position_embeddings) applies on every layer, as
+    # transformers masks it; llama.cpp's GGUF has no window for the llama architecture (all global)
+    hf_sliding_window: bool = False
     fused_projections: bool = False  # Phi-3: q/k/v stored as one qkv matrix, gate/up as one (FUSED_TENSORS)
     # Gemma 2/3: RMSNorm after attention and after the MLP too (post_attention_norm, post_ffw_norm),
     # embeddings scaled by sqrt(hidden_size), and norms that scale by (1 + w) in fp32: Hugging Face
@@ -57,7 +60,7 @@ class Family:
 # Keyed by the name GGUF files use in ``general.architecture``.
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", gguf_permuted_qk=True),
-    "mistral": Family("mistral", gguf_permuted_qk=True),
+    "mistral": Family("mistral", gguf_permuted_qk=True, hf_sliding_window=True),
     "qwen2": Family("qwen2", qkv_bias=True),
     "qwen3": Family("qwen3", qk_norm=True),
     "phi3": Family("phi3", fused_projections=True),
@@ -242,6 +245,16 @@ class ModelSpec:
     def window_at(self, layer: int) -> int | None:
         """The sliding window of ``layer``, or None where it attends to every earlier position."""
         if self.layer_types and self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    @property
+    def cache_sliding_window(self) -> int | None:
+        """W where every layer slides within a window of W, so that the KV cache may drop a
+        sequence's blocks before its last W positions (engine/block_manager.py); None where some
+        layer attends globally (Gemma's alternating layers): that layer sees every position, so no
+        block can go."""
+        if self.layer_types and all(t == "sliding_attention" for t in self.layer_types):
             return self.sliding_window
         return None
 

@@ -1,0 +1,231 @@
+"""Sliding-window attention in the paged KV cache: where every layer slides within a window W, the
+blocks no layer can see any more go back to the pool (engine/block_manager.py), so a sequence holds
+about its window's blocks however long it generates; where some layer is global (Gemma 2's
+alternating layers) every block stays.
+
+The model: a random Mistral whose config sets ``sliding_window`` 16 (transformers masks it on every
+layer), blocks of 4 tokens, 200 greedy tokens after a 20-token prompt. Each run is checked against
+transformers' forward pass over the whole sequence with its sliding mask (tests/test_hf_parity.py's
+``check_request``: top-5 logprobs within 1e-3 and each sampled token the reference argmax), and the
+window is shown to bind: the same weights without the window predict other tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import model_factory as mf
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import test_hf_parity as parity  # noqa: E402
+
+from flashdecode import LLM, SamplingParams  # noqa: E402
+from flashdecode.engine.block_manager import NULL_BLOCK  # noqa: E402
+from flashdecode.errors import FlashDecodeError  # noqa: E402
+
+WINDOW = 16
+BLOCK = 4
+PROMPT_LEN = 20
+GEN = 200
+BUDGET = 16  # max_num_batched_tokens: the prompt goes in two chunks
+# a decode row attends to W positions, which span at most ceil(W / block) + 1 blocks
+DECODE_BOUND = -(-WINDOW // BLOCK) + 1
+# the engine's floor for a windowed model (llm_engine._max_blocks_per_seq): the W - 1 positions before
+# a chunk of up to BUDGET tokens and the chunk, plus a block for alignment; 9 blocks hold 36 tokens,
+# far fewer than the 220 of the sequence
+MIN_POOL = -(-(WINDOW - 1 + BUDGET) // BLOCK) + 1
+BYTES_PER_TOKEN = 2 * 3 * 1 * 16 * 4  # K and V, 3 layers, 1 KV head of 16 dims, fp32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return mf.make_hf_model("mistral", tmp_path_factory.mktemp("swa") / "mistral", sliding_window=WINDOW)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> Any:
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def make_llm(path: Path, **kwargs: Any) -> LLM:
+    options = dict(
+        dtype="float32",
+        max_model_len=256,
+        kv_block_size=BLOCK,
+        num_threads=1,
+        numerics="exact",
+        max_num_batched_tokens=BUDGET,
+        kv_cache_bytes=64 * BLOCK * BYTES_PER_TOKEN,
+    )
+    return LLM(model=str(path), **{**options, **kwargs})
+
+
+def prompt(seed: int = 0, arch: str = "mistral", length: int = PROMPT_LEN) -> list[int]:
+    rng = random.Random(seed)
+    # ordinary tokens only: the special ids sit at the top of the vocabulary
+    vocab = mf.arch_config(arch)["vocab_size"] - len(mf.SPECIAL_TOKENS)
+    return [rng.randrange(vocab) for _ in range(length)]
+
+
+def params(max_tokens: int = GEN) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=parity.TOP, ignore_eos=True)
+
+
+def held_blocks(llm: LLM) -> int:
+    stats = llm.engine.stats()
+    return stats.kv_blocks_total - stats.kv_blocks_free
+
+
+def record_held_blocks(llm: LLM) -> list[tuple[int, int]]:
+    """(decode rows, blocks in use) as each step's model run begins: after the scheduler allocated."""
+    seen: list[tuple[int, int]] = []
+    run = llm.engine.runner.run
+
+    def counted(batch: Any) -> Any:
+        seen.append((len(batch.decodes), held_blocks(llm)))
+        return run(batch)
+
+    llm.engine.runner.run = counted
+    return seen
+
+
+def check(out: Any, ids: list[int], reference: Any, label: str) -> None:
+    parity.check_request(out, ids, reference, label, prompt_logprobs=False, max_tokens=GEN)
+
+
+def test_spec_reads_mistral_window(model_dir: Path) -> None:
+    llm = make_llm(model_dir)
+    spec = llm.engine.spec
+    assert spec.cache_sliding_window == WINDOW
+    assert [spec.window_at(i) for i in range(spec.num_layers)] == [WINDOW] * spec.num_layers
+    assert llm.engine.block_manager.sliding_window == WINDOW
+
+
+def test_long_generation_matches_transformers_with_bounded_blocks(model_dir: Path, reference: Any) -> None:
+    ids = prompt()
+    assert len(ids) + GEN > 10 * WINDOW
+    llm = make_llm(model_dir)
+    seen = record_held_blocks(llm)
+    (out,) = llm.generate({"prompt_token_ids": ids}, params())
+    check(out, ids, reference, "windowed")
+    decodes = [held for rows, held in seen if rows]
+    assert len(decodes) == GEN - 1
+    assert max(decodes) <= DECODE_BOUND
+    assert max(held for _, held in seen) <= DECODE_BOUND + 1
+    # once past the window it holds no fewer than the window needs either
+    assert min(decodes[WINDOW:]) >= -(-WINDOW // BLOCK)
+    assert held_blocks(llm) == 0
+    assert llm.engine.stats().num_preemptions == 0
+
+    # the window binds: without it the same weights predict other tokens
+    unwindowed = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, sliding_window=None
+    ).eval()
+    full = ids + list(out.outputs[0].token_ids)
+    with_window = parity.reference_logprobs(reference, full).argmax(-1)
+    without = parity.reference_logprobs(unwindowed, full).argmax(-1)
+    assert bool((with_window != without).any())
+
+
+def test_small_pool_completes_the_long_generation(model_dir: Path, reference: Any) -> None:
+    ids = prompt(1)
+    llm = make_llm(model_dir, kv_cache_bytes=MIN_POOL * BLOCK * BYTES_PER_TOKEN, enable_prefix_caching=False)
+    assert llm.engine.block_manager.num_blocks == MIN_POOL
+    assert MIN_POOL * BLOCK < len(ids) + GEN
+    engine = llm.engine
+    engine.add_request("small", {"prompt_token_ids": ids}, params())
+    outs = []
+    for _ in range(GEN + 2):  # two prefill chunks, then a token a step: never a recompute
+        outs += engine.step()
+    assert not engine.has_unfinished_requests()
+    check(outs[-1], ids, reference, "small pool")
+    assert llm.engine.stats().num_preemptions == 0
+
+    with pytest.raises(FlashDecodeError, match="fewer than one sequence may hold"):
+        make_llm(model_dir, kv_cache_bytes=(MIN_POOL - 1) * BLOCK * BYTES_PER_TOKEN)
+
+
+def test_abort_frees_every_block(model_dir: Path) -> None:
+    llm = make_llm(model_dir)
+    engine = llm.engine
+    engine.add_request("a", {"prompt_token_ids": prompt()}, params())
+    for _ in range(3 * WINDOW):
+        engine.step()
+    (seq,) = engine.requests["a"].seqs
+    assert seq.block_table[0] == NULL_BLOCK and held_blocks(llm) > 0
+    engine.abort("a")
+    assert held_blocks(llm) == 0 and not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_shared_prefix_with_a_windowed_sequence(model_dir: Path, reference: Any, caching: bool) -> None:
+    """A second request with the first one's prompt and more arrives while the first decodes far past
+    its window (its prompt blocks released, still cached until evicted): both match transformers."""
+    first = prompt(2)
+    second = first + prompt(3)[:10]
+    llm = make_llm(model_dir, enable_prefix_caching=caching)
+    engine = llm.engine
+    engine.add_request("first", {"prompt_token_ids": first}, params())
+    for _ in range(2 * WINDOW):
+        engine.step()
+    assert engine.requests["first"].seqs[0].block_table[0] == NULL_BLOCK
+    engine.add_request("second", {"prompt_token_ids": second}, params())
+    outs: dict[str, Any] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out
+    check(outs["first"], first, reference, f"first, caching={caching}")
+    check(outs["second"], second, reference, f"second, caching={caching}")
+    hits = engine.stats().prefix_cache_hits
+    assert hits == (len(first) // BLOCK if caching else 0)
+    assert held_blocks(llm) == 0
+
+
+def test_speculative_rollback_stays_bounded(model_dir: Path, reference: Any) -> None:
+    drafts = 3
+    ids = prompt(4)
+    llm = make_llm(
+        model_dir,
+        speculative={"method": "ngram", "num_speculative_tokens": drafts, "prompt_lookup_max": 2},
+    )
+    seen = record_held_blocks(llm)
+    (out,) = llm.generate({"prompt_token_ids": ids}, params())
+    check(out, ids, reference, "speculative")
+    stats = llm.engine.stats()
+    assert stats.spec_num_draft_tokens > stats.spec_num_accepted_tokens > 0  # drafts kept and rejected
+    # W positions and the drafts after them
+    assert max(held for rows, held in seen if rows) <= -(-(WINDOW + drafts) // BLOCK) + 1
+    assert held_blocks(llm) == 0
+
+
+def test_mixed_model_keeps_every_block() -> None:
+    """Gemma 2's global layers see every position: no block may go, and every block stays held."""
+    path = mf.cached_hf_model("gemma2")
+    llm = make_llm(path, kv_cache_bytes=parity.KV_BYTES, max_num_batched_tokens=64)
+    spec = llm.engine.spec
+    window = spec.sliding_window
+    assert window is not None and spec.cache_sliding_window is None
+    engine = llm.engine
+    ids = prompt(arch="gemma2", length=window + 2)
+    engine.add_request("g", {"prompt_token_ids": ids}, params(max_tokens=6 * window))
+    (seq,) = engine.requests["g"].seqs
+    while engine.has_unfinished_requests():
+        engine.step()
+        if seq.is_finished:
+            break
+        assert NULL_BLOCK not in seq.block_table
+        assert held_blocks(llm) == len(seq.block_table) == -(-seq.num_computed_tokens // BLOCK)
