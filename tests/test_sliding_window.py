@@ -41,13 +41,7 @@ DECODE_BOUND = -(-WINDOW // BLOCK) + 1
 MIN_POOL = -(-(WINDOW - 1 + BUDGET) // BLOCK) + 1
 BYTES_PER_TOKEN = 2 * 3 * 1 * 16 * 4  # K and V, 3 layers, 1 KV head of 16 dims, fp32
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +223,18 @@ def test_mixed_model_keeps_every_block() -> None:
             break
         assert NULL_BLOCK not in seq.block_table
         assert held_blocks(llm) == len(seq.block_table) == -(-seq.num_computed_tokens // BLOCK)
+
+
+def test_roofline_reads_at_most_the_window_on_sliding_layers() -> None:
+    from test_roofline import small_spec
+
+    from flashdecode.tools.roofline import ModelCost
+
+    # tests/test_roofline.py's model: 2 layers, 256 KV bytes per token per layer (512 both), 512
+    # attention FLOPs per attended position over both layers; here layer 0 slides within 4
+    spec = small_spec(sliding_window=4, layer_types=("sliding_attention", "full_attention"))
+    step = ModelCost(spec).decode_step(batch=2, context=[3, 10])
+    assert step.kv_read_bytes == (3 + 3) * 256 + (4 + 10) * 256
+    assert step.flops == 2 * 2 * 80128 + 256 * (3 + 3 + 4 + 10)
+    short = ModelCost(small_spec()).decode_step(batch=2, context=[3, 10])
+    assert short.kv_read_bytes == 13 * 512  # no window: every position on both layers

@@ -13,8 +13,9 @@ What is counted (the same arithmetic ``tests/test_roofline.py`` checks by hand):
 
 * weights: every matrix and vector of every layer, the final norm and the output head (the embedding
   matrix when tied), once per step however large the batch, plus one embedding row per token;
-* KV cache: each sequence reads the K and V of all ``context`` positions in every layer (so decode
-  bytes grow with context; GQA shrinks them by num_heads / num_kv_heads) and writes its new ones;
+* KV cache: each sequence reads the K and V of all ``context`` positions in every layer, a sliding
+  layer's at most its window's (so decode bytes grow with context, up to the windows; GQA shrinks
+  them by num_heads / num_kv_heads) and writes its new ones;
   a prefill reads each K/V once (a flash-attention tiling) and writes all of them;
 * activations: each projection reads its input and writes its output in the compute dtype, the head
   writes fp32 logits; only the last prompt position of a prefill goes through the head;
@@ -278,6 +279,12 @@ class ModelCost:
         s = self.spec
         return 4.0 * s.num_layers * s.num_heads * s.head_dim * attended
 
+    def layer_mean_attended(self, context: int) -> float:
+        """Positions a decode row at ``context`` attends to, averaged over the layers: ``context``,
+        or at most its window on a sliding layer."""
+        s = self.spec
+        return sum(min(context, s.window_at(i) or context) for i in range(s.num_layers)) / s.num_layers
+
     # the two kinds of step
 
     def decode_step(self, batch: int, context: int | Iterable[int]) -> StepCost:
@@ -286,7 +293,7 @@ class ModelCost:
         contexts = [context] * batch if isinstance(context, int) else list(context)
         if len(contexts) != batch or batch < 1 or min(contexts) < 1:
             raise FlashDecodeError(f"decode_step: batch={batch} with contexts {contexts[:4]}...")
-        attended = sum(contexts)
+        attended = sum(self.layer_mean_attended(c) for c in contexts)
         return StepCost(
             tokens=batch,
             flops=2.0 * batch * self.matmul_params() + self.attention_flops(attended),
