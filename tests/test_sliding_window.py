@@ -96,8 +96,8 @@ def record_held_blocks(llm: LLM) -> list[tuple[int, int]]:
     return seen
 
 
-def check(out: Any, ids: list[int], reference: Any, label: str) -> None:
-    parity.check_request(out, ids, reference, label, prompt_logprobs=False, max_tokens=GEN)
+def check(out: Any, ids: list[int], reference: Any, label: str, max_tokens: int = GEN) -> None:
+    parity.check_request(out, ids, reference, label, prompt_logprobs=False, max_tokens=max_tokens)
 
 
 def test_spec_reads_mistral_window(model_dir: Path) -> None:
@@ -150,6 +150,26 @@ def test_small_pool_completes_the_long_generation(model_dir: Path, reference: An
 
     with pytest.raises(FlashDecodeError, match="fewer than one sequence may hold"):
         make_llm(model_dir, kv_cache_bytes=(MIN_POOL - 1) * BLOCK * BYTES_PER_TOKEN)
+
+
+def test_preempted_windowed_sequence_recomputes(model_dir: Path, reference: Any) -> None:
+    """Two sequences in a pool that holds one's window but not both: the later one is preempted,
+    recomputed from its prompt and what it generated (in windowed chunks), and both match."""
+    llm = make_llm(model_dir, kv_cache_bytes=MIN_POOL * BLOCK * BYTES_PER_TOKEN, enable_prefix_caching=False)
+    engine = llm.engine
+    ids = {"a": prompt(5), "b": prompt(6)}
+    gen = 5 * WINDOW
+    for name, p in ids.items():
+        engine.add_request(name, {"prompt_token_ids": p}, params(gen))
+    outs: dict[str, Any] = {}
+    for _ in range(20 * gen):  # a bound, so that a scheduler that cannot progress fails, not hangs
+        if not engine.has_unfinished_requests():
+            break
+        outs |= {out.request_id: out for out in engine.step() if out.finished}
+    assert engine.stats().num_preemptions > 0
+    for name, p in ids.items():
+        check(outs[name], p, reference, f"preempted pair, {name}", gen)
+    assert held_blocks(llm) == 0
 
 
 def test_abort_frees_every_block(model_dir: Path) -> None:
