@@ -240,3 +240,31 @@ def test_int8_activations_are_the_product_of_the_rounded_activations(with_bias: 
             scale = rounded @ ref.dequantize(w.format, *w.planes()).double().abs().T
             err = (lin.impl(name)(x).double() - want).abs()
             assert (err <= 1e-5 * scale + 1e-6).all(), f"{fmt} {name} M={m}: {err.max():.3g}"
+
+
+def test_a_native_i8_plan_holds_the_weight_once(native_kernels) -> None:
+    """Planned on native_i8 alone, a Linear drops its stored planes (the repack holds the same values);
+    asked for again, the weight comes back exactly (repack_i8's inverse), and another plan keeps it."""
+    if not native_kernels.has_i8:
+        pytest.skip(f"{native_kernels.isa} build: no int8-activation kernel")
+    gen = torch.Generator().manual_seed(12)
+    for fmt, w in int8_activation_weights():
+        x = torch.randn(3, w.shape[1], generator=gen)
+        lin = Linear(w)
+        lin.set_plan([(1, "native_i8")])
+        before = lin(x)
+        assert lin._weight is None and lin.out_features == w.shape[0] and lin.quantized, fmt
+        for a, b in zip(lin.weight.planes(), w.planes(), strict=True):
+            assert (a is None and b is None) or torch.equal(a, b), fmt
+        lin.set_plan([(1, "native_i8")])
+        assert lin._weight is None and torch.equal(lin(x), before), fmt
+        lin.set_plan([(1, "native")])  # the stored planes come back before the repack goes
+        assert lin._weight is not None and lin._i8 is None, fmt
+        assert torch.allclose(lin(x), x @ lin.weight.dequantize(torch.float32).T, rtol=1e-4, atol=1e-3), fmt
+
+
+def test_an_input_of_the_wrong_width_is_refused() -> None:
+    lin = Linear(quantize(torch.randn(32, 64), "Q8_0"))
+    configure([lin], "auto")
+    with pytest.raises(ValueError, match="input of 96 features"):
+        lin(torch.randn(2, 96))

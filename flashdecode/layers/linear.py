@@ -106,9 +106,14 @@ class Linear:
         the weight and bias already live on that backend's device."""
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
-        self.weight = weight if isinstance(weight, QuantizedTensor) else weight.contiguous()
+        self._weight: torch.Tensor | QuantizedTensor | None = (
+            weight if isinstance(weight, QuantizedTensor) else weight.contiguous()
+        )
         self.bias = None if bias is None else bias.contiguous()
-        self.format = weight_format(self.weight)
+        self.format = weight_format(weight)
+        self.shape = tuple(weight.shape)
+        self.quantized = isinstance(weight, QuantizedTensor)
+        self.device = weight.device
         self.backend = backend
         self._impls: dict[str, Kernel] = {}
         self._by_m: list[Kernel] = []
@@ -117,16 +122,22 @@ class Linear:
         self.plan: Plan = []
 
     @property
+    def weight(self) -> torch.Tensor | QuantizedTensor:
+        """The weight in its stored format. Where the plan runs only ``native_i8``, ``release`` drops it
+        (the rows-interleaved repack holds the same values, so the model is held once); asked for
+        again, it is rebuilt exactly from the repack."""
+        if self._weight is None:
+            assert self._i8 is not None  # release drops the weight only while the repack is held
+            self._weight = QuantizedTensor(self.format, *cpu.unpack_i8(self.format, self._i8, self.shape[0]))
+        return self._weight
+
+    @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self.shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def quantized(self) -> bool:
-        return isinstance(self.weight, QuantizedTensor)
+        return self.shape[1]
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -155,13 +166,17 @@ class Linear:
         return fn
 
     def release(self, keep: Iterable[str] = ()) -> None:
-        """Drop prepared formats (and their memory) of candidates not in ``keep``."""
+        """Drop prepared formats (and their memory) of candidates not in ``keep``; where ``keep`` is
+        ``native_i8`` alone, the stored weight too (``weight`` rebuilds it on demand)."""
         keep = set(keep)
         self._impls = {k: v for k, v in self._impls.items() if k in keep}
         if "torch_int4" not in keep:
             self._int4 = None
         if "native_i8" not in keep:
+            self.weight  # noqa: B018  (rebuilt from the repack, if dropped, before the repack goes)
             self._i8 = None
+        elif keep == {"native_i8"} and self._i8 is not None:
+            self._weight = None
 
     def i8_repack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The weight repacked 16 rows at a time for ``native_i8`` (kernels/cpu/build.py repack_i8),
@@ -208,6 +223,8 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self._by_m:
             raise RuntimeError("Linear has no plan: layers/dataflow.py's configure() gives every Linear one")
+        if x.shape[-1] != self.shape[1]:  # the C kernels take K from x and would read past the weight
+            raise ValueError(f"input of {x.shape[-1]} features into a {self.shape_key()} projection")
         m = x.shape[0] if x.dim() == 2 else x.numel() // x.shape[-1]
         fn = self._by_m[m] if m < len(self._by_m) else self._last
         if x.dim() != 2:
@@ -264,7 +281,7 @@ def _fp32_input(x: torch.Tensor) -> torch.Tensor:
 
 def _on_host(linear: Linear) -> bool:
     """The C and CPU-only torch kernels: the native backend, with the weight in host memory."""
-    return linear.backend == "native" and linear.weight.device.type == "cpu"
+    return linear.backend == "native" and linear.device.type == "cpu"
 
 
 def _has_native(linear: Linear) -> bool:

@@ -45,10 +45,10 @@ def _parts(mod: Linear | SplitLinear) -> list[Linear]:
 
 
 def _part(lin: Linear, mode: int) -> ProjPart:
-    w = lin.weight
     if mode == INT8_INTERLEAVED:
         planes = lin.i8_repack()
     else:
+        w = lin.weight
         planes = w.planes() if isinstance(w, QuantizedTensor) else (w, None, None)
     return ProjPart(lin.format, planes, lin.bias_as(torch.float32), mode, lin.out_features)
 

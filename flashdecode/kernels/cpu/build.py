@@ -251,6 +251,34 @@ def repack_i8(fmt: str, planes: Planes) -> Planes:
     return q.contiguous(), d, m
 
 
+def unpack_i8(fmt: str, packed: Planes, n: int) -> Planes:
+    """The planes (qs, d, m) of an ``n``-row matrix that ``repack_i8`` turned into ``packed``: the exact
+    inverse, padding rows dropped."""
+    q, d_packed, m_packed = packed
+    groups, nb = q.shape[:2]
+
+    def unrows16(t: torch.Tensor) -> torch.Tensor:  # [groups, nb, 16, ...] -> [n, nb, ...]
+        return t.transpose(1, 2).reshape(groups * 16, nb, *t.shape[3:])[:n]
+
+    def values(vectors: torch.Tensor) -> torch.Tensor:  # [g, b, quad, row, 4] -> [g, b, row, 32]
+        return vectors.permute(0, 1, 3, 2, 4).reshape(groups, nb, 16, 32)
+
+    if fmt in ("Q8_0", "Q6_K"):
+        qs = unrows16(values(q))
+    else:
+        nibbles = q[:, :, :256].reshape(groups, nb, 4, 16, 4) if fmt == "Q5_K" else q
+        low = unrows16(values(torch.cat([nibbles & 0x0F, nibbles >> 4], dim=2)))  # element order
+        if fmt == "Q5_K":
+            bits = (q[:, :, 256:, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # [g, b, 64, 8]
+            fifth = bits.reshape(groups, nb, 4, 2, 2, 8, 4).permute(0, 1, 3, 5, 4, 2, 6)
+            qs = low | (unrows16(fifth.reshape(groups, nb, 16, 32)) << 4)
+        else:
+            qs = low[..., :16] | (low[..., 16:] << 4)
+    d = unrows16(d_packed.transpose(2, 3)).reshape(n, -1)
+    m = None if m_packed is None else unrows16(m_packed)
+    return qs.contiguous(), d.contiguous(), m if m is None else m.contiguous()
+
+
 def supported_builds(flags: set[str] | None = None) -> list[str]:
     """The builds this CPU can run, best first (the portable build always)."""
     flags = cpu_flags() if flags is None else flags
