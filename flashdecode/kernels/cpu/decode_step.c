@@ -24,8 +24,11 @@
 #define KV_F32 0
 #define KV_BF16 1
 #define KV_F16 2
-#define PART_MIN 128  /* keys per attention partition, at least */
-#define PART_MAX 1024 /* and at most (the per-thread score scratch) */
+/* keys per attention partition: fixed, so that a row's attention sums in the same order whatever else
+ * is in the step and however many threads run it (a drafted row, a prompt chunk's row and a lone
+ * decode of the same token give the same bits, which keeps speculative decoding's greedy output
+ * that of plain decoding) */
+#define PART_KEYS 256
 #define GROUP_ROWS 4  /* rows of a prompt chunk that attend together */
 
 #define Q8_INTERLEAVED 2 /* fd_part.q8: int8 activations on weights repacked 16 rows at a time */
@@ -286,17 +289,9 @@ typedef struct { /* the step's buffers, carved from one workspace */
     int64_t thread_floats;
 } fd_buffers;
 
-static int64_t partition_size(int64_t T, int64_t kv_heads, int64_t max_len, int nthreads) {
-    /* enough partitions that every thread has two or more, never fewer keys than PART_MIN */
-    int64_t rows = T * kv_heads, per_row = (2 * nthreads + rows - 1) / rows;
-    int64_t part = (max_len + per_row - 1) / per_row;
-    part = part < PART_MIN ? PART_MIN : (part > PART_MAX ? PART_MAX : part);
-    return (part + 15) / 16 * 16;
-}
-
 static int64_t thread_floats(const fd_model *M, int64_t max_k) {
     const int64_t G = M->heads / M->kv_heads;
-    return 2 * (int64_t)fd_scale_scratch(max_k) + GROUP_ROWS * G * PART_MAX + 2 * M->head_dim + (M->head_dim + 2) + 64;
+    return 2 * (int64_t)fd_scale_scratch(max_k) + GROUP_ROWS * G * PART_KEYS + 2 * M->head_dim + (M->head_dim + 2) + 64;
 }
 
 /* Bytes of workspace fd_decode needs for T tokens whose longest context is max_len. */
@@ -305,9 +300,7 @@ int64_t fd_decode_workspace(const fd_model *M, int64_t T, int64_t max_len, int n
     const int64_t q = M->heads * M->head_dim, kv = M->kv_heads * M->head_dim, G = M->heads / M->kv_heads;
     int64_t max_k = M->hidden > q ? M->hidden : q;
     max_k = max_k > M->inter ? max_k : M->inter;
-    /* the fewest groups T rows can form give the smallest partitions, so the most partials per row */
-    const int64_t part = partition_size((T + GROUP_ROWS - 1) / GROUP_ROWS, M->kv_heads, max_len, nthreads);
-    const int64_t items = T * M->kv_heads * ((max_len + part - 1) / part);
+    const int64_t items = T * M->kv_heads * ((max_len + PART_KEYS - 1) / PART_KEYS);
     int64_t floats = T * (M->hidden + q + 2 * kv + q + 3 * M->inter) + 2 * T * (max_k / 32 + 1) +
                      items * G * (M->head_dim + 2) + (int64_t)nthreads * thread_floats(M, max_k);
     return floats * 4 + T * max_k + 64 * 16;
@@ -375,7 +368,7 @@ static void attention(fd_member *me, const fd_model *M, int64_t layer, const fd_
     const int64_t width = (H + 2 * KVH) * D;
     const int unified = M->unified;
     const float phi = unified ? M->phi[layer] : 0.0f;
-    float *scores = tb, *buf = tb + GROUP_ROWS * G * PART_MAX, *tmp = buf + D;
+    float *scores = tb, *buf = tb + GROUP_ROWS * G * PART_KEYS, *tmp = buf + D;
     TEAM_FOR(me, S->items, 1, it) {
         const int64_t gi = find_range(S->group_items, S->groups, it), t = S->group_first[gi];
         const int nr = (int)(S->group_first[gi + 1] - t);
@@ -485,7 +478,7 @@ int fd_decode(const fd_model *M, int64_t T, float *x, const int64_t *positions, 
         t = e;
     }
     group_first[S.groups] = T;
-    S.part = partition_size(S.groups, M->kv_heads, max_len, nt);
+    S.part = PART_KEYS;
     group_items[0] = row_base[0] = 0;
     for (int64_t g = 0; g < S.groups; g++) {
         const int64_t per_row = M->kv_heads * ((lens[group_first[g + 1] - 1] + S.part - 1) / S.part);
