@@ -123,7 +123,7 @@ def test_preemption_keeps_matchers_consistent(llm: LLM) -> None:
     prompts = [f"Record {i}:" for i in range(4)]
     reference = [[c.text for c in o.outputs] for o in llm.generate(prompts, params)]
     spec = llm.engine.spec
-    bytes_per_token = 2 * spec.num_layers * spec.kv_size * 4
+    bytes_per_token = 2 * spec.num_layers * spec.kv_size * llm.engine.cache.kv.element_size()
     small = LLM(max_model_len=128, kv_block_size=16, kv_cache_bytes=128 * bytes_per_token)
     outs = small.generate(prompts, params)
     assert small.engine.stats().num_preemptions > 0
