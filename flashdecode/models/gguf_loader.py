@@ -130,6 +130,12 @@ def _spec_from_metadata(meta: dict[str, Any], tensor_names: set[str], tokenizer:
         extra = gemma.gguf_fields(get, family.name, n_layers, hidden, n_head, head_dim)
     if family.moe:
         extra = moe.gguf_fields(get, family, n_layers, tensor_names)
+    context = int(get("context_length", 2048))
+    window = 0 if family.gemma_norms else int(get("attention.sliding_window", 0, required=False))
+    if 0 < window < context:
+        # Phi-3's converter writes config.json's window, which transformers applies on every layer
+        # (llama.cpp's phi3 graph ignores it, so the two differ on sequences longer than the window)
+        extra |= {"sliding_window": window, "layer_types": ("sliding_attention",) * n_layers}
     return ModelSpec(
         family=family,
         vocab_size=int(vocab),
@@ -141,7 +147,7 @@ def _spec_from_metadata(meta: dict[str, Any], tensor_names: set[str], tokenizer:
         intermediate_size=int(get("feed_forward_length")),
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(get("rope.freq_base", 10000.0)),
-        max_position=int(get("context_length", 2048)),
+        max_position=context,
         tie_embeddings="output.weight" not in tensor_names,
         rope_scaling=rope_scaling,
         rotary_dim=rotary_dim,

@@ -88,6 +88,36 @@ def _rope_scaling(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     raise ModelLoadError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3, longrope)")
 
 
+def _slides(rule: str, layer: int, max_window_layers: int) -> bool:
+    """Whether ``layer`` slides under ``Family.hf_window``'s rule (transformers' layer_types defaults)."""
+    if rule == "qwen":
+        return layer >= max_window_layers
+    if rule == "qwen2moe":
+        return layer % 2 == 0 and layer < max_window_layers
+    return True
+
+
+def _hf_window(config: dict[str, Any], rule: str, num_layers: int) -> dict[str, Any]:
+    """``sliding_window`` and ``layer_types`` as transformers applies config.json's window: Qwen's only
+    with ``use_sliding_window`` (its config classes then drop the window), on the layers its
+    ``layer_types`` names or its rule picks. Nothing where no layer slides, or where the window is
+    the whole context (Phi-4-mini's exceeds it): it would change no score."""
+    window = config.get("sliding_window")
+    if not rule or not window or (rule != "all" and not config.get("use_sliding_window")):
+        return {}
+    if int(window) >= int(config.get("max_position_embeddings", 2048)):
+        return {}
+    # only Qwen's models read layer_types; the others mask every layer alike
+    named = tuple(config.get("layer_types") or ()) if rule in ("qwen", "qwen2moe") else ()
+    types = named or tuple(
+        "sliding_attention" if _slides(rule, i, int(config.get("max_window_layers", 28))) else "full_attention"
+        for i in range(num_layers)
+    )
+    if "sliding_attention" not in types:
+        return {}
+    return {"sliding_window": int(window), "layer_types": types}
+
+
 def _rotary_dim(config: dict[str, Any], head_dim: int) -> int | None:
     """``partial_rotary_factor`` (top level, or in transformers 5's rope_parameters) as the number of
     rotated dims, as transformers computes it: int(head_dim * factor). None when every dim rotates."""
@@ -123,14 +153,7 @@ def spec_from_hf_config(config: dict[str, Any], tokenizer: Tokenizer | None = No
             extra = gemma.hf_fields(config, family.name, int(config["num_hidden_layers"]))
         if family.moe:
             extra = moe.hf_fields(config, family, int(config["num_hidden_layers"]))
-        window = config.get("sliding_window")
-        if (
-            family.hf_sliding_window
-            and window
-            and int(window) < int(config.get("max_position_embeddings", 2048))
-        ):
-            layers = int(config["num_hidden_layers"])
-            extra |= {"sliding_window": int(window), "layer_types": ("sliding_attention",) * layers}
+        extra |= _hf_window(config, family.hf_window, int(config["num_hidden_layers"]))
         if family.opt:
             config = opt.hf_config(config)
             extra = opt.hf_fields(config)

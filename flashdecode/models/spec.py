@@ -38,9 +38,13 @@ class Family:
     qkv_bias: bool = False  # Qwen2: biases on q, k and v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     gguf_permuted_qk: bool = False  # llama.cpp's converter reorders Q/K rows for interleaved RoPE
-    # Mistral: config.json's sliding_window (below max_position_embeddings) applies on every layer, as
-    # transformers masks it; llama.cpp's GGUF has no window for the llama architecture (all global)
-    hf_sliding_window: bool = False
+    # How config.json's sliding_window (below max_position_embeddings) applies, as transformers'
+    # config classes and models apply it (safetensors_loader._hf_window): "all" layers (Mistral,
+    # Mixtral, Phi-3); with use_sliding_window only, "qwen": layers from max_window_layers on (Qwen2,
+    # Qwen3), "qwen2moe": even-indexed layers below max_window_layers, "qwen3moe": all layers; "": none
+    # (Gemma reads its own). GGUF carries a window for phi3 only (llama.cpp's llama and qwen
+    # architectures attend globally)
+    hf_window: str = ""
     fused_projections: bool = False  # Phi-3: q/k/v stored as one qkv matrix, gate/up as one (FUSED_TENSORS)
     # Gemma 2/3: RMSNorm after attention and after the MLP too (post_attention_norm, post_ffw_norm),
     # embeddings scaled by sqrt(hidden_size), and norms that scale by (1 + w) in fp32: Hugging Face
@@ -60,16 +64,18 @@ class Family:
 # Keyed by the name GGUF files use in ``general.architecture``.
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", gguf_permuted_qk=True),
-    "mistral": Family("mistral", gguf_permuted_qk=True, hf_sliding_window=True),
-    "qwen2": Family("qwen2", qkv_bias=True),
-    "qwen3": Family("qwen3", qk_norm=True),
-    "phi3": Family("phi3", fused_projections=True),
+    "mistral": Family("mistral", gguf_permuted_qk=True, hf_window="all"),
+    "qwen2": Family("qwen2", qkv_bias=True, hf_window="qwen"),
+    "qwen3": Family("qwen3", qk_norm=True, hf_window="qwen"),
+    "phi3": Family("phi3", fused_projections=True, hf_window="all"),
     "gemma2": Family("gemma2", gemma_norms=True),
     "gemma3": Family("gemma3", qk_norm=True, gemma_norms=True),
     # GGUF files name Mixtral "llama" (convert_hf_to_gguf.py); the loader tells them apart by expert_count
-    "mixtral": Family("mixtral", gguf_permuted_qk=True, moe=True),
-    "qwen2moe": Family("qwen2moe", qkv_bias=True, moe=True, moe_norm_topk=False, shared_expert=True),
-    "qwen3moe": Family("qwen3moe", qk_norm=True, moe=True),
+    "mixtral": Family("mixtral", gguf_permuted_qk=True, moe=True, hf_window="all"),
+    "qwen2moe": Family(
+        "qwen2moe", qkv_bias=True, moe=True, moe_norm_topk=False, shared_expert=True, hf_window="qwen2moe"
+    ),
+    "qwen3moe": Family("qwen3moe", qk_norm=True, moe=True, hf_window="qwen3moe"),
     "opt": Family("opt", qkv_bias=True, opt=True),
 }
 
