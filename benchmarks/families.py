@@ -151,8 +151,8 @@ def bench_flashdecode(q: Path) -> dict[str, float]:
 def bench_llama_cpp(q: Path) -> float:
     root = mf.llama_cpp_dir()
     assert root is not None
-    cmd = [str(root / "build/bin/llama-bench"), "-m", str(q), "-t", str(THREADS), "-p", "0", "-n", str(GEN_LEN),
-           "-r", "1", "-o", "json"]  # fmt: skip
+    cmd = [str(root / "build/bin/llama-bench"), "-m", str(q), "-t", str(THREADS), "-p", "0",
+           "-n", str(GEN_LEN), "-r", "1", "-o", "json"]  # fmt: skip
     run = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return float(json.loads(run.stdout)[0]["avg_ts"])
 
@@ -209,13 +209,19 @@ def main() -> int:
     for name in NOT_CONVERTED:
         results.setdefault(name, {"skipped": NOT_CONVERTED[name]})
     if args.bench:
-        print("\n| family | parameters | flashdecode tok/s | llama.cpp tok/s | ratio | fd fraction of roofline |")
-        print("|---|---|---|---|---|---|")
+        heads = ("family", "parameters", "flashdecode tok/s", "llama.cpp tok/s", "ratio", "fd, of roofline")
+        print("\n| " + " | ".join(heads) + " |\n" + "|---" * len(heads) + "|")
         for name, r in results.items():
             if "decode_batch_1" in r:
                 d = r["decode_batch_1"]
-                print(f"| {name} | {r['parameters'] / 1e6:.0f}M | {d['flashdecode_tok_s']:.1f} | "
-                      f"{d['llama_cpp_tok_s']:.1f} | {d['ratio']:.2f}x | {d['fraction_of_roofline']:.0%} |")  # fmt: skip
+                cells = (
+                    f"{r['parameters'] / 1e6:.0f}M",
+                    f"{d['flashdecode_tok_s']:.1f}",
+                    f"{d['llama_cpp_tok_s']:.1f}",
+                    f"{d['ratio']:.2f}x",
+                    f"{d['fraction_of_roofline']:.0%}",
+                )
+                print(f"| {name} | " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

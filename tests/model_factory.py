@@ -738,7 +738,7 @@ def save_spm_tokenizer(out_dir: Path) -> dict[str, Any]:
     """A SentencePiece BPE ``tokenizer.model`` (byte fallback; <unk> 0, <s> 1, </s> 2) as Llama 2,
     Mistral, Gemma and Phi-3 ship it, with the tokenizer_config.json the converter reads beside it."""
     (out_dir / "tokenizer.model").write_bytes(_spm_model())
-    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "tokenizer_class": "LlamaTokenizer"}
+    config = dict(bos_token="<s>", eos_token="</s>", add_bos_token=True, tokenizer_class="LlamaTokenizer")
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return {"bos_token_id": 1, "eos_token_id": 2, "generation_eos": [2]}
 

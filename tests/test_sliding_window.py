@@ -268,7 +268,10 @@ SHORT_WINDOW = 8
 WINDOWED = {
     "phi3": (dict(sliding_window=SHORT_WINDOW), [SHORT_WINDOW] * 2),
     "mixtral": (dict(sliding_window=SHORT_WINDOW), [SHORT_WINDOW] * 2),
-    "qwen2": (dict(use_sliding_window=True, sliding_window=SHORT_WINDOW, max_window_layers=1), [None, SHORT_WINDOW]),
+    "qwen2": (
+        dict(use_sliding_window=True, sliding_window=SHORT_WINDOW, max_window_layers=1),
+        [None, SHORT_WINDOW],
+    ),
     "qwen2moe": (
         dict(use_sliding_window=True, sliding_window=SHORT_WINDOW, max_window_layers=3),
         [SHORT_WINDOW, None, SHORT_WINDOW],

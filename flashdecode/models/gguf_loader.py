@@ -267,6 +267,12 @@ def load_gguf(path: str | Path) -> LoadedModel:
         except Exception as exc:
             raise ModelLoadError(f"{where} cannot be read (truncated file?): {exc}") from exc
     formats |= {canonical: t.tensor_type.name for canonical, t in tensors.items()}
+    # Qwen2-MoE's shared-expert gate, [1, hidden] as the converter writes it: llama-quantize writes
+    # it 1-D ({n_embd}, the shape llama.cpp's loader asks for)
+    for name, shape in spec.tensors().items():
+        w = weights.get(name)
+        if isinstance(w, torch.Tensor) and w.dim() == 1 and shape[:1] == (1,) and w.shape == shape[1:]:
+            weights[name] = w.reshape(shape)
 
     if "rope_freqs" in weights:
         # llama.cpp bakes Llama-3 RoPE scaling into per-frequency divisors instead of metadata

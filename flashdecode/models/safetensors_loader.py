@@ -109,10 +109,9 @@ def _hf_window(config: dict[str, Any], rule: str, num_layers: int) -> dict[str, 
         return {}
     # only Qwen's models read layer_types; the others mask every layer alike
     named = tuple(config.get("layer_types") or ()) if rule in ("qwen", "qwen2moe") else ()
-    types = named or tuple(
-        "sliding_attention" if _slides(rule, i, int(config.get("max_window_layers", 28))) else "full_attention"
-        for i in range(num_layers)
-    )
+    max_window_layers = int(config.get("max_window_layers", 28))
+    slides = [_slides(rule, i, max_window_layers) for i in range(num_layers)]
+    types = named or tuple("sliding_attention" if s else "full_attention" for s in slides)
     if "sliding_attention" not in types:
         return {}
     return {"sliding_window": int(window), "layer_types": types}
