@@ -146,7 +146,7 @@ def test_specs_from_both_sources_agree(
         )
         assert hf.family.name == gg.family.name == arch
         assert hf.sliding_window == cfg["sliding_window"] and hf.hidden_act == "gelu_tanh"
-        assert not hf.llama_block
+        assert hf.native_block
     g2, g3 = load_model(hf_model("gemma2")).spec, load_model(hf_model("gemma3")).spec
     assert g2.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
     assert g2.attn_logit_softcap == 2.0 and g2.final_logit_softcap == 4.0 and g2.rope_local_theta is None
