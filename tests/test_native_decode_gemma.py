@@ -3,8 +3,9 @@ replaces: same greedy tokens and prompt and output log-probabilities to fp32 rou
 features are each on: post-norms, GeGLU, the attention scale, soft-capped scores (Gemma 2), sliding
 layers of 8 keys beside global ones, Gemma 3's q/k norms and its sliding layers' own RoPE base beside
 linearly scaled global RoPE. Prompts of 23, 250 and 270 tokens put windows across the step's
-256-key attention partitions, in prompt rows and in decodes. tests/test_gemma.py holds both paths to
-transformers.
+256-key attention partitions, in prompt rows and in decodes. A model whose every layer slides
+(Mistral) runs there too, with the blocks behind its window released. tests/test_gemma.py holds both
+paths to transformers.
 
 Gemma 3's shapes (4 heads, intermediate 160) make every matrix row a multiple of 32 long, so each
 projection is Q8_0 and runs natively (the test factory's 6 x 40 heads give an F16 output projection).
@@ -100,3 +101,28 @@ def test_unified_softmax_with_soft_cap(gguf_model, native_kernels, monkeypatch) 
         tokens = sum(PROMPT_LENS) + len(PROMPT_LENS) * (PARAMS.max_tokens - 1)
         assert checked == 2 * tokens * model.spec.num_heads * model.spec.num_layers  # both paths' rows
         assert fallbacks == (checked if all_fall_back else 0)
+
+
+def test_every_layer_sliding_with_released_blocks(hf_model, native_kernels, monkeypatch) -> None:
+    """Mistral with a window of 16 on every layer (weights quantized to Q8_0 at load): the cache
+    releases the blocks behind each sequence's window, and the native step, reading only the window's
+    keys, gives the Python layers' tokens while generating far past it."""
+    llm = LLM(
+        model=str(hf_model("mistral", sliding_window=16)),
+        quantization="int8",
+        max_model_len=256,
+        num_threads=1,
+        kv_block_size=16,
+        kv_cache_bytes=16 << 20,
+        numerics="exact",
+    )
+    assert llm.engine.model.spec.cache_sliding_window == 16
+    params = SamplingParams(temperature=0, max_tokens=64, logprobs=2, ignore_eos=True)
+    requests = prompts()[:1] + [{"prompt_token_ids": p["prompt_token_ids"][:40]} for p in prompts()[1:]]
+
+    def outputs() -> list:
+        return [o.outputs[0] for o in llm.generate(requests, params)]
+
+    native = outputs()
+    assert native_helpers.used_native(llm)
+    native_helpers.assert_same(native, native_helpers.python_layers_outputs(llm, monkeypatch, outputs), 2e-4)
