@@ -126,3 +126,19 @@ def test_every_layer_sliding_with_released_blocks(hf_model, native_kernels, monk
     native = outputs()
     assert native_helpers.used_native(llm)
     native_helpers.assert_same(native, native_helpers.python_layers_outputs(llm, monkeypatch, outputs), 2e-4)
+
+
+def test_drafted_rows_are_plain_decoding_bits(gguf_model, native_kernels) -> None:
+    """n-gram speculation on Gemma 2 under the default numerics (int8 activations): verified drafts are
+    rows of a chunk, whose windows cut the step's partitions as a lone decode's do, so tokens and
+    log-probabilities are plain decoding's bits, past the 256-key partition boundary."""
+    pattern = list(range(3, 13))
+    requests = [{"prompt_token_ids": pattern * 25}, {"prompt_token_ids": pattern * 3}]
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=2, ignore_eos=True)
+    options = dict(max_model_len=512, num_threads=1, kv_cache_bytes=16 << 20)
+    path = str(gguf_model("gemma2", "Q8_0"))
+    plain = LLM(model=path, **options).generate(requests, params)
+    spec = LLM(model=path, speculative={"method": "ngram", "num_speculative_tokens": 4}, **options)
+    got = spec.generate(requests, params)
+    assert spec.stats().spec_num_draft_tokens > 0 and native_helpers.used_native(spec)
+    native_helpers.assert_same([o.outputs[0] for o in got], [o.outputs[0] for o in plain], tol=0.0)
