@@ -98,10 +98,10 @@ class NativeDecode:
         layers' RoPE where it is not ``rope`` (Gemma 3). Host tensors, fp32 compute (else nothing runs
         natively)."""
         self.spec, self.layers, self.norm, self.dtype = spec, layers, norm, dtype
-        self.tables = {rope: (rope.cos.contiguous(), rope.sin.contiguous())}  # per RotaryEmbedding
         self.rope, self.rope_local = rope, rope_local
-        if rope_local is not None:
-            self.tables[rope_local] = (rope_local.cos.contiguous(), rope_local.sin.contiguous())
+        self.tables = {  # each RotaryEmbedding's cos and sin as the step reads them
+            r: (r.cos.contiguous(), r.sin.contiguous()) for r in (rope, rope_local) if r is not None
+        }
         self._chosen: dict[tuple, DecodeStep | None] = {}  # per step shape: the step, or None
         self._steps: dict[tuple, DecodeStep] = {}  # per kernel modes, KV storage and softmax
         self._plans_set = -1

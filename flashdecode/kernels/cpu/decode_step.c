@@ -5,10 +5,11 @@
  * cache, output projection and residual, RMSNorm, gate/up projection, SwiGLU or GeGLU, down
  * projection and residual; then the final norm). Gemma's differences are per-layer data: norms of
  * the attention and MLP outputs before their residual adds, soft-capped scores, a sliding window
- * (the layer reads only its window's keys) and the layer's own RoPE tables. At batch 1 a layer is ~15 operations of a few microseconds each:
- * launched one by one from Python, each pays interpreter, dispatch and thread-pool wake-up costs
- * larger than its work. Here threads meet at barriers instead, and K and V are read in place from
- * the paged cache (no gather).
+ * (the layer reads only its window's keys) and the layer's own RoPE tables.
+ *
+ * At batch 1 a layer is ~15 operations of a few microseconds each: launched one by one from Python,
+ * each pays interpreter, dispatch and thread-pool wake-up costs larger than its work. Here threads
+ * meet at barriers instead, and K and V are read in place from the paged cache (no gather).
  *
  * Attention (FlashDecoding++ section 3, the CPU form of layers/attention.py): the keys of each
  * (sequence, kv head) are split into partitions that threads run independently, each producing its
@@ -32,8 +33,8 @@
  * that of plain decoding) */
 #define PART_KEYS 256
 #define GROUP_ROWS 4  /* rows of a prompt chunk that attend together */
-/* Steps of at most this many rows prepare a projection's input (norm, gated activation, int8 rounding) in
- * every thread at once, each its own copy: the work is a few microseconds, less than the barrier
+/* Steps of at most this many rows prepare a projection's input (norm, gated activation, int8
+ * rounding) in every thread at once, each its own copy: the work is a few microseconds, less than the barrier
  * a shared copy would wait at. Larger steps share the work and one copy. Either way the values are
  * the same bits. */
 #define PRIVATE_ROWS 4
@@ -144,8 +145,8 @@ static void rms_norm_row(const float *x, const float *w, float *y, int64_t n, fl
     for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * w[i];
 }
 
-/* y = act(g) * u with act(g) = g sigmoid(a): a = g is SiLU, and a = 2 sqrt(2 / pi) (g + 0.044715 g^3)
- * the tanh-approximated GELU, whose 0.5 g (1 + tanh(z)) is g sigmoid(2 z) */
+/* y = act(g) * u with act(g) = g sigmoid(a): a = g for SiLU; a = 2 sqrt(2 / pi) (g + 0.044715 g^3) for
+ * the tanh-approximated GELU, since its 0.5 g (1 + tanh(z)) is g sigmoid(2 z) */
 static void gated_act(const float *g, const float *u, float *y, int64_t n, int act) {
     const float c = 1.5957691216057308f, k = 0.044715f; /* 2 sqrt(2 / pi) */
     int64_t i = 0;
@@ -154,7 +155,8 @@ static void gated_act(const float *g, const float *u, float *y, int64_t n, int a
                  vk = _mm256_set1_ps(k);
     for (; i + 8 <= n; i += 8) {
         __m256 gv = _mm256_loadu_ps(g + i), a = gv;
-        if (act == ACT_GELU_TANH) a = _mm256_mul_ps(vc, _mm256_fmadd_ps(_mm256_mul_ps(vk, gv), _mm256_mul_ps(gv, gv), gv));
+        if (act == ACT_GELU_TANH)
+            a = _mm256_mul_ps(vc, _mm256_fmadd_ps(_mm256_mul_ps(vk, gv), _mm256_mul_ps(gv, gv), gv));
         __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_xor_ps(a, neg))));
         _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
     }
