@@ -595,18 +595,21 @@ def make_hf_model(
     seed: int = 0,
     shards: bool = False,
     tokenizer: str = "factory",
+    tokenizer_vocab: int | None = None,
     **config_overrides: Any,
 ) -> Path:
     """Build a random ``arch`` model and save it (safetensors, tokenizer, configs) into ``out_dir``.
-    ``tokenizer``: "factory" (a byte-level BPE of exactly the model's vocabulary), or for llama.cpp's
-    own converter (``CONVERTER_TOKENIZERS``) "spm" or "smollm"."""
+    ``tokenizer``: "factory" (a byte-level BPE), or for llama.cpp's own converter
+    (``CONVERTER_TOKENIZERS``) "spm" or "smollm". ``tokenizer_vocab``: train the factory's tokenizer to
+    this many tokens only, the rest of the model's vocabulary unused (a real-sized vocabulary without
+    training a tokenizer that large)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = arch_config(arch, **config_overrides)
     model_type = cfg.pop("model_type")
-    save = {"factory": lambda: _save_tokenizer(arch, out_dir, cfg["vocab_size"])}
+    save = {"factory": lambda: _save_tokenizer(arch, out_dir, tokenizer_vocab or cfg["vocab_size"])}
     save |= {"spm": lambda: save_spm_tokenizer(out_dir), "smollm": lambda: save_smollm_tokenizer(out_dir)}
     tok_ids = save[tokenizer]()
     generation_eos = tok_ids.pop("generation_eos")
