@@ -26,6 +26,9 @@ They are the correctness oracle of the engine's test suite:
   One deliberate difference: llama.cpp reads Llama-3's ``original_max_position_embeddings`` from
   the top level of config.json (default 8192); ours lives in ``rope_scaling``, where transformers
   reads it, so the GGUF describes the same model (see ``llama3_rope_factors``).
+* ``convert_with_llama_cpp`` / ``llama_quantize`` run llama.cpp's own ``convert_hf_to_gguf.py`` and
+  ``llama-quantize`` where its source and build are present (``llama_cpp_dir``), on folders made with
+  ``make_hf_model(..., tokenizer="spm" | "smollm")``: the tokenizers its converter classes accept.
 * ``cached_hf_model`` / ``cached_gguf`` memoise both per process (tests/conftest.py wraps them in
   session fixtures).
 
