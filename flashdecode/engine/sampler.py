@@ -14,7 +14,9 @@ a point mass on x, so every emitted token is distributed as p, exactly as withou
 Sampling inverts each row's cumulative distribution at one uniform draw from that row's own generator,
 so a seeded request draws the same token whatever else is in the batch. One draw and one cumulative sum
 per row cost far less on a CPU than vLLM's exponential race (``argmax(probs / Exp(1))``, a random
-exponential for every vocabulary entry, made for GPUs where it avoids a host sync).
+exponential for every vocabulary entry, made for GPUs where it avoids a host sync). Rows with nothing
+but a temperature (no top-k, top-p, min-p or draft) invert it natively in one pass where the native
+kernels run (kernels/cpu, ``fd_sample``): the same distribution, without torch's passes and temporaries.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flashdecode.kernels import cpu
 from flashdecode.outputs import Logprob
 from flashdecode.sampling_params import SamplingParams
 
@@ -228,13 +231,19 @@ def _sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     params = [r.params for r in rows]
 
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
-    x.div_(temps.unsqueeze(1))
-
     # top_k of 0, -1 or >= vocab keeps everything; vocab as the "disabled" k makes the masks no-ops.
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     ps = [p.top_p for p in params]
     need_k = any(k < vocab for k in ks)
     need_p = any(p < 1.0 for p in ps)
+    native = cpu.load() if dev.type == "cpu" else None
+    plain = not (need_k or need_p) and all(
+        p.min_p == 0.0 and r.draft_token_id is None for p, r in zip(params, rows)
+    )
+    if native is not None and plain and x.stride(1) == 1:
+        return native.sample(x, temps, _uniforms(rows, dev).squeeze(1))
+
+    x.div_(temps.unsqueeze(1))
     if need_p:
         x = _top_k_top_p(x, ks if need_k else None, ps)
     elif need_k:

@@ -40,7 +40,7 @@ from ..formats import BF16_KERNEL_ID, I8_FORMATS, NATIVE
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "flat_gemm.c", HERE / "decode_step.c")
 HEADERS = (HERE / "flat_gemm.h",)
-ABI_VERSION = 6
+ABI_VERSION = 7
 FORMAT_IDS = {"BF16": BF16_KERNEL_ID} | {fmt: layout.kernel_id for fmt, layout in NATIVE.items()}
 Planes = reference.Planes
 
@@ -81,6 +81,8 @@ class NativeKernels:
         self.lib.fd_linear_q8.argtypes = self.lib.fd_linear.argtypes
         self.lib.fd_linear_q8.restype = i32
         self.lib.fd_q8_available.restype = i32
+        self.lib.fd_sample.argtypes = [vp, i64, i64, i64, vp, vp, vp]
+        self.lib.fd_sample.restype = i32
         self._linear_i8 = self.lib.fd_linear_i8
         self._dequant = self.lib.fd_dequant
         self.has_i8 = bool(self.lib.fd_i8_available())
@@ -122,6 +124,22 @@ class NativeKernels:
         if rc != 0:
             name = "fd_linear_q8" if int8_activations else "fd_linear"
             raise RuntimeError(f"{name}({fmt}, M={m_rows}, N={n}, K={k}) failed with code {rc}")
+        return out
+
+    def sample(self, x: torch.Tensor, temps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Row r's token drawn from softmax(x[r] / temps[r]) by inverting its cumulative distribution at
+        u[r] in [0, 1). ``x`` (fp32 [R, V], unit column stride) is overwritten."""
+        rows, vocab = x.shape
+        if x.dtype != torch.float32 or x.stride(1) != 1:
+            raise ValueError("sample needs fp32 logits with unit column stride")
+        temps = temps.to(torch.float32).contiguous()
+        u = u.to(torch.float32).contiguous()
+        out = torch.empty(rows, dtype=torch.long)
+        rc = self.lib.fd_sample(
+            _f32(x), x.stride(0), rows, vocab, _f32(temps), _f32(u), ctypes.c_void_p(out.data_ptr())
+        )
+        if rc != 0:
+            raise ValueError("cannot sample: a row has no finite logit, or a temperature is not positive")
         return out
 
     def linear_i8(
