@@ -19,7 +19,7 @@ from ..layers.device import resolve_device
 from ..layers.kv_cache import KVCache
 from ..layers.linear import iter_linears
 from ..models.decoder import Decoder
-from ..models.loader import load_model
+from ..models.loader import load_model, resolve_model_path
 from ..models.weights import LoadedModel
 from ..outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
@@ -127,7 +127,11 @@ class LLMEngine:
         draft_kv_dtype, draft_bytes = "auto", 0
         if spec_config is not None and spec_config.method == "draft":
             path = spec_config.model
-            draft, draft_numerics = self._build_model(self._load_draft(path), path, table)
+            if resolve_model_path(path).resolve() == resolve_model_path(config.model).resolve():
+                # the target drafting for itself (a check of the machinery): one copy of the weights
+                draft, draft_numerics = self.model, self.numerics
+            else:
+                draft, draft_numerics = self._build_model(self._load_draft(path), path, table)
             draft_kv_dtype = draft_numerics.kv_cache_dtype
             draft_bytes = self._kv_bytes_per_token(draft, draft_kv_dtype)
 
