@@ -1,10 +1,13 @@
-"""Speculative decoding by n-gram prompt lookup: cheap drafts, verified in the step that decodes.
+"""Speculative decoding: drafts by n-gram prompt lookup or by a draft model, verified in the step that
+decodes.
 
-Each step, a decoding sequence may draft up to ``num_speculative_tokens`` tokens: the tokens that
-followed the most recent earlier occurrence of its last n tokens in its prompt and output (n from
-``prompt_lookup_max`` down to ``prompt_lookup_min``), as vLLM's and llama.cpp's prompt lookup do.
-Input-grounded work (summaries, edits, answers from a passage) repeats its input, so the drafts are
-often right.
+Each step, a decoding sequence may draft up to ``num_speculative_tokens`` tokens. ``ngram``: the
+tokens that followed the most recent earlier occurrence of its last n tokens in its prompt and output
+(n from ``prompt_lookup_max`` down to ``prompt_lookup_min``), as vLLM's and llama.cpp's prompt lookup
+do; input-grounded work (summaries, edits, answers from a passage) repeats its input, so the drafts
+are often right. ``draft``: a smaller model with the target's vocabulary samples them one at a time
+(``DraftModelProposer``), for all drafting sequences at once, with its own KV cache in the target's
+blocks; verification's rejection rule uses the draft's distribution (engine/sampler.py).
 
 A sequence with d drafts is d + 1 decode rows of the step (engine/model_runner.py): its last token
 and the drafts, at consecutive positions, sharing its block table, each attending up to its own
@@ -20,8 +23,9 @@ The draft length adapts per sequence. With an acceptance rate a per draft, d dra
 drafted (zero when no length beats plain decoding). The cost of d + 1 rows, in one-row steps, comes
 from the tuned dataflow table where it timed every projection of the model (``tuned_step_costs``:
 each shape's planned kernel at each M; attention, which reads the context once per row, is left
-out), else it is ``1 + d * draft_row_cost``. The rate
-is the sequence's own (``Sequence.draft_history``), over its recent steps.
+out), else it is ``1 + d * draft_row_cost``; a draft model's passes are added to it
+(``draft_step_costs``, a draft row priced by its weights' bytes over the target's). The rate is the
+sequence's own (``Sequence.draft_history``), over its recent steps.
 """
 
 from __future__ import annotations
