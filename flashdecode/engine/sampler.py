@@ -251,12 +251,22 @@ def _apply_penalties(x: torch.Tensor, rows: list[SamplingRow]) -> None:
 
 def _sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Samples one token per row of penalised logits ``x`` (modified in place) for non-greedy rows."""
+    native = cpu.load() if x.device.type == "cpu" and x.stride(1) == 1 else None
+    if native is not None and all(_temperature_only(r) for r in rows):
+        temps = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32)
+        return native.sample(x, temps, _uniforms(rows, x.device).squeeze(1))
     probs = _probs(x, rows)
     accepted = _accept_drafts(probs, rows)
     next_ids = _draw(probs, rows)
     for i, draft in accepted:
         next_ids[i] = draft
     return next_ids
+
+
+def _temperature_only(row: SamplingRow) -> bool:
+    """Nothing but a temperature shapes this row's distribution (no top-k, top-p, min-p or draft)."""
+    p = row.params
+    return p.top_k in (0, -1) and p.top_p >= 1.0 and p.min_p == 0.0 and row.draft_token_id is None
 
 
 def _probs(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -272,13 +282,6 @@ def _probs(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     ps = [p.top_p for p in params]
     need_k = any(k < vocab for k in ks)
     need_p = any(p < 1.0 for p in ps)
-    native = cpu.load() if dev.type == "cpu" else None
-    plain = not (need_k or need_p) and all(
-        p.min_p == 0.0 and r.draft_token_id is None for p, r in zip(params, rows)
-    )
-    if native is not None and plain and x.stride(1) == 1:
-        return native.sample(x, temps, _uniforms(rows, dev).squeeze(1))
-
     x.div_(temps.unsqueeze(1))
     if need_p:
         x = _top_k_top_p(x, ks if need_k else None, ps)
