@@ -739,7 +739,8 @@ def random_k_blocks(fmt: str, n: int, k: int, seed: int) -> np.ndarray:
     scales = rng.standard_normal((raw.shape[0], 2)).astype(np.float16)
     scales[::7] = np.float16(3e-6)  # subnormal
     scales[::11, 0] = 0.0
-    at = [size - 2] if fmt == "Q6_K" else [0, 2]  # Q6_K keeps its d last; Q4_K/Q5_K lead with d, dmin
+    # Q6_K keeps its d last, Q2_K its d, dmin; Q4_K/Q5_K lead with d, dmin
+    at = {"Q6_K": [size - 2], "Q2_K": [size - 4, size - 2]}.get(fmt, [0, 2])
     for i, pos in enumerate(at):
         raw[:, pos : pos + 2] = scales[:, i : i + 1].view(np.uint8)
     return raw.reshape(n, -1)
