@@ -198,6 +198,82 @@ static void soft_cap(float *x, int64_t n, float cap) {
     for (; i < n; i++) x[i] = tanhf(x[i] / cap) * cap;
 }
 
+/* ---------------------------------------------------------------- sampling */
+
+#define SAMPLE_BLOCK 64 /* tokens a partial sum covers: the scan walks the partials, then one block */
+
+/* x[i] = e^(x[i] / t - m) for a row whose max of x / t is m; bsum[b] = the sum over block b */
+static void sample_exps(float *x, int64_t V, float t, float m, float *bsum) {
+    for (int64_t b0 = 0; b0 < V; b0 += SAMPLE_BLOCK) {
+        const int64_t b1 = b0 + SAMPLE_BLOCK < V ? b0 + SAMPLE_BLOCK : V;
+        int64_t i = b0;
+        float s = 0.0f;
+#if defined(__AVX2__)
+        __m256 acc = _mm256_setzero_ps();
+        const __m256 vt = _mm256_set1_ps(t), vm = _mm256_set1_ps(m);
+        for (; i + 8 <= b1; i += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), vt), vm));
+            _mm256_storeu_ps(x + i, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        s = hsum256(acc);
+#endif
+        for (; i < b1; i++) {
+            x[i] = expf(x[i] / t - m);
+            s += x[i];
+        }
+        bsum[b0 / SAMPLE_BLOCK] = s;
+    }
+}
+
+static float row_max(const float *x, int64_t V) {
+    int64_t i = 0;
+    float m = -INFINITY;
+#if defined(__AVX2__)
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (; i + 8 <= V; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vm);
+    for (int k = 0; k < 8; k++) m = lanes[k] > m ? lanes[k] : m;
+#endif
+    for (; i < V; i++) m = x[i] > m || x[i] != x[i] ? x[i] : m;
+    return m;
+}
+
+/* For each row r of x [R, V] (rows ld apart; overwritten): the token where softmax(x / temps[r])'s
+ * cumulative distribution first exceeds u[r] * its total, u[r] in [0, 1): exponentials and partial
+ * sums per block of tokens in one pass, then a walk over the partials and one block, where torch takes
+ * several passes and temporaries. A token of probability 0 (a masked logit: e^-inf is exactly 0 here)
+ * is never picked: the running sum does not grow there. Returns 0, or -1 for a row with no finite
+ * logit, a NaN, or a temperature that is not positive. */
+int fd_sample(float *x, int64_t ld, int64_t R, int64_t V, const float *temps, const float *u, int64_t *out) {
+    float bsum[(V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK];
+    for (int64_t r = 0; r < R; r++) {
+        float *row = x + r * ld;
+        const float t = temps[r], xm = row_max(row, V);
+        if (!(t > 0.0f) || !(xm > -INFINITY) || xm != xm || xm == INFINITY) return -1;
+        const int64_t nb = (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;
+        sample_exps(row, V, t, xm / t, bsum);
+        float total = 0.0f;
+        for (int64_t b = 0; b < nb; b++) total += bsum[b];
+        const float target = u[r] * total;
+        int64_t pick = -1, b = 0;
+        float c = 0.0f;
+        while (b < nb && c + bsum[b] <= target) c += bsum[b++];
+        if (b < nb) /* the draw lies in block b: walk its tokens */
+            for (int64_t i = b * SAMPLE_BLOCK; i < V && i < (b + 1) * SAMPLE_BLOCK && pick < 0; i++) {
+                c += row[i];
+                if (c > target) pick = i;
+            }
+        /* rounding left the walk short of the draw (u * total rounded up to the total, or a block's
+         * tokens summed one by one falling below its partial): the last token that can be drawn there */
+        for (int64_t i = (b < nb ? (b + 1) * SAMPLE_BLOCK : V) - 1; pick < 0 && i >= 0; i--)
+            if (i < V && row[i] > 0.0f) pick = i;
+        out[r] = pick;
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------- the paged cache */
 
 INLINE int64_t kv_index(const fd_model *M, int64_t layer, int64_t slot, int64_t h, int which) {
