@@ -99,7 +99,7 @@ def make_files(name: str, out: Path, keep_hf: bool) -> Path:
     arch, overrides = FAMILIES[name]
     hf_dir, f16, q = out / f"{name}-hf", out / f"{name}-f16.gguf", out / f"{name}-q4_k_m.gguf"
     if not q.exists() and not f16.exists():
-        if not (hf_dir / "config.json").exists():
+        if not (hf_dir / "generation_config.json").exists():  # make_hf_model writes it last
             print(f"{name}: building the random model in {hf_dir}", flush=True)
             tokenizer = mf.CONVERTER_TOKENIZERS.get(arch, "spm")
             mf.make_hf_model(arch, hf_dir, tokenizer=tokenizer, **overrides)
