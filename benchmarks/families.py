@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+# this checkout's flashdecode (as ``python -m flashdecode bench`` run from ROOT gets) and its test factory
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import model_factory as mf  # noqa: E402  (tests/model_factory.py)
 
