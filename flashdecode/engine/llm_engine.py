@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import random
 import time
@@ -11,29 +12,23 @@ from typing import Any
 
 import torch
 
-from ..config import DEFAULT_KV_CACHE_BYTES, EngineConfig
+from ..config import EngineConfig
 from ..errors import FlashDecodeError, InvalidPromptError, PromptTooLongError
-from ..kernels.formats import is_quantized
-from ..layers.dataflow import DataflowTable, load_table
-from ..layers.device import resolve_device
-from ..layers.kv_cache import KVCache
+from ..layers.dataflow import DataflowTable
 from ..layers.linear import iter_linears
-from ..models.decoder import Decoder
-from ..models.loader import load_model
 from ..models.weights import LoadedModel
 from ..outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
-from ..utils.cpuinfo import physical_cores
-from . import numerics
 from .block_manager import BlockManager
-from .calibration import softmax_policy
 from .detokenizer import append_new_text, find_stop_string
 from .model_runner import ModelRunner
+from .parallel import launch
 from .sampler import Sampler, SamplingRow, prompt_logprobs
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence
 from .spec_decode import NgramProposer, tuned_step_costs
 from .structured_output import StructuredOutputs
+from .worker import Worker, run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -97,52 +92,34 @@ class LLMEngine:
         """``loaded``: an already loaded model (else ``config.model`` is loaded); ``table``: the dataflow
         table to follow (else, with ``dataflow="auto"``, this machine's from the cache directory)."""
         self.config = config
-        # where the model runs (torch device + kernel backend), resolved once and handed down
-        self.device = resolve_device(config.device)
-        torch.set_num_threads(config.num_threads or physical_cores())
-        loaded = load_model(config.model) if loaded is None else loaded
-        self.tokenizer = loaded.tokenizer
-        self.spec = loaded.spec
-        self.formats = loaded.formats
-        self.dtype = config.torch_dtype(loaded.formats.get("embed", ""))
-        self.max_model_len = self._resolve_max_model_len()
-        # the tables offline tools wrote for this machine and model, read here and handed down (the
-        # dataflow table times this CPU's kernels: the triton backend has its own default plan)
-        triton = self.device.backend == "triton"
-        if table is None and config.dataflow == "auto" and not triton:
-            table = load_table()
-        self.model = Decoder(
-            loaded,
-            self.dtype,
-            config.dataflow,
-            table,
-            config.quantization,
-            self.device,
-            max_model_len=self.max_model_len,
-        )
-        quantized_file = config.quantization is None and any(is_quantized(f) for f in loaded.formats.values())
-        source = loaded.source or config.model  # the file the weights came from: what a record is of
+        # tensor parallelism: the other ranks (spawned here, or launched by torchrun) run the model
+        # on the step inputs this rank broadcasts; a torchrun rank > 0 never returns from start()
+        self.ranks = None
+        if config.tensor_parallel_size > 1:
+            if loaded is not None:
+                raise FlashDecodeError("tensor parallelism loads the model on every rank: give config.model")
+            self.ranks = launch.start(config, run_worker)
+            atexit.register(self.ranks.shutdown)  # workers end with this process, shut down or not
+        group = None if self.ranks is None else self.ranks.group
+        try:
+            worker = Worker(config, loaded, table, group)
+        except BaseException:
+            self.shutdown()
+            raise
         del loaded
-        self.model.softmax = softmax_policy(
-            config.softmax, config.model, self.spec.num_layers, "triton" if triton else "auto"
-        )
-        # int8 activations and a 16-bit KV cache where the held-out check allows (engine/numerics.py)
-        self.numerics = numerics.resolve(
-            config.numerics, config.kv_cache_dtype, source, self.model, self.tokenizer, quantized_file
-        )
-        self.kv_cache_dtype = self.numerics.kv_cache_dtype
-
+        self.device = worker.device
+        self.tokenizer = worker.tokenizer
+        self.spec = worker.spec
+        self.formats = worker.formats
+        self.dtype = worker.dtype
+        self.max_model_len = worker.max_model_len
+        self.model = worker.model
+        self.numerics = worker.numerics
+        self.kv_cache_dtype = worker.kv_cache_dtype
+        self.cache = worker.cache
+        table = worker.table
         bs = config.kv_block_size
-        num_blocks = self._num_kv_blocks()
-        self.cache = KVCache(
-            self.spec.num_layers,
-            num_blocks * bs,
-            self.spec.num_kv_heads,
-            self.spec.head_dim,
-            self.dtype,
-            self.kv_cache_dtype,
-            self.device.torch,
-        )
+        num_blocks = worker.num_blocks
         self.block_manager = BlockManager(
             num_blocks, bs, config.enable_prefix_caching, self.spec.cache_sliding_window
         )
@@ -154,7 +131,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, proposer
         )
-        self.runner = ModelRunner(self.model, self.cache, bs, self.device.torch)
+        self.runner = ModelRunner(self.model, self.cache, bs, self.device.torch, group)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
@@ -164,55 +141,6 @@ class LLMEngine:
         self.generation_tokens = 0
         self.spec_num_drafts = self.spec_num_draft_tokens = self.spec_num_accepted_tokens = 0
         self.step_log: list[StepRecord] | None = None  # set to [] to record every step (tests, tracing)
-
-    # --- set-up -------------------------------------------------------------------------------
-
-    def _resolve_max_model_len(self) -> int:
-        wanted = self.config.max_model_len
-        if wanted is None:
-            return self.spec.max_position
-        if wanted > self.spec.max_position:
-            raise FlashDecodeError(
-                f"max_model_len={wanted} exceeds the model's context length {self.spec.max_position}"
-            )
-        return wanted
-
-    def _max_blocks_per_seq(self) -> int:
-        """The most blocks one sequence holds at once: its full length, or, where every layer
-        slides within W (the block manager releases what precedes the window), the W - 1
-        positions before a step's chunk and the chunk, over a block more for alignment (vLLM's
-        bound for sliding-window layers)."""
-        bs = self.config.kv_block_size
-        full = -(-self.max_model_len // bs)
-        window = self.spec.cache_sliding_window
-        if window is None:
-            return full
-        return min(full, -(-(window - 1 + self.config.max_num_batched_tokens) // bs) + 1)
-
-    def _num_kv_blocks(self) -> int:
-        s, cfg = self.spec, self.config
-        bs = cfg.kv_block_size
-        per_token = KVCache.bytes_per_token(
-            s.num_layers, s.num_kv_heads, s.head_dim, self.dtype, self.kv_cache_dtype
-        )
-        bytes_per_block = per_token * bs
-        min_blocks = self._max_blocks_per_seq()
-        if cfg.kv_cache_memory_fraction is not None:
-            budget = int(cfg.kv_cache_memory_fraction * self.device.available_memory())
-        elif cfg.kv_cache_bytes is not None:
-            budget = cfg.kv_cache_bytes
-        else:
-            # room for every sequence at its most blocks, within a cap that leaves the machine usable
-            cap = min(DEFAULT_KV_CACHE_BYTES, self.device.available_memory() // 4)
-            return max(min_blocks, min(cfg.max_num_seqs * min_blocks, cap // bytes_per_block))
-        blocks = budget // bytes_per_block
-        if blocks < min_blocks:
-            raise FlashDecodeError(
-                f"the KV-cache budget of {budget} bytes holds {blocks * bs} tokens, fewer than one "
-                f"sequence may hold ({min_blocks * bs} at max_model_len={self.max_model_len}); give at "
-                f"least {min_blocks * bytes_per_block} bytes"
-            )
-        return blocks
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -291,6 +219,14 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
+
+    def shutdown(self) -> None:
+        """End the tensor-parallel workers and leave their group (nothing to do without them; safe to
+        call twice). The engine runs no step afterwards."""
+        if self.ranks is not None:
+            ranks, self.ranks = self.ranks, None
+            atexit.unregister(ranks.shutdown)
+            ranks.shutdown()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
