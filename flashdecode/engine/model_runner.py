@@ -149,7 +149,9 @@ class ModelRunner:
         # one head product for every row whose logits are wanted: the sampled rows, then the prompt
         # spans; sample_rows ascend, so when they are every row (a pure decode step) they are all of it
         rows = sample_rows + [r for _, flat, _, count in prompt_spans for r in range(flat, flat + count)]
-        logit_rows = None if len(rows) == len(ids) == len(sample_rows) else torch.tensor(rows)
+        logit_rows = (
+            None if len(rows) == len(ids) == len(sample_rows) else torch.tensor(rows, dtype=torch.long)
+        )
         step = StepInputs(input_ids, positions, meta, logit_rows)
         if self.group is not None:
             send_step(self.group, step)

@@ -6,8 +6,9 @@ import importlib.util
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from .gguf_loader import load_gguf
-from .safetensors_loader import load_hf_folder
+from .gguf_loader import describe_gguf, load_gguf
+from .safetensors_loader import load_hf_folder, read_hf_config, spec_from_hf_config
+from .spec import ModelSpec
 from .tensor_parallel import TPShard
 from .weights import LoadedModel
 
@@ -42,6 +43,14 @@ def resolve_model_path(model: str | Path | None) -> Path:
             return ggufs[0]
         return path
     return path
+
+
+def model_spec(model: str | Path | None = None) -> ModelSpec:
+    """A model's spec from its GGUF header or its config.json alone: no weight is read."""
+    path = resolve_model_path(model)
+    if path.is_dir():
+        return spec_from_hf_config(read_hf_config(path))
+    return describe_gguf(path)[0]
 
 
 def load_model(model: str | Path | None = None, shard: TPShard | None = None) -> LoadedModel:

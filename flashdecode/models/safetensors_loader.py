@@ -238,14 +238,20 @@ def _canonical_tensors(f: Any, name: str, spec: ModelSpec, plan: ShardPlan | Non
     return out if plan is None else {n: plan.cut(n, w) for n, w in out.items()}
 
 
-def load_hf_folder(folder: str | Path, shard: TPShard | None = None) -> LoadedModel:
-    """``shard``: load only this tensor-parallel rank's part of every weight (models/tensor_parallel.py)."""
-    folder = Path(folder)
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    """config.json of a Hugging Face folder, whose architecture is supported."""
     config_path = folder / "config.json"
     if not config_path.exists():
         raise ModelLoadError(f"{folder}: no config.json (not a Hugging Face model folder)")
     config = _read_json(config_path)
     hf_family(config)  # an unsupported model fails first, by name
+    return config
+
+
+def load_hf_folder(folder: str | Path, shard: TPShard | None = None) -> LoadedModel:
+    """``shard``: load only this tensor-parallel rank's part of every weight (models/tensor_parallel.py)."""
+    folder = Path(folder)
+    config = read_hf_config(folder)
     if not (folder / "tokenizer.json").exists():
         raise ModelLoadError(f"{folder}: no tokenizer.json")
     tokenizer = Tokenizer.from_hf_folder(folder)

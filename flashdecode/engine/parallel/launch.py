@@ -17,6 +17,8 @@ import torch.multiprocessing as mp
 
 from ...config import EngineConfig
 from ...errors import DistributedError, FlashDecodeError
+from ...models.loader import model_spec
+from ...models.tensor_parallel import check_divisible
 from .groups import TPGroup
 from .step import send_shutdown
 
@@ -76,6 +78,7 @@ def start(config: EngineConfig, run_worker: RunWorker) -> Ranks:
     """Rank 0's group of ``config.tensor_parallel_size`` ranks, the others running ``run_worker``. In
     a torchrun worker (rank > 0) this runs ``run_worker`` and then leaves the process."""
     size = config.tensor_parallel_size
+    check_divisible(model_spec(config.model), size)  # before any rank starts
     launched = torchrun_rank()
     if launched is not None:
         rank, world, local = launched
