@@ -2,7 +2,9 @@
 
 Every collective has the group's timeout, so a rank that dies or hangs turns into a
 ``DistributedError`` on the others instead of a wait without end (gloo also fails a collective at
-once when a peer's connection closes).
+once when a peer's connection closes). The one exception is the workers' wait for the next step
+(``broadcast(..., idle=True)``), which runs on a second group without a practical timeout: a server
+may sit idle for hours, and a rank 0 that dies closes its connections, which ends the wait at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ...errors import DistributedError
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 120.0  # a collective that waits longer means a rank is gone (model loading included)
+IDLE_TIMEOUT = timedelta(days=3650)  # the workers' wait for the next step: as long as the server runs
 
 
 def _guarded(what: str, fn: Callable[[], T]) -> T:
@@ -53,6 +56,7 @@ class TPGroup:
                 timeout=timedelta(seconds=timeout_s),
             ),
         )  # fmt: skip
+        self.idle_group = _guarded("start-up", lambda: dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
@@ -65,9 +69,11 @@ class TPGroup:
         _guarded("all-gather", lambda: dist.all_gather(parts, x))
         return torch.cat(parts, dim=-1)
 
-    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
-        """Rank 0's ``x`` into every rank's ``x`` (in place)."""
-        _guarded("broadcast", lambda: dist.broadcast(x, src=0))
+    def broadcast(self, x: torch.Tensor, idle: bool = False) -> torch.Tensor:
+        """Rank 0's ``x`` into every rank's ``x`` (in place); ``idle``: on the group without a practical
+        timeout (the workers' wait for the next step)."""
+        group = self.idle_group if idle else None
+        _guarded("broadcast", lambda: dist.broadcast(x, src=0, group=group))
         return x
 
     def min_over_ranks(self, value: int) -> int:

@@ -1,10 +1,10 @@
 """The step metadata rank 0 broadcasts to the other ranks each step, as fixed-layout int64 tensors.
 
-Two broadcasts a step, never a pickled object: a header of ``HEADER`` counts, then one payload whose
-layout the counts fix: the token ids, positions and KV slots of the step's rows, the decode rows'
-padded key slots and context lengths, each prefill segment's (start, query tokens, context length)
-and key slots, and the rows whose logits are wanted. A header whose command is ``SHUTDOWN`` ends
-the workers' loop.
+Two broadcasts a step, never a pickled object: a header of ``HEADER`` counts (on the group the
+workers idle on: engine/parallel/groups.py), then one payload whose layout the counts fix: the token
+ids, positions and KV slots of the step's rows, the decode rows' padded key slots and context
+lengths, each prefill segment's (start, query tokens, context length) and key slots, and the rows
+whose logits are wanted. A header whose command is ``SHUTDOWN`` ends the workers' loop.
 """
 
 from __future__ import annotations
@@ -40,17 +40,17 @@ def send_step(group: TPGroup, step: StepInputs) -> None:
     parts += [torch.tensor([v for s in segments for v in (s.start, s.num_query, s.context_len)])]
     parts += [s.slots[: s.context_len] for s in segments] + [rows]
     counts = [STEP, n, meta.num_decode, width, len(segments), sum(s.context_len for s in segments), len(rows)]
-    group.broadcast(torch.tensor(counts, dtype=torch.int64))
+    group.broadcast(torch.tensor(counts, dtype=torch.int64), idle=True)
     group.broadcast(torch.cat([p.to(torch.int64).reshape(-1) for p in parts]))
 
 
 def send_shutdown(group: TPGroup) -> None:
-    group.broadcast(torch.tensor([SHUTDOWN] + [0] * (HEADER - 1), dtype=torch.int64))
+    group.broadcast(torch.tensor([SHUTDOWN] + [0] * (HEADER - 1), dtype=torch.int64), idle=True)
 
 
 def recv_step(group: TPGroup) -> StepInputs | None:
     """The next step's inputs, or None once rank 0 has sent ``SHUTDOWN``."""
-    header = group.broadcast(torch.empty(HEADER, dtype=torch.int64))
+    header = group.broadcast(torch.empty(HEADER, dtype=torch.int64), idle=True)
     command, n, num_decode, width, num_segments, segment_slots, num_rows = header.tolist()
     if command == SHUTDOWN:
         return None
