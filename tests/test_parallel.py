@@ -14,10 +14,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import gguf
+import model_factory
+import numpy as np
 import pytest
+import torch
 
 from flashdecode import LLM, SamplingParams
 from flashdecode.errors import DistributedError, FlashDecodeError
+from flashdecode.layers.quant import QuantizedTensor
 
 # 4 heads of 16 and an MLP of 256: o's 64 inputs and down's 256 split into whole 32-element blocks
 SHAPE = dict(num_attention_heads=4, head_dim=16, intermediate_size=256)
@@ -88,6 +93,24 @@ def test_tensor_parallel_matches_one_process(
     assert engine.model.lm_head.out_features == engine.spec.vocab_size // 2
     if source != "hf":
         assert layer.o.quantized and layer.o.format == "Q8_0"
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_1", "Q4_K", "Q6_K", "Q5_0"])
+def test_input_shards_of_blocks_are_exact(fmt: str) -> None:
+    """A split by input keeps whole 32-element blocks: each part dequantizes to gguf-py's values of
+    those columns (K-quants and Q5_0 too, repacked into 32-element planes at load)."""
+    n, k = 4, 512
+    if fmt in ("Q4_K", "Q6_K"):
+        raw = model_factory.random_k_blocks(fmt, n, k, seed=3)
+    else:
+        data = np.random.default_rng(3).standard_normal((n, k)).astype(np.float32)
+        raw = gguf.quants.quantize(data, gguf.GGMLQuantizationType[fmt])
+    reference = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[fmt]).reshape(n, k))
+    w = QuantizedTensor.from_gguf_blocks(fmt, raw, (n, k))
+    for first, end in ((0, 8), (8, 16), (3, 11)):
+        part = w.columns(first, end)
+        assert part.shape == (n, (end - first) * 32)
+        assert torch.equal(part.dequantize(), reference[:, first * 32 : end * 32])
 
 
 def test_sizes_that_do_not_divide_fail_clearly(hf_model: Callable[..., Path]) -> None:
