@@ -585,16 +585,24 @@ def randomize_weights(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_hf_model(
-    arch: str, out_dir: Path, *, seed: int = 0, shards: bool = False, **config_overrides: Any
+    arch: str,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    shards: bool = False,
+    tokenizer_vocab: int | None = None,
+    **config_overrides: Any,
 ) -> Path:
-    """Build a random ``arch`` model and save it (safetensors, tokenizer, configs) into ``out_dir``."""
+    """Build a random ``arch`` model and save it (safetensors, tokenizer, configs) into ``out_dir``.
+    ``tokenizer_vocab``: train the tokenizer to this many tokens only, the rest of the model's
+    vocabulary unused (a real-sized vocabulary without training a tokenizer that large)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = arch_config(arch, **config_overrides)
     model_type = cfg.pop("model_type")
-    tok_ids = _save_tokenizer(arch, out_dir, cfg["vocab_size"])
+    tok_ids = _save_tokenizer(arch, out_dir, tokenizer_vocab or cfg["vocab_size"])
     generation_eos = tok_ids.pop("generation_eos")
     cfg.setdefault("bos_token_id", tok_ids["bos_token_id"])
     cfg.setdefault("eos_token_id", tok_ids["eos_token_id"])

@@ -255,7 +255,7 @@ class Decoder:
         # not under tensor parallelism yet: the native step has no collectives between its layers
         self.native = None
         if device.backend == "native" and device.on_host and comm is None:
-            self.native = NativeDecode(spec, self.layers, self.norm, self.rope, dtype)
+            self.native = NativeDecode(spec, self.layers, self.norm, self.rope, dtype, self.rope_local)
 
     def _embed_rows(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.embed, QuantizedTensor):

@@ -40,7 +40,7 @@ from ..formats import BF16_KERNEL_ID, I8_FORMATS, NATIVE
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "flat_gemm.c", HERE / "decode_step.c")
 HEADERS = (HERE / "flat_gemm.h",)
-ABI_VERSION = 5
+ABI_VERSION = 6
 FORMAT_IDS = {"BF16": BF16_KERNEL_ID} | {fmt: layout.kernel_id for fmt, layout in NATIVE.items()}
 Planes = reference.Planes
 

@@ -1012,4 +1012,4 @@ int fd_linear_i8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
 
 const char *fd_isa(void) { return FD_ISA; }
 
-int fd_abi_version(void) { return 5; }
+int fd_abi_version(void) { return 6; }
