@@ -364,6 +364,10 @@ class TensorDef:
     mlp: str | None = None  # "dense" / "moe": only in layers whose MLP is dense / a mixture of experts
     tp: str | None = None  # how tensor parallelism splits it (``TP_SPLITS``); None: every rank holds it
 
+    def __post_init__(self) -> None:
+        if self.tp is not None and self.tp not in TP_SPLITS:
+            raise ValueError(f"{self.name}: tp={self.tp!r}, expected None or one of {TP_SPLITS}")
+
     def present(self, spec: ModelSpec) -> bool:
         return self.when is None or self.when(spec)
 
