@@ -130,13 +130,16 @@ class EngineConfig:
     numerics: str = "auto"
     # speculative decoding: None (off), or a SpeculativeConfig or its fields as a dict
     speculative: SpeculativeConfig | dict[str, Any] | None = None
+    # ranks the model is split over (Megatron's tensor parallelism over gloo, engine/parallel/): spawned
+    # on this machine, or launched by torchrun; each holds its shard of the weights and KV cache
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.speculative is not None:
             self.speculative = SpeculativeConfig.of(self.speculative)
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise FlashDecodeError(f"dtype={self.dtype!r}: expected auto or one of {sorted(_DTYPES)}")
-        positive = ("kv_block_size", "max_num_seqs", "max_num_batched_tokens")
+        positive = ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
         for name in positive + ("max_model_len", "kv_cache_bytes", "num_threads"):
             value = getattr(self, name)
             if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
@@ -156,6 +159,8 @@ class EngineConfig:
             raise FlashDecodeError(f"numerics={self.numerics!r}: expected one of {NUMERICS_MODES}")
         if self.device not in DEVICES:
             raise FlashDecodeError(f"device={self.device!r}: expected one of {DEVICES}")
+        if self.tensor_parallel_size > 1 and self.device != "cpu":
+            raise FlashDecodeError("tensor_parallel_size > 1 runs on device='cpu' (gloo) only for now")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise FlashDecodeError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r}: expected one of {KV_CACHE_DTYPES}"

@@ -24,3 +24,7 @@ class PromptTooLongError(FlashDecodeError):
 
 class InvalidPromptError(FlashDecodeError):
     """The prompt is empty or of an unsupported form."""
+
+
+class DistributedError(FlashDecodeError):
+    """A tensor-parallel group could not form, or one of its ranks died or stopped answering."""

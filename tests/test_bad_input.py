@@ -149,7 +149,7 @@ def test_invalid_engine_options() -> None:
     with pytest.raises(FlashDecodeError, match="max_model_len"):
         LLM(max_model_len=10**6)
     with pytest.raises(FlashDecodeError, match="unknown LLM option"):
-        LLM(tensor_parallel_size=2)
+        LLM(pipeline_parallel_size=2)
     with pytest.raises(FlashDecodeError, match="dtype"):
         LLM(dtype="int3")
 

@@ -36,7 +36,7 @@ GEN = 200
 BUDGET = 16  # max_num_batched_tokens: the prompt goes in two chunks
 # a decode row attends to W positions, which span at most ceil(W / block) + 1 blocks
 DECODE_BOUND = -(-WINDOW // BLOCK) + 1
-# the engine's floor for a windowed model (llm_engine._max_blocks_per_seq): the W - 1 positions before
+# the engine's floor for a windowed model (engine/worker.py max_blocks_per_seq): the W - 1 positions before
 # a chunk of up to BUDGET tokens and the chunk, plus a block for alignment; 9 blocks hold 36 tokens,
 # far fewer than the 220 of the sequence
 MIN_POOL = -(-(WINDOW - 1 + BUDGET) // BLOCK) + 1

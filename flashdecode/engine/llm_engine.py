@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import random
 import time
@@ -11,24 +12,19 @@ from typing import Any
 
 import torch
 
-from ..config import DEFAULT_KV_CACHE_BYTES, EngineConfig
+from ..config import EngineConfig
 from ..errors import FlashDecodeError, InvalidPromptError, PromptTooLongError
-from ..kernels.formats import is_quantized
-from ..layers.dataflow import DataflowTable, load_table
-from ..layers.device import resolve_device
-from ..layers.kv_cache import KVCache
+from ..layers.dataflow import DataflowTable
 from ..layers.linear import iter_linears
 from ..models.decoder import Decoder
 from ..models.loader import load_model, resolve_model_path
 from ..models.weights import LoadedModel
 from ..outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
-from ..utils.cpuinfo import physical_cores
-from . import numerics
 from .block_manager import BlockManager
-from .calibration import softmax_policy
 from .detokenizer import append_new_text, find_stop_string
 from .model_runner import ModelRunner
+from .parallel import launch
 from .sampler import Sampler, SamplingRow, prompt_logprobs
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence
@@ -41,6 +37,7 @@ from .spec_decode import (
     weight_bytes_ratio,
 )
 from .structured_output import StructuredOutputs
+from .worker import Worker, build_model, kv_bytes_per_token, kv_cache, run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -104,45 +101,63 @@ class LLMEngine:
         """``loaded``: an already loaded model (else ``config.model`` is loaded); ``table``: the dataflow
         table to follow (else, with ``dataflow="auto"``, this machine's from the cache directory)."""
         self.config = config
-        # where the model runs (torch device + kernel backend), resolved once and handed down
-        self.device = resolve_device(config.device)
-        torch.set_num_threads(config.num_threads or physical_cores())
-        loaded = load_model(config.model) if loaded is None else loaded
-        self.tokenizer = loaded.tokenizer
-        self.spec = loaded.spec
-        self.formats = loaded.formats
-        self.dtype = config.torch_dtype(loaded.formats.get("embed", ""))
-        self.max_model_len = self._resolve_max_model_len()
-        # the tables offline tools wrote for this machine and model, read here and handed down (the
-        # dataflow table times this CPU's kernels: the triton backend has its own default plan)
-        triton = self.device.backend == "triton"
-        if table is None and config.dataflow == "auto" and not triton:
-            table = load_table()
-        self.model, self.numerics = self._build_model(loaded, config.model, table)
-        del loaded
-        self.kv_cache_dtype = self.numerics.kv_cache_dtype
+        # tensor parallelism: the other ranks (spawned here, or launched by torchrun) run the model
+        # on the step inputs this rank broadcasts; a torchrun rank > 0 never returns from start()
         spec_config = config.speculative
+        draft_model = spec_config is not None and spec_config.method == "draft"
+        if config.tensor_parallel_size > 1 and draft_model:
+            raise FlashDecodeError(
+                "speculative decoding with a draft model does not run under tensor parallelism yet"
+            )
+        self.ranks = None
+        if config.tensor_parallel_size > 1:
+            if loaded is not None:
+                raise FlashDecodeError("tensor parallelism loads the model on every rank: give config.model")
+            self.ranks = launch.start(config, run_worker)
+            atexit.register(self.ranks.shutdown)  # workers end with this process, shut down or not
+        group = None if self.ranks is None else self.ranks.group
+        try:
+            worker = Worker(config, loaded, table, group)
+        except BaseException:
+            self.shutdown()
+            raise
+        del loaded
+        self.device = worker.device
+        self.tokenizer = worker.tokenizer
+        self.spec = worker.spec
+        self.formats = worker.formats
+        self.dtype = worker.dtype
+        self.max_model_len = worker.max_model_len
+        self.model = worker.model
+        self.numerics = worker.numerics
+        self.kv_cache_dtype = worker.kv_cache_dtype
+        table = worker.table
         # a draft model (speculative decoding) and what its K/V takes per token
         draft: Decoder | None = None
         draft_kv_dtype, draft_bytes = "auto", 0
-        if spec_config is not None and spec_config.method == "draft":
+        if draft_model:
             path = spec_config.model
             if resolve_model_path(path).resolve() == resolve_model_path(config.model).resolve():
                 # the target drafting for itself (a check of the machinery): one copy of the weights
                 draft, draft_numerics = self.model, self.numerics
             else:
-                draft, draft_numerics = self._build_model(self._load_draft(path), path, table)
+                draft, draft_numerics = build_model(
+                    config, self._load_draft(path), path, table, self.device, self.max_model_len
+                )
             draft_kv_dtype = draft_numerics.kv_cache_dtype
-            draft_bytes = self._kv_bytes_per_token(draft, draft_kv_dtype)
-
+            draft_bytes = kv_bytes_per_token(draft, draft_kv_dtype)
+        try:
+            self.cache = worker.allocate_cache(draft_bytes)
+        except BaseException:
+            self.shutdown()
+            raise
         bs = config.kv_block_size
-        num_blocks = self._num_kv_blocks(draft_bytes)
-        self.cache = self._kv_cache(self.model, self.kv_cache_dtype, num_blocks)
+        num_blocks = worker.num_blocks
         self.block_manager = BlockManager(
             num_blocks, bs, config.enable_prefix_caching, self.spec.cache_sliding_window
         )
         self.sampler = Sampler()
-        self.runner = ModelRunner(self.model, self.cache, bs, self.device.torch)
+        self.runner = ModelRunner(self.model, self.cache, bs, self.device.torch, group)
         proposer = None
         if spec_config is not None:
             k = spec_config.num_speculative_tokens
@@ -155,7 +170,7 @@ class LLMEngine:
                 # draft layers share the target's KV cache groups: one block table per sequence
                 # addresses both, so allocation, the prefix cache, preemption, abort and a rejected
                 # draft's rollback need no bookkeeping of their own, and one budget (above) sizes both
-                draft_cache = self._kv_cache(draft, draft_kv_dtype, num_blocks)
+                draft_cache = kv_cache(draft, draft_kv_dtype, num_blocks, bs, self.device)
                 proposer = DraftModelProposer(
                     spec_config,
                     self.max_model_len,
@@ -179,42 +194,6 @@ class LLMEngine:
 
     # --- set-up -------------------------------------------------------------------------------
 
-    def _resolve_max_model_len(self) -> int:
-        wanted = self.config.max_model_len
-        if wanted is None:
-            return self.spec.max_position
-        if wanted > self.spec.max_position:
-            raise FlashDecodeError(
-                f"max_model_len={wanted} exceeds the model's context length {self.spec.max_position}"
-            )
-        return wanted
-
-    def _build_model(
-        self, loaded: LoadedModel, model_arg: str | None, table: DataflowTable | None
-    ) -> tuple[Decoder, numerics.Numerics]:
-        """A loaded model's decoder with its softmax policy and numerics (the target's, or a draft's)."""
-        cfg = self.config
-        triton = self.device.backend == "triton"
-        model = Decoder(
-            loaded,
-            cfg.torch_dtype(loaded.formats.get("embed", "")),
-            cfg.dataflow,
-            table,
-            cfg.quantization,
-            self.device,
-            max_model_len=self.max_model_len,
-        )
-        quantized_file = cfg.quantization is None and any(is_quantized(f) for f in loaded.formats.values())
-        source = loaded.source or model_arg  # the file the weights came from: what a record is of
-        model.softmax = softmax_policy(
-            cfg.softmax, model_arg, loaded.spec.num_layers, "triton" if triton else "auto"
-        )
-        # int8 activations and a 16-bit KV cache where the held-out check allows (engine/numerics.py)
-        choice = numerics.resolve(
-            cfg.numerics, cfg.kv_cache_dtype, source, model, loaded.tokenizer, quantized_file
-        )
-        return model, choice
-
     def _load_draft(self, path: str) -> LoadedModel:
         """The draft model of speculative decoding, refused where it cannot draft for this target."""
         draft = load_model(path)
@@ -237,58 +216,6 @@ class LLMEngine:
                 "releases the blocks behind them; the draft must slide within as few"
             )
         return draft
-
-    def _kv_bytes_per_token(self, model: Decoder, kv_cache_dtype: str) -> int:
-        s = model.spec
-        return KVCache.bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, model.dtype, kv_cache_dtype)
-
-    def _kv_cache(self, model: Decoder, kv_cache_dtype: str, num_blocks: int) -> KVCache:
-        s = model.spec
-        return KVCache(
-            s.num_layers,
-            num_blocks * self.config.kv_block_size,
-            s.num_kv_heads,
-            s.head_dim,
-            model.dtype,
-            kv_cache_dtype,
-            self.device.torch,
-        )
-
-    def _max_blocks_per_seq(self) -> int:
-        """The most blocks one sequence holds at once: its full length, or, where every layer
-        slides within W (the block manager releases what precedes the window), the W - 1
-        positions before a step's chunk and the chunk, over a block more for alignment (vLLM's
-        bound for sliding-window layers)."""
-        bs = self.config.kv_block_size
-        full = -(-self.max_model_len // bs)
-        window = self.spec.cache_sliding_window
-        if window is None:
-            return full
-        return min(full, -(-(window - 1 + self.config.max_num_batched_tokens) // bs) + 1)
-
-    def _num_kv_blocks(self, draft_bytes_per_token: int = 0) -> int:
-        """``draft_bytes_per_token``: a draft model's K/V per token, held in the same blocks."""
-        cfg = self.config
-        bs = cfg.kv_block_size
-        per_token = self._kv_bytes_per_token(self.model, self.kv_cache_dtype) + draft_bytes_per_token
-        bytes_per_block = per_token * bs
-        min_blocks = self._max_blocks_per_seq()
-        if cfg.kv_cache_memory_fraction is not None:
-            budget = int(cfg.kv_cache_memory_fraction * self.device.available_memory())
-        elif cfg.kv_cache_bytes is not None:
-            budget = cfg.kv_cache_bytes
-        else:
-            # room for every sequence at its most blocks, within a cap that leaves the machine usable
-            cap = min(DEFAULT_KV_CACHE_BYTES, self.device.available_memory() // 4)
-            return max(min_blocks, min(cfg.max_num_seqs * min_blocks, cap // bytes_per_block))
-        blocks = budget // bytes_per_block
-        if blocks < min_blocks:
-            raise FlashDecodeError(
-                f"the KV-cache budget of {budget} bytes holds {blocks * bs} tokens, fewer than one "
-                f"sequence may hold ({min_blocks * bs} at max_model_len={self.max_model_len}); give at "
-                f"least {min_blocks * bytes_per_block} bytes"
-            )
-        return blocks
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -367,6 +294,14 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
+
+    def shutdown(self) -> None:
+        """End the tensor-parallel workers and leave their group (nothing to do without them; safe to
+        call twice). The engine runs no step afterwards."""
+        if self.ranks is not None:
+            ranks, self.ranks = self.ranks, None
+            atexit.unregister(ranks.shutdown)
+            ranks.shutdown()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -14,6 +14,8 @@ KV cache in the same blocks: ``forward`` runs a step's inputs through it for the
 
 Inputs are built in host memory from the sequences' Python lists; on a device elsewhere (``device=
 "cuda"``) they are moved there in one place, and the logits come back to the host for the sampler.
+Under tensor parallelism the inputs are broadcast to the other ranks (engine/parallel/step.py), which
+run ``execute_model`` on them as this rank does.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch
 from ..layers.attention import AttentionMetadata, PrefillSegment
 from ..layers.kv_cache import KVCache
 from ..models.decoder import Decoder
+from .parallel.groups import TPGroup
+from .parallel.step import StepInputs, send_step
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -38,12 +42,26 @@ class StepResult:
     prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = field(default_factory=list)
 
 
+@torch.inference_mode()
+def execute_model(model: Decoder, cache: KVCache, step: StepInputs) -> torch.Tensor:
+    """The logits [rows, vocab] of the step's ``logit_rows`` (every rank runs this on the same inputs)."""
+    hidden = model.forward(step.input_ids, step.positions, cache, step.meta)
+    return model.logits(hidden if step.logit_rows is None else hidden[step.logit_rows])
+
+
 class ModelRunner:
     def __init__(
-        self, model: Decoder, cache: KVCache, block_size: int, device: torch.device | str | None = None
+        self,
+        model: Decoder,
+        cache: KVCache,
+        block_size: int,
+        device: torch.device | str | None = None,
+        group: TPGroup | None = None,
     ):
         """``device``: where the model's tensors live (the engine's ``Device.torch``); None or a
-        CPU device: nothing moves (resolved here, once: the host's step does no extra work)."""
+        CPU device: nothing moves (resolved here, once: the host's step does no extra work).
+        ``group``: the tensor-parallel group, whose other ranks receive every step's inputs."""
+        self.group = group
         self.model = model
         self.cache = cache
         self.block_size = block_size
@@ -84,26 +102,19 @@ class ModelRunner:
             slots = slots.repeat_interleave(counts, dim=0)
         return slots[:, : max(lens)], torch.tensor(lens)
 
-    @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> StepResult:
-        hidden, sample_rows, sample_seqs, prompt_spans = self.forward(batch)
-        # sample_rows ascend, so when every row is sampled (a pure decode step) they are all of hidden
-        logits = self.model.logits(hidden if len(sample_rows) == len(hidden) else hidden[sample_rows])
-        prompt_logits = [
-            (seq, first, self.model.logits(hidden[flat : flat + count]))
-            for seq, flat, first, count in prompt_spans
-        ]
-        if self.device is not None:  # the sampler runs on the host
-            logits = logits.cpu()
-            prompt_logits = [(seq, first, lg.cpu()) for seq, first, lg in prompt_logits]
-        return StepResult(sample_seqs=sample_seqs, logits=logits, prompt_logits=prompt_logits)
-
-    @torch.inference_mode()
-    def forward(
+    def _inputs(
         self, batch: ScheduledBatch
-    ) -> tuple[torch.Tensor, list[int], list[Sequence], list[tuple[Sequence, int, int, int]]]:
-        """The step's hidden states (its K/V written), the rows to sample and their sequences, and
-        the spans whose prompt logprobs are wanted (sequence, flat start, first position, count)."""
+    ) -> tuple[
+        torch.Tensor,
+        torch.Tensor,
+        AttentionMetadata,
+        list[int],
+        list[Sequence],
+        list[tuple[Sequence, int, int, int]],
+    ]:
+        """The step's input ids, positions and attention metadata, the rows to sample and their
+        sequences, and the spans whose prompt logprobs are wanted (sequence, flat start, first
+        position, count)."""
         # each decoding sequence's new token at position num_tokens - 1 (and its drafts after it): the
         # inputs come from Python ints in one go, since per-sequence tensors cost more than the
         # arithmetic every step
@@ -150,8 +161,36 @@ class ModelRunner:
         input_ids, positions = torch.tensor(ids, dtype=torch.long), torch.cat(pos)
         if self.device is not None:
             input_ids, positions = self._to_device(input_ids, positions, meta)
-        hidden = self.model.forward(input_ids, positions, self.cache, meta)
-        return hidden, sample_rows, sample_seqs, prompt_spans
+        return input_ids, positions, meta, sample_rows, sample_seqs, prompt_spans
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch) -> torch.Tensor:
+        """The step's hidden states, its K/V written (a draft model's runner: it needs no logits of
+        the step's rows)."""
+        input_ids, positions, meta, *_ = self._inputs(batch)
+        return self.model.forward(input_ids, positions, self.cache, meta)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        input_ids, positions, meta, sample_rows, sample_seqs, prompt_spans = self._inputs(batch)
+        # one head product for every row whose logits are wanted: the sampled rows, then the prompt
+        # spans; sample_rows ascend, so when they are every row (a pure decode step) they are all of it
+        rows = sample_rows + [r for _, flat, _, count in prompt_spans for r in range(flat, flat + count)]
+        n = len(input_ids)
+        logit_rows = None if len(rows) == n == len(sample_rows) else torch.tensor(rows, dtype=torch.long)
+        step = StepInputs(input_ids, positions, meta, logit_rows)
+        if self.group is not None:
+            send_step(self.group, step)
+        all_logits = execute_model(self.model, self.cache, step)
+        logits = all_logits[: len(sample_rows)]
+        prompt_logits, start = [], len(sample_rows)
+        for seq, _, first, count in prompt_spans:
+            prompt_logits.append((seq, first, all_logits[start : start + count]))
+            start += count
+        if self.device is not None:  # the sampler runs on the host
+            logits = logits.cpu()
+            prompt_logits = [(seq, first, lg.cpu()) for seq, first, lg in prompt_logits]
+        return StepResult(sample_seqs=sample_seqs, logits=logits, prompt_logits=prompt_logits)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], token_ids: list[int], positions: list[int]) -> torch.Tensor:

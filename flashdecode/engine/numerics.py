@@ -38,6 +38,7 @@ from ..models.loader import resolve_model_path
 from ..models.tokenizer import Tokenizer
 from ..utils.paths import read_json, write_json
 from .calibration import model_cache_dir
+from .parallel.groups import TPGroup
 
 PPL_TOLERANCE = 0.005  # int8 activations and a 16-bit KV cache may raise held-out perplexity by 0.5%
 CHECK_TOKENS = 1024  # held-out tokens the check scores (heldout.txt holds fewer for most tokenizers)
@@ -150,18 +151,21 @@ def shipped_record(path: Path) -> dict[str, Any] | None:
     return record if record and record.get("version") == RECORD_VERSION else None
 
 
-def record_for(model_arg: str | None, measure_now) -> dict[str, Any]:
-    """The check's record for this model: shipped, cached, or measured now (and cached)."""
+def record_for(model_arg: str | None, measure_now, group: TPGroup | None = None) -> dict[str, Any]:
+    """The check's record for this model: shipped, cached, or measured now (and cached). Under tensor
+    parallelism every rank takes rank 0's record, so that either all ranks measure (the check runs
+    the model, whose collectives need every rank) or none; rank 0 caches it."""
     path = resolve_model_path(model_arg).resolve()
-    record = shipped_record(path)
-    if record is not None:
-        return record
     cached = model_cache_dir(model_arg) / "numerics.json"
-    record = read_json(cached)
-    if isinstance(record, dict) and record.get("version") == RECORD_VERSION and "allowed" in record:
-        return record
-    record = measure_now()
-    write_json(cached, record)
+    record = shipped_record(path) or read_json(cached)
+    if not (isinstance(record, dict) and record.get("version") == RECORD_VERSION and "allowed" in record):
+        record = None
+    if group is not None:
+        record = group.from_rank0(record)
+    if record is None:
+        record = measure_now()
+        if group is None or group.rank == 0:
+            write_json(cached, record)
     return record
 
 
@@ -172,14 +176,16 @@ def resolve(
     model: Decoder,
     tokenizer: Tokenizer,
     quantized_file: bool,
+    group: TPGroup | None = None,
 ) -> Numerics:
-    """What ``mode`` means for this model; the plans of ``model`` are set to match."""
+    """What ``mode`` means for this model; the plans of ``model`` are set to match. ``group``: the
+    tensor-parallel group, whose ranks decide alike."""
     if mode == "exact":
         use_exact_kernels(model)
         return Numerics(False, kv_cache_dtype)
     if not quantized_file or not int8_candidates(model):
         return Numerics(False, kv_cache_dtype)
-    record = record_for(model_arg, lambda: measure(model, tokenizer, model.spec, model.dtype))
+    record = record_for(model_arg, lambda: measure(model, tokenizer, model.spec, model.dtype), group)
     if not record["allowed"]:
         return Numerics(False, kv_cache_dtype, record)
     use_int8_activations(model)

@@ -221,7 +221,7 @@ class DraftModelProposer(AdaptiveProposer):
     def propose(self, batch: ScheduledBatch, drafting: list[tuple[Sequence, int]]) -> None:
         if not batch:
             return
-        hidden = self.runner.forward(batch)[0]  # every decode's row first, in batch order
+        hidden = self.runner.forward(batch)  # every decode's row first, in batch order
         rows = {seq: i for i, seq in enumerate(batch.decodes)}
         self._sample([seq for seq, _ in drafting], hidden[[rows[seq] for seq, _ in drafting]])
         for j in range(1, max((d for _, d in drafting), default=0) + 1):

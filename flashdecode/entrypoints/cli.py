@@ -66,6 +66,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="KV cache storage: auto (per --numerics), f16, bf16, int8 (per-token scales)",
     )
     add_speculative_arg(p)
+    add_tensor_parallel_arg(p)
+
+
+def add_tensor_parallel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        metavar="T",
+        help="split the model over T ranks (tensor parallelism over gloo): spawned on this machine, or "
+        "the ranks torchrun launched (torchrun --nproc-per-node T -m flashdecode ...); each rank "
+        "defaults to its share of the machine's cores",
+    )
 
 
 def speculative_json(text: str) -> dict[str, Any]:
@@ -131,6 +144,7 @@ def _make_llm(args: argparse.Namespace) -> Any:
         numerics=args.numerics,
         kv_cache_dtype=args.kv_cache_dtype,
         speculative=args.speculative,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

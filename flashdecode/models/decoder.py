@@ -10,6 +10,10 @@ LayerNorm with biases, learned positions in place of RoPE, a plain ReLU MLP, bia
 projection, norms after the residual adds where configured, and embeddings projected in and out of
 the hidden size. All of a step's tokens, from every sequence, run flattened through the projections
 as one matrix, so a decode batch of B sequences is one [B, hidden] GEMM per projection.
+
+Under tensor parallelism (models/tensor_parallel.py) each rank's decoder holds its shard and runs on
+its shard's spec; a ``Communicator`` (layers/parallel.py) sums the partial outputs of o and of the
+MLP (one all-reduce each), assembles the vocabulary-parallel embeddings, and gathers the logits.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from ..layers.kv_cache import KVCache
 from ..layers.linear import Linear, SplitLinear, fused_linear, iter_linears
 from ..layers.moe import GatedMLP, SparseMoE
 from ..layers.norms import rms_norm
+from ..layers.parallel import Communicator, vocab_parallel_embedding
 from ..layers.quant import QuantizedTensor, prepare_weights
 from ..layers.rope import RotaryEmbedding, apply_rope
 from . import moe
 from .native_decode import NativeDecode
 from .opt import POSITION_OFFSET as OPT_POSITION_OFFSET
 from .spec import ModelSpec
+from .tensor_parallel import vocab_range
 from .weights import LoadedModel
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu}
@@ -61,9 +67,23 @@ class PlainMLP:
         return self.down(self.act(self.up(x)))
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class DecoderLayer:
-    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], index: int, backend: str = "native"):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        w: dict[str, torch.Tensor],
+        index: int,
+        backend: str = "native",
+        comm: Communicator | None = None,
+    ):
+        """``comm``: tensor parallelism's collectives, where this layer holds a shard (o and the MLP
+        then give partial sums, added over the ranks)."""
         self.spec = spec
+        self.reduce = _identity if comm is None else comm.all_reduce
         prefix = f"layers.{index}."
         self.attn_norm = w[prefix + "attn_norm"]
         self.mlp_norm = w[prefix + "mlp_norm"]
@@ -139,11 +159,11 @@ class DecoderLayer:
         attn = paged_attention(
             q, cache, index, meta, self.scale, softmax, s.attn_logit_softcap, self.sliding_window
         )
-        x = x + self._post(self.o(attn.reshape(t, s.q_size)), self.attn_post_norm)
+        x = x + self._post(self.reduce(self.o(attn.reshape(t, s.q_size))), self.attn_post_norm)
         if not s.norm_before:  # OPT-350m: each norm follows its residual add
             x = attn_norm(x)
-            return mlp_norm(x + self.mlp(x))
-        return x + self._post(self.mlp(mlp_norm(x)), self.mlp_post_norm)
+            return mlp_norm(x + self.reduce(self.mlp(x)))
+        return x + self._post(self.reduce(self.mlp(mlp_norm(x))), self.mlp_post_norm)
 
     def _post(self, y: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
         return y if norm is None else rms_norm(y, norm, self.spec.norm_eps)
@@ -173,13 +193,15 @@ class Decoder:
         quantization: str | None = None,
         device: Device = CPU,
         max_model_len: int | None = None,
+        comm: Communicator | None = None,
     ):
         """``dataflow`` and ``table``: how every projection picks its kernel per M (layers/dataflow.py);
         the engine hands down the tuned table it read, if any. ``device`` (layers/device.py): where the
         weights, norms and RoPE tables live and which kernel backend every projection runs on.
         ``max_model_len``: the longest sequence the engine runs (default: the model's context), which
-        picks LongRoPE's short or long factors (layers/rope.py)."""
-        spec = loaded.spec
+        picks LongRoPE's short or long factors (layers/rope.py). ``comm``: the tensor-parallel group's
+        collectives, where ``loaded`` holds one rank's shard."""
+        spec = loaded.local_spec
         self.rope = RotaryEmbedding(
             spec.head_dim,
             spec.max_position,
@@ -214,7 +236,9 @@ class Decoder:
         self.embed_scale = None
         if spec.family.gemma_norms:
             self.embed_scale = torch.tensor(spec.hidden_size**0.5, dtype=dtype, device=device.torch)
-        self.layers = [DecoderLayer(spec, w, i, device.backend) for i in range(spec.num_layers)]
+        self.comm = comm
+        self.vocab = None if loaded.shard is None else vocab_range(loaded.spec, loaded.shard)
+        self.layers = [DecoderLayer(spec, w, i, device.backend, comm) for i in range(spec.num_layers)]
         self.norm = w.get("norm")  # OPT-350m (norms after the residual adds) has no final norm
         self.norm_bias = w.get("norm_bias")
         # OPT: learned positions; the embeddings' own width projected in and out of the hidden size
@@ -227,10 +251,16 @@ class Decoder:
         self.softmax: SoftmaxPolicy | None = None  # None: exact attention (layers/attention.py)
         # every projection's kernel per M: the tuned table, the default plan, or one static kernel
         self.dataflow = configure(self.linears(), dataflow, table)
-        # whole decode steps in one native call, where they can run (the native backend, on the host)
+        # whole decode steps in one native call, where they can run (the native backend, on the host);
+        # not under tensor parallelism yet: the native step has no collectives between its layers
         self.native = None
-        if device.backend == "native" and device.on_host:
+        if device.backend == "native" and device.on_host and comm is None:
             self.native = NativeDecode(spec, self.layers, self.norm, self.rope, dtype, self.rope_local)
+
+    def _embed_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed, QuantizedTensor):
+            return self.embed.rows(ids, self.dtype)
+        return F.embedding(ids, self.embed)
 
     def linears(self) -> list[Linear | SplitLinear]:
         mods: list[Linear | SplitLinear] = [self.lm_head]
@@ -245,10 +275,10 @@ class Decoder:
         self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for the step's flattened tokens."""
-        if isinstance(self.embed, QuantizedTensor):
-            x = self.embed.rows(input_ids, self.dtype)
+        if self.comm is None:
+            x = self._embed_rows(input_ids)
         else:
-            x = F.embedding(input_ids, self.embed)
+            x = vocab_parallel_embedding(input_ids, self._embed_rows, self.vocab, self.comm)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         if self.project_in is not None:
@@ -269,4 +299,8 @@ class Decoder:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return soft_cap_(self.lm_head(hidden).float(), self.spec.final_logit_softcap)
+        """[rows, vocab] float32 (the whole vocabulary, gathered from the ranks under tensor parallelism)."""
+        logits = self.lm_head(hidden).float()
+        if self.comm is not None:
+            logits = self.comm.all_gather(logits)
+        return soft_cap_(logits, self.spec.final_logit_softcap)

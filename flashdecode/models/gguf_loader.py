@@ -34,6 +34,7 @@ from .spec import (
     split_experts,
     split_fused,
 )
+from .tensor_parallel import ShardPlan, TPShard, local_spec
 from .tokenizer import Tokenizer
 from .weights import LoadedModel
 
@@ -157,9 +158,12 @@ def _spec_from_metadata(meta: dict[str, Any], tensor_names: set[str], tokenizer:
     )
 
 
-def _tensor_to_torch(t: Any) -> torch.Tensor | QuantizedTensor:
+def _tensor_to_torch(t: Any, rows: tuple[int, int] | None = None) -> torch.Tensor | QuantizedTensor:
+    """``rows``: read only rows [start, end) (of a tensor-parallel shard: models/tensor_parallel.py)."""
     shape = [int(d) for d in reversed(t.shape)]  # ggml lists the fastest-varying dim first
     data = np.asarray(t.data)
+    if rows is not None:  # the reader's array has one entry per row (its bytes, for blocks)
+        data, shape[0] = data[rows[0] : rows[1]], rows[1] - rows[0]
     if t.tensor_type.name in LOADED_NATIVE and len(shape) == 2:
         # formats with a native kernel keep their blocks (ops/quant.py); the rest are dequantized
         return QuantizedTensor.from_gguf_blocks(t.tensor_type.name, data, shape)
@@ -248,8 +252,10 @@ def describe_gguf(path: str | Path) -> tuple[ModelSpec, dict[str, str]]:
     return spec, {name: t.tensor_type.name for name, t in tensors.items()}
 
 
-def load_gguf(path: str | Path) -> LoadedModel:
+def load_gguf(path: str | Path, shard: TPShard | None = None) -> LoadedModel:
+    """``shard``: load only this tensor-parallel rank's part of every weight (models/tensor_parallel.py)."""
     _, spec, tokenizer, tensors, fused = _open(path)
+    plan = None if shard is None else ShardPlan(spec, shard)
     weights: dict[str, torch.Tensor] = {}
     formats: dict[str, str] = {}
     for canonical, t in tensors.items():
@@ -259,9 +265,14 @@ def load_gguf(path: str | Path) -> LoadedModel:
         try:
             if t.name in fused:
                 names, split = fused[t.name]
-                weights |= dict(zip(names, split(t, where), strict=True))
-            else:
+                parts = dict(zip(names, split(t, where), strict=True))
+                weights |= parts if plan is None else {n: plan.cut(n, w) for n, w in parts.items()}
+            elif plan is None:
                 weights[canonical] = _tensor_to_torch(t)
+            else:
+                rows = plan.rows(canonical, int(t.shape[-1]))
+                w = _tensor_to_torch(t, rows)
+                weights[canonical] = w if rows is not None else plan.cut(canonical, w)
         except ModelLoadError:
             raise
         except Exception as exc:
@@ -287,12 +298,15 @@ def load_gguf(path: str | Path) -> LoadedModel:
         scaling = replace(spec.rope_scaling, long_factors=longrope["long"], short_factors=longrope["short"])
         spec = spec.with_(rope_scaling=scaling)
     if spec.family.gguf_permuted_qk:
+        held = spec if shard is None else local_spec(spec, shard.size)  # a shard holds whole heads
         for i in range(spec.num_layers):
-            for key, heads in (("q", spec.num_heads), ("k", spec.num_kv_heads)):
+            for key, heads in (("q", held.num_heads), ("k", held.num_kv_heads)):
                 name = f"layers.{i}.{key}"
                 if name in weights:
                     weights[name] = _unpermute_qk(weights[name], heads)
                 bias = name + "_bias"
                 if bias in weights:
                     weights[bias] = _unpermute_qk(weights[bias], heads)
-    return LoadedModel(spec=spec, weights=weights, tokenizer=tokenizer, formats=formats, source=str(path))
+    return LoadedModel(
+        spec=spec, weights=weights, tokenizer=tokenizer, formats=formats, source=str(path), shard=shard
+    )

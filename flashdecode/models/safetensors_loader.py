@@ -32,6 +32,7 @@ from .spec import (
     split_fused,
     supported_architectures,
 )
+from .tensor_parallel import ShardPlan, TPShard
 from .tokenizer import Tokenizer
 from .weights import LoadedModel
 
@@ -241,27 +242,43 @@ def _known(name: str, spec: ModelSpec) -> bool:
     return _fused(name, spec) is not None or _canonical_name(name, spec) is not None
 
 
-def _canonical_tensors(name: str, tensor: Any, spec: ModelSpec) -> dict[str, Any]:
-    """Canonical name -> tensor for one known stored tensor: itself, or a fused one's parts."""
+def _canonical_tensors(f: Any, name: str, spec: ModelSpec, plan: ShardPlan | None) -> dict[str, Any]:
+    """Canonical name -> tensor for one known stored tensor of the open file ``f``: itself, or a fused
+    one's parts; with a tensor-parallel ``plan``, this rank's part (only its rows read, where it
+    splits by rows)."""
     fused = _fused(name, spec)
     if fused is not None:
         layer, definition = fused
-        parts = split_fused(definition, spec, tensor, name)
-        return {f"layers.{layer}.{part}": w for part, w in parts.items()}
-    return {str(_canonical_name(name, spec)): tensor}
+        parts = split_fused(definition, spec, f.get_tensor(name), name)
+        out = {f"layers.{layer}.{part}": w for part, w in parts.items()}
+    else:
+        canonical = str(_canonical_name(name, spec))
+        rows = None if plan is None else plan.rows(canonical, f.get_slice(name).get_shape()[0])
+        if rows is not None:
+            return {canonical: f.get_slice(name)[rows[0] : rows[1]]}
+        out = {canonical: f.get_tensor(name)}
+    return out if plan is None else {n: plan.cut(n, w) for n, w in out.items()}
 
 
-def load_hf_folder(folder: str | Path) -> LoadedModel:
-    folder = Path(folder)
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    """config.json of a Hugging Face folder, whose architecture is supported."""
     config_path = folder / "config.json"
     if not config_path.exists():
         raise ModelLoadError(f"{folder}: no config.json (not a Hugging Face model folder)")
     config = _read_json(config_path)
     hf_family(config)  # an unsupported model fails first, by name
+    return config
+
+
+def load_hf_folder(folder: str | Path, shard: TPShard | None = None) -> LoadedModel:
+    """``shard``: load only this tensor-parallel rank's part of every weight (models/tensor_parallel.py)."""
+    folder = Path(folder)
+    config = read_hf_config(folder)
     if not (folder / "tokenizer.json").exists():
         raise ModelLoadError(f"{folder}: no tokenizer.json")
     tokenizer = Tokenizer.from_hf_folder(folder)
     spec = spec_from_hf_config(config, tokenizer)
+    plan = None if shard is None else ShardPlan(spec, shard)
 
     weights: dict[str, torch.Tensor] = {}
     formats: dict[str, str] = {}
@@ -275,9 +292,8 @@ def load_hf_folder(folder: str | Path) -> LoadedModel:
                         raise ModelLoadError(
                             f"{file.name}: unexpected tensor {name!r} for {spec.family.name}"
                         )
-                    tensor = f.get_tensor(name)
-                    for canonical, part in _canonical_tensors(name, tensor, spec).items():
-                        formats[canonical] = str(tensor.dtype).removeprefix("torch.")
+                    for canonical, part in _canonical_tensors(f, name, spec, plan).items():
+                        formats[canonical] = str(part.dtype).removeprefix("torch.")
                         weights[canonical] = part
         except ModelLoadError:
             raise
@@ -285,4 +301,6 @@ def load_hf_folder(folder: str | Path) -> LoadedModel:
             raise ModelLoadError(f"{file}: cannot read safetensors ({exc})") from exc
     if spec.family.gemma_norms:
         weights = gemma.offset_norms(weights, spec)
-    return LoadedModel(spec=spec, weights=weights, tokenizer=tokenizer, formats=formats, source=str(folder))
+    return LoadedModel(
+        spec=spec, weights=weights, tokenizer=tokenizer, formats=formats, source=str(folder), shard=shard
+    )

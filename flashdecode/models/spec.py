@@ -349,6 +349,13 @@ class ModelSpec:
         return sum(math.prod(shape) for shape in self.tensors().values())
 
 
+# How tensor parallelism (Megatron's layout, models/tensor_parallel.py) splits a weight over T ranks:
+# "column" by output rows, "kv" by output rows of whole KV heads (replicated where T exceeds them),
+# "row" by input columns (the partial outputs are summed by one all-reduce), "vocab" by vocabulary
+# rows, "row_bias" the bias of a "row" projection (rank 0 holds it, so the sum adds it once)
+TP_SPLITS = ("column", "kv", "row", "vocab", "row_bias")
+
+
 @dataclass(frozen=True)
 class TensorDef:
     """One weight: canonical name (after ``layers.N.`` for a layer's), GGUF name (after ``blk.N.``),
@@ -361,6 +368,11 @@ class TensorDef:
     matrix: bool = False  # a projection: runs through a Linear, counted as matmul work, quantizable
     when: Callable[[ModelSpec], bool] | None = None
     mlp: str | None = None  # "dense" / "moe": only in layers whose MLP is dense / a mixture of experts
+    tp: str | None = None  # how tensor parallelism splits it (``TP_SPLITS``); None: every rank holds it
+
+    def __post_init__(self) -> None:
+        if self.tp is not None and self.tp not in TP_SPLITS:
+            raise ValueError(f"{self.name}: tp={self.tp!r}, expected None or one of {TP_SPLITS}")
 
     def present(self, spec: ModelSpec) -> bool:
         return self.when is None or self.when(spec)
@@ -434,14 +446,17 @@ LAYER_TENSORS = (
     TensorDef("attn_norm", "attn_norm.weight", "input_layernorm.weight", _hidden, when=_not_opt),
     TensorDef("attn_norm", "attn_norm.weight", "self_attn_layer_norm.weight", _hidden, when=_opt),
     TensorDef("attn_norm_bias", "attn_norm.bias", "self_attn_layer_norm.bias", _hidden, when=_opt),
-    TensorDef("q", "attn_q.weight", "self_attn.q_proj.weight", _dims("q_size", "hidden_size"), True),
-    TensorDef("k", "attn_k.weight", "self_attn.k_proj.weight", _dims("kv_size", "hidden_size"), True),
-    TensorDef("v", "attn_v.weight", "self_attn.v_proj.weight", _dims("kv_size", "hidden_size"), True),
+    TensorDef("q", "attn_q.weight", "self_attn.q_proj.weight", _dims("q_size", "hidden_size"), True,
+              tp="column"),
+    TensorDef("k", "attn_k.weight", "self_attn.k_proj.weight", _dims("kv_size", "hidden_size"), True,
+              tp="kv"),
+    TensorDef("v", "attn_v.weight", "self_attn.v_proj.weight", _dims("kv_size", "hidden_size"), True,
+              tp="kv"),
     TensorDef("o", "attn_output.weight", "self_attn.o_proj.weight", _dims("hidden_size", "q_size"), True,
-              when=_not_opt),
+              when=_not_opt, tp="row"),
     TensorDef("o", "attn_output.weight", "self_attn.out_proj.weight", _dims("hidden_size", "q_size"), True,
-              when=_opt),
-    TensorDef("o_bias", "attn_output.bias", "self_attn.out_proj.bias", _hidden, when=_opt),
+              when=_opt, tp="row"),
+    TensorDef("o_bias", "attn_output.bias", "self_attn.out_proj.bias", _hidden, when=_opt, tp="row_bias"),
     TensorDef("mlp_norm", "ffn_norm.weight", "post_attention_layernorm.weight", _hidden, when=_llama_norms),
     TensorDef("mlp_norm", "ffn_norm.weight", "final_layer_norm.weight", _hidden, when=_opt),
     TensorDef("mlp_norm_bias", "ffn_norm.bias", "final_layer_norm.bias", _hidden, when=_opt),
@@ -450,35 +465,40 @@ LAYER_TENSORS = (
               when=_gemma),
     TensorDef("mlp_post_norm", "post_ffw_norm.weight", "post_feedforward_layernorm.weight", _hidden,
               when=_gemma),
-    TensorDef("gate", "ffn_gate.weight", "mlp.gate_proj.weight", _up, True, when=_not_opt, mlp="dense"),
-    TensorDef("up", "ffn_up.weight", "mlp.up_proj.weight", _up, True, when=_not_opt, mlp="dense"),
-    TensorDef("down", "ffn_down.weight", "mlp.down_proj.weight", _down, True, when=_not_opt, mlp="dense"),
-    TensorDef("up", "ffn_up.weight", "fc1.weight", _up, True, when=_opt),
-    TensorDef("up_bias", "ffn_up.bias", "fc1.bias", _dims("intermediate_size"), when=_opt),
-    TensorDef("down", "ffn_down.weight", "fc2.weight", _down, True, when=_opt),
-    TensorDef("down_bias", "ffn_down.bias", "fc2.bias", _hidden, when=_opt),
+    TensorDef("gate", "ffn_gate.weight", "mlp.gate_proj.weight", _up, True,
+              when=_not_opt, mlp="dense", tp="column"),
+    TensorDef("up", "ffn_up.weight", "mlp.up_proj.weight", _up, True,
+              when=_not_opt, mlp="dense", tp="column"),
+    TensorDef("down", "ffn_down.weight", "mlp.down_proj.weight", _down, True,
+              when=_not_opt, mlp="dense", tp="row"),
+    TensorDef("up", "ffn_up.weight", "fc1.weight", _up, True, when=_opt, tp="column"),
+    TensorDef("up_bias", "ffn_up.bias", "fc1.bias", _dims("intermediate_size"), when=_opt, tp="column"),
+    TensorDef("down", "ffn_down.weight", "fc2.weight", _down, True, when=_opt, tp="row"),
+    TensorDef("down_bias", "ffn_down.bias", "fc2.bias", _hidden, when=_opt, tp="row_bias"),
     TensorDef("router", "ffn_gate_inp.weight", "block_sparse_moe.gate.weight", _router, True,
               when=_mixtral, mlp="moe"),
     TensorDef("router", "ffn_gate_inp.weight", "mlp.gate.weight", _router, True, when=_qwen_moe, mlp="moe"),
     TensorDef("shared_gate", "ffn_gate_shexp.weight", "mlp.shared_expert.gate_proj.weight", _shared_up, True,
-              when=_shared_expert, mlp="moe"),
+              when=_shared_expert, mlp="moe", tp="column"),
     TensorDef("shared_up", "ffn_up_shexp.weight", "mlp.shared_expert.up_proj.weight", _shared_up, True,
-              when=_shared_expert, mlp="moe"),
+              when=_shared_expert, mlp="moe", tp="column"),
     TensorDef("shared_down", "ffn_down_shexp.weight", "mlp.shared_expert.down_proj.weight", _shared_down,
-              True, when=_shared_expert, mlp="moe"),
+              True, when=_shared_expert, mlp="moe", tp="row"),
     # [1, hidden]: one logit per token, run as a plain product (models/moe.py)
     TensorDef("shared_expert_gate", "ffn_gate_inp_shexp.weight", "mlp.shared_expert_gate.weight",
               lambda s: (1, s.hidden_size), when=_shared_expert, mlp="moe"),
-    TensorDef("q_bias", "attn_q.bias", "self_attn.q_proj.bias", _dims("q_size"), when=_qkv_bias),
-    TensorDef("k_bias", "attn_k.bias", "self_attn.k_proj.bias", _dims("kv_size"), when=_qkv_bias),
-    TensorDef("v_bias", "attn_v.bias", "self_attn.v_proj.bias", _dims("kv_size"), when=_qkv_bias),
+    TensorDef("q_bias", "attn_q.bias", "self_attn.q_proj.bias", _dims("q_size"), when=_qkv_bias, tp="column"),
+    TensorDef("k_bias", "attn_k.bias", "self_attn.k_proj.bias", _dims("kv_size"), when=_qkv_bias, tp="kv"),
+    TensorDef("v_bias", "attn_v.bias", "self_attn.v_proj.bias", _dims("kv_size"), when=_qkv_bias, tp="kv"),
     TensorDef("q_norm", "attn_q_norm.weight", "self_attn.q_norm.weight", _dims("head_dim"), when=_qk_norm),
     TensorDef("k_norm", "attn_k_norm.weight", "self_attn.k_norm.weight", _dims("head_dim"), when=_qk_norm),
 )  # fmt: skip
 GLOBAL_TENSORS = (
-    TensorDef("embed", "token_embd.weight", "model.embed_tokens.weight", _vocab, True, when=_not_opt),
+    TensorDef("embed", "token_embd.weight", "model.embed_tokens.weight", _vocab, True,
+              when=_not_opt, tp="vocab"),
     TensorDef("norm", "output_norm.weight", "model.norm.weight", _hidden, when=_not_opt),
-    TensorDef("embed", "token_embd.weight", "model.decoder.embed_tokens.weight", _vocab, True, when=_opt),
+    TensorDef("embed", "token_embd.weight", "model.decoder.embed_tokens.weight", _vocab, True,
+              when=_opt, tp="vocab"),
     TensorDef("pos_embed", "position_embd.weight", "model.decoder.embed_positions.weight",
               _dims("position_rows", "hidden_size"), when=_opt),
     TensorDef("norm", "output_norm.weight", "model.decoder.final_layer_norm.weight", _hidden,
@@ -489,24 +509,24 @@ GLOBAL_TENSORS = (
               when=_projected),
     TensorDef("project_out", "", "model.decoder.project_out.weight", _dims("embed_size", "hidden_size"), True,
               when=_projected),
-    TensorDef("lm_head", "output.weight", "lm_head.weight", _vocab, True, when=_untied),
+    TensorDef("lm_head", "output.weight", "lm_head.weight", _vocab, True, when=_untied, tp="vocab"),
 )  # fmt: skip
 # One expert's weights (canonical name after ``layers.N.experts.E.``). Hugging Face stores each
 # expert's under its index (``{expert}`` in the name); GGUF stacks all of a layer's experts in one
 # [n_expert, rows, cols] tensor (llama.cpp's ``ffn_*_exps``), which the loader splits per expert.
 EXPERT_TENSORS = (
     TensorDef("gate", "ffn_gate_exps.weight", "block_sparse_moe.experts.{expert}.w1.weight", _expert_up, True,
-              when=_mixtral),
+              when=_mixtral, tp="column"),
     TensorDef("up", "ffn_up_exps.weight", "block_sparse_moe.experts.{expert}.w3.weight", _expert_up, True,
-              when=_mixtral),
+              when=_mixtral, tp="column"),
     TensorDef("down", "ffn_down_exps.weight", "block_sparse_moe.experts.{expert}.w2.weight", _expert_down,
-              True, when=_mixtral),
+              True, when=_mixtral, tp="row"),
     TensorDef("gate", "ffn_gate_exps.weight", "mlp.experts.{expert}.gate_proj.weight", _expert_up, True,
-              when=_qwen_moe),
+              when=_qwen_moe, tp="column"),
     TensorDef("up", "ffn_up_exps.weight", "mlp.experts.{expert}.up_proj.weight", _expert_up, True,
-              when=_qwen_moe),
+              when=_qwen_moe, tp="column"),
     TensorDef("down", "ffn_down_exps.weight", "mlp.experts.{expert}.down_proj.weight", _expert_down, True,
-              when=_qwen_moe),
+              when=_qwen_moe, tp="row"),
 )  # fmt: skip
 
 

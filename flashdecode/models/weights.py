@@ -8,6 +8,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .spec import ModelSpec
+from .tensor_parallel import TPShard, local_spec
 from .tokenizer import Tokenizer
 
 
@@ -18,10 +19,18 @@ class LoadedModel:
     tokenizer: Tokenizer
     formats: dict[str, str] = field(default_factory=dict)  # canonical name -> stored format (Q4_1, F32...)
     source: str = ""
+    # tensor parallelism: the shard these weights are (models/tensor_parallel.py); ``spec`` is the
+    # whole model's
+    shard: TPShard | None = None
+
+    @property
+    def local_spec(self) -> ModelSpec:
+        """The spec of the weights held here: the whole model's, or its shard's."""
+        return self.spec if self.shard is None else local_spec(self.spec, self.shard.size)
 
     def validate(self) -> None:
         """Every weight the spec needs is present with the right shape; nothing else is left over."""
-        expected = self.spec.tensors()
+        expected = self.local_spec.tensors()
         needed = set(expected)
         missing = sorted(needed - set(self.weights))
         if missing:

@@ -1,0 +1,134 @@
+"""Tensor parallelism over gloo (engine/parallel/, models/tensor_parallel.py): two spawned ranks of one
+thread each against the single-process engine, which tests/test_hf_parity.py holds to transformers.
+
+Greedy tokens must be identical and every logprob within 1e-4, from a Hugging Face folder (one KV
+head, so both ranks hold it) and from a quantized GGUF (two KV heads, one per rank; Q8_0 blocks split
+by rows and by whole blocks of K), with several requests batched continuously and prefix caching on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import model_factory
+import numpy as np
+import pytest
+import torch
+
+from flashdecode import LLM, SamplingParams
+from flashdecode.errors import DistributedError, FlashDecodeError
+from flashdecode.layers.quant import QuantizedTensor
+
+# 4 heads of 16 and an MLP of 256: o's 64 inputs and down's 256 split into whole 32-element blocks
+SHAPE = dict(num_attention_heads=4, head_dim=16, intermediate_size=256)
+PREFIX = [1, 17, 45, 300, 12, 99, 7, 250, 31, 8, 64, 140, 5, 77, 210, 3, 48]  # more than one KV block
+PROMPTS = [PREFIX + [11, 23], [2, 9, 400, 41], PREFIX + [120, 6, 88, 19, 4], [33] * 9]
+PARAMS = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True)
+# prompt logprobs need every prompt position computed: these requests skip the prefix cache
+SCORED = SamplingParams(max_tokens=4, temperature=0.0, logprobs=3, prompt_logprobs=2, ignore_eos=True)
+ENGINE = dict(num_threads=1, kv_block_size=8, max_num_seqs=3, max_num_batched_tokens=16, numerics="exact")
+
+
+def _outputs(llm: LLM) -> list[Any]:
+    """Three rounds: the first fills the prefix cache, the second (the same prompts in another order)
+    reuses it, the third scores the prompts."""
+    return [llm.generate(PROMPTS, PARAMS), llm.generate(PROMPTS[::-1], PARAMS), llm.generate(PROMPTS, SCORED)]
+
+
+def _assert_same(reference: list[Any], outputs: list[Any]) -> None:
+    for ref, out in zip(sum(reference, []), sum(outputs, []), strict=True):
+        r, o = ref.outputs[0], out.outputs[0]
+        assert o.token_ids == r.token_ids
+        scored = (ref.prompt_logprobs or [None])[1:], (out.prompt_logprobs or [None])[1:]
+        assert len(scored[0]) == len(scored[1])
+        for ref_lp, out_lp in zip(r.logprobs + scored[0], o.logprobs + scored[1], strict=True):
+            assert ref_lp.keys() == out_lp.keys()
+            for token, lp in ref_lp.items():
+                assert abs(out_lp[token].logprob - lp.logprob) <= 1e-4
+
+
+@pytest.fixture
+def parallel_llm() -> Iterator[Callable[..., LLM]]:
+    made: list[LLM] = []
+
+    def make(model: Path, **options: Any) -> LLM:
+        made.append(LLM(str(model), tensor_parallel_size=2, **ENGINE, **options))
+        return made[-1]
+
+    yield make
+    for llm in made:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    "source, kv_heads", [("hf", 1), ("gguf-Q8_0", 2)], ids=["hf-replicated-kv", "gguf-q8_0-split-kv"]
+)
+def test_tensor_parallel_matches_one_process(
+    source: str,
+    kv_heads: int,
+    hf_model: Callable[..., Path],
+    gguf_model: Callable[..., Path],
+    parallel_llm: Callable[..., LLM],
+) -> None:
+    shape = SHAPE | {"num_key_value_heads": kv_heads}
+    model = hf_model("llama", **shape) if source == "hf" else gguf_model("llama", "Q8_0", **shape)
+    reference = _outputs(LLM(str(model), **ENGINE))
+    llm = parallel_llm(model)
+    outputs = _outputs(llm)
+    _assert_same(reference, outputs)
+    engine = llm.engine
+    assert engine.stats().prefix_cache_hits > 0
+    assert max(len(p) for p in PROMPTS) > ENGINE["max_num_batched_tokens"]  # prefills are chunked
+    assert any(r.prompt_logprobs for r in reference[2])
+    # rank 0 holds its shard only: half the heads, its KV heads, half the MLP and of the vocabulary
+    layer = engine.model.layers[0]
+    assert engine.cache.kv.shape[2] == max(1, kv_heads // 2)
+    assert layer.qkv.out_features == (2 + 2 * max(1, kv_heads // 2)) * 16
+    assert layer.o.in_features == 32 and layer.mlp.down.in_features == 128
+    assert engine.model.lm_head.out_features == engine.spec.vocab_size // 2
+    if source != "hf":
+        assert layer.o.quantized and layer.o.format == "Q8_0"
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_1", "Q4_K", "Q6_K", "Q5_0"])
+def test_input_shards_of_blocks_are_exact(fmt: str) -> None:
+    """A split by input keeps whole 32-element blocks: each part dequantizes to gguf-py's values of
+    those columns (K-quants and Q5_0 too, repacked into 32-element planes at load)."""
+    n, k = 4, 512
+    if fmt in ("Q4_K", "Q6_K"):
+        raw = model_factory.random_k_blocks(fmt, n, k, seed=3)
+    else:
+        data = np.random.default_rng(3).standard_normal((n, k)).astype(np.float32)
+        raw = gguf.quants.quantize(data, gguf.GGMLQuantizationType[fmt])
+    reference = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[fmt]).reshape(n, k))
+    w = QuantizedTensor.from_gguf_blocks(fmt, raw, (n, k))
+    for first, end in ((0, 8), (8, 16), (3, 11)):
+        part = w.columns(first, end)
+        assert part.shape == (n, (end - first) * 32)
+        assert torch.equal(part.dequantize(), reference[:, first * 32 : end * 32])
+
+
+def test_sizes_that_do_not_divide_fail_clearly(hf_model: Callable[..., Path]) -> None:
+    model = hf_model("llama", **SHAPE, num_key_value_heads=1)
+    with pytest.raises(
+        FlashDecodeError, match="tensor_parallel_size=3 does not divide the model's attention"
+    ):
+        LLM(str(model), tensor_parallel_size=3, num_threads=1)
+
+
+def test_a_worker_that_dies_fails_the_engine(
+    hf_model: Callable[..., Path], parallel_llm: Callable[..., LLM]
+) -> None:
+    llm = parallel_llm(hf_model("llama", **SHAPE, num_key_value_heads=1))
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    assert len(llm.generate([PROMPTS[1]], params)[0].outputs[0].token_ids) == 2
+    os.kill(llm.engine.ranks.workers.pids()[0], signal.SIGKILL)
+    llm.engine.ranks.workers.processes[0].join(10)
+    with pytest.raises(DistributedError, match="a rank died"):
+        llm.generate([PROMPTS[1]], params)
+    assert not llm.engine.has_unfinished_requests()  # the failed request was aborted, not left behind
