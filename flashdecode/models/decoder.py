@@ -209,7 +209,10 @@ class Decoder:
         self.spec = spec
         self.dtype = dtype
         self.device = device
-        self.embed = w["embed"]
+        # a tied head's Linear holds the embedding matrix, in whichever layout its plan keeps, and
+        # the lookup reads rows from it (Linear.rows): the matrix is held once
+        tied = spec.tie_embeddings
+        self.embed = None if tied else w["embed"]
         # Gemma: sqrt(hidden) rounded to the activations' dtype, as transformers multiplies
         self.embed_scale = None
         if spec.family.gemma_norms:
@@ -223,7 +226,7 @@ class Decoder:
         if "project_in" in w:
             self.project_in = Linear(w["project_in"], backend=device.backend)
             self.project_out = Linear(w["project_out"], backend=device.backend)
-        self.lm_head = Linear(self.embed if spec.tie_embeddings else w["lm_head"], backend=device.backend)
+        self.lm_head = Linear(w["embed"] if tied else w["lm_head"], backend=device.backend)
         self.softmax: SoftmaxPolicy | None = None  # None: exact attention (layers/attention.py)
         # every projection's kernel per M: the tuned table, the default plan, or one static kernel
         self.dataflow = configure(self.linears(), dataflow, table)
@@ -245,7 +248,9 @@ class Decoder:
         self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for the step's flattened tokens."""
-        if isinstance(self.embed, QuantizedTensor):
+        if self.embed is None:
+            x = self.lm_head.rows(input_ids, self.dtype)
+        elif isinstance(self.embed, QuantizedTensor):
             x = self.embed.rows(input_ids, self.dtype)
         else:
             x = F.embedding(input_ids, self.embed)
