@@ -30,6 +30,11 @@
  * that of plain decoding) */
 #define PART_KEYS 256
 #define GROUP_ROWS 4  /* rows of a prompt chunk that attend together */
+/* Steps of at most this many rows prepare a projection's input (norm, SwiGLU, int8 rounding) in
+ * every thread at once, each its own copy: the work is a few microseconds, less than the barrier
+ * a shared copy would wait at. Larger steps share the work and one copy. Either way the values are
+ * the same bits. */
+#define PRIVATE_ROWS 4
 
 #define Q8_INTERLEAVED 2 /* fd_part.q8: int8 activations on weights repacked 16 rows at a time */
 
@@ -289,9 +294,19 @@ typedef struct { /* the step's buffers, carved from one workspace */
     int64_t thread_floats;
 } fd_buffers;
 
+typedef struct { /* a projection's input: T rows in fp32, and rounded to int8 per 32-block if a part wants it */
+    const float *x;
+    const int8_t *xq;
+    const float *dx, *sx;
+} fd_input;
+
+/* floats of one thread's private input (PRIVATE_ROWS rows of up to max_k: fp32, int8, block scales) */
+static int64_t private_floats(int64_t max_k) { return PRIVATE_ROWS * (max_k + max_k / 4 + 2 * (max_k / 32 + 1)); }
+
 static int64_t thread_floats(const fd_model *M, int64_t max_k) {
     const int64_t G = M->heads / M->kv_heads;
-    return 2 * (int64_t)fd_scale_scratch(max_k) + GROUP_ROWS * G * PART_KEYS + 2 * M->head_dim + (M->head_dim + 2) + 64;
+    return 2 * (int64_t)fd_scale_scratch(max_k) + GROUP_ROWS * G * PART_KEYS + 2 * M->head_dim + (M->head_dim + 2) +
+           private_floats(max_k) + 64;
 }
 
 /* Bytes of workspace fd_decode needs for T tokens whose longest context is max_len. */
@@ -306,27 +321,26 @@ int64_t fd_decode_workspace(const fd_model *M, int64_t T, int64_t max_len, int n
     return floats * 4 + T * max_k + 64 * 16;
 }
 
-/* y = P x for T rows of K (this thread's share; every thread calls it) */
-static void proj(fd_member *me, const fd_proj *P, const float *x, int64_t T, int64_t K, float *y, int64_t ldy,
-                 int add, const fd_buffers *B, float *db, float *mb) {
+static int wants_q8(const fd_proj *P) {
     int q8 = 0;
     for (int i = 0; i < P->nparts; i++) q8 |= P->part[i].q8;
-    if (q8) {
-        const int n = me->team->n;
-        fd_q8_quantize_rows(x, K, T * me->tid / n, T * (me->tid + 1) / n, K, B->xq, B->dx, B->sx);
-        fd_barrier(me);
-    }
+    return q8;
+}
+
+/* y = P a for T rows of K (this thread's share; every thread calls it) */
+static void proj(fd_member *me, const fd_proj *P, const fd_input *a, int64_t T, int64_t K, float *y, int64_t ldy,
+                 int add, float *db, float *mb) {
     int64_t off = 0;
     for (int i = 0; i < P->nparts; i++) {
         const fd_part *p = &P->part[i];
         if (p->q8 == Q8_INTERLEAVED)
-            fd_linear_i8_tiles(me, p->fmt, B->xq, B->dx, B->sx, T, K, p->qs, p->d, p->m, p->bias, y + off, ldy, add,
+            fd_linear_i8_tiles(me, p->fmt, a->xq, a->dx, a->sx, T, K, p->qs, p->d, p->m, p->bias, y + off, ldy, add,
                                p->n);
         else if (p->q8)
-            fd_linear_q8_tiles(me, p->fmt, B->xq, B->dx, B->sx, T, K, p->qs, p->d, p->m, p->bias, y + off, ldy, add,
+            fd_linear_q8_tiles(me, p->fmt, a->xq, a->dx, a->sx, T, K, p->qs, p->d, p->m, p->bias, y + off, ldy, add,
                                p->n, db, mb);
         else
-            fd_linear_tiles(me, p->fmt, x, K, T, K, p->qs, p->d, p->m, p->bias, y + off, ldy, add, p->n, db, mb);
+            fd_linear_tiles(me, p->fmt, a->x, K, T, K, p->qs, p->d, p->m, p->bias, y + off, ldy, add, p->n, db, mb);
         off += p->n;
     }
 }
@@ -339,6 +353,42 @@ static void proj(fd_member *me, const fd_proj *P, const float *x, int64_t T, int
 
 static void norm_rows(fd_member *me, const float *x, const float *w, float *y, int64_t T, int64_t n, float eps) {
     TEAM_FOR(me, T, 1, t) rms_norm_row(x + t * n, w, y + t * n, n, eps);
+}
+
+#define IN_AS_IS 0 /* what prepare() makes of its rows */
+#define IN_NORM 1  /* RMSNorm by w */
+#define IN_SWIGLU 2 /* silu(gate) * up of rows [gate | up], 2K wide */
+
+/* The input of a projection of K features from T rows of src, made as ``how`` says. With at most
+ * PRIVATE_ROWS rows every thread makes its own copy in tb (no barrier); else the team shares the
+ * work, into dst (fp32) and the step's int8 buffers. */
+static fd_input prepare(fd_member *me, const fd_buffers *B, int how, const float *src, const float *w, float eps,
+                        int64_t T, int64_t K, int q8, float *tb, float *dst) {
+    if (T <= PRIVATE_ROWS) {
+        float *x = how == IN_AS_IS ? (float *)src : tb;
+        int8_t *xq = (int8_t *)(tb + PRIVATE_ROWS * K);
+        float *dx = (float *)(xq + PRIVATE_ROWS * K), *sx = dx + PRIVATE_ROWS * (K / 32 + 1);
+        for (int64_t t = 0; t < T; t++) {
+            if (how == IN_NORM) rms_norm_row(src + t * K, w, x + t * K, K, eps);
+            if (how == IN_SWIGLU) silu_mul(src + t * 2 * K, src + t * 2 * K + K, x + t * K, K);
+        }
+        if (q8) fd_q8_quantize_rows(x, K, 0, T, K, xq, dx, sx);
+        return (fd_input){x, xq, dx, sx};
+    }
+    if (how == IN_NORM) norm_rows(me, src, w, dst, T, K, eps);
+    if (how == IN_SWIGLU) {
+        TEAM_FOR(me, T * 8, 1, i) { /* eight slices per row: work for every thread */
+            const int64_t t = i / 8, c0 = K * (i % 8) / 8, c1 = K * (i % 8 + 1) / 8;
+            silu_mul(src + t * 2 * K + c0, src + t * 2 * K + K + c0, dst + t * K + c0, c1 - c0);
+        }
+    }
+    const float *x = how == IN_AS_IS ? src : dst;
+    if (q8) {
+        const int n = me->team->n;
+        fd_q8_quantize_rows(x, K, T * me->tid / n, T * (me->tid + 1) / n, K, B->xq, B->dx, B->sx);
+        fd_barrier(me);
+    }
+    return (fd_input){x, B->xq, B->dx, B->sx};
 }
 
 /* per-head q/k norm and RoPE on the step's q and k (in the qkv rows), then K and V into the cache */
@@ -362,13 +412,44 @@ static void rope_and_store(fd_member *me, const fd_model *M, int64_t layer, cons
     }
 }
 
+/* Row t, query head hq: its partials merged (the exact rescale, or unified's plain sum) into
+ * B->attn; a unified row whose sum left the safe window is recomputed exactly (returns 1 then). */
+static int finish_row(const fd_model *M, int64_t layer, const fd_geometry *S, const fd_buffers *B, int64_t t,
+                      int64_t hq, float *tb) {
+    const int64_t H = M->heads, KVH = M->kv_heads, D = M->head_dim, G = H / KVH, h = hq / G, g = hq % G;
+    const int64_t width = (H + 2 * KVH) * D, np = (S->row_base[t + 1] - S->row_base[t]) / KVH;
+    const int unified = M->unified;
+    const float *first = B->partials + (S->row_base[t] + h * np) * G * (D + 2) + g * (D + 2);
+    float *y = B->attn + t * H * D + hq * D, m = -INFINITY, l = 0.0f;
+    for (int64_t p = 0; p < np; p++) m = first[p * G * (D + 2)] > m ? first[p * G * (D + 2)] : m;
+    memset(y, 0, sizeof(float) * (size_t)D);
+    for (int64_t p = 0; p < np; p++) {
+        const float *o = first + p * G * (D + 2);
+        const float a = unified ? 1.0f : expf(o[0] - m); /* exact: the synchronised rescale */
+        l += o[1] * a;
+        axpy(y, a, o + 2, D);
+    }
+    const int64_t n = S->lens[t];
+    if (unified && !(l >= (float)n * expf(M->win_lo) && l <= expf(M->win_hi))) { /* NaN fails too */
+        float *scores = tb, *buf = tb + GROUP_ROWS * G * PART_KEYS, *tmp = buf + D;
+        attn_row_exact(M, layer, h, B->qkv + t * width + hq * D, S->slots + S->slot_rows[t], n, S->part, scores, buf,
+                       tmp, y);
+        return 1;
+    }
+    for (int64_t i = 0; i < D; i++) y[i] /= l;
+    return 0;
+}
+
+/* Every (group, kv head, partition) item, then every row's merge. When each row's keys fit one
+ * partition, the thread that ran an item merges its rows at once: one barrier less per layer. */
 static void attention(fd_member *me, const fd_model *M, int64_t layer, const fd_geometry *S, const fd_buffers *B,
                       float *tb, atomic_llong *fallbacks) {
     const int64_t H = M->heads, KVH = M->kv_heads, D = M->head_dim, G = H / KVH;
     const int64_t width = (H + 2 * KVH) * D;
-    const int unified = M->unified;
+    const int unified = M->unified, one_part = S->row_base[S->T] == S->T * KVH;
     const float phi = unified ? M->phi[layer] : 0.0f;
-    float *scores = tb, *buf = tb + GROUP_ROWS * G * PART_KEYS, *tmp = buf + D;
+    float *scores = tb, *buf = tb + GROUP_ROWS * G * PART_KEYS;
+    int64_t fb = 0;
     TEAM_FOR(me, S->items, 1, it) {
         const int64_t gi = find_range(S->group_items, S->groups, it), t = S->group_first[gi];
         const int nr = (int)(S->group_first[gi + 1] - t);
@@ -378,30 +459,11 @@ static void attention(fd_member *me, const fd_model *M, int64_t layer, const fd_
         attn_partition(M, layer, h, B->qkv + t * width + h * G * D, width, nr, (int)G, S->lens[t],
                        S->slots + S->slot_rows[t], j0, j1, unified, phi, scores, buf,
                        B->partials + (S->row_base[t] + h * np + p) * G * (D + 2), KVH * np * G * (D + 2));
+        if (one_part)
+            for (int64_t r = t; r < t + nr; r++)
+                for (int64_t g = 0; g < G; g++) fb += finish_row(M, layer, S, B, r, h * G + g, tb);
     }
-    int64_t fb = 0;
-    TEAM_FOR(me, S->T * H, 1, r) {
-        const int64_t t = r / H, hq = r % H, h = hq / G, g = hq % G;
-        const int64_t np = (S->row_base[t + 1] - S->row_base[t]) / KVH;
-        const float *first = B->partials + (S->row_base[t] + h * np) * G * (D + 2) + g * (D + 2);
-        float *y = B->attn + t * H * D + hq * D, m = -INFINITY, l = 0.0f;
-        for (int64_t p = 0; p < np; p++) m = first[p * G * (D + 2)] > m ? first[p * G * (D + 2)] : m;
-        memset(y, 0, sizeof(float) * (size_t)D);
-        for (int64_t p = 0; p < np; p++) {
-            const float *o = first + p * G * (D + 2);
-            const float a = unified ? 1.0f : expf(o[0] - m); /* exact: the synchronised rescale */
-            l += o[1] * a;
-            axpy(y, a, o + 2, D);
-        }
-        const int64_t n = S->lens[t];
-        if (unified && !(l >= (float)n * expf(M->win_lo) && l <= expf(M->win_hi))) { /* NaN fails too */
-            attn_row_exact(M, layer, h, B->qkv + t * width + hq * D, S->slots + S->slot_rows[t], n, S->part, scores,
-                           buf, tmp, y);
-            fb++;
-            continue;
-        }
-        for (int64_t i = 0; i < D; i++) y[i] /= l;
-    }
+    if (!one_part) TEAM_FOR(me, S->T * H, 1, r) fb += finish_row(M, layer, S, B, r / H, r % H, tb);
     atomic_fetch_add(fallbacks, fb);
 }
 
@@ -427,22 +489,21 @@ static void run_layers(fd_member *me, const fd_model *M, const fd_geometry *S, c
                        atomic_llong *fallbacks) {
     const int64_t T = S->T, q = M->heads * M->head_dim, width = (M->heads + 2 * M->kv_heads) * M->head_dim;
     float *tb = B->thread + me->tid * B->thread_floats;
-    float *db = tb, *mb = tb + fd_scale_scratch(S->max_k), *at = mb + fd_scale_scratch(S->max_k);
+    float *db = tb, *mb = tb + fd_scale_scratch(S->max_k), *pv = mb + fd_scale_scratch(S->max_k);
+    float *at = pv + private_floats(S->max_k);
+    const float eps = M->eps;
     for (int64_t l = 0; l < M->num_layers; l++) {
         const fd_layer *L = &M->layers[l];
-        norm_rows(me, x, L->attn_norm, B->xn, T, M->hidden, M->eps);
-        proj(me, &L->qkv, B->xn, T, M->hidden, B->qkv, width, 0, B, db, mb);
+        fd_input a = prepare(me, B, IN_NORM, x, L->attn_norm, eps, T, M->hidden, wants_q8(&L->qkv), pv, B->xn);
+        proj(me, &L->qkv, &a, T, M->hidden, B->qkv, width, 0, db, mb);
         rope_and_store(me, M, l, L, S, B->qkv);
         attention(me, M, l, S, B, at, fallbacks);
-        proj(me, &L->o, B->attn, T, q, x, M->hidden, 1, B, db, mb);
-        norm_rows(me, x, L->mlp_norm, B->xn, T, M->hidden, M->eps);
-        proj(me, &L->gate_up, B->xn, T, M->hidden, B->gu, 2 * M->inter, 0, B, db, mb);
-        TEAM_FOR(me, T * 8, 1, i) { /* eight slices per row: work for every thread */
-            const int64_t t = i / 8, c0 = M->inter * (i % 8) / 8, c1 = M->inter * (i % 8 + 1) / 8;
-            silu_mul(B->gu + t * 2 * M->inter + c0, B->gu + t * 2 * M->inter + M->inter + c0, B->act + t * M->inter + c0,
-                     c1 - c0);
-        }
-        proj(me, &L->down, B->act, T, M->inter, x, M->hidden, 1, B, db, mb);
+        a = prepare(me, B, IN_AS_IS, B->attn, NULL, eps, T, q, wants_q8(&L->o), pv, NULL);
+        proj(me, &L->o, &a, T, q, x, M->hidden, 1, db, mb);
+        a = prepare(me, B, IN_NORM, x, L->mlp_norm, eps, T, M->hidden, wants_q8(&L->gate_up), pv, B->xn);
+        proj(me, &L->gate_up, &a, T, M->hidden, B->gu, 2 * M->inter, 0, db, mb);
+        a = prepare(me, B, IN_SWIGLU, B->gu, NULL, eps, T, M->inter, wants_q8(&L->down), pv, B->act);
+        proj(me, &L->down, &a, T, M->inter, x, M->hidden, 1, db, mb);
     }
     norm_rows(me, x, M->norm, x, T, M->hidden, M->eps);
 }
