@@ -23,7 +23,7 @@ from ..models.loader import load_model
 from ..models.weights import LoadedModel
 from ..outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
-from ..utils.cpuinfo import physical_cores
+from ..utils.cpuinfo import physical_cores, release_freed_memory
 from . import numerics
 from .block_manager import BlockManager
 from .calibration import softmax_policy
@@ -131,6 +131,7 @@ class LLMEngine:
             config.numerics, config.kv_cache_dtype, source, self.model, self.tokenizer, quantized_file
         )
         self.kv_cache_dtype = self.numerics.kv_cache_dtype
+        release_freed_memory()  # the load's temporaries are freed; their pages need not stay resident
 
         bs = config.kv_block_size
         num_blocks = self._num_kv_blocks()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 from pathlib import Path
@@ -64,6 +65,16 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim): loading a model frees large
+    temporaries that the allocator would otherwise keep resident for the process's life. Nothing to
+    do without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def peak_rss_bytes() -> int:
