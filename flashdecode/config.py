@@ -28,7 +28,7 @@ _DTYPES = {
     "half": torch.float16,
 }
 DEFAULT_KV_CACHE_BYTES = 2 << 30
-SPECULATIVE_METHODS = ("ngram",)  # engine/spec_decode.py
+SPECULATIVE_METHODS = ("ngram", "draft")  # engine/spec_decode.py
 
 
 @dataclass
@@ -38,10 +38,15 @@ class SpeculativeConfig:
 
     ``ngram`` (prompt lookup): the drafts are the tokens that followed the most recent earlier
     occurrence of the sequence's last n tokens in its prompt and output, for n from
-    ``prompt_lookup_max`` down to ``prompt_lookup_min``."""
+    ``prompt_lookup_max`` down to ``prompt_lookup_min``.
+
+    ``draft``: a smaller ``model`` (GGUF file or Hugging Face folder) with the target's vocabulary
+    drafts the tokens one at a time, sampled from its own distribution under the request's sampling
+    parameters; it keeps its own KV cache in the target's blocks."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
+    model: str | None = None  # the draft model (method "draft" only)
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
     # the cost of one more query row in a decode step, as a fraction of a one-row step: what the
@@ -65,6 +70,12 @@ class SpeculativeConfig:
                 f"speculative prompt_lookup_min={self.prompt_lookup_min} must be <= "
                 f"prompt_lookup_max={self.prompt_lookup_max}"
             )
+        if self.method == "draft" and not isinstance(self.model, str):
+            raise FlashDecodeError(
+                f"speculative method 'draft' needs the draft model's path as model, got {self.model!r}"
+            )
+        if self.method != "draft" and self.model is not None:
+            raise FlashDecodeError(f"speculative model= is for method 'draft', not {self.method!r}")
         cost = self.draft_row_cost
         if not isinstance(cost, (int, float)) or isinstance(cost, bool) or not 0 <= cost <= 1:
             raise FlashDecodeError(f"speculative draft_row_cost={cost!r} must be a number in [0, 1]")

@@ -21,7 +21,7 @@ They are the correctness oracle of the engine's test suite:
   converter reads a SentencePiece ``tokenizer.model``, which these byte-level BPE models do not have).
   GGUF stores no ``query_pre_attn_scalar`` (llama.cpp assumes head_dim), so a model with another one
   is not converted. Tensor types:
-  F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (gguf-py's encoders) and Q4_K, Q6_K (encoders below,
+  F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (gguf-py's encoders) and Q2_K, Q4_K, Q6_K (encoders below,
   checked against gguf-py's decoders; rows must be a multiple of 256 long: ``KQUANT_OVERRIDES``).
   One deliberate difference: llama.cpp reads Llama-3's ``original_max_position_embeddings`` from
   the top level of config.json (default 8192); ours lives in ``rope_scaling``, where transformers
@@ -378,7 +378,7 @@ _ARCH_CONFIGS |= {
     ),
 }
 
-# Overrides for a model whose every matrix row is a multiple of 256 values long, so that Q4_K/Q6_K
+# Overrides for a model whose every matrix row is a multiple of 256 values long, so that the K-quants
 # (256-value super-blocks) apply to every weight instead of falling back to F16.
 KQUANT_OVERRIDES: dict[str, Any] = dict(
     hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=768
@@ -585,16 +585,24 @@ def randomize_weights(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_hf_model(
-    arch: str, out_dir: Path, *, seed: int = 0, shards: bool = False, **config_overrides: Any
+    arch: str,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    shards: bool = False,
+    tokenizer_vocab: int | None = None,
+    **config_overrides: Any,
 ) -> Path:
-    """Build a random ``arch`` model and save it (safetensors, tokenizer, configs) into ``out_dir``."""
+    """Build a random ``arch`` model and save it (safetensors, tokenizer, configs) into ``out_dir``.
+    ``tokenizer_vocab``: train the tokenizer to this many tokens only, the rest of the model's
+    vocabulary unused (a real-sized vocabulary without training a tokenizer that large)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = arch_config(arch, **config_overrides)
     model_type = cfg.pop("model_type")
-    tok_ids = _save_tokenizer(arch, out_dir, cfg["vocab_size"])
+    tok_ids = _save_tokenizer(arch, out_dir, tokenizer_vocab or cfg["vocab_size"])
     generation_eos = tok_ids.pop("generation_eos")
     cfg.setdefault("bos_token_id", tok_ids["bos_token_id"])
     cfg.setdefault("eos_token_id", tok_ids["eos_token_id"])
@@ -727,6 +735,31 @@ def quantize_q6_k(data: np.ndarray) -> np.ndarray:
     return blocks.reshape(*x.shape[:-1], x.shape[-1] // QK_K * 210)
 
 
+def quantize_q2_k(data: np.ndarray) -> np.ndarray:
+    x = np.asarray(data, dtype=np.float32)
+    if x.shape[-1] % QK_K:
+        raise ValueError(f"Q2_K needs rows that are a multiple of {QK_K}, got {x.shape[-1]}")
+    rows = x.reshape(-1, QK_K)
+    n = rows.shape[0]
+    sub = rows.reshape(n, 16, 16)
+    lo = np.minimum(sub.min(axis=-1), 0.0)  # x = d*sc*q - dmin*m, q in 0..3, sc and m in 0..15
+    scale, offset = (sub.max(axis=-1) - lo) / 3.0, -lo
+    d, dmin = _f16(scale.max(axis=-1) / 15.0), _f16(offset.max(axis=-1) / 15.0)
+    d32, dmin32 = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d32 > 0, np.rint(scale / d32), 0).clip(0, 15).astype(np.uint8)
+        m = np.where(dmin32 > 0, np.rint(offset / dmin32), 0).clip(0, 15).astype(np.uint8)
+        eff_scale, eff_min = (d32 * sc)[..., None], (dmin32 * m)[..., None]
+        q = np.where(eff_scale > 0, np.rint((sub + eff_min) / eff_scale), 0).clip(0, 3).astype(np.uint8)
+    # element 128c + 32t + j sits in bits 2t of byte 32c + j
+    q = q.reshape(n, 2, 4, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(n, 64)
+    blocks = np.concatenate(
+        [sc | (m << 4), qs, d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2)], axis=1
+    )
+    return blocks.reshape(*x.shape[:-1], x.shape[-1] // QK_K * 84)
+
+
 def random_k_blocks(fmt: str, n: int, k: int, seed: int) -> np.ndarray:
     """K-quant super-blocks of random bytes (every value, sub-scale and high-bit pattern occurs) with
     finite fp16 super-scales of both signs, subnormals and zeros included."""
@@ -739,7 +772,8 @@ def random_k_blocks(fmt: str, n: int, k: int, seed: int) -> np.ndarray:
     scales = rng.standard_normal((raw.shape[0], 2)).astype(np.float16)
     scales[::7] = np.float16(3e-6)  # subnormal
     scales[::11, 0] = 0.0
-    at = [size - 2] if fmt == "Q6_K" else [0, 2]  # Q6_K keeps its d last; Q4_K/Q5_K lead with d, dmin
+    # Q6_K keeps its d last, Q2_K its d, dmin; Q4_K/Q5_K lead with d, dmin
+    at = {"Q6_K": [size - 2], "Q2_K": [size - 4, size - 2]}.get(fmt, [0, 2])
     for i, pos in enumerate(at):
         raw[:, pos : pos + 2] = scales[:, i : i + 1].view(np.uint8)
     return raw.reshape(n, -1)
@@ -753,6 +787,8 @@ def quantize(data: np.ndarray, qtype: Any) -> np.ndarray:
         return quantize_q4_k(data)
     if qtype == gguf.GGMLQuantizationType.Q6_K:
         return quantize_q6_k(data)
+    if qtype == gguf.GGMLQuantizationType.Q2_K:
+        return quantize_q2_k(data)
     return gguf.quants.quantize(data, qtype)
 
 
@@ -794,6 +830,7 @@ FILE_TYPES = {
     "Q5_1": "MOSTLY_Q5_1",
     "Q4_K": "MOSTLY_Q4_K_S",
     "Q6_K": "MOSTLY_Q6_K",
+    "Q2_K": "MOSTLY_Q2_K",
 }
 
 

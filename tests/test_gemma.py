@@ -146,7 +146,7 @@ def test_specs_from_both_sources_agree(
         )
         assert hf.family.name == gg.family.name == arch
         assert hf.sliding_window == cfg["sliding_window"] and hf.hidden_act == "gelu_tanh"
-        assert not hf.llama_block
+        assert hf.native_block
     g2, g3 = load_model(hf_model("gemma2")).spec, load_model(hf_model("gemma3")).spec
     assert g2.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
     assert g2.attn_logit_softcap == 2.0 and g2.final_logit_softcap == 4.0 and g2.rope_local_theta is None
@@ -172,17 +172,6 @@ def test_norm_weights_are_one_plus_w(hf_model: Callable[..., Path], gguf_model: 
     ):
         torch.testing.assert_close(hf[canonical], raw[stored] + 1.0, rtol=0, atol=0)
         torch.testing.assert_close(gg[canonical], raw[stored] + 1.0, rtol=0, atol=0)
-
-
-def test_native_step_declines_gemma(gguf_model: Callable[..., Path], native_kernels: Any) -> None:
-    """The whole-step native decode implements the Llama block only: for Gemma it builds no step and
-    the Python layers run (the same Q8_0 weights and engine build one for Llama)."""
-    from flashdecode import SamplingParams
-
-    for arch, native in (("gemma2", False), ("llama", True)):
-        llm = parity.make_llm(gguf_model(arch, "Q8_0"))
-        llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(temperature=0, max_tokens=4))
-        assert bool(llm.engine.model.native._steps) == native, arch
 
 
 def test_info_names_the_family(gguf_model: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -409,33 +398,51 @@ def test_gguf_metadata_follows_llama_cpp_defaults() -> None:
     assert g3["layer_types"] == ("sliding_attention", "full_attention", "full_attention")
 
 
+# Gemma 3 with 4 heads and an intermediate of 160: every matrix row a multiple of 32 long, all Q8_0
+GEMMA3_Q8_SHAPES = dict(num_attention_heads=4, intermediate_size=160)
+
+
+@pytest.mark.parametrize("arch", mf.GEMMA_ARCHS)
 def test_gguf_q8_0_matches_transformers_dequantized(
-    gguf_model: Callable[..., Path], hf_reference: Any
+    arch: str, gguf_model: Callable[..., Path], hf_reference: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Gemma 2 with every matrix in Q8_0 (run quantized), against transformers holding the weights
-    gguf-py dequantizes (the file's norms are 1 + w: transformers takes w)."""
+    """Every matrix in Q8_0 (run quantized), against transformers holding the weights gguf-py
+    dequantizes (the file's norms are 1 + w: transformers takes w): through the native whole step
+    (kernels/cpu/decode_step.c) and through the Python layers."""
     import gguf
 
     from flashdecode.layers.quant import QuantizedTensor
+    from flashdecode.models.native_decode import NativeDecode
 
-    path = gguf_model("gemma2", "Q8_0")
+    shapes = GEMMA3_Q8_SHAPES if arch == "gemma3" else {}
+    path = gguf_model(arch, "Q8_0", **shapes)
     loaded = load_model(path).weights
     assert all(
         isinstance(loaded[f"layers.0.{n}"], QuantizedTensor) for n in ("q", "k", "v", "o", "gate", "down")
     )
-    ref = copy.deepcopy(hf_reference("gemma2"))
+    ref = copy.deepcopy(hf_reference(arch, **shapes))
     tensors = mf.read_gguf_tensors(path)
-    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA2, ref.config.num_hidden_layers)
+    model_arch = gguf.MODEL_ARCH.GEMMA2 if arch == "gemma2" else gguf.MODEL_ARCH.GEMMA3
+    tensor_map = gguf.get_tensor_name_map(model_arch, ref.config.num_hidden_layers)
     state = ref.state_dict()
     for name in state:
         gguf_name = tensor_map.get_name(name, try_suffixes=(".weight",))
         if gguf_name in tensors:
             value = torch.from_numpy(tensors[gguf_name][1].copy())
             state[name] = value - 1.0 if name.endswith("norm.weight") else value
-    state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied: one tensor, loaded last
+    if ref.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied: one tensor, loaded last
     ref.load_state_dict(state)
-    assert torch.equal(ref.lm_head.weight, torch.from_numpy(tensors["token_embd.weight"][1].copy()))
-    run_parity(path, ref.eval(), "gemma2 gguf Q8_0")
+    head = "token_embd.weight" if ref.config.tie_word_embeddings else "output.weight"
+    assert torch.equal(ref.lm_head.weight, torch.from_numpy(tensors[head][1].copy()))
+    ref.eval()
+    prompts = parity.prompts_for(ref.config.vocab_size)
+    llm = parity.make_llm(path)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    check_outputs(llm.generate(requests, parity.sampling_params()), prompts, ref, f"{arch} native Q8_0")
+    assert llm.engine.model.native._steps  # the native step ran
+    monkeypatch.setattr(NativeDecode, "step", lambda self, *args: None)
+    check_outputs(llm.generate(requests, parity.sampling_params()), prompts, ref, f"{arch} Python Q8_0")
 
 
 def test_triton_backend_matches_cpu(gguf_model: Callable[..., Path]) -> None:

@@ -255,6 +255,7 @@ QUANTIZED = [
     ("qwen2", "Q8_0", {}),
     ("llama", "Q4_K", mf.KQUANT_OVERRIDES),
     ("llama", "Q6_K", mf.KQUANT_OVERRIDES),
+    ("llama", "Q2_K", mf.KQUANT_OVERRIDES),
 ]
 
 

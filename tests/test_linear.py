@@ -210,7 +210,7 @@ def int8_activation_weights() -> list[tuple[str, QuantizedTensor]]:
 
     gen = torch.Generator().manual_seed(5)
     out = [(fmt, quantize(torch.randn(37, 96, generator=gen), fmt)) for fmt in ("Q4_0", "Q4_1", "Q8_0")]
-    for fmt in ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q3_K", "IQ4_XS", "IQ4_NL"):
+    for fmt in ("Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q5_0", "Q3_K", "IQ4_XS", "IQ4_NL"):
         raw = random_blocks(fmt, seed=len(fmt))
         out.append((fmt, QuantizedTensor.from_gguf_blocks(fmt, raw, (raw.shape[0], 512))))
     return out

@@ -62,7 +62,7 @@ def test_odd_k_for_float_weights() -> None:
         flat_gemm(x, torch.randn(9, 44))
 
 
-@pytest.mark.parametrize("fmt", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q5_K", "Q6_K", "Q2_K"])
 @pytest.mark.parametrize("m", [1, 17])
 def test_k_quants_match_the_reference(fmt: str, m: int) -> None:
     gen = torch.Generator().manual_seed(m)

@@ -311,6 +311,7 @@ QUANT_TYPES = {
     "Q4_1": (0.12, "MOSTLY_Q4_1"),
     "Q4_K": (0.1, "MOSTLY_Q4_K_S"),
     "Q6_K": (0.03, "MOSTLY_Q6_K"),
+    "Q2_K": (0.4, "MOSTLY_Q2_K"),
 }
 
 
@@ -379,7 +380,11 @@ def test_quantized_gguf_loads_in_transformers(tensor_type, gguf_model, hf_refere
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > (0.9 if tensor_type == "Q8_0" else 0.3)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+# per K-quant: bytes per 256 values, values per sub-block, levels per sub-block, relative RMS bound
+KQUANT_ENCODINGS = {"Q4_K": (144, 32, 15, 0.1), "Q6_K": (210, 16, 63, 0.03), "Q2_K": (84, 16, 3, 0.4)}
+
+
+@pytest.mark.parametrize("qtype", sorted(KQUANT_ENCODINGS))
 @pytest.mark.parametrize("case", ["normal", "zeros", "constant", "negative", "positive", "outlier"])
 def test_kquant_encoders_round_trip_through_gguf_py(qtype, case):
     rng = np.random.default_rng(0)
@@ -394,18 +399,17 @@ def test_kquant_encoders_round_trip_through_gguf_py(qtype, case):
         x = np.abs(x) + 1
     elif case == "outlier":
         x[0, 5] = 50.0
+    size, sub, levels, bound = KQUANT_ENCODINGS[qtype]
     q = mf.quantize(x, T[qtype])
-    assert q.dtype == np.uint8 and q.shape == (4, 512 // 256 * (144 if qtype == "Q4_K" else 210))
+    assert q.dtype == np.uint8 and q.shape == (4, 512 // 256 * size)
     back = gguf.quants.dequantize(q, T[qtype]).reshape(x.shape)
     err = np.abs(back - x)
     # per 16/32-value sub-block: error within a fraction of that sub-block's range
-    sub = 32 if qtype == "Q4_K" else 16
     span = np.ptp(x.reshape(-1, sub), axis=1, keepdims=True) + np.abs(x.reshape(-1, sub)).max(
         1, keepdims=True
     )
-    levels = 15 if qtype == "Q4_K" else 63
     assert (err.reshape(-1, sub) <= span / levels + 2e-3 * np.abs(x).max() + 1e-6).mean() > 0.99
     if case in ("zeros", "constant"):
         np.testing.assert_allclose(back, x, atol=1e-3)
     rms = np.sqrt((err**2).mean() / max((x**2).mean(), 1e-12))
-    assert rms < (0.1 if qtype == "Q4_K" else 0.03) * (3 if case == "outlier" else 1)
+    assert rms < bound * (3 if case == "outlier" else 1)

@@ -196,7 +196,7 @@ def test_specs_from_both_sources_agree(
             "dense_layers",
         ):
             assert getattr(hf, name) == getattr(gg, name), (arch, name)
-        assert not hf.llama_block
+        assert not hf.native_block
         assert any("mixture of experts" in f for f in hf.features())
     cfg = mf.arch_config("qwen2moe")
     spec = load_model(hf_model("qwen2moe")).spec

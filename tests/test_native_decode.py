@@ -112,6 +112,7 @@ K_QUANT_SHAPES = dict(hidden_size=256, intermediate_size=512, num_attention_head
         ("native_i8", "Q8_0"),
         ("native_i8", "Q4_K"),
         ("native_i8", "Q6_K"),
+        ("native_i8", "Q2_K"),
         ("native_i8", "Q5_0"),
     ],
 )

@@ -48,7 +48,7 @@ def test_spec_and_weights(hf_model: Callable[..., Path]) -> None:
     assert "norm" not in post.weights
     assert post.weights["project_in"].shape == (80, 48) and post.weights["embed"].shape == (512, 48)
     assert post.weights["pos_embed"].shape == (post.spec.max_position + 2, 80)
-    assert not pre.spec.llama_block and not post.spec.llama_block
+    assert not pre.spec.native_block and not post.spec.native_block
 
 
 def test_learned_positions_matter(hf_reference: Any) -> None:

@@ -57,17 +57,20 @@ def assert_decodes_as_gguf(qt: QuantizedTensor, blocks: np.ndarray) -> None:
     assert torch.equal(qt.dequantize(torch.bfloat16), ref.bfloat16())
 
 
+ENCODED_K_QUANTS = ("Q4_K", "Q6_K", "Q2_K")
+
+
 def k_quant_cases() -> list[tuple[str, np.ndarray, int, int]]:
-    from model_factory import quantize as encode  # tests/model_factory.py: Q4_K and Q6_K encoders
+    from model_factory import quantize as encode  # tests/model_factory.py: Q2_K, Q4_K, Q6_K encoders
 
     shapes = ((7, 256), (33, 512))
     cases = [(fmt, random_k_blocks(fmt, n, k, seed=n), n, k) for fmt in REPACKED_FORMATS for n, k in shapes]
-    for fmt in ("Q4_K", "Q6_K"):  # real encodings of awkward weights
+    for fmt in ENCODED_K_QUANTS:  # real encodings of awkward weights
         cases.append((fmt, encode(awkward_matrix(9, 512, seed=5), gguf.GGMLQuantizationType[fmt]), 9, 512))
     return cases
 
 
-@pytest.mark.parametrize("case", range(len(REPACKED_FORMATS) * 2 + 2))
+@pytest.mark.parametrize("case", range(len(REPACKED_FORMATS) * 2 + len(ENCODED_K_QUANTS)))
 def test_k_quant_repack_is_bit_exact_against_gguf(case: int) -> None:
     fmt, blocks, n, k = k_quant_cases()[case]
     qt = QuantizedTensor.from_gguf_blocks(fmt, blocks, (n, k))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from gguf.quants import dequantize
 
-from flashdecode.kernels.formats import LOADED_NATIVE, REPACKED_INTO
+from flashdecode.kernels.formats import LOADED_NATIVE, NATIVE_FORMATS, REPACKED_INTO
 from flashdecode.layers.dataflow import configure
 from flashdecode.layers.linear import Linear
 from flashdecode.layers.quant import QuantizedTensor
@@ -27,7 +27,8 @@ def random_blocks(fmt: str, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     elements, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[fmt]]
     raw = rng.integers(0, 256, size=(N * K // elements, size), dtype=np.uint8)
-    fields = {"Q3_K": [size - 2], "Q5_1": [0, 2]}.get(fmt, [0])  # d first, but Q3_K's is last
+    # d first, but Q3_K's is last and Q2_K ends with d, dmin
+    fields = {"Q3_K": [size - 2], "Q2_K": [size - 4, size - 2], "Q5_1": [0, 2]}.get(fmt, [0])
     for i, at in enumerate(fields):
         scales = rng.standard_normal(raw.shape[0]).astype(np.float16)
         scales[:: 7 + i] = np.float16(3e-6)  # subnormal
@@ -77,11 +78,18 @@ def test_repacked_products_match_the_reference(fmt: str, native_kernels) -> None
         assert ((lin(x).double() - want).abs() <= bound).all(), (fmt, m)
 
 
-def test_every_common_gguf_type_but_q2_k_loads_natively() -> None:
-    common = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"}
-    assert common <= set(LOADED_NATIVE)
+def test_every_common_gguf_type_loads_natively(native_kernels) -> None:
+    """Issue 15's list of the types common GGUF files carry: each loads into a native layout."""
+    common = "Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL IQ4_XS".split()
+    assert set(common) <= set(LOADED_NATIVE)
+    for fmt in common:
+        qt = QuantizedTensor.from_gguf_blocks(fmt, random_blocks(fmt, seed=1), (N, K))
+        assert qt.format in NATIVE_FORMATS, fmt
+        # what the tuner times: the flat GEMM, and int8 activations on the rows-interleaved repack
+        tuned = {"native"} | ({"native_i8"} if native_kernels.has_i8 else set())
+        assert tuned <= set(Linear(qt).candidates(allow_approx=True)), fmt
     with pytest.raises(ValueError, match="no native kernel"):
-        QuantizedTensor.from_gguf_blocks("Q2_K", np.zeros((1, 84), np.uint8), (1, 256))
+        QuantizedTensor.from_gguf_blocks("Q8_1", np.zeros((1, 40), np.uint8), (1, 32))
 
 
 def test_bad_sizes_are_rejected() -> None:

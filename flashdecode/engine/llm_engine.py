@@ -19,7 +19,7 @@ from ..layers.device import resolve_device
 from ..layers.kv_cache import KVCache
 from ..layers.linear import iter_linears
 from ..models.decoder import Decoder
-from ..models.loader import load_model
+from ..models.loader import load_model, resolve_model_path
 from ..models.weights import LoadedModel
 from ..outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
@@ -32,7 +32,14 @@ from .model_runner import ModelRunner
 from .sampler import Sampler, SamplingRow, prompt_logprobs
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence
-from .spec_decode import NgramProposer, tuned_step_costs
+from .spec_decode import (
+    DraftModelProposer,
+    NgramProposer,
+    draft_step_costs,
+    linear_step_costs,
+    tuned_step_costs,
+    weight_bytes_ratio,
+)
 from .structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)
@@ -111,52 +118,57 @@ class LLMEngine:
         triton = self.device.backend == "triton"
         if table is None and config.dataflow == "auto" and not triton:
             table = load_table()
-        self.model = Decoder(
-            loaded,
-            self.dtype,
-            config.dataflow,
-            table,
-            config.quantization,
-            self.device,
-            max_model_len=self.max_model_len,
-        )
-        quantized_file = config.quantization is None and any(is_quantized(f) for f in loaded.formats.values())
-        source = loaded.source or config.model  # the file the weights came from: what a record is of
+        self.model, self.numerics = self._build_model(loaded, config.model, table)
         del loaded
-        self.model.softmax = softmax_policy(
-            config.softmax, config.model, self.spec.num_layers, "triton" if triton else "auto"
-        )
-        # int8 activations and a 16-bit KV cache where the held-out check allows (engine/numerics.py)
-        self.numerics = numerics.resolve(
-            config.numerics, config.kv_cache_dtype, source, self.model, self.tokenizer, quantized_file
-        )
         self.kv_cache_dtype = self.numerics.kv_cache_dtype
+        spec_config = config.speculative
+        # a draft model (speculative decoding) and what its K/V takes per token
+        draft: Decoder | None = None
+        draft_kv_dtype, draft_bytes = "auto", 0
+        if spec_config is not None and spec_config.method == "draft":
+            path = spec_config.model
+            if resolve_model_path(path).resolve() == resolve_model_path(config.model).resolve():
+                # the target drafting for itself (a check of the machinery): one copy of the weights
+                draft, draft_numerics = self.model, self.numerics
+            else:
+                draft, draft_numerics = self._build_model(self._load_draft(path), path, table)
+            draft_kv_dtype = draft_numerics.kv_cache_dtype
+            draft_bytes = self._kv_bytes_per_token(draft, draft_kv_dtype)
         release_freed_memory()  # the load's temporaries are freed; their pages need not stay resident
 
         bs = config.kv_block_size
-        num_blocks = self._num_kv_blocks()
-        self.cache = KVCache(
-            self.spec.num_layers,
-            num_blocks * bs,
-            self.spec.num_kv_heads,
-            self.spec.head_dim,
-            self.dtype,
-            self.kv_cache_dtype,
-            self.device.torch,
-        )
+        num_blocks = self._num_kv_blocks(draft_bytes)
+        self.cache = self._kv_cache(self.model, self.kv_cache_dtype, num_blocks)
         self.block_manager = BlockManager(
             num_blocks, bs, config.enable_prefix_caching, self.spec.cache_sliding_window
         )
+        self.sampler = Sampler()
+        self.runner = ModelRunner(self.model, self.cache, bs, self.device.torch)
         proposer = None
-        if config.speculative is not None:
-            k = config.speculative.num_speculative_tokens
+        if spec_config is not None:
+            k = spec_config.num_speculative_tokens
             costs = None if table is None else tuned_step_costs(iter_linears(self.model.linears()), table, k)
-            proposer = NgramProposer(config.speculative, self.max_model_len, costs).propose
+            if draft is None:
+                proposer = NgramProposer(spec_config, self.max_model_len, costs)
+            else:
+                ratio = weight_bytes_ratio(iter_linears(draft.linears()), iter_linears(self.model.linears()))
+                # the draft's cache has the target's blocks, from the same block manager, as vLLM's
+                # draft layers share the target's KV cache groups: one block table per sequence
+                # addresses both, so allocation, the prefix cache, preemption, abort and a rejected
+                # draft's rollback need no bookkeeping of their own, and one budget (above) sizes both
+                draft_cache = self._kv_cache(draft, draft_kv_dtype, num_blocks)
+                proposer = DraftModelProposer(
+                    spec_config,
+                    self.max_model_len,
+                    draft_step_costs(costs or linear_step_costs(k, spec_config.draft_row_cost), ratio),
+                    ModelRunner(draft, draft_cache, bs, self.device.torch),
+                    self.sampler,
+                    self._sampling_row,
+                    self.model.lm_head.shape[0],
+                )
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, proposer
         )
-        self.runner = ModelRunner(self.model, self.cache, bs, self.device.torch)
-        self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids) | self.tokenizer.stop_token_ids
@@ -178,6 +190,71 @@ class LLMEngine:
             )
         return wanted
 
+    def _build_model(
+        self, loaded: LoadedModel, model_arg: str | None, table: DataflowTable | None
+    ) -> tuple[Decoder, numerics.Numerics]:
+        """A loaded model's decoder with its softmax policy and numerics (the target's, or a draft's)."""
+        cfg = self.config
+        triton = self.device.backend == "triton"
+        model = Decoder(
+            loaded,
+            cfg.torch_dtype(loaded.formats.get("embed", "")),
+            cfg.dataflow,
+            table,
+            cfg.quantization,
+            self.device,
+            max_model_len=self.max_model_len,
+        )
+        quantized_file = cfg.quantization is None and any(is_quantized(f) for f in loaded.formats.values())
+        source = loaded.source or model_arg  # the file the weights came from: what a record is of
+        model.softmax = softmax_policy(
+            cfg.softmax, model_arg, loaded.spec.num_layers, "triton" if triton else "auto"
+        )
+        # int8 activations and a 16-bit KV cache where the held-out check allows (engine/numerics.py)
+        choice = numerics.resolve(
+            cfg.numerics, cfg.kv_cache_dtype, source, model, loaded.tokenizer, quantized_file
+        )
+        return model, choice
+
+    def _load_draft(self, path: str) -> LoadedModel:
+        """The draft model of speculative decoding, refused where it cannot draft for this target."""
+        draft = load_model(path)
+        if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise FlashDecodeError(
+                f"speculative draft model {path}: its vocabulary ({draft.tokenizer.vocab_size} tokens) "
+                f"differs from the target's ({self.tokenizer.vocab_size}); a draft must share the "
+                "target's tokenizer"
+            )
+        if draft.spec.max_position < self.max_model_len:
+            raise FlashDecodeError(
+                f"speculative draft model {path}: its context length {draft.spec.max_position} is "
+                f"shorter than max_model_len={self.max_model_len}"
+            )
+        window, draft_window = self.spec.cache_sliding_window, draft.spec.cache_sliding_window
+        if window is not None and (draft_window is None or draft_window > window):
+            # the target's blocks before its window are released, and the draft would read them
+            raise FlashDecodeError(
+                f"speculative draft model {path}: the target slides within {window} tokens and "
+                "releases the blocks behind them; the draft must slide within as few"
+            )
+        return draft
+
+    def _kv_bytes_per_token(self, model: Decoder, kv_cache_dtype: str) -> int:
+        s = model.spec
+        return KVCache.bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, model.dtype, kv_cache_dtype)
+
+    def _kv_cache(self, model: Decoder, kv_cache_dtype: str, num_blocks: int) -> KVCache:
+        s = model.spec
+        return KVCache(
+            s.num_layers,
+            num_blocks * self.config.kv_block_size,
+            s.num_kv_heads,
+            s.head_dim,
+            model.dtype,
+            kv_cache_dtype,
+            self.device.torch,
+        )
+
     def _max_blocks_per_seq(self) -> int:
         """The most blocks one sequence holds at once: its full length, or, where every layer
         slides within W (the block manager releases what precedes the window), the W - 1
@@ -190,12 +267,11 @@ class LLMEngine:
             return full
         return min(full, -(-(window - 1 + self.config.max_num_batched_tokens) // bs) + 1)
 
-    def _num_kv_blocks(self) -> int:
-        s, cfg = self.spec, self.config
+    def _num_kv_blocks(self, draft_bytes_per_token: int = 0) -> int:
+        """``draft_bytes_per_token``: a draft model's K/V per token, held in the same blocks."""
+        cfg = self.config
         bs = cfg.kv_block_size
-        per_token = KVCache.bytes_per_token(
-            s.num_layers, s.num_kv_heads, s.head_dim, self.dtype, self.kv_cache_dtype
-        )
+        per_token = self._kv_bytes_per_token(self.model, self.kv_cache_dtype) + draft_bytes_per_token
         bytes_per_block = per_token * bs
         min_blocks = self._max_blocks_per_seq()
         if cfg.kv_cache_memory_fraction is not None:
@@ -374,12 +450,18 @@ class LLMEngine:
         if not drafts:
             return [self._sampling_row(seq, seq.output_token_ids)]
         output = seq.output_token_ids
+        probs = seq.spec_draft_probs or [None] * len(drafts)
         return [
-            self._sampling_row(seq, output + drafts[:j], draft) for j, draft in enumerate([*drafts, None])
+            self._sampling_row(seq, output + drafts[:j], draft, q)
+            for j, (draft, q) in enumerate([*zip(drafts, probs), (None, None)])
         ]
 
     def _sampling_row(
-        self, seq: Sequence, output_token_ids: list[int], draft: int | None = None
+        self,
+        seq: Sequence,
+        output_token_ids: list[int],
+        draft: int | None = None,
+        draft_probs: torch.Tensor | None = None,
     ) -> SamplingRow:
         params = seq.params
         suppressed: Iterable[int] = ()
@@ -395,6 +477,7 @@ class LLMEngine:
             tuple(suppressed),
             seq.matcher.allowed_mask() if seq.matcher is not None else None,
             draft,
+            draft_probs,
         )
 
     def _accept(self, seq: Sequence, tokens: list[int], logprobs: list[dict[int, Logprob] | None]) -> None:
@@ -409,7 +492,7 @@ class LLMEngine:
             self._append_token(seq, token, lp)
             if seq.is_finished:
                 break
-        seq.spec_token_ids = []
+        seq.spec_token_ids, seq.spec_draft_probs = [], []
         if self.config.speculative is None:
             return
         seq.draft_history.record(len(drafts), accepted)

@@ -8,6 +8,10 @@ are computed only where they are needed: at every decode row, at each prefilled 
 known token (to sample the next one) and, for requests that asked for prompt logprobs, at every
 position of their chunk.
 
+A draft model (speculative decoding, engine/spec_decode.py) has a runner of its own, over its own
+KV cache in the same blocks: ``forward`` runs a step's inputs through it for their K/V alone, and
+``decode`` its drafting rows.
+
 Inputs are built in host memory from the sequences' Python lists; on a device elsewhere (``device=
 "cuda"``) they are moved there in one place, and the logits come back to the host for the sampler.
 """
@@ -82,6 +86,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
+        hidden, sample_rows, sample_seqs, prompt_spans = self.forward(batch)
+        # sample_rows ascend, so when every row is sampled (a pure decode step) they are all of hidden
+        logits = self.model.logits(hidden if len(sample_rows) == len(hidden) else hidden[sample_rows])
+        prompt_logits = [
+            (seq, first, self.model.logits(hidden[flat : flat + count]))
+            for seq, flat, first, count in prompt_spans
+        ]
+        if self.device is not None:  # the sampler runs on the host
+            logits = logits.cpu()
+            prompt_logits = [(seq, first, lg.cpu()) for seq, first, lg in prompt_logits]
+        return StepResult(sample_seqs=sample_seqs, logits=logits, prompt_logits=prompt_logits)
+
+    @torch.inference_mode()
+    def forward(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, list[int], list[Sequence], list[tuple[Sequence, int, int, int]]]:
+        """The step's hidden states (its K/V written), the rows to sample and their sequences, and
+        the spans whose prompt logprobs are wanted (sequence, flat start, first position, count)."""
         # each decoding sequence's new token at position num_tokens - 1 (and its drafts after it): the
         # inputs come from Python ints in one go, since per-sequence tensors cost more than the
         # arithmetic every step
@@ -129,13 +151,25 @@ class ModelRunner:
         if self.device is not None:
             input_ids, positions = self._to_device(input_ids, positions, meta)
         hidden = self.model.forward(input_ids, positions, self.cache, meta)
-        # sample_rows ascend, so when every row is sampled (a pure decode step) they are all of hidden
-        logits = self.model.logits(hidden if len(sample_rows) == len(hidden) else hidden[sample_rows])
-        prompt_logits = [
-            (seq, first, self.model.logits(hidden[flat : flat + count]))
-            for seq, flat, first, count in prompt_spans
-        ]
-        if self.device is not None:  # the sampler runs on the host
-            logits = logits.cpu()
-            prompt_logits = [(seq, first, lg.cpu()) for seq, first, lg in prompt_logits]
-        return StepResult(sample_seqs=sample_seqs, logits=logits, prompt_logits=prompt_logits)
+        return hidden, sample_rows, sample_seqs, prompt_spans
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """Hidden states [len(seqs), hidden] of one decode row per sequence: ``token_ids[i]`` at
+        ``positions[i]`` of ``seqs[i]``, attending to the positions before it in its blocks (a draft
+        model's drafting rows, in slots the scheduler allocated for the drafts)."""
+        bs = self.block_size
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long), num_decode=len(seqs))
+        meta.decode_slots, meta.decode_context_lens = self._decode_inputs(seqs, [p + 1 for p in positions])
+        input_ids = torch.tensor(token_ids, dtype=torch.long)
+        pos = torch.tensor(positions, dtype=torch.long)
+        if self.device is not None:
+            input_ids, pos = self._to_device(input_ids, pos, meta)
+        return self.model.forward(input_ids, pos, self.cache, meta)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits of ``hidden`` rows, on the host (where the sampler runs)."""
+        logits = self.model.logits(hidden)
+        return logits.cpu() if self.device is not None else logits

@@ -6,15 +6,19 @@ Logprobs are reported from the raw logits, before any of that, as vLLM's default
 ``logprobs_mode="raw_logprobs"`` does.
 
 A row may carry a draft token (speculative decoding, engine/spec_decode.py): a greedy row still takes
-the argmax (the draft is accepted when they agree); a sampled row accepts the draft x with probability
-p(x) and otherwise samples from p with x removed, renormalised. That is the standard rejection rule
-(accept with min(1, p/q), resample from the residual max(0, p - q)) for a draft distribution q that is
-a point mass on x, so every emitted token is distributed as p, exactly as without the draft.
+the argmax (the draft is accepted when they agree); a sampled row follows the standard rejection rule:
+accept the draft x with probability min(1, p(x) / q(x)), else sample from the residual max(0, p - q),
+renormalised, where q is the distribution x was drawn from: a draft model's own (``Sampler.draft``,
+under the same sampling parameters), or a point mass on x for an n-gram draft, for which the rule
+accepts with probability p(x) and resamples from p with x removed. Either way every emitted token is
+distributed as p, exactly as without the draft.
 
 Sampling inverts each row's cumulative distribution at one uniform draw from that row's own generator,
 so a seeded request draws the same token whatever else is in the batch. One draw and one cumulative sum
 per row cost far less on a CPU than vLLM's exponential race (``argmax(probs / Exp(1))``, a random
-exponential for every vocabulary entry, made for GPUs where it avoids a host sync).
+exponential for every vocabulary entry, made for GPUs where it avoids a host sync). Rows with nothing
+but a temperature (no top-k, top-p, min-p or draft) invert it natively in one pass where the native
+kernels run (kernels/cpu, ``fd_sample``): the same distribution, without torch's passes and temporaries.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flashdecode.kernels import cpu
 from flashdecode.outputs import Logprob
 from flashdecode.sampling_params import SamplingParams
 
@@ -42,8 +47,10 @@ class SamplingRow:
     # Structured output: the tokens the row's grammar allows next (bool, one per vocabulary entry); every
     # other logit becomes -inf. None (no grammar) costs nothing.
     allowed_token_mask: torch.Tensor | None = None
-    # Speculative decoding: the drafted token this row verifies (None: a plain row).
+    # Speculative decoding: the drafted token this row verifies (None: a plain row), and the
+    # distribution it was drawn from ([vocab] probabilities; None: a point mass on it, as n-gram drafts).
     draft_token_id: int | None = None
+    draft_probs: torch.Tensor | None = None
 
 
 @dataclass
@@ -107,6 +114,27 @@ class Sampler:
             for i, d in zip(lp_rows, dicts):
                 logprobs[i] = d
         return SamplerOutput(token_ids, logprobs)
+
+    def draft(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[list[int], list[torch.Tensor | None]]:
+        """A draft model's tokens (speculative decoding): each row's token drawn from the draft's
+        logits under the row's own sampling parameters, as ``__call__`` would draw it, and the
+        distribution q it was drawn from, which verification's rejection rule needs (None for a
+        greedy row, whose draft is the argmax and whose verification compares argmaxes)."""
+        x = logits.to(torch.float32, copy=True)
+        _suppress(x, rows)
+        _apply_penalties(x, rows)
+        token_ids = x.argmax(dim=-1)
+        probs: list[torch.Tensor | None] = [None] * len(rows)
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if random_rows:
+            sub = [rows[i] for i in random_rows]
+            q = _probs(x[random_rows], sub)
+            token_ids[random_rows] = _draw(q, sub)
+            for j, i in enumerate(random_rows):
+                probs[i] = q[j]
+        return token_ids.tolist(), probs
 
 
 def prompt_logprobs(
@@ -223,18 +251,38 @@ def _apply_penalties(x: torch.Tensor, rows: list[SamplingRow]) -> None:
 
 def _sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Samples one token per row of penalised logits ``x`` (modified in place) for non-greedy rows."""
-    num, vocab = x.shape
+    native = cpu.load() if x.device.type == "cpu" and x.stride(1) == 1 else None
+    if native is not None and all(_temperature_only(r) for r in rows):
+        temps = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32)
+        return native.sample(x, temps, _uniforms(rows, x.device).squeeze(1))
+    probs = _probs(x, rows)
+    accepted = _accept_drafts(probs, rows)
+    next_ids = _draw(probs, rows)
+    for i, draft in accepted:
+        next_ids[i] = draft
+    return next_ids
+
+
+def _temperature_only(row: SamplingRow) -> bool:
+    """Nothing but a temperature shapes this row's distribution (no top-k, top-p, min-p or draft)."""
+    p = row.params
+    return p.top_k in (0, -1) and p.top_p >= 1.0 and p.min_p == 0.0 and row.draft_token_id is None
+
+
+def _probs(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The distribution each row samples from: penalised logits ``x`` (modified in place) after
+    temperature, top-k, top-p and min-p."""
+    vocab = x.shape[1]
     dev = x.device
     params = [r.params for r in rows]
 
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
-    x.div_(temps.unsqueeze(1))
-
     # top_k of 0, -1 or >= vocab keeps everything; vocab as the "disabled" k makes the masks no-ops.
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     ps = [p.top_p for p in params]
     need_k = any(k < vocab for k in ks)
     need_p = any(p < 1.0 for p in ps)
+    x.div_(temps.unsqueeze(1))
     if need_p:
         x = _top_k_top_p(x, ks if need_k else None, ps)
     elif need_k:
@@ -247,17 +295,17 @@ def _sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         # drops exactly the tokens it would drop from the full distribution.
         x.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * min_p, float("-inf"))
 
-    probs = x.softmax(dim=-1)
-    accepted = _accept_drafts(probs, rows)
-    cdf = probs.cumsum_(dim=-1)
+    return x.softmax(dim=-1)
+
+
+def _draw(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """One token per row of ``probs`` (rows need not sum to 1), by inverting its cumulative sum."""
+    cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
     # the first token whose cumulative probability exceeds u * total (u in [0, 1)): never one of
     # probability 0, and u * total rounded up to total is kept below it
-    target = torch.minimum(_uniforms(rows, dev) * total, total.nextafter(torch.zeros_like(total)))
-    next_ids = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    for i, draft in accepted:
-        next_ids[i] = draft
-    return next_ids
+    target = torch.minimum(_uniforms(rows, probs.device) * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
 def _uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
@@ -274,17 +322,26 @@ def _uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
 
 
 def _accept_drafts(probs: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, int]]:
-    """The rows whose draft x is accepted, with probability p(x) each; every draft row's x is removed
-    from ``probs`` so that the race after this samples a rejected row from the residual."""
+    """The rows whose draft x is accepted, each with probability min(1, p(x) / q(x)); every draft
+    row's ``probs`` become the residual max(0, p - q), which the draw after this renormalises for a
+    rejected row. q is the row's ``draft_probs``, or a point mass on x, whose residual is p without x."""
     accepted = []
     for i, r in enumerate(rows):
         x = r.draft_token_id
         if x is None:
             continue
+        q = r.draft_probs
         u = torch.rand((), generator=r.generator, device=probs.device)
-        if bool(u < probs[i, x]):
+        if bool(u * (1.0 if q is None else q[x]) < probs[i, x]):
             accepted.append((i, x))
-        probs[i, x] = 0.0
+        if q is None:
+            probs[i, x] = 0.0
+            continue
+        residual = (probs[i] - q.to(probs.device)).clamp_min_(0.0)
+        # p == q up to rounding leaves no residual: such a draft is accepted but for rounding, and
+        # a rejection then draws from p itself
+        if bool(residual.sum() > 0):
+            probs[i] = residual
     return accepted
 
 

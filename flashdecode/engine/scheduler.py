@@ -13,13 +13,15 @@ blocks however long it runs.
 
 With speculative decoding, a decoding sequence also takes its drafts (``Sequence.spec_token_ids``) into
 the step, within the token budget and only where the free blocks allow: drafts never preempt anyone.
+The proposer says how many each may take while the step is scheduled, and drafts them once every
+sequence has its blocks (a draft model writes its K/V into them), all at once.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
@@ -43,8 +45,14 @@ def _order(seq: Sequence) -> tuple[int, int, int]:
     return (seq.priority, seq.request.arrival, seq.index)
 
 
-# (decoding sequence, most drafts the step's budget allows) -> the drafts (engine/spec_decode.py)
-Proposer = Callable[[Sequence, int], list[int]]
+class Proposer(Protocol):
+    """Speculative decoding's drafts (engine/spec_decode.py): while the step is scheduled, how many
+    drafts each decoding sequence may take within ``budget``; once every sequence of the batch has
+    its blocks, the drafts of each (sequence, count), set as its ``spec_token_ids``."""
+
+    def num_drafts(self, seq: Sequence, budget: int) -> int: ...
+
+    def propose(self, batch: ScheduledBatch, drafting: list[tuple[Sequence, int]]) -> None: ...
 
 
 class Scheduler:
@@ -80,7 +88,7 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
 
     def _preempt(self, seq: Sequence) -> None:
-        seq.spec_token_ids = []
+        seq.spec_token_ids, seq.spec_draft_probs = [], []
         self.running.remove(seq)
         self.blocks.free_sequence(seq)
         self.num_preemptions += 1
@@ -90,6 +98,7 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
+        drafts: dict[Sequence, int] = {}
         preempted = False
 
         i = 0
@@ -97,8 +106,10 @@ class Scheduler:
             seq = self.running[i]
             self.blocks.remove_skipped_blocks(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            d = 0
             if self.proposer is not None and seq.num_computed_tokens == seq.num_tokens - 1:
-                n += self._draft(seq, budget - 1)
+                d = self._num_drafts(seq, budget - 1)
+                n += d
             # make room, taking blocks from the lowest-priority sequences not yet scheduled
             while not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
                 victim = next((s for s in reversed(self.running) if id(s) not in scheduled), None)
@@ -112,6 +123,8 @@ class Scheduler:
             scheduled.add(id(seq))
             if seq.num_computed_tokens == seq.num_tokens - 1:
                 batch.decodes.append(seq)
+                if d:
+                    drafts[seq] = d
             else:
                 batch.prefills.append((seq, n))
             budget -= n
@@ -145,12 +158,12 @@ class Scheduler:
             else:
                 batch.prefills.append((seq, n))
             budget -= n
+        if self.proposer is not None:
+            self.proposer.propose(batch, list(drafts.items()))
         return batch
 
-    def _draft(self, seq: Sequence, budget: int) -> int:
-        """Give decoding ``seq`` its drafts for this step, where free blocks hold them; their count."""
-        drafts = self.proposer(seq, budget) if budget > 0 else []
-        if drafts and not self.blocks.can_allocate(seq, seq.num_tokens + len(drafts)):
-            drafts = []
-        seq.spec_token_ids = drafts
-        return len(drafts)
+    def _num_drafts(self, seq: Sequence, budget: int) -> int:
+        """How many drafts decoding ``seq`` takes this step: what the proposer gives it, where free
+        blocks hold them."""
+        d = self.proposer.num_drafts(seq, budget) if budget > 0 else 0
+        return d if d and self.blocks.can_allocate(seq, seq.num_tokens + d) else 0

@@ -79,8 +79,10 @@ class Sequence:
     # with the generated tokens only, which preemption keeps, so it stays valid across a recompute
     matcher: GrammarMatcher | None = None
     # speculative decoding (engine/spec_decode.py): the tokens drafted for the step being scheduled,
-    # verified after its last token, and how well this sequence's drafts have done
+    # verified after its last token, the draft model's distribution each was drawn from (None where
+    # greedy, and for n-gram drafts), and how well this sequence's drafts have done
     spec_token_ids: list[int] = field(default_factory=list)
+    spec_draft_probs: list[torch.Tensor | None] = field(default_factory=list)
     draft_history: DraftHistory = field(default_factory=DraftHistory)
 
     def __post_init__(self) -> None:

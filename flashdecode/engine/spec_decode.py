@@ -1,10 +1,13 @@
-"""Speculative decoding by n-gram prompt lookup: cheap drafts, verified in the step that decodes.
+"""Speculative decoding: drafts by n-gram prompt lookup or by a draft model, verified in the step that
+decodes.
 
-Each step, a decoding sequence may draft up to ``num_speculative_tokens`` tokens: the tokens that
-followed the most recent earlier occurrence of its last n tokens in its prompt and output (n from
-``prompt_lookup_max`` down to ``prompt_lookup_min``), as vLLM's and llama.cpp's prompt lookup do.
-Input-grounded work (summaries, edits, answers from a passage) repeats its input, so the drafts are
-often right.
+Each step, a decoding sequence may draft up to ``num_speculative_tokens`` tokens. ``ngram``: the
+tokens that followed the most recent earlier occurrence of its last n tokens in its prompt and output
+(n from ``prompt_lookup_max`` down to ``prompt_lookup_min``), as vLLM's and llama.cpp's prompt lookup
+do; input-grounded work (summaries, edits, answers from a passage) repeats its input, so the drafts
+are often right. ``draft``: a smaller model with the target's vocabulary samples them one at a time
+(``DraftModelProposer``), for all drafting sequences at once, with its own KV cache in the target's
+blocks; verification's rejection rule uses the draft's distribution (engine/sampler.py).
 
 A sequence with d drafts is d + 1 decode rows of the step (engine/model_runner.py): its last token
 and the drafts, at consecutive positions, sharing its block table, each attending up to its own
@@ -20,21 +23,29 @@ The draft length adapts per sequence. With an acceptance rate a per draft, d dra
 drafted (zero when no length beats plain decoding). The cost of d + 1 rows, in one-row steps, comes
 from the tuned dataflow table where it timed every projection of the model (``tuned_step_costs``:
 each shape's planned kernel at each M; attention, which reads the context once per row, is left
-out), else it is ``1 + d * draft_row_cost``. The rate
-is the sequence's own (``Sequence.draft_history``), over its recent steps.
+out), else it is ``1 + d * draft_row_cost``; a draft model's passes are added to it
+(``draft_step_costs``, a draft row priced by its weights' bytes over the target's). The rate is the
+sequence's own (``Sequence.draft_history``), over its recent steps.
 """
 
 from __future__ import annotations
 
+import abc
+import math
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
+import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..config import SpeculativeConfig
+from ..kernels.formats import bytes_per_weight
 from ..layers.dataflow import DataflowTable
 from ..layers.linear import Linear
+from .model_runner import ModelRunner
+from .sampler import Sampler, SamplingRow
+from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
 
@@ -118,7 +129,12 @@ class _TokenArray:
         return self.buffer[:n]
 
 
-class NgramProposer:
+class AdaptiveProposer(abc.ABC):
+    """The scheduler's proposer (engine/scheduler.py's ``Proposer``): while it schedules, how many
+    drafts each decoding sequence may take (``num_drafts``, at most what pays at its acceptance
+    rate); once every sequence has its blocks, the drafts themselves (``propose``), so that a draft
+    model drafts for all of them in one batch."""
+
     def __init__(self, config: SpeculativeConfig, max_model_len: int, step_costs: list[float] | None = None):
         """``step_costs``: a step's cost at 1 + d rows, d = 0..num_speculative_tokens, in one-row
         steps (``tuned_step_costs``); None: ``linear_step_costs`` of ``config.draft_row_cost``."""
@@ -126,22 +142,129 @@ class NgramProposer:
         self.max_model_len = max_model_len
         k = config.num_speculative_tokens
         self.step_costs = step_costs or linear_step_costs(k, config.draft_row_cost)
-        # each sequence's tokens as an array, dropped with the sequence
-        self._arrays: weakref.WeakKeyDictionary[Sequence, _TokenArray] = weakref.WeakKeyDictionary()
 
-    def propose(self, seq: Sequence, budget: int) -> list[int]:
-        """The drafts of decoding sequence ``seq`` this step, at most ``budget`` of them."""
+    def draft_length(self, seq: Sequence, budget: int) -> int:
+        """The most drafts ``seq`` should take this step: within ``budget``, its limits and what
+        pays at its acceptance rate."""
         if seq.matcher is not None:
-            return []  # a grammar's mask at each drafted position would need the grammar advanced
-        cfg = self.config
-        limit = min(budget, cfg.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1)
+            return 0  # a grammar's mask at each drafted position would need the grammar advanced
+        limit = min(budget, self.config.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1)
         if seq.params.max_tokens is not None:
             limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
-        limit = best_draft_length(seq.draft_history.acceptance_rate, limit, self.step_costs)
+        return best_draft_length(seq.draft_history.acceptance_rate, limit, self.step_costs)
+
+    def num_drafts(self, seq: Sequence, budget: int) -> int:
+        return self.draft_length(seq, budget)
+
+    @abc.abstractmethod
+    def propose(self, batch: ScheduledBatch, drafting: list[tuple[Sequence, int]]) -> None:
+        """Set ``spec_token_ids`` (d tokens) of each (sequence, d) of ``batch`` that ``num_drafts``
+        gave d, once the step's blocks are allocated."""
+
+
+class NgramProposer(AdaptiveProposer):
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, step_costs: list[float] | None = None):
+        super().__init__(config, max_model_len, step_costs)
+        # each sequence's tokens as an array, dropped with the sequence
+        self._arrays: weakref.WeakKeyDictionary[Sequence, _TokenArray] = weakref.WeakKeyDictionary()
+        self._found: dict[Sequence, list[int]] = {}  # this step's lookups, until propose
+
+    def num_drafts(self, seq: Sequence, budget: int) -> int:
+        """The lookup's length: a sequence takes blocks and budget only for drafts it has."""
+        limit = self.draft_length(seq, budget)
         if limit <= 0:
-            return []
+            return 0
         array = self._arrays.get(seq)
         if array is None:
             array = self._arrays[seq] = _TokenArray()
-        tokens = array.view(seq.token_ids)
-        return ngram_lookup(tokens, limit, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+        cfg = self.config
+        found = ngram_lookup(array.view(seq.token_ids), limit, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+        self._found[seq] = found
+        return len(found)
+
+    def propose(self, batch: ScheduledBatch, drafting: list[tuple[Sequence, int]]) -> None:
+        for seq, d in drafting:
+            seq.spec_token_ids = self._found[seq][:d]
+        self._found.clear()
+
+
+class DraftModelProposer(AdaptiveProposer):
+    """Drafts from a smaller model with the target's vocabulary, for every drafting sequence at once,
+    one token per pass: pass j feeds each sequence's token at position num_tokens - 1 + j (its last
+    token, then its drafts) and samples the next draft from the draft's distribution q under the
+    sequence's own sampling parameters (``Sampler.draft``), which verification's rejection rule
+    needs. Its K/V sits in the draft's cache, in the sequence's own blocks: pass 0 also runs the
+    step's other rows (decodes that do not draft, prefill chunks) and a last pass feeds the last
+    draft, so the draft computes every position the target's step computes; whatever the target's
+    cache holds (a prefix-cache hit, a recompute after preemption) the draft's holds too, and a
+    rejected draft's slot is overwritten, or its block freed, with the target's."""
+
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        max_model_len: int,
+        step_costs: list[float],
+        runner: ModelRunner,
+        sampler: Sampler,
+        sampling_row: Callable[[Sequence, list[int]], SamplingRow],
+        vocab_size: int,
+    ):
+        """``runner``: the draft model's (engine/model_runner.py); ``sampling_row``: the sampling
+        state of a sequence with the given output tokens (the engine's); ``vocab_size``: the
+        target's logits width, which q must have."""
+        super().__init__(config, max_model_len, step_costs)
+        self.runner = runner
+        self.sampler = sampler
+        self.sampling_row = sampling_row
+        self.vocab_size = vocab_size
+
+    def propose(self, batch: ScheduledBatch, drafting: list[tuple[Sequence, int]]) -> None:
+        if not batch:
+            return
+        hidden = self.runner.forward(batch)[0]  # every decode's row first, in batch order
+        rows = {seq: i for i, seq in enumerate(batch.decodes)}
+        self._sample([seq for seq, _ in drafting], hidden[[rows[seq] for seq, _ in drafting]])
+        for j in range(1, max((d for _, d in drafting), default=0) + 1):
+            # each sequence's draft j at its position; those with more drafts to go sample the next
+            fed = [(seq, d) for seq, d in drafting if d >= j]
+            seqs = [seq for seq, _ in fed]
+            positions = [seq.num_tokens - 1 + j for seq in seqs]
+            hidden = self.runner.decode(seqs, [seq.spec_token_ids[j - 1] for seq in seqs], positions)
+            more = [i for i, (_, d) in enumerate(fed) if d > j]
+            self._sample([seqs[i] for i in more], hidden[more])
+
+    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> None:
+        """Each sequence's next draft, from the draft's ``hidden`` row of its last token or draft."""
+        if not seqs:
+            return
+        rows = [self.sampling_row(seq, seq.output_token_ids + seq.spec_token_ids) for seq in seqs]
+        token_ids, probs = self.sampler.draft(self._target_width(self.runner.logits(hidden)), rows)
+        for seq, token, q in zip(seqs, token_ids, probs):
+            seq.spec_token_ids.append(token)
+            seq.spec_draft_probs.append(q)
+
+    def _target_width(self, logits: torch.Tensor) -> torch.Tensor:
+        """The draft's logits over the target's vocabulary: the models share their tokens, and
+        only their embeddings' padding past them may differ (padding is never drafted)."""
+        width = self.vocab_size
+        if logits.shape[1] >= width:
+            return logits[:, :width]
+        return torch.nn.functional.pad(logits, (0, width - logits.shape[1]), value=float("-inf"))
+
+
+def draft_step_costs(target_costs: list[float], draft_ratio: float) -> list[float]:
+    """A sequence's step with d drafts from a draft model, over its step without: the target's
+    d + 1 rows and the draft's d + 1 one-row passes, against one target row and the draft's one row
+    (which runs either way, to keep the draft's cache whole); ``draft_ratio``: a draft row's cost
+    over a target row's."""
+    return [(cost + (d + 1) * draft_ratio) / (1.0 + draft_ratio) for d, cost in enumerate(target_costs)]
+
+
+def weight_bytes_ratio(draft: Iterable[Linear], target: Iterable[Linear]) -> float:
+    """The draft's stored projection bytes over the target's: what a decode row of each reads, so
+    roughly its cost where reading the weights bounds a step."""
+
+    def total(linears: Iterable[Linear]) -> float:
+        return sum(math.prod(lin.shape) * bytes_per_weight(lin.format) for lin in linears)
+
+    return total(draft) / total(target)

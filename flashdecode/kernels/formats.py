@@ -23,7 +23,7 @@ QK_K = 256  # elements per K-quant super-block
 @dataclass(frozen=True)
 class NativeLayout:
     """How a native format is held: ``qs`` uint8 [N, K/32, qs_bytes], ``d`` [N, K/32 * scales_per_block]
-    and, with ``has_min``, ``m`` [N, K/32], both of ``scale_dtype``."""
+    and, with ``has_min``, ``m`` shaped as ``d`` (a min per scale), both of ``scale_dtype``."""
 
     kernel_id: int  # the format id of fd_linear / fd_dequant (kernels/cpu/flat_gemm.c)
     qs_bytes: int
@@ -42,6 +42,10 @@ NATIVE: dict[str, NativeLayout] = {
     "Q4_K": NativeLayout(4, 16, "float32", has_min=True, repacked=True, int8_activations=True),
     "Q5_K": NativeLayout(5, 32, "float32", has_min=True, repacked=True, int8_activations=True),
     "Q6_K": NativeLayout(6, 32, "float32", scales_per_block=2, repacked=True, int8_activations=True),
+    # a scale and a min per 16 (the file's sub-blocks), values 0..3 in Q4_K's nibbles
+    "Q2_K": NativeLayout(
+        7, 16, "float32", has_min=True, scales_per_block=2, repacked=True, int8_activations=True
+    ),
 }
 BF16_KERNEL_ID = 3  # bf16 matrices run on the flat GEMM too, as [N, K] bf16 with no scales
 

@@ -24,6 +24,8 @@ def dequantize(fmt: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | No
         q = qs.view(torch.int8) if fmt == "Q8_0" else qs
     else:  # 4-bit: byte j holds element j in its low nibble and element j + 16 in its high nibble
         q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+    if fmt == "Q2_K":  # a scale and a min per 16 values
+        q = q.reshape(n, -1, 16)
     if fmt == "Q4_0":
         w = (q.float() - 8.0) * d
     elif m is None:

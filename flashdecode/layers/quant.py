@@ -9,13 +9,16 @@ without dequantizing (``NATIVE_FORMATS``), split into planes that SIMD kernels l
     Q4_K  qs uint8 [N, K/32, 16]  d fp32 [N, K/32]  m fp32 [...]    w = d * q + m
     Q5_K  qs uint8 [N, K/32, 32]  d fp32 [N, K/32]  m fp32 [...]    w = d * q + m   (q = 0..31)
     Q6_K  qs uint8 [N, K/32, 32]  d fp32 [N, K/16]                 w = d * int8(q) (q = -32..31)
+    Q2_K  qs uint8 [N, K/32, 16]  d fp32 [N, K/16]  m fp32 [...]    w = d * q + m   (q = 0..3)
 
 (in a 4-bit block, byte j holds element j in its low nibble and element j + 16 in its high nibble).
 The first three (``BYTE_FORMATS``) are the file's bytes split, never rounded: ``to_gguf_blocks`` gives
 them back. The K-quants (``REPACKED_FORMATS``) store 256-element super-blocks with two-level scales
-(an fp16 scale times a 6- or 8-bit sub-scale); they are repacked at load into the planes above, with
-the products d * sc and dmin * min taken in fp32, where they are exact (at most 11 + 8 significant
-bits), so ``w = d * q + m`` is the one rounding gguf's own dequantization makes. Either way
+(an fp16 scale times a 4-, 6- or 8-bit sub-scale); they are repacked at load into the planes above,
+with the products d * sc and dmin * min taken in fp32, where they are exact (at most 11 + 8
+significant bits), so ``w = d * q + m`` is the one rounding gguf's own dequantization makes (Q2_K's
+sub-blocks of 16 keep a scale and a min each: gguf's d * sc * q - dmin * mn is exactly
+d * q + m with m = -(dmin * mn), since a - b and a + (-b) are the same IEEE operation). Either way
 ``dequantize`` gives bit for bit what ``gguf.quants.dequantize`` gives.
 
 ``quantize`` makes these formats from float weights (``quantization="int8"`` -> Q8_0, ``"int4"`` ->
@@ -53,8 +56,8 @@ QUANTIZATION_FORMATS = {"int8": "Q8_0", "int4": "Q4_1"}  # load-time quantizatio
 class QuantizedTensor:
     format: str
     qs: torch.Tensor  # uint8 [N, K/32, 16 or 32]
-    d: torch.Tensor  # float16 [N, K/32]; K-quants: float32 [N, K/32] (Q6_K: [N, K/16])
-    m: torch.Tensor | None = None  # Q4_1: float16 [N, K/32]; Q4_K, Q5_K: float32 [N, K/32]
+    d: torch.Tensor  # float16 [N, K/32]; K-quants: float32 [N, K/32] (Q6_K, Q2_K: [N, K/16])
+    m: torch.Tensor | None = None  # Q4_1: float16 [N, K/32]; Q4_K, Q5_K, Q2_K: float32, shaped as d
 
     def __post_init__(self) -> None:
         fmt = self.format
@@ -69,7 +72,7 @@ class QuantizedTensor:
             raise ValueError(f"{fmt}: d has shape {tuple(self.d.shape)}, dtype {self.d.dtype}")
         if (self.m is not None) != layout.has_min:
             raise ValueError(f"{fmt}: m is {'missing' if self.m is None else 'unexpected'}")
-        if self.m is not None and (self.m.shape != (n, nb) or self.m.dtype != scale_dtype):
+        if self.m is not None and (self.m.shape != self.d.shape or self.m.dtype != scale_dtype):
             raise ValueError(f"{fmt}: m has shape {tuple(self.m.shape)}, dtype {self.m.dtype}")
         self.qs = self.qs.contiguous()
         self.d = self.d.contiguous()
@@ -198,15 +201,22 @@ def _repack_k_quant(fmt: str, blocks: np.ndarray, n: int, k: int) -> QuantizedTe
         scale = d.copy().view(np.float16).astype(np.float32) * sc.copy().view(np.int8).astype(np.float32)
         qs_t = torch.from_numpy(q.view(np.uint8).reshape(n, k // BLOCK, 32))
         return QuantizedTensor(fmt, qs_t, torch.from_numpy(scale.reshape(n, -1)))
-    d, dmin = (blocks[:, i : i + 2].copy().view(np.float16).astype(np.float32) for i in (0, 2))
-    sc, mins = Q4_K.get_scale_min(blocks[:, 4:16].copy())
-    scale = d * sc.astype(np.float32)
-    low = -(dmin * mins.astype(np.float32))  # exact: an fp16 times a 6-bit integer
-    q = bits(blocks[:, -128:], 32, [0, 4], 0x0F)
+    if fmt == "Q2_K":  # 16 bytes of 4-bit scale | 4-bit min << 4, 2 bits per value, then d, dmin
+        sc, qs2, d, dmin = np.split(blocks, [16, 80, 82], axis=1)
+        d, dmin = (a.copy().view(np.float16).astype(np.float32) for a in (d, dmin))
+        scale, mins = d * (sc & 0x0F).astype(np.float32), dmin * (sc >> 4).astype(np.float32)
+        q = bits(qs2, 32, [0, 2, 4, 6], 0x03)
+        low = -mins  # exact: an fp16 times a 4-bit integer, negated
+    else:
+        d, dmin = (blocks[:, i : i + 2].copy().view(np.float16).astype(np.float32) for i in (0, 2))
+        sc, mins = Q4_K.get_scale_min(blocks[:, 4:16].copy())
+        scale = d * sc.astype(np.float32)
+        low = -(dmin * mins.astype(np.float32))  # exact: an fp16 times a 6-bit integer
+        q = bits(blocks[:, -128:], 32, [0, 4], 0x0F)
     if fmt == "Q5_K":
         q = q | (bits(blocks[:, 16:48], 32, list(range(8)), 0x01) << 4)
     else:
-        q = q[..., :16] | (q[..., 16:] << 4)  # element j low nibble, j + 16 high, as Q4_1
+        q = q[..., :16] | (q[..., 16:] << 4)  # element j low nibble, j + 16 high, as Q4_1 (and Q2_K)
     planes = (np.ascontiguousarray(a) for a in (q, scale, low))
     qs_t, d_t, m_t = (torch.from_numpy(a) for a in planes)
     return QuantizedTensor(fmt, qs_t.reshape(n, k // BLOCK, -1), d_t.reshape(n, -1), m_t.reshape(n, -1))

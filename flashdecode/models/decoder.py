@@ -233,7 +233,7 @@ class Decoder:
         # whole decode steps in one native call, where they can run (the native backend, on the host)
         self.native = None
         if device.backend == "native" and device.on_host:
-            self.native = NativeDecode(spec, self.layers, self.norm, self.rope, dtype)
+            self.native = NativeDecode(spec, self.layers, self.norm, self.rope, dtype, self.rope_local)
 
     def linears(self) -> list[Linear | SplitLinear]:
         mods: list[Linear | SplitLinear] = [self.lm_head]

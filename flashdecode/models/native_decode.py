@@ -3,9 +3,10 @@
 A decode batch of T single tokens runs natively when every projection's kernel at M = T is a flat GEMM
 (``native``, or ``native_q8`` / ``native_i8`` with int8 activations: the dataflow plan still decides,
 per projection and M), the compute dtype is fp32, the KV cache holds fp32, bf16 or fp16, and the softmax
-is exact or unified with no calibration observer. Anything else (prefill chunks, an int8 KV cache, a
-torch kernel in the plan, the Triton backend, a model beyond the plain Llama block:
-``ModelSpec.llama_block``) runs the Python layers, which remain the reference: the two compute the
+is exact or unified with no calibration observer. The step runs the Llama block and Gemma 2 / 3's
+(post-norms, GeGLU, soft-capped scores, sliding-window layers with their own RoPE tables:
+``ModelSpec.native_block``). Anything else (an int8 KV cache, a torch kernel in the plan, the Triton
+backend, MoE or OPT layers) runs the Python layers, which remain the reference: the two compute the
 same operations in fp32 and differ only in summation order.
 
 One ``DecodeStep`` is built per combination of the projections' kernels, KV storage and softmax, and
@@ -21,6 +22,7 @@ import torch
 
 from ..kernels import cpu
 from ..kernels.cpu.decode import (
+    ACTIVATIONS,
     FP32,
     INT8,
     INT8_INTERLEAVED,
@@ -89,10 +91,17 @@ class NativeDecode:
         norm: torch.Tensor,
         rope: RotaryEmbedding,
         dtype: torch.dtype,
+        rope_local: RotaryEmbedding | None = None,
     ):
-        """``layers``: the decoder's ``DecoderLayer``s (their norms, ``qk_norm`` and ``projections()``);
-        ``norm``: the final norm's weight. Host tensors, fp32 compute (else nothing runs natively)."""
-        self.spec, self.layers, self.norm, self.rope, self.dtype = spec, layers, norm, rope, dtype
+        """``layers``: the decoder's ``DecoderLayer``s (their norms, post-norms, ``qk_norm``, window,
+        scale and ``projections()``); ``norm``: the final norm's weight; ``rope_local``: the sliding
+        layers' RoPE where it is not ``rope`` (Gemma 3). Host tensors, fp32 compute (else nothing runs
+        natively)."""
+        self.spec, self.layers, self.norm, self.dtype = spec, layers, norm, dtype
+        self.rope, self.rope_local = rope, rope_local
+        self.tables = {  # each RotaryEmbedding's cos and sin as the step reads them
+            r: (r.cos.contiguous(), r.sin.contiguous()) for r in (rope, rope_local) if r is not None
+        }
         self._chosen: dict[tuple, DecodeStep | None] = {}  # per step shape: the step, or None
         self._steps: dict[tuple, DecodeStep] = {}  # per kernel modes, KV storage and softmax
         self._plans_set = -1
@@ -135,7 +144,8 @@ class NativeDecode:
     def _choose(self, t: int, cache: KVCache, unified: SoftmaxPolicy | None) -> DecodeStep | None:
         lib = cpu.load()
         if (
-            not self.spec.llama_block
+            not self.spec.native_block
+            or self.spec.hidden_act not in ACTIVATIONS
             or lib is None
             or self.dtype != torch.float32
             or cache.quantized
@@ -159,7 +169,15 @@ class NativeDecode:
         layers = []
         for layer in self.layers:
             projs = [[_part(lin, next(it)) for lin in _parts(mod)] for mod in layer.projections()]
-            layers.append(LayerWeights(layer.attn_norm, layer.mlp_norm, layer.qk_norm, *projs))
+            # the sliding layers' own RoPE where there is one, as Decoder.forward picks it
+            local = layer.sliding_window is not None and self.rope_local is not None
+            cos, sin = self.tables[self.rope_local if local else self.rope]
+            layers.append(
+                LayerWeights(
+                    layer.attn_norm, layer.mlp_norm, layer.qk_norm, layer.attn_post_norm, layer.mlp_post_norm,
+                    cos, sin, layer.sliding_window, s.attn_logit_softcap, *projs,
+                )
+            )  # fmt: skip
         geometry = Geometry(
             s.hidden_size,
             s.num_heads,
@@ -167,7 +185,7 @@ class NativeDecode:
             s.head_dim,
             s.intermediate_size,
             s.norm_eps,
-            s.head_dim**-0.5,
+            self.layers[0].scale,
+            s.hidden_act,
         )
-        cos, sin = self.rope.cos.contiguous(), self.rope.sin.contiguous()
-        return DecodeStep(lib, geometry, layers, self.norm, cos, sin, cache.kv, phi, window)
+        return DecodeStep(lib, geometry, layers, self.norm, cache.kv, phi, window)

@@ -228,19 +228,11 @@ class ModelSpec:
         return self.family.moe and layer not in self.dense_layers
 
     @property
-    def llama_block(self) -> bool:
-        """The plain pre-norm block with SwiGLU, the head_dim ** -0.5 scale, no soft-caps, no
-        sliding windows and one RoPE table: the math the native decode step implements."""
-        return (
-            not self.family.gemma_norms
-            and self.hidden_act == "silu"
-            and self.attention_scale is None
-            and self.attn_logit_softcap is None
-            and self.final_logit_softcap is None
-            and not self.layer_types
-            and not self.family.moe
-            and not self.family.opt
-        )
+    def native_block(self) -> bool:
+        """The block the native decode step implements: pre-norm RMSNorm layers with a dense gated MLP,
+        Llama's or Gemma's (post-norms, GeGLU, any attention scale, soft-capped scores, sliding-window
+        layers with their own RoPE base); not MoE layers, not OPT's LayerNorm block."""
+        return not self.family.moe and not self.family.opt
 
     def window_at(self, layer: int) -> int | None:
         """The sliding window of ``layer``, or None where it attends to every earlier position."""

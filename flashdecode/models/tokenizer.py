@@ -660,6 +660,10 @@ class Tokenizer:
             out.append(token)
         return out
 
+    def get_vocab(self) -> dict[str, int]:
+        """Every token, added ones included, and its id (as transformers' ``get_vocab``)."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
     def backend_json(self) -> str:
         """The wrapped ``tokenizers`` tokenizer as tokenizer.json text (grammar libraries build their
         vocabulary from it)."""

@@ -40,7 +40,7 @@ from ..formats import BF16_KERNEL_ID, I8_FORMATS, NATIVE
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "flat_gemm.c", HERE / "decode_step.c")
 HEADERS = (HERE / "flat_gemm.h",)
-ABI_VERSION = 5
+ABI_VERSION = 7
 FORMAT_IDS = {"BF16": BF16_KERNEL_ID} | {fmt: layout.kernel_id for fmt, layout in NATIVE.items()}
 Planes = reference.Planes
 
@@ -81,6 +81,8 @@ class NativeKernels:
         self.lib.fd_linear_q8.argtypes = self.lib.fd_linear.argtypes
         self.lib.fd_linear_q8.restype = i32
         self.lib.fd_q8_available.restype = i32
+        self.lib.fd_sample.argtypes = [vp, i64, i64, i64, vp, vp, vp]
+        self.lib.fd_sample.restype = i32
         self._linear_i8 = self.lib.fd_linear_i8
         self._dequant = self.lib.fd_dequant
         self.has_i8 = bool(self.lib.fd_i8_available())
@@ -122,6 +124,22 @@ class NativeKernels:
         if rc != 0:
             name = "fd_linear_q8" if int8_activations else "fd_linear"
             raise RuntimeError(f"{name}({fmt}, M={m_rows}, N={n}, K={k}) failed with code {rc}")
+        return out
+
+    def sample(self, x: torch.Tensor, temps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Row r's token drawn from softmax(x[r] / temps[r]) by inverting its cumulative distribution at
+        u[r] in [0, 1). ``x`` (fp32 [R, V], unit column stride) is overwritten."""
+        rows, vocab = x.shape
+        if x.dtype != torch.float32 or x.stride(1) != 1:
+            raise ValueError("sample needs fp32 logits with unit column stride")
+        temps = temps.to(torch.float32).contiguous()
+        u = u.to(torch.float32).contiguous()
+        out = torch.empty(rows, dtype=torch.long)
+        rc = self.lib.fd_sample(
+            _f32(x), x.stride(0), rows, vocab, _f32(temps), _f32(u), ctypes.c_void_p(out.data_ptr())
+        )
+        if rc != 0:
+            raise ValueError("cannot sample: a row has no finite logit, or a temperature is not positive")
         return out
 
     def linear_i8(
@@ -221,10 +239,9 @@ def _nibble_vectors(values: torch.Tensor) -> torch.Tensor:
 
 def repack_i8(fmt: str, planes: Planes) -> Planes:
     """A matrix in ``fmt`` in the int8-activation kernel's layout (flat_gemm.c, "rows interleaved"):
-    groups of 16 rows (zero-padded), per block 4 vectors of 16 rows x 4 nibble pairs (Q4_0, Q4_1, Q4_K;
-    Q5_K adds 64 bytes of fifth bits) or 8 vectors of 16 rows x 4 bytes (Q8_0, Q6_K); d as
-    [groups, K/32, scales per block, 16] and m as [groups, K/32, 16], in the planes' own dtype.
-    Values are moved, never changed."""
+    groups of 16 rows (zero-padded), per block 4 vectors of 16 rows x 4 nibble pairs (Q4_0, Q4_1, Q4_K,
+    Q2_K; Q5_K adds 64 bytes of fifth bits) or 8 vectors of 16 rows x 4 bytes (Q8_0, Q6_K); d and m as
+    [groups, K/32, scales per block, 16], in the planes' own dtype. Values are moved, never changed."""
     qs, d_plane, m_plane = planes
     n, nb = qs.shape[0], qs.shape[1]
     groups = -(-n // 16)
@@ -246,9 +263,11 @@ def repack_i8(fmt: str, planes: Planes) -> Planes:
         q = torch.cat([nibbles.reshape(groups, nb, 256), bits], dim=-1)
     else:
         q = _nibble_vectors(rows16(torch.cat([qs & 0x0F, qs >> 4], dim=-1)))  # element order
-    d = rows16(d_plane.reshape(n, nb, -1)).transpose(2, 3).contiguous()  # [g, b, scales, 16]
-    m = None if m_plane is None else rows16(m_plane).contiguous()
-    return q.contiguous(), d, m
+
+    def scales16(t: torch.Tensor) -> torch.Tensor:  # [N, nb * scales] -> [g, b, scales, 16]
+        return rows16(t.reshape(n, nb, -1)).transpose(2, 3).contiguous()
+
+    return q.contiguous(), scales16(d_plane), None if m_plane is None else scales16(m_plane)
 
 
 def unpack_i8(fmt: str, packed: Planes, n: int) -> Planes:
@@ -274,9 +293,11 @@ def unpack_i8(fmt: str, packed: Planes, n: int) -> Planes:
             qs = low | (unrows16(fifth.reshape(groups, nb, 16, 32)) << 4)
         else:
             qs = low[..., :16] | (low[..., 16:] << 4)
-    d = unrows16(d_packed.transpose(2, 3)).reshape(n, -1)
-    m = None if m_packed is None else unrows16(m_packed)
-    return qs.contiguous(), d.contiguous(), m if m is None else m.contiguous()
+
+    def scales(t: torch.Tensor) -> torch.Tensor:  # [g, b, scales, 16] -> [N, nb * scales]
+        return unrows16(t.transpose(2, 3)).reshape(n, -1).contiguous()
+
+    return qs.contiguous(), scales(d_packed), None if m_packed is None else scales(m_packed)
 
 
 def supported_builds(flags: set[str] | None = None) -> list[str]:
@@ -351,11 +372,12 @@ def _self_test(kernels: NativeKernels) -> None:
     w = torch.randn(13, 96, generator=gen)
 
     def k_quant(fmt: str) -> Planes:  # random planes: the kernels never look at how they arose
-        lo, hi = {"Q4_K": (0, 256), "Q5_K": (0, 32), "Q6_K": (-32, 32)}[fmt]
-        qs = torch.randint(lo, hi, (13, 3, 16 if fmt == "Q4_K" else 32), generator=gen).to(torch.int8)
+        layout = NATIVE[fmt]
+        lo, hi = {"Q5_K": (0, 32), "Q6_K": (-32, 32)}.get(fmt, (0, 256))  # 256: any nibble pair
+        qs = torch.randint(lo, hi, (13, 3, layout.qs_bytes), generator=gen).to(torch.int8)
         # fp16-representable scales, as real ones are (an fp16 times a small integer): d * q is exact
-        d = torch.randn(13, 6 if fmt == "Q6_K" else 3, generator=gen).half().float()
-        m = None if fmt == "Q6_K" else torch.randn(13, 3, generator=gen)
+        d = torch.randn(13, 3 * layout.scales_per_block, generator=gen).half().float()
+        m = torch.randn(13, d.shape[1], generator=gen) if layout.has_min else None
         return qs.view(torch.uint8), d, m
 
     for fmt, layout in NATIVE.items():

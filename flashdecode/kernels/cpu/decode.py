@@ -17,6 +17,7 @@ import torch
 from .build import FORMAT_IDS, NativeKernels
 
 KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # decode_step.c's KV_*
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the MLP's gate activation: decode_step.c's ACT_*
 MAX_PARTS = 3
 _i32, _i64, _f32, _vp = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -30,8 +31,14 @@ class _Proj(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("attn_norm", _vp), ("mlp_norm", _vp), ("qk_norm", _vp)] + [
-        (name, _Proj) for name in ("qkv", "o", "gate_up", "down")
+    _fields_ = [
+        *((name, _vp) for name in ("attn_norm", "mlp_norm", "qk_norm", "attn_post_norm", "mlp_post_norm")),
+        ("cos", _vp),
+        ("sin", _vp),
+        ("window", _i64),
+        ("softcap", _f32),
+        ("pad", _i32),
+        *((name, _Proj) for name in ("qkv", "o", "gate_up", "down")),
     ]
 
 
@@ -45,12 +52,12 @@ class _Model(ctypes.Structure):
         ("scale", _f32),
         ("kv_dtype", _i32),
         ("unified", _i32),
+        ("act", _i32),
+        ("pad", _i32),
         ("phi", _vp),
         ("win_lo", _f32),
         ("win_hi", _f32),
         ("norm", _vp),
-        ("cos", _vp),
-        ("sin", _vp),
         ("kv", _vp),
         ("layers", ctypes.POINTER(_Layer)),
     ]
@@ -75,9 +82,19 @@ class ProjPart:
 
 @dataclass
 class LayerWeights:
+    """One layer: its norms (``qk_norm`` [heads + kv_heads, head_dim]; the post-norms of the attention
+    and MLP outputs, Gemma's), its RoPE tables ``cos``, ``sin`` [max_position, head_dim / 2], its
+    sliding ``window`` in keys (None: global) and score ``soft_cap`` (None: none), its projections."""
+
     attn_norm: torch.Tensor
     mlp_norm: torch.Tensor
-    qk_norm: torch.Tensor | None  # [heads + kv_heads, head_dim]
+    qk_norm: torch.Tensor | None
+    attn_post_norm: torch.Tensor | None
+    mlp_post_norm: torch.Tensor | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+    window: int | None
+    soft_cap: float | None
     qkv: Sequence[ProjPart]
     o: Sequence[ProjPart]
     gate_up: Sequence[ProjPart]
@@ -93,6 +110,7 @@ class Geometry:
     intermediate: int
     eps: float
     scale: float
+    act: str  # an ACTIVATIONS key
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -106,15 +124,12 @@ class DecodeStep:
         geometry: Geometry,
         layers: Sequence[LayerWeights],
         norm: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
         kv: torch.Tensor,
         phi: Sequence[float] | None = None,
         window: tuple[float, float] = (0.0, 0.0),
     ):
         """``kv``: the cache storage [layers, slots, kv_heads, 2, head_dim] (fp32, bf16 or fp16);
-        ``cos``, ``sin``: RoPE tables [max_position, head_dim / 2]; ``phi``: the unified max per layer
-        (None: exact softmax) with its safe ``window``."""
+        ``phi``: the unified max per layer (None: exact softmax) with its safe ``window``."""
         self.lib = lib.lib
         self.lib.fd_decode.argtypes = [
             ctypes.POINTER(_Model),
@@ -135,13 +150,13 @@ class DecodeStep:
         self.lib.fd_decode_workspace.argtypes = [ctypes.POINTER(_Model), _i64, _i64, _i32]
         self.lib.fd_decode_workspace.restype = _i64
         g = geometry
-        self._keep: list[torch.Tensor] = [norm, cos, sin, kv]
+        self._keep: list[torch.Tensor] = [norm, kv]
         self._layers = (_Layer * len(layers))(*(self._layer(w) for w in layers))
         self._phi = None if phi is None else torch.tensor(list(phi), dtype=torch.float32)
         self.model = _Model(
             g.hidden, g.heads, g.kv_heads, g.head_dim, g.intermediate, len(layers), kv.shape[1],
-            g.eps, g.scale, KV_DTYPES[kv.dtype], int(phi is not None), _ptr(self._phi), window[0], window[1],
-            _ptr(norm), _ptr(cos), _ptr(sin), _ptr(kv), self._layers,
+            g.eps, g.scale, KV_DTYPES[kv.dtype], int(phi is not None), ACTIVATIONS[g.act], 0, _ptr(self._phi),
+            window[0], window[1], _ptr(norm), _ptr(kv), self._layers,
         )  # fmt: skip
         self._workspace = torch.empty(0, dtype=torch.uint8)
         self.stats = torch.zeros(2, dtype=torch.int64)  # rows checked, rows recomputed exactly
@@ -165,9 +180,10 @@ class DecodeStep:
         return proj
 
     def _layer(self, w: LayerWeights) -> _Layer:
-        self._keep += [t for t in (w.attn_norm, w.mlp_norm, w.qk_norm) if t is not None]
+        norms = (w.attn_norm, w.mlp_norm, w.qk_norm, w.attn_post_norm, w.mlp_post_norm)
+        self._keep += [t for t in (*norms, w.cos, w.sin) if t is not None]
         return _Layer(
-            _ptr(w.attn_norm), _ptr(w.mlp_norm), _ptr(w.qk_norm),
+            *map(_ptr, norms), _ptr(w.cos), _ptr(w.sin), w.window or 0, w.soft_cap or 0.0, 0,
             self._proj(w.qkv), self._proj(w.o), self._proj(w.gate_up), self._proj(w.down),
         )  # fmt: skip
 

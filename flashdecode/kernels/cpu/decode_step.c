@@ -2,11 +2,14 @@
  * chunks and drafted tokens alike: each row is one token with its own context), in one OpenMP
  * parallel region, operation for operation what models/decoder.py's DecoderLayer runs (RMSNorm, QKV
  * projection, optional per-head q/k norm, RoPE, paged KV cache write, attention over the paged
- * cache, output projection and residual, RMSNorm, gate/up projection, SwiGLU, down projection and
- * residual; then the final norm). At batch 1 a layer is ~15 operations of a few microseconds each:
- * launched one by one from Python, each pays interpreter, dispatch and thread-pool wake-up costs
- * larger than its work. Here threads meet at barriers instead, and K and V are read in place from
- * the paged cache (no gather).
+ * cache, output projection and residual, RMSNorm, gate/up projection, SwiGLU or GeGLU, down
+ * projection and residual; then the final norm). Gemma's differences are per-layer data: norms of
+ * the attention and MLP outputs before their residual adds, soft-capped scores, a sliding window
+ * (the layer reads only its window's keys) and the layer's own RoPE tables.
+ *
+ * At batch 1 a layer is ~15 operations of a few microseconds each: launched one by one from Python,
+ * each pays interpreter, dispatch and thread-pool wake-up costs larger than its work. Here threads
+ * meet at barriers instead, and K and V are read in place from the paged cache (no gather).
  *
  * Attention (FlashDecoding++ section 3, the CPU form of layers/attention.py): the keys of each
  * (sequence, kv head) are split into partitions that threads run independently, each producing its
@@ -30,8 +33,8 @@
  * that of plain decoding) */
 #define PART_KEYS 256
 #define GROUP_ROWS 4  /* rows of a prompt chunk that attend together */
-/* Steps of at most this many rows prepare a projection's input (norm, SwiGLU, int8 rounding) in
- * every thread at once, each its own copy: the work is a few microseconds, less than the barrier
+/* Steps of at most this many rows prepare a projection's input (norm, gated activation, int8
+ * rounding) in every thread at once, each its own copy: the work is a few microseconds, less than the barrier
  * a shared copy would wait at. Larger steps share the work and one copy. Either way the values are
  * the same bits. */
 #define PRIVATE_ROWS 4
@@ -51,8 +54,16 @@ typedef struct { /* parts concatenated along N (fused projections whose weights 
     fd_part part[3];
 } fd_proj;
 
+#define ACT_SILU 0
+#define ACT_GELU_TANH 1
+
 typedef struct {
     const float *attn_norm, *mlp_norm, *qk_norm; /* qk_norm: [heads + kv_heads, head_dim] or NULL */
+    const float *attn_post_norm, *mlp_post_norm; /* norms of the attention / MLP output, or NULL */
+    const float *cos, *sin; /* this layer's RoPE tables [max_position, head_dim / 2] */
+    int64_t window;         /* a sliding layer's keys per row (its own included); 0: every key */
+    float softcap;          /* scores s become softcap * tanh(s / softcap); 0: not capped */
+    int32_t pad;
     fd_proj qkv, o, gate_up, down;
 } fd_layer;
 
@@ -61,10 +72,10 @@ typedef struct {
     float eps, scale;     /* RMSNorm epsilon; attention's softmax scale */
     int32_t kv_dtype;     /* KV_* */
     int32_t unified;      /* 0: exact softmax; 1: unified max phi[layer] */
+    int32_t act, pad;     /* the MLP's gate activation: ACT_* */
     const float *phi;     /* [num_layers] */
     float win_lo, win_hi; /* the safe window */
     const float *norm;    /* final norm weight [hidden] */
-    const float *cos, *sin; /* RoPE [max_position, head_dim / 2] */
     void *kv;             /* [num_layers, num_slots, kv_heads, 2, head_dim] of kv_dtype */
     const fd_layer *layers;
 } fd_model;
@@ -134,17 +145,133 @@ static void rms_norm_row(const float *x, const float *w, float *y, int64_t n, fl
     for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * w[i];
 }
 
-static void silu_mul(const float *g, const float *u, float *y, int64_t n) {
+/* y = act(g) * u with act(g) = g sigmoid(a): a = g for SiLU; a = 2 sqrt(2 / pi) (g + 0.044715 g^3) for
+ * the tanh-approximated GELU, since its 0.5 g (1 + tanh(z)) is g sigmoid(2 z) */
+static void gated_act(const float *g, const float *u, float *y, int64_t n, int act) {
+    const float c = 1.5957691216057308f, k = 0.044715f; /* 2 sqrt(2 / pi) */
     int64_t i = 0;
 #if defined(__AVX2__)
-    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f), vc = _mm256_set1_ps(c),
+                 vk = _mm256_set1_ps(k);
     for (; i + 8 <= n; i += 8) {
-        __m256 gv = _mm256_loadu_ps(g + i);
-        __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_xor_ps(gv, neg))));
+        __m256 gv = _mm256_loadu_ps(g + i), a = gv;
+        if (act == ACT_GELU_TANH)
+            a = _mm256_mul_ps(vc, _mm256_fmadd_ps(_mm256_mul_ps(vk, gv), _mm256_mul_ps(gv, gv), gv));
+        __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_xor_ps(a, neg))));
         _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
     }
 #endif
-    for (; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    for (; i < n; i++) {
+        const float a = act == ACT_GELU_TANH ? c * (k * g[i] * (g[i] * g[i]) + g[i]) : g[i];
+        y[i] = g[i] / (1.0f + expf(-a)) * u[i];
+    }
+}
+
+#if defined(__AVX2__)
+/* tanh in fp32 (Cephes' tanhf: an odd polynomial below 0.625, 1 - 2 / (e^2|x| + 1) above; under 2
+ * ulp); NaN stays NaN */
+INLINE __m256 tanh256(__m256 x) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    const __m256 ax = _mm256_andnot_ps(sign, x), s = _mm256_mul_ps(x, x);
+    __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+    p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(2.06390887954e-2f));
+    p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(-5.37397155531e-2f));
+    p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(1.33314422036e-1f));
+    p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(-3.33332819422e-1f));
+    const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, s), x, x);
+    const __m256 e = exp256(_mm256_add_ps(ax, ax));
+    __m256 big = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+    big = _mm256_or_ps(big, _mm256_and_ps(sign, x));
+    const __m256 r = _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+    return _mm256_blendv_ps(r, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+#endif
+
+/* x[i] = cap * tanh(x[i] / cap): Gemma 2's soft-capped scores, in transformers' order */
+static void soft_cap(float *x, int64_t n, float cap) {
+    int64_t i = 0;
+#if defined(__AVX2__)
+    const __m256 vc = _mm256_set1_ps(cap);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(tanh256(_mm256_div_ps(_mm256_loadu_ps(x + i), vc)), vc));
+#endif
+    for (; i < n; i++) x[i] = tanhf(x[i] / cap) * cap;
+}
+
+/* ---------------------------------------------------------------- sampling */
+
+#define SAMPLE_BLOCK 64 /* tokens a partial sum covers: the scan walks the partials, then one block */
+
+/* x[i] = e^(x[i] / t - m) for a row whose max of x / t is m; bsum[b] = the sum over block b */
+static void sample_exps(float *x, int64_t V, float t, float m, float *bsum) {
+    for (int64_t b0 = 0; b0 < V; b0 += SAMPLE_BLOCK) {
+        const int64_t b1 = b0 + SAMPLE_BLOCK < V ? b0 + SAMPLE_BLOCK : V;
+        int64_t i = b0;
+        float s = 0.0f;
+#if defined(__AVX2__)
+        __m256 acc = _mm256_setzero_ps();
+        const __m256 vt = _mm256_set1_ps(t), vm = _mm256_set1_ps(m);
+        for (; i + 8 <= b1; i += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), vt), vm));
+            _mm256_storeu_ps(x + i, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        s = hsum256(acc);
+#endif
+        for (; i < b1; i++) {
+            x[i] = expf(x[i] / t - m);
+            s += x[i];
+        }
+        bsum[b0 / SAMPLE_BLOCK] = s;
+    }
+}
+
+static float row_max(const float *x, int64_t V) {
+    int64_t i = 0;
+    float m = -INFINITY;
+#if defined(__AVX2__)
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (; i + 8 <= V; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vm);
+    for (int k = 0; k < 8; k++) m = lanes[k] > m ? lanes[k] : m;
+#endif
+    for (; i < V; i++) m = x[i] > m || x[i] != x[i] ? x[i] : m;
+    return m;
+}
+
+/* For each row r of x [R, V] (rows ld apart; overwritten): the token where softmax(x / temps[r])'s
+ * cumulative distribution first exceeds u[r] * its total, u[r] in [0, 1): exponentials and partial
+ * sums per block of tokens in one pass, then a walk over the partials and one block, where torch takes
+ * several passes and temporaries. A token of probability 0 (a masked logit: e^-inf is exactly 0 here)
+ * is never picked: the running sum does not grow there. Returns 0, or -1 for a row with no finite
+ * logit, a NaN, or a temperature that is not positive. */
+int fd_sample(float *x, int64_t ld, int64_t R, int64_t V, const float *temps, const float *u, int64_t *out) {
+    float bsum[(V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK];
+    for (int64_t r = 0; r < R; r++) {
+        float *row = x + r * ld;
+        const float t = temps[r], xm = row_max(row, V);
+        if (!(t > 0.0f) || !(xm > -INFINITY) || xm != xm || xm == INFINITY) return -1;
+        const int64_t nb = (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;
+        sample_exps(row, V, t, xm / t, bsum);
+        float total = 0.0f;
+        for (int64_t b = 0; b < nb; b++) total += bsum[b];
+        const float target = u[r] * total;
+        int64_t pick = -1, b = 0;
+        float c = 0.0f;
+        while (b < nb && c + bsum[b] <= target) c += bsum[b++];
+        if (b < nb) /* the draw lies in block b: walk its tokens */
+            for (int64_t i = b * SAMPLE_BLOCK; i < V && i < (b + 1) * SAMPLE_BLOCK && pick < 0; i++) {
+                c += row[i];
+                if (c > target) pick = i;
+            }
+        /* rounding left the walk short of the draw (u * total rounded up to the total, or a block's
+         * tokens summed one by one falling below its partial): the last token that can be drawn there */
+        for (int64_t i = (b < nb ? (b + 1) * SAMPLE_BLOCK : V) - 1; pick < 0 && i >= 0; i--)
+            if (i < V && row[i] > 0.0f) pick = i;
+        out[r] = pick;
+    }
+    return 0;
 }
 
 /* ---------------------------------------------------------------- the paged cache */
@@ -203,58 +330,74 @@ static void kv_store(const fd_model *M, int64_t layer, int64_t slot, int64_t h, 
 /* the first of a group's rows (row i sees keys < n0 + i) that sees key j */
 INLINE int first_row(int64_t j, int64_t n0) { return j < n0 ? 0 : (int)(j - n0 + 1); }
 
-/* Keys [j0, j1) of one sequence for nr consecutive query rows of it (row i sees the keys before
- * n0 + i: a prompt chunk's causal mask) with ng query heads each, q [nr][ng][D] (rows ldq apart) of
- * kv head h. Writes, per row i and head g, out[i * ldo + g * (D + 2)] = (m, l, acc[D]) with m = phi
- * (unified) or the partition's max over the row's keys, l = sum e^(s - m), acc = sum e^(s - m) v; a
- * row that sees none of these keys gets l = 0 (and m = -inf when exact). Each key row is read, and
- * converted, once for all nr x ng queries. scores: [nr * ng * (j1 - j0)] scratch; buf: [D]. */
-static void attn_partition(const fd_model *M, int64_t layer, int64_t h, const float *q, int64_t ldq, int nr, int ng,
-                           int64_t n0, const int64_t *slots, int64_t j0, int64_t j1, int unified, float phi,
-                           float *scores, float *buf, float *out, int64_t ldo) {
-    const int64_t D = M->head_dim, n = j1 - j0;
-    for (int64_t j = 0; j < n; j++) {
+/* one past the last of nr such rows that sees key j, where row i sees only the keys from n0 + i - w on
+ * (a window of w keys; w = 0: every key) */
+INLINE int end_row(int64_t j, int64_t n0, int64_t w, int nr) {
+    const int64_t e = j + w - n0 + 1;
+    return !w || e >= nr ? nr : (e < 0 ? 0 : (int)e);
+}
+
+/* the first key that a row seeing the n keys before it reads under a window of w keys (0: all) */
+INLINE int64_t first_key(int64_t w, int64_t n) { return w && n > w ? n - w : 0; }
+
+/* Keys [j0, j1) of one sequence in layer L for nr consecutive query rows of it (row i sees the keys
+ * before n0 + i: a prompt chunk's causal mask; in a sliding layer only the last L->window of them)
+ * with ng query heads each, q [nr][ng][D] (rows ldq apart) of kv head h. Writes, per row i and head
+ * g, out[i * ldo + g * (D + 2)] = (m, l, acc[D]) with m = phi (unified) or the partition's max over
+ * the row's keys, l = sum e^(s - m), acc = sum e^(s - m) v, s the scaled (and soft-capped) scores; a
+ * row that sees none of these keys gets l = 0 (and m = -inf when exact). Each key row some row sees is
+ * read, and converted, once for all nr x ng queries. scores: [nr * ng * (j1 - j0)] scratch; buf: [D]. */
+static void attn_partition(const fd_model *M, int64_t layer, const fd_layer *L, int64_t h, const float *q,
+                           int64_t ldq, int nr, int ng, int64_t n0, const int64_t *slots, int64_t j0, int64_t j1,
+                           int unified, float phi, float *scores, float *buf, float *out, int64_t ldo) {
+    const int64_t D = M->head_dim, n = j1 - j0, w = L->window;
+    const int64_t ka = (first_key(L->window, n0) > j0 ? first_key(L->window, n0) : j0) - j0; /* keys before: no row's */
+    for (int64_t j = ka; j < n; j++) {
         kv_prefetch(M, layer, slots, j0 + j, j1, h, 0);
         const float *k = kv_row(M, layer, slots[j0 + j], h, 0, buf);
-        for (int i = first_row(j0 + j, n0); i < nr; i++)
+        for (int i = first_row(j0 + j, n0), e = end_row(j0 + j, n0, w, nr); i < e; i++)
             for (int g = 0; g < ng; g++) scores[(i * ng + g) * n + j] = dot(q + i * ldq + g * D, k, D) * M->scale;
     }
     for (int i = 0; i < nr; i++) {
-        const int64_t seen = n0 + i - j0 < n ? n0 + i - j0 : n; /* keys of this partition row i sees */
+        /* the keys [a, b) of this partition row i sees */
+        const int64_t lo = first_key(L->window, n0 + i), hi = n0 + i;
+        const int64_t a = (lo > j0 ? lo : j0) - j0, b = (hi < j1 ? hi : j1) - j0;
         for (int g = 0; g < ng; g++) {
             float *o = out + i * ldo + g * (D + 2), *sc = scores + (i * ng + g) * n, m = phi;
             memset(o + 2, 0, sizeof(float) * (size_t)D);
-            if (seen <= 0) {
+            if (b <= a) {
                 o[0] = unified ? phi : -INFINITY;
                 o[1] = 0.0f;
                 continue;
             }
+            if (L->softcap) soft_cap(sc + a, b - a, L->softcap);
             if (!unified) {
                 m = -INFINITY;
-                for (int64_t j = 0; j < seen; j++) m = sc[j] > m ? sc[j] : m;
+                for (int64_t j = a; j < b; j++) m = sc[j] > m ? sc[j] : m;
             }
             o[0] = m;
-            o[1] = exp_sum(sc, seen, m);
+            o[1] = exp_sum(sc + a, b - a, m);
         }
     }
-    for (int64_t j = 0; j < n; j++) {
+    for (int64_t j = ka; j < n; j++) {
         kv_prefetch(M, layer, slots, j0 + j, j1, h, 1);
         const float *v = kv_row(M, layer, slots[j0 + j], h, 1, buf);
-        for (int i = first_row(j0 + j, n0); i < nr; i++)
+        for (int i = first_row(j0 + j, n0), e = end_row(j0 + j, n0, w, nr); i < e; i++)
             for (int g = 0; g < ng; g++) axpy(out + i * ldo + g * (D + 2) + 2, scores[(i * ng + g) * n + j], v, D);
     }
 }
 
-/* The exact softmax of one row (one query head over n keys), partition by partition with the online
- * rescale: the fallback of a unified row outside the window. */
-static void attn_row_exact(const fd_model *M, int64_t layer, int64_t h, const float *q, const int64_t *slots,
-                           int64_t n, int64_t part, float *scores, float *buf, float *tmp, float *y) {
+/* The exact softmax of one row (one query head over the n keys before it, or its window of them),
+ * partition by partition with the online rescale: the fallback of a unified row outside the window. */
+static void attn_row_exact(const fd_model *M, int64_t layer, const fd_layer *L, int64_t h, const float *q,
+                           const int64_t *slots, int64_t n, int64_t part, float *scores, float *buf, float *tmp,
+                           float *y) {
     const int64_t D = M->head_dim;
     float m = -INFINITY, l = 0.0f;
     memset(y, 0, sizeof(float) * (size_t)D);
-    for (int64_t j0 = 0; j0 < n; j0 += part) {
+    for (int64_t j0 = first_key(L->window, n) / part * part; j0 < n; j0 += part) {
         int64_t j1 = j0 + part < n ? j0 + part : n;
-        attn_partition(M, layer, h, q, D, 1, 1, n, slots, j0, j1, 0, 0.0f, scores, buf, tmp, 0);
+        attn_partition(M, layer, L, h, q, D, 1, 1, n, slots, j0, j1, 0, 0.0f, scores, buf, tmp, 0);
         float mn = tmp[0] > m ? tmp[0] : m, a = expf(m - mn), b = expf(tmp[0] - mn);
         l = l * a + tmp[1] * b;
         for (int64_t i = 0; i < D; i++) y[i] = y[i] * a + tmp[2 + i] * b;
@@ -265,16 +408,25 @@ static void attn_row_exact(const fd_model *M, int64_t layer, int64_t h, const fl
 
 /* ---------------------------------------------------------------- the step */
 
+typedef struct { /* attention's work items in the layers of one window (0: global layers) */
+    int64_t items;
+    const int64_t *group_items; /* [groups + 1]: a group's first item */
+    const int64_t *row_base;    /* [T + 1]: a row's first partial (per kv head and partition) */
+    const int64_t *part0;       /* [groups]: a group's first partition, keys part0 * part on */
+} fd_keys;
+
 typedef struct { /* a step's geometry, fixed across layers */
-    int64_t T, part, items, max_k;
+    int64_t T, part, max_k;
     const int64_t *positions, *new_slots, *slots, *lens;
     const int64_t *slot_rows; /* [T]: where each row's key slots start in slots */
     /* attention's work items are (group, kv head, partition); a group is one row, or up to
-     * GROUP_ROWS consecutive rows of one prompt chunk, which read each key once between them */
+     * GROUP_ROWS consecutive rows of one prompt chunk, which read each key once between them.
+     * Partitions are PART_KEYS keys from key 0 on, so a row's keys split alike in any step; a
+     * sliding layer's items cover only the partitions its window reaches. */
     int64_t groups;
     const int64_t *group_first; /* [groups + 1]: a group's first row */
-    const int64_t *group_items; /* [groups + 1]: a group's first item */
-    const int64_t *row_base;    /* [T + 1]: a row's first partial (per kv head and partition) */
+    const fd_keys *keys;        /* one per distinct window of the layers */
+    const int32_t *layer_keys;  /* [num_layers]: which of them a layer's attention runs */
 } fd_geometry;
 
 /* k with base[k] <= i < base[k + 1], for ascending base[0 .. n] */
@@ -286,6 +438,19 @@ static int64_t find_range(const int64_t *base, int64_t n, int64_t i) {
         else hi = mid - 1;
     }
     return lo;
+}
+
+/* The layers' distinct windows (global and one sliding window, in Gemma) into windows[num_layers];
+ * layer_keys[l] (unless NULL): the index of layer l's. Returns how many. */
+static int distinct_windows(const fd_model *M, int64_t *windows, int32_t *layer_keys) {
+    int nw = 0;
+    for (int64_t l = 0; l < M->num_layers; l++) {
+        int k = 0;
+        while (k < nw && windows[k] != M->layers[l].window) k++;
+        if (k == nw) windows[nw++] = M->layers[l].window;
+        if (layer_keys) layer_keys[l] = k;
+    }
+    return nw;
 }
 
 typedef struct { /* the step's buffers, carved from one workspace */
@@ -309,16 +474,21 @@ static int64_t thread_floats(const fd_model *M, int64_t max_k) {
            private_floats(max_k) + 64;
 }
 
+/* int64s of workspace holding the fd_keys of nw windows for T rows (a multiple of 8: 64 bytes) */
+INLINE int64_t keys_int64s(int nw, int64_t T) { return (3 * (int64_t)nw * (T + 1) + 7) / 8 * 8; }
+
 /* Bytes of workspace fd_decode needs for T tokens whose longest context is max_len. */
 int64_t fd_decode_workspace(const fd_model *M, int64_t T, int64_t max_len, int nthreads) {
     nthreads = fd_team_size(nthreads);
     const int64_t q = M->heads * M->head_dim, kv = M->kv_heads * M->head_dim, G = M->heads / M->kv_heads;
     int64_t max_k = M->hidden > q ? M->hidden : q;
     max_k = max_k > M->inter ? max_k : M->inter;
+    /* a sliding layer's partitions are never more than a global layer's */
     const int64_t items = T * M->kv_heads * ((max_len + PART_KEYS - 1) / PART_KEYS);
     int64_t floats = T * (M->hidden + q + 2 * kv + q + 3 * M->inter) + 2 * T * (max_k / 32 + 1) +
                      items * G * (M->head_dim + 2) + (int64_t)nthreads * thread_floats(M, max_k);
-    return floats * 4 + T * max_k + 64 * 16;
+    int64_t windows[M->num_layers > 0 ? M->num_layers : 1];
+    return 8 * keys_int64s(distinct_windows(M, windows, NULL), T) + floats * 4 + T * max_k + 64 * 16;
 }
 
 static int wants_q8(const fd_proj *P) {
@@ -357,7 +527,7 @@ static void norm_rows(fd_member *me, const float *x, const float *w, float *y, i
 
 #define IN_AS_IS 0 /* what prepare() makes of its rows */
 #define IN_NORM 1  /* RMSNorm by w */
-#define IN_SWIGLU 2 /* silu(gate) * up of rows [gate | up], 2K wide */
+#define IN_GATED 2 /* act(gate) * up of rows [gate | up], 2K wide: IN_GATED + ACT_* */
 
 /* The input of a projection of K features from T rows of src, made as ``how`` says. With at most
  * PRIVATE_ROWS rows every thread makes its own copy in tb (no barrier); else the team shares the
@@ -370,16 +540,16 @@ static fd_input prepare(fd_member *me, const fd_buffers *B, int how, const float
         float *dx = (float *)(xq + PRIVATE_ROWS * K), *sx = dx + PRIVATE_ROWS * (K / 32 + 1);
         for (int64_t t = 0; t < T; t++) {
             if (how == IN_NORM) rms_norm_row(src + t * K, w, x + t * K, K, eps);
-            if (how == IN_SWIGLU) silu_mul(src + t * 2 * K, src + t * 2 * K + K, x + t * K, K);
+            if (how >= IN_GATED) gated_act(src + t * 2 * K, src + t * 2 * K + K, x + t * K, K, how - IN_GATED);
         }
         if (q8) fd_q8_quantize_rows(x, K, 0, T, K, xq, dx, sx);
         return (fd_input){x, xq, dx, sx};
     }
     if (how == IN_NORM) norm_rows(me, src, w, dst, T, K, eps);
-    if (how == IN_SWIGLU) {
+    if (how >= IN_GATED) {
         TEAM_FOR(me, T * 8, 1, i) { /* eight slices per row: work for every thread */
             const int64_t t = i / 8, c0 = K * (i % 8) / 8, c1 = K * (i % 8 + 1) / 8;
-            silu_mul(src + t * 2 * K + c0, src + t * 2 * K + K + c0, dst + t * K + c0, c1 - c0);
+            gated_act(src + t * 2 * K + c0, src + t * 2 * K + K + c0, dst + t * K + c0, c1 - c0, how - IN_GATED);
         }
     }
     const float *x = how == IN_AS_IS ? src : dst;
@@ -391,7 +561,24 @@ static fd_input prepare(fd_member *me, const fd_buffers *B, int how, const float
     return (fd_input){x, B->xq, B->dx, B->sx};
 }
 
-/* per-head q/k norm and RoPE on the step's q and k (in the qkv rows), then K and V into the cache */
+/* x += P a, or where the layer norms the output (Gemma's post-norms) x += RMSNorm(P a) * post; y:
+ * [T, hidden] scratch */
+static void residual(fd_member *me, const fd_model *M, const fd_proj *P, const fd_input *a, int64_t T, int64_t K,
+                     const float *post, float *x, float *y, float *db, float *mb) {
+    if (!post) {
+        proj(me, P, a, T, K, x, M->hidden, 1, db, mb);
+        return;
+    }
+    proj(me, P, a, T, K, y, M->hidden, 0, db, mb);
+    TEAM_FOR(me, T, 1, t) {
+        float *yt = y + t * M->hidden, *xt = x + t * M->hidden;
+        rms_norm_row(yt, post, yt, M->hidden, M->eps);
+        for (int64_t i = 0; i < M->hidden; i++) xt[i] += yt[i];
+    }
+}
+
+/* per-head q/k norm and RoPE (the layer's tables) on the step's q and k (in the qkv rows), then K and
+ * V into the cache */
 static void rope_and_store(fd_member *me, const fd_model *M, int64_t layer, const fd_layer *L, const fd_geometry *S,
                            float *qkv) {
     const int64_t H = M->heads, KVH = M->kv_heads, D = M->head_dim, half = D / 2;
@@ -401,7 +588,7 @@ static void rope_and_store(fd_member *me, const fd_model *M, int64_t layer, cons
         float *x = qkv + t * width + h * D;
         if (h < H + KVH) {
             if (L->qk_norm) rms_norm_row(x, L->qk_norm + h * D, x, D, M->eps);
-            const float *c = M->cos + S->positions[t] * half, *s = M->sin + S->positions[t] * half;
+            const float *c = L->cos + S->positions[t] * half, *s = L->sin + S->positions[t] * half;
             for (int64_t j = 0; j < half; j++) {
                 float a = x[j], b = x[j + half];
                 x[j] = a * c[j] - b * s[j];
@@ -414,12 +601,13 @@ static void rope_and_store(fd_member *me, const fd_model *M, int64_t layer, cons
 
 /* Row t, query head hq: its partials merged (the exact rescale, or unified's plain sum) into
  * B->attn; a unified row whose sum left the safe window is recomputed exactly (returns 1 then). */
-static int finish_row(const fd_model *M, int64_t layer, const fd_geometry *S, const fd_buffers *B, int64_t t,
-                      int64_t hq, float *tb) {
+static int finish_row(const fd_model *M, int64_t layer, const fd_geometry *S, const fd_keys *K, const fd_buffers *B,
+                      int64_t t, int64_t hq, float *tb) {
+    const fd_layer *L = &M->layers[layer];
     const int64_t H = M->heads, KVH = M->kv_heads, D = M->head_dim, G = H / KVH, h = hq / G, g = hq % G;
-    const int64_t width = (H + 2 * KVH) * D, np = (S->row_base[t + 1] - S->row_base[t]) / KVH;
+    const int64_t width = (H + 2 * KVH) * D, np = (K->row_base[t + 1] - K->row_base[t]) / KVH;
     const int unified = M->unified;
-    const float *first = B->partials + (S->row_base[t] + h * np) * G * (D + 2) + g * (D + 2);
+    const float *first = B->partials + (K->row_base[t] + h * np) * G * (D + 2) + g * (D + 2);
     float *y = B->attn + t * H * D + hq * D, m = -INFINITY, l = 0.0f;
     for (int64_t p = 0; p < np; p++) m = first[p * G * (D + 2)] > m ? first[p * G * (D + 2)] : m;
     memset(y, 0, sizeof(float) * (size_t)D);
@@ -429,48 +617,67 @@ static int finish_row(const fd_model *M, int64_t layer, const fd_geometry *S, co
         l += o[1] * a;
         axpy(y, a, o + 2, D);
     }
-    const int64_t n = S->lens[t];
-    if (unified && !(l >= (float)n * expf(M->win_lo) && l <= expf(M->win_hi))) { /* NaN fails too */
+    const int64_t n = S->lens[t], seen = n - first_key(L->window, n);
+    if (unified && !(l >= (float)seen * expf(M->win_lo) && l <= expf(M->win_hi))) { /* NaN fails too */
         float *scores = tb, *buf = tb + GROUP_ROWS * G * PART_KEYS, *tmp = buf + D;
-        attn_row_exact(M, layer, h, B->qkv + t * width + hq * D, S->slots + S->slot_rows[t], n, S->part, scores, buf,
-                       tmp, y);
+        attn_row_exact(M, layer, L, h, B->qkv + t * width + hq * D, S->slots + S->slot_rows[t], n, S->part, scores,
+                       buf, tmp, y);
         return 1;
     }
     for (int64_t i = 0; i < D; i++) y[i] /= l;
     return 0;
 }
 
-/* Every (group, kv head, partition) item, then every row's merge. When each row's keys fit one
- * partition, the thread that ran an item merges its rows at once: one barrier less per layer. */
+/* Every (group, kv head, partition) item of the layer's window, then every row's merge. When each
+ * row's keys fit one partition, the thread that ran an item merges its rows at once: one barrier
+ * less per layer. */
 static void attention(fd_member *me, const fd_model *M, int64_t layer, const fd_geometry *S, const fd_buffers *B,
                       float *tb, atomic_llong *fallbacks) {
+    const fd_layer *L = &M->layers[layer];
+    const fd_keys *K = &S->keys[S->layer_keys[layer]];
     const int64_t H = M->heads, KVH = M->kv_heads, D = M->head_dim, G = H / KVH;
     const int64_t width = (H + 2 * KVH) * D;
-    const int unified = M->unified, one_part = S->row_base[S->T] == S->T * KVH;
-    const float phi = unified ? M->phi[layer] : 0.0f;
+    const int unified = M->unified, one_part = K->row_base[S->T] == S->T * KVH;
+    float phi = unified ? M->phi[layer] : 0.0f;
+    /* capped scores never exceed the cap, so the cap bounds them as a unified max (layers/attention.py) */
+    if (L->softcap && phi > L->softcap) phi = L->softcap;
     float *scores = tb, *buf = tb + GROUP_ROWS * G * PART_KEYS;
     int64_t fb = 0;
-    TEAM_FOR(me, S->items, 1, it) {
-        const int64_t gi = find_range(S->group_items, S->groups, it), t = S->group_first[gi];
+    TEAM_FOR(me, K->items, 1, it) {
+        const int64_t gi = find_range(K->group_items, S->groups, it), t = S->group_first[gi];
         const int nr = (int)(S->group_first[gi + 1] - t);
-        const int64_t np = (S->group_items[gi + 1] - S->group_items[gi]) / KVH, k = it - S->group_items[gi];
+        const int64_t np = (K->group_items[gi + 1] - K->group_items[gi]) / KVH, k = it - K->group_items[gi];
         const int64_t h = k / np, p = k % np, n = S->lens[t + nr - 1];
-        const int64_t j0 = p * S->part, j1 = j0 + S->part < n ? j0 + S->part : n;
-        attn_partition(M, layer, h, B->qkv + t * width + h * G * D, width, nr, (int)G, S->lens[t],
+        const int64_t j0 = (K->part0[gi] + p) * S->part, j1 = j0 + S->part < n ? j0 + S->part : n;
+        attn_partition(M, layer, L, h, B->qkv + t * width + h * G * D, width, nr, (int)G, S->lens[t],
                        S->slots + S->slot_rows[t], j0, j1, unified, phi, scores, buf,
-                       B->partials + (S->row_base[t] + h * np + p) * G * (D + 2), KVH * np * G * (D + 2));
+                       B->partials + (K->row_base[t] + h * np + p) * G * (D + 2), KVH * np * G * (D + 2));
         if (one_part)
             for (int64_t r = t; r < t + nr; r++)
-                for (int64_t g = 0; g < G; g++) fb += finish_row(M, layer, S, B, r, h * G + g, tb);
+                for (int64_t g = 0; g < G; g++) fb += finish_row(M, layer, S, K, B, r, h * G + g, tb);
     }
-    if (!one_part) TEAM_FOR(me, S->T * H, 1, r) fb += finish_row(M, layer, S, B, r / H, r % H, tb);
+    if (!one_part) TEAM_FOR(me, S->T * H, 1, r) fb += finish_row(M, layer, S, K, B, r / H, r % H, tb);
     atomic_fetch_add(fallbacks, fb);
 }
 
-static void carve(const fd_model *M, const fd_geometry *S, void *ws, int nt, fd_buffers *B) {
+/* the work items of the layers of window w (0: global) for the step's groups, in base[3 * (T + 1)] */
+static void plan_keys(const fd_geometry *S, int64_t kv_heads, int64_t w, int64_t *base, fd_keys *K) {
+    int64_t *group_items = base, *row_base = base + S->T + 1, *part0 = base + 2 * (S->T + 1);
+    group_items[0] = row_base[0] = 0;
+    for (int64_t g = 0; g < S->groups; g++) {
+        const int64_t t0 = S->group_first[g], t1 = S->group_first[g + 1];
+        part0[g] = first_key(w, S->lens[t0]) / S->part;
+        const int64_t per_row = kv_heads * ((S->lens[t1 - 1] + S->part - 1) / S->part - part0[g]);
+        group_items[g + 1] = group_items[g] + per_row;
+        for (int64_t t = t0; t < t1; t++) row_base[t + 1] = row_base[t] + per_row;
+    }
+    K->items = group_items[S->groups];
+    K->group_items = group_items, K->row_base = row_base, K->part0 = part0;
+}
+
+static void carve(const fd_model *M, const fd_geometry *S, int64_t partial_rows, float *f, int nt, fd_buffers *B) {
     const int64_t T = S->T, q = M->heads * M->head_dim, kv = M->kv_heads * M->head_dim;
     const int64_t G = M->heads / M->kv_heads;
-    float *f = (float *)ws;
     B->xn = f, f += T * M->hidden;
     B->qkv = f, f += T * (q + 2 * kv);
     B->attn = f, f += T * q;
@@ -478,7 +685,7 @@ static void carve(const fd_model *M, const fd_geometry *S, void *ws, int nt, fd_
     B->act = f, f += T * M->inter;
     B->dx = f, f += T * (S->max_k / 32 + 1);
     B->sx = f, f += T * (S->max_k / 32 + 1);
-    B->partials = f, f += S->row_base[S->T] * G * (M->head_dim + 2);
+    B->partials = f, f += partial_rows * G * (M->head_dim + 2);
     B->thread_floats = thread_floats(M, S->max_k);
     B->thread = f, f += (int64_t)nt * B->thread_floats;
     B->xq = (int8_t *)f;
@@ -499,13 +706,20 @@ static void run_layers(fd_member *me, const fd_model *M, const fd_geometry *S, c
         rope_and_store(me, M, l, L, S, B->qkv);
         attention(me, M, l, S, B, at, fallbacks);
         a = prepare(me, B, IN_AS_IS, B->attn, NULL, eps, T, q, wants_q8(&L->o), pv, NULL);
-        proj(me, &L->o, &a, T, q, x, M->hidden, 1, db, mb);
+        residual(me, M, &L->o, &a, T, q, L->attn_post_norm, x, B->xn, db, mb);
         a = prepare(me, B, IN_NORM, x, L->mlp_norm, eps, T, M->hidden, wants_q8(&L->gate_up), pv, B->xn);
         proj(me, &L->gate_up, &a, T, M->hidden, B->gu, 2 * M->inter, 0, db, mb);
-        a = prepare(me, B, IN_SWIGLU, B->gu, NULL, eps, T, M->inter, wants_q8(&L->down), pv, B->act);
-        proj(me, &L->down, &a, T, M->inter, x, M->hidden, 1, db, mb);
+        a = prepare(me, B, IN_GATED + M->act, B->gu, NULL, eps, T, M->inter, wants_q8(&L->down), pv, B->act);
+        residual(me, M, &L->down, &a, T, M->inter, L->mlp_post_norm, x, B->xn, db, mb);
     }
     norm_rows(me, x, M->norm, x, T, M->hidden, M->eps);
+}
+
+static int bad_model(const fd_model *M) {
+    if (M->heads % M->kv_heads || M->head_dim % 2 || (M->act != ACT_SILU && M->act != ACT_GELU_TANH)) return 1;
+    for (int64_t l = 0; l < M->num_layers; l++)
+        if (M->layers[l].window < 0 || !(M->layers[l].softcap >= 0.0f)) return 1;
+    return 0;
 }
 
 /* Runs every layer and the final norm for T query rows, each one token of some sequence: decodes,
@@ -514,12 +728,13 @@ static void run_layers(fd_member *me, const fd_model *M, const fd_geometry *S, c
  * rows before it in its sequence. x [T, hidden]: the embeddings in, the final hidden states out.
  * positions, new_slots, lens [T]: each row's position, the cache slot its K and V go to, its context
  * length (itself included); row t's key slots are slots[slot_rows[t] .. slot_rows[t] + lens[t]) of
- * the nslots in slots. workspace: fd_decode_workspace bytes for (T, max lens). stats[2] += rows
- * checked, unified rows recomputed exactly. Returns 0, or -1 on bad arguments. */
+ * the nslots in slots (a sliding layer reads only the last window of them). workspace:
+ * fd_decode_workspace bytes for (T, max lens). stats[2] += rows checked, unified rows recomputed
+ * exactly. Returns 0, or -1 on bad arguments. */
 int fd_decode(const fd_model *M, int64_t T, float *x, const int64_t *positions, const int64_t *new_slots,
               const int64_t *slots, int64_t nslots, const int64_t *slot_rows, const int64_t *lens, void *workspace,
               int64_t workspace_bytes, int64_t *stats, int nthreads) {
-    if (!M || T < 1 || !x || M->heads % M->kv_heads || M->head_dim % 2) return -1;
+    if (!M || T < 1 || !x || M->num_layers < 1 || bad_model(M)) return -1;
     int64_t max_len = 0;
     for (int64_t t = 0; t < T; t++) {
         if (lens[t] < 1 || slot_rows[t] < 0 || slot_rows[t] + lens[t] > nslots) return -1;
@@ -528,10 +743,10 @@ int fd_decode(const fd_model *M, int64_t T, float *x, const int64_t *positions, 
     const int nt = fd_team_size(nthreads);
     if (fd_decode_workspace(M, T, max_len, nt) > workspace_bytes) return -1;
     const int64_t q = M->heads * M->head_dim;
-    fd_geometry S = {T, 0, 0, 0, positions, new_slots, slots, lens, slot_rows, 0, NULL, NULL, NULL};
+    fd_geometry S = {T, PART_KEYS, 0, positions, new_slots, slots, lens, slot_rows, 0, NULL, NULL, NULL};
     S.max_k = M->hidden > q ? M->hidden : q;
     S.max_k = S.max_k > M->inter ? S.max_k : M->inter;
-    int64_t group_first[T + 1], group_items[T + 1], row_base[T + 1];
+    int64_t group_first[T + 1];
     for (int64_t t = 0; t < T;) { /* consecutive rows of one chunk: same slots, each one key further */
         int64_t e = t + 1;
         while (e < T && e - t < GROUP_ROWS && slot_rows[e] == slot_rows[t] && lens[e] == lens[e - 1] + 1) e++;
@@ -539,17 +754,19 @@ int fd_decode(const fd_model *M, int64_t T, float *x, const int64_t *positions, 
         t = e;
     }
     group_first[S.groups] = T;
-    S.part = PART_KEYS;
-    group_items[0] = row_base[0] = 0;
-    for (int64_t g = 0; g < S.groups; g++) {
-        const int64_t per_row = M->kv_heads * ((lens[group_first[g + 1] - 1] + S.part - 1) / S.part);
-        group_items[g + 1] = group_items[g] + per_row;
-        for (int64_t t = group_first[g]; t < group_first[g + 1]; t++) row_base[t + 1] = row_base[t] + per_row;
+    S.group_first = group_first;
+    int64_t windows[M->num_layers], partial_rows = 0;
+    int32_t layer_keys[M->num_layers];
+    const int nw = distinct_windows(M, windows, layer_keys);
+    fd_keys keys[nw];
+    int64_t *iw = (int64_t *)workspace;
+    for (int k = 0; k < nw; k++) {
+        plan_keys(&S, M->kv_heads, windows[k], iw + 3 * k * (T + 1), &keys[k]);
+        partial_rows = keys[k].row_base[T] > partial_rows ? keys[k].row_base[T] : partial_rows;
     }
-    S.items = group_items[S.groups];
-    S.group_first = group_first, S.group_items = group_items, S.row_base = row_base;
+    S.keys = keys, S.layer_keys = layer_keys;
     fd_buffers B;
-    carve(M, &S, workspace, nt, &B);
+    carve(M, &S, partial_rows, (float *)(iw + keys_int64s(nw, T)), nt, &B);
     atomic_llong fallbacks;
     atomic_init(&fallbacks, 0);
     fd_team team;

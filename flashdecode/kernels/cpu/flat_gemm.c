@@ -12,6 +12,7 @@
  *   FD_Q4_K  qs as Q4_1, d [N, K/32] fp32, m [N, K/32] fp32 (= -dmin * min); w = d * q + m
  *   FD_Q5_K  qs [N, K/32, 32] uint8 (0..31), d and m as Q4_K;              w = d * q + m
  *   FD_Q6_K  qs [N, K/32, 32] int8 (-32..31), d [N, K/16] fp32 (one per 16); w = d * q
+ *   FD_Q2_K  qs as Q4_1 (values 0..3), d and m [N, K/16] fp32 (one per 16);  w = d * q + m
  * Every dequantized weight is bit for bit the fp32 number the gguf package's dequantization gives
  * (d * q + m as one fused multiply-add: d * q is exact, so there is one rounding either way; signed
  * zeros included); products are accumulated in fp32.
@@ -41,16 +42,19 @@ INLINE void v_store(float *p, vf a) { _mm512_storeu_ps(p, a); }
  * once per block (vpermps reads only the low 4 bits of each index lane, so no masking): fewer
  * instructions per weight than widening and converting every nibble, and the same fp32 values. */
 INLINE __m512 iota16(void) { return _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
-INLINE void dq_lut4(const uint8_t *q, vf lut, vf *w) {
+INLINE void dq_lut4(const uint8_t *q, vf lut0, vf lut1, vf *w) { /* lut0: low nibbles, lut1: high */
     __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
-    w[0] = _mm512_permutexvar_ps(idx, lut);
-    w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), lut);
+    w[0] = _mm512_permutexvar_ps(idx, lut0);
+    w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), lut1);
 }
-INLINE void dq_q4(const uint8_t *q, float d, float m, vf *w) {
-    dq_lut4(q, _mm512_fmadd_ps(iota16(), _mm512_set1_ps(d), _mm512_set1_ps(m)), w);
+/* elements 0..15 (low nibbles) scaled by d0, m0 and 16..31 (high nibbles) by d1, m1 */
+INLINE void dq_q4x2(const uint8_t *q, float d0, float d1, float m0, float m1, vf *w) {
+    dq_lut4(q, _mm512_fmadd_ps(iota16(), _mm512_set1_ps(d0), _mm512_set1_ps(m0)),
+            _mm512_fmadd_ps(iota16(), _mm512_set1_ps(d1), _mm512_set1_ps(m1)), w);
 }
 INLINE void dq_q40(const uint8_t *q, float d, vf *w) { /* (q - 8) * d, signed zeros as gguf gives */
-    dq_lut4(q, _mm512_mul_ps(_mm512_sub_ps(iota16(), _mm512_set1_ps(8.0f)), _mm512_set1_ps(d)), w);
+    vf lut = _mm512_mul_ps(_mm512_sub_ps(iota16(), _mm512_set1_ps(8.0f)), _mm512_set1_ps(d));
+    dq_lut4(q, lut, lut, w);
 }
 INLINE void dq_q8x2(const uint8_t *q, float d0, float d1, vf *w) {
     w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), _mm512_set1_ps(d0));
@@ -87,14 +91,14 @@ INLINE float v_sum(vf a) {
     return _mm_cvtss_f32(s);
 }
 INLINE void v_store(float *p, vf a) { _mm256_storeu_ps(p, a); }
-INLINE void dq_q4(const uint8_t *q, float d, float m, vf *w) {
+INLINE void dq_q4x2(const uint8_t *q, float d0, float d1, float m0, float m1, vf *w) {
     __m128i b = _mm_loadu_si128((const __m128i *)q), mask = _mm_set1_epi8(0x0F);
     __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-    vf vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
-    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vd, vm);
-    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vd, vm);
-    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd, vm);
-    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd, vm);
+    vf vd0 = _mm256_set1_ps(d0), vm0 = _mm256_set1_ps(m0), vd1 = _mm256_set1_ps(d1), vm1 = _mm256_set1_ps(m1);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vd0, vm0);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vd0, vm0);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd1, vm1);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd1, vm1);
 }
 INLINE void dq_q40(const uint8_t *q, float d, vf *w) {
     __m128i b = _mm_loadu_si128((const __m128i *)q), mask = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
@@ -137,10 +141,10 @@ INLINE vf v_load(const float *p) { return *p; }
 INLINE vf v_fma(vf a, vf b, vf c) { return a * b + c; }
 INLINE float v_sum(vf a) { return a; }
 INLINE void v_store(float *p, vf a) { *p = a; }
-INLINE void dq_q4(const uint8_t *q, float d, float m, vf *w) {
+INLINE void dq_q4x2(const uint8_t *q, float d0, float d1, float m0, float m1, vf *w) {
     for (int j = 0; j < 16; j++) {
-        w[j] = (float)(q[j] & 0x0F) * d + m;
-        w[j + 16] = (float)(q[j] >> 4) * d + m;
+        w[j] = (float)(q[j] & 0x0F) * d0 + m0;
+        w[j + 16] = (float)(q[j] >> 4) * d1 + m1;
     }
 }
 INLINE void dq_q8x2(const uint8_t *q, float d0, float d1, vf *w) {
@@ -164,6 +168,8 @@ INLINE void cvt_h2f_row(const uint16_t *h, float *f, int n) {
 
 #define BV (32 / VL) /* vectors per 32-element block */
 
+INLINE void dq_q4(const uint8_t *q, float d, float m, vf *w) { dq_q4x2(q, d, d, m, m, w); }
+
 /* RUN(F) with the format a compile-time constant, so every branch on it folds away */
 #define FOR_FORMAT(fmt, RUN)                                                                        \
     switch (fmt) {                                                                                  \
@@ -173,15 +179,17 @@ INLINE void cvt_h2f_row(const uint16_t *h, float *f, int n) {
     case FD_Q4_K: RUN(FD_Q4_K); break;                                                              \
     case FD_Q5_K: RUN(FD_Q5_K); break;                                                              \
     case FD_Q6_K: RUN(FD_Q6_K); break;                                                              \
+    case FD_Q2_K: RUN(FD_Q2_K); break;                                                              \
     default: RUN(FD_BF16); break;                                                                   \
     }
 
-/* Weight row `row`'s scales (and minimums) as fp32, into db [nb * FMT_SCALES_PER_BLOCK] and mb [nb]. */
+/* Weight row `row`'s scales (and minimums) as fp32, into db [nb * FMT_SCALES_PER_BLOCK] and mb
+ * [nb * FMT_MINS_PER_BLOCK]. */
 INLINE void row_scales(int fmt, const void *d, const void *m, int64_t row, int nb, float *db, float *mb) {
     if (FMT_F32_SCALES(fmt)) {
-        const int ns = nb * FMT_SCALES_PER_BLOCK(fmt);
+        const int ns = nb * FMT_SCALES_PER_BLOCK(fmt), nm = nb * FMT_MINS_PER_BLOCK(fmt);
         memcpy(db, (const float *)d + row * ns, sizeof(float) * (size_t)ns);
-        if (FMT_HAS_MIN(fmt)) memcpy(mb, (const float *)m + row * nb, sizeof(float) * (size_t)nb);
+        if (FMT_HAS_MIN(fmt)) memcpy(mb, (const float *)m + row * nm, sizeof(float) * (size_t)nm);
         return;
     }
     cvt_h2f_row((const uint16_t *)d + row * nb, db, nb);
@@ -197,6 +205,7 @@ INLINE void dq_block(int fmt, const uint8_t *q, int b, const float *db, const fl
     case FD_Q4_K: dq_q4(qb, db[b], mb[b], w); break;
     case FD_Q5_K: dq_u8(qb, db[b], mb[b], w); break;
     case FD_Q6_K: dq_q8x2(qb, db[2 * b], db[2 * b + 1], w); break;
+    case FD_Q2_K: dq_q4x2(qb, db[2 * b], db[2 * b + 1], mb[2 * b], mb[2 * b + 1], w); break;
     default: dq_q8(qb, db[b], w); break;
     }
 }
@@ -234,11 +243,11 @@ INLINE void tile_fused(const int FMT, const int R, const int NR, const float *x,
             }
         return;
     }
-    const int qb = FMT_QBYTES(FMT), ns = nb * FMT_SCALES_PER_BLOCK(FMT);
+    const int qb = FMT_QBYTES(FMT), ns = nb * FMT_SCALES_PER_BLOCK(FMT), nm = nb * FMT_MINS_PER_BLOCK(FMT);
     for (int b = 0; b < nb; b++) {
         vf wv[NR_MAX][BV];
         for (int j = 0; j < NR; j++) __builtin_prefetch(w + j * wstride + (int64_t)b * qb + pf, 0, 3);
-        for (int j = 0; j < NR; j++) dq_block(FMT, w + j * wstride, b, db + j * ns, mb + j * nb, wv[j]);
+        for (int j = 0; j < NR; j++) dq_block(FMT, w + j * wstride, b, db + j * ns, mb + j * nm, wv[j]);
         for (int v = 0; v < BV; v++)
             for (int r = 0; r < R; r++) {
                 vf xv = v_load(x + r * ldx + (int64_t)b * 32 + v * VL);
@@ -288,10 +297,10 @@ STORE_TILE(store_tile, MT, NR_MAX)
 INLINE void run_tile(const int FMT, const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
                      int64_t wstride, const void *d, const void *m, const float *bias, float *y,
                      int64_t ldy, int add, int64_t n0, int nr, float *db, float *mb) {
-    const int nb = (int)(K / 32), ns = nb * FMT_SCALES_PER_BLOCK(FMT);
+    const int nb = (int)(K / 32), ns = nb * FMT_SCALES_PER_BLOCK(FMT), nm = nb * FMT_MINS_PER_BLOCK(FMT);
     const uint8_t *wt = w + n0 * wstride;
     if (FMT != FD_BF16)
-        for (int j = 0; j < nr; j++) row_scales(FMT, d, m, n0 + j, nb, db + j * ns, mb + j * nb);
+        for (int j = 0; j < nr; j++) row_scales(FMT, d, m, n0 + j, nb, db + j * ns, mb + j * nm);
     for (int64_t r0 = 0; r0 < M; r0 += MT) {
         const int rows = (int)(M - r0 < MT ? M - r0 : MT);
         const float *xr = x + r0 * ldx;
@@ -312,7 +321,7 @@ INLINE void run_tile(const int FMT, const float *x, int64_t ldx, int64_t M, int6
         } else {
             for (int j = 0; j < nr; j++) { /* the N tail: one weight row at a time */
                 float o1[MT][NR_MAX];
-                TILE_ROWS(1, wt + j * wstride, db + j * ns, mb + j * nb, o1)
+                TILE_ROWS(1, wt + j * wstride, db + j * ns, mb + j * nm, o1)
                 for (int r = 0; r < rows; r++) out[r][j] = o1[r][0];
             }
         }
@@ -326,7 +335,8 @@ static int64_t row_bytes(int fmt, int64_t K) {
     switch (fmt) {
     case FD_Q4_0:
     case FD_Q4_1:
-    case FD_Q4_K: return K / 2;
+    case FD_Q4_K:
+    case FD_Q2_K: return K / 2;
     case FD_Q8_0:
     case FD_Q5_K:
     case FD_Q6_K: return K;
@@ -426,7 +436,7 @@ int fd_dequant(int fmt, const uint8_t *w, const void *d, const void *m, int64_t 
 #endif
         int64_t i0 = nrows * t / T, i1 = nrows * (t + 1) / T;
         float *db = (float *)malloc(sizeof(float) * (size_t)(2 * nb + 1));
-        float *mb = (float *)malloc(sizeof(float) * (size_t)(nb + 1));
+        float *mb = (float *)malloc(sizeof(float) * (size_t)(2 * nb + 1));
         float *tmp = out_bf16 ? (float *)malloc(sizeof(float) * (size_t)(K + VL)) : NULL;
         if (!db || !mb || (out_bf16 && !tmp)) {
             failed = 1;
@@ -460,11 +470,13 @@ int fd_dequant(int fmt, const uint8_t *w, const void *d, const void *m, int64_t 
  *
  *     sum_k w[n,k] x[r,k] ~= dw[n,b] dx[r,b] sum_k q[n,k] xq[r,k] + mw[n,b] sx[r,b],  sx = dx sum_k xq
  *
- * with Q4_0's w = d (q - 8) as mw = -8 d, and Q6_K's two scales, one per half block. The 4- and
+ * with Q4_0's w = d (q - 8) as mw = -8 d, and Q6_K's two scales, one per half block; Q2_K's min per
+ * half block multiplies that half's activation sum, taken from xq in the kernel. The 4- and
  * 5-bit integers are unsigned and go straight into vpmaddubsw; signed ones (Q8_0, Q6_K) move their
  * sign onto the activations first (|q| times sign(q) xq). Every pair sum stays within int16. */
 #define FMT_SIGNED(f) ((f) == FD_Q8_0 || (f) == FD_Q6_K)
-#define FMT_NIBBLES(f) ((f) == FD_Q4_0 || (f) == FD_Q4_1 || (f) == FD_Q4_K)
+#define FMT_NIBBLES(f) ((f) == FD_Q4_0 || (f) == FD_Q4_1 || (f) == FD_Q4_K || (f) == FD_Q2_K)
+#define FMT_HALVES(f) ((f) == FD_Q6_K || (f) == FD_Q2_K) /* a scale per 16 elements */
 
 /* One 32-block of activations to int8: q[32], its scale and dx * sum(q). */
 INLINE void q8_block(const float *x, int8_t *q, float *dx, float *sx) {
@@ -540,7 +552,7 @@ INLINE __m256 q8_dot(const int FMT, __m256i w, __m256i x) {
 INLINE void q8_tile(const int FMT, const int R, const int NR, const int8_t *xq, const float *dx, const float *sx,
                     int64_t K, const uint8_t *w, int64_t wstride, const float *db, const float *mb, int nb,
                     float out[Q8_MR][Q8_NR]) {
-    const int ns = nb * FMT_SCALES_PER_BLOCK(FMT), qb = FMT_QBYTES(FMT);
+    const int ns = nb * FMT_SCALES_PER_BLOCK(FMT), nm = nb * FMT_MINS_PER_BLOCK(FMT), qb = FMT_QBYTES(FMT);
     const int64_t pf = (PF_BYTES / wstride > NR ? PF_BYTES / wstride : NR) * wstride;
     __m256 acc[Q8_MR][Q8_NR];
     for (int r = 0; r < R; r++)
@@ -554,18 +566,23 @@ INLINE void q8_tile(const int FMT, const int R, const int NR, const int8_t *xq, 
         for (int r = 0; r < R; r++) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + (int64_t)b * 32));
             const float dxr = dx[r * nb + b];
+            /* Q2_K: the activations' sums per 4 (lanes 0-3: elements 0-15), for its mins per 16 */
+            const __m256 xs = FMT == FD_Q2_K ? q8_dot(FD_Q4_0, _mm256_set1_epi8(1), xv) : _mm256_setzero_ps();
             for (int j = 0; j < NR; j++) {
-                __m256 sc = FMT == FD_Q6_K ? _mm256_set_m128(_mm_set1_ps(db[j * ns + 2 * b + 1] * dxr),
-                                                             _mm_set1_ps(db[j * ns + 2 * b] * dxr))
-                                           : _mm256_set1_ps(db[j * ns + b] * dxr);
+                __m256 sc = FMT_HALVES(FMT) ? _mm256_set_m128(_mm_set1_ps(db[j * ns + 2 * b + 1] * dxr),
+                                                              _mm_set1_ps(db[j * ns + 2 * b] * dxr))
+                                            : _mm256_set1_ps(db[j * ns + b] * dxr);
                 acc[r][j] = _mm256_fmadd_ps(q8_dot(FMT, wv[j], xv), sc, acc[r][j]);
+                if (FMT == FD_Q2_K)
+                    acc[r][j] = _mm256_fmadd_ps(xs, _mm256_set_m128(_mm_set1_ps(mb[j * nm + 2 * b + 1] * dxr),
+                                                                    _mm_set1_ps(mb[j * nm + 2 * b] * dxr)), acc[r][j]);
             }
         }
     }
     for (int r = 0; r < R; r++)
         for (int j = 0; j < NR; j++) {
             float s = hsum256(acc[r][j]);
-            if (FMT_HAS_MIN(FMT)) s += dot_f32(mb + j * nb, sx + r * nb, nb);
+            if (FMT_HAS_MIN(FMT) && FMT != FD_Q2_K) s += dot_f32(mb + j * nb, sx + r * nb, nb);
             if (FMT == FD_Q4_0) s -= 8.0f * dot_f32(db + j * nb, sx + r * nb, nb);
             out[r][j] = s;
         }
@@ -576,9 +593,9 @@ STORE_TILE(store_q8_tile, Q8_MR, Q8_NR)
 INLINE void q8_run_tile(const int FMT, const int8_t *xq, const float *dx, const float *sx, int64_t M, int64_t K,
                         const uint8_t *w, int64_t wstride, const void *d, const void *m, const float *bias,
                         float *y, int64_t ldy, int add, int64_t n0, int nr, float *db, float *mb) {
-    const int nb = (int)(K / 32), ns = nb * FMT_SCALES_PER_BLOCK(FMT);
+    const int nb = (int)(K / 32), ns = nb * FMT_SCALES_PER_BLOCK(FMT), nm = nb * FMT_MINS_PER_BLOCK(FMT);
     const uint8_t *wt = w + n0 * wstride;
-    for (int j = 0; j < nr; j++) row_scales(FMT, d, m, n0 + j, nb, db + j * ns, mb + j * nb);
+    for (int j = 0; j < nr; j++) row_scales(FMT, d, m, n0 + j, nb, db + j * ns, mb + j * nm);
     for (int64_t r0 = 0; r0 < M; r0 += Q8_MR) {
         const int rows = (int)(M - r0 < Q8_MR ? M - r0 : Q8_MR);
         const int8_t *xr = xq + r0 * K;
@@ -592,7 +609,7 @@ INLINE void q8_run_tile(const int FMT, const int8_t *xq, const float *dx, const 
         } else {
             for (int j = 0; j < nr; j++) { /* the N tail: one weight row at a time */
                 float o1[Q8_MR][Q8_NR];
-                Q8_TILE(Q8_MR, 1, wt + j * wstride, db + j * ns, mb + j * nb, o1)
+                Q8_TILE(Q8_MR, 1, wt + j * wstride, db + j * ns, mb + j * nm, o1)
                 for (int r = 0; r < rows; r++) out[r][j] = o1[r][0];
             }
         }
@@ -676,7 +693,7 @@ int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
  * Activations are rounded exactly as in fd_linear_q8 (same results up to fp32 summation order).
  *
  * Layout (kernels/cpu/build.py repack_i8): groups of 16 rows, per (group, block):
- *   Q4_0/Q4_1/Q4_K  4 x 64 bytes: vector i holds, for each of the 16 rows, elements 4i..4i+3 of the
+ *   Q4_0/Q4_1/Q4_K/Q2_K  4 x 64 bytes: vector i holds, for each of the 16 rows, elements 4i..4i+3 of the
  *                   block in the low nibbles of 4 bytes and elements 4(i+4)..4(i+4)+3 in the high nibbles
  *   Q5_K            the Q4 layout of the low 4 bits, then 64 bytes of fifth bits: for vector i and
  *                   half h (rows 8h..8h+7), 4 bytes for its low-nibble bytes, then 4 for its high-
@@ -684,8 +701,8 @@ int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
  *   Q8_0/Q6_K       8 x 64 bytes: vector j holds elements 4j..4j+3 of each of the 16 rows, a byte each
  *                   (signed values)
  *   d               [groups, K/32, S, 16]: fp16 (Q4_0, Q4_1, Q8_0) or fp32 (K-quants, multiplied out);
- *                   S = 2 for Q6_K (a scale per 16 elements), else 1
- *   m               [groups, K/32, 16], the same type (formats with a min)
+ *                   S = 2 for Q6_K and Q2_K (a scale per 16 elements), else 1
+ *   m               [groups, K/32, S, 16], the same type (formats with a min; S = 2 for Q2_K)
  * (rows padded to a multiple of 16 with zeros). AVX512-VNNI runs a 64-byte vector of Q4_0, Q4_1 and
  * Q8_0 as one vpdpbusd; AVX2 runs every format as two 8-row halves with vpmaddubsw + vpmaddwd. */
 #if defined(__AVX2__)
@@ -715,6 +732,14 @@ INLINE __m256i fifth_bits(const uint8_t *p) {
 INLINE __m256 i8_scales(const int FMT, const void *p, int64_t at) {
     if (FMT_F32_SCALES(FMT)) return _mm256_loadu_ps((const float *)p + at);
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + at)));
+}
+
+/* the sums of a 32-block's two halves of activations, each in all four lanes of its 128-bit half */
+INLINE __m256i i8_half_sums(const int8_t *xb) {
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), _mm256_loadu_si256((const __m256i *)xb));
+    const __m256i quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)); /* 4 per 128-bit half */
+    const __m256i t = _mm256_hadd_epi32(quads, quads);
+    return _mm256_hadd_epi32(t, t);
 }
 
 /* sum over quads [j0, j0 + 4) of w * xq as 8 int32 lanes, for Q6_K's byte planes: their values may
@@ -752,6 +777,22 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
                     s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(p, one16));
                 }
             }
+        } else if (FMT == FD_Q2_K) { /* the halves' sums apart, for their two scales and mins */
+            __m256i t[I8_MR], t1[I8_MR];
+            for (int i = 0; i < 4; i++) {
+                const __m256i z = _mm256_loadu_si256((const __m256i *)(blk + 64 * i));
+                const __m256i lo = _mm256_and_si256(z, nib), hi = _mm256_and_si256(_mm256_srli_epi16(z, 4), nib);
+                for (int r = 0; r < MR; r++) {
+                    const __m256i p = _mm256_maddubs_epi16(lo, bcast4(xb + r * K + 4 * i));
+                    const __m256i p1 = _mm256_maddubs_epi16(hi, bcast4(xb + r * K + 16 + 4 * i));
+                    t[r] = i == 0 ? p : _mm256_add_epi16(t[r], p);
+                    t1[r] = i == 0 ? p1 : _mm256_add_epi16(t1[r], p1);
+                }
+            }
+            for (int r = 0; r < MR; r++) {
+                s[r] = _mm256_madd_epi16(t[r], one16);
+                s1[r] = _mm256_madd_epi16(t1[r], one16);
+            }
         } else if (FMT_NIBBLES(FMT) || FMT == FD_Q5_K) {
             /* 4-bit products sum in int16 over the whole block (8 x 2 x 15 x 127 < 2^15), 5-bit ones
              * over half of it (4 x 2 x 31 x 127 < 2^15) */
@@ -782,13 +823,21 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
         }
         const int64_t at = ((int64_t)b * S) * 16 + 8 * h;
         const __m256 dv = i8_scales(FMT, dp, at);
-        const __m256 d1 = FMT == FD_Q6_K ? i8_scales(FMT, dp, at + 16) : dv;
-        const __m256 mv = FMT_HAS_MIN(FMT) ? i8_scales(FMT, mp, (int64_t)b * 16 + 8 * h) : _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f));
+        const __m256 d1 = FMT_HALVES(FMT) ? i8_scales(FMT, dp, at + 16) : dv;
+        const int64_t mat = (int64_t)b * FMT_MINS_PER_BLOCK(FMT) * 16 + 8 * h;
+        const __m256 mv = FMT_HAS_MIN(FMT) ? i8_scales(FMT, mp, mat) : _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f));
+        const __m256 m1 = FMT == FD_Q2_K ? i8_scales(FMT, mp, mat + 16) : mv;
         for (int r = 0; r < MR; r++) {
             const __m256 dxr = _mm256_set1_ps(dx[r * nb + b]);
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(dv, dxr), acc[r]);
-            if (FMT == FD_Q6_K) acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[r]), _mm256_mul_ps(d1, dxr), acc[r]);
-            if (FMT_HAS_MIN(FMT) || FMT == FD_Q4_0) acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[r * nb + b]), acc[r]);
+            if (FMT_HALVES(FMT)) acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[r]), _mm256_mul_ps(d1, dxr), acc[r]);
+            if (FMT == FD_Q2_K) { /* each half's min times that half's activation sum */
+                __m256i h2 = i8_half_sums(xb + r * K);
+                acc[r] = _mm256_fmadd_ps(mv, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(h2, h2, 0x00)), dxr), acc[r]);
+                acc[r] = _mm256_fmadd_ps(m1, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(h2, h2, 0x11)), dxr), acc[r]);
+            } else if (FMT_HAS_MIN(FMT) || FMT == FD_Q4_0) {
+                acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[r * nb + b]), acc[r]);
+            }
         }
     }
 }
@@ -940,7 +989,7 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
     const int64_t groups = (N + 15) / 16, nb = K / 32, chunk = fd_chunk(me, groups);
     const int64_t gbytes = nb * I8_BLOCK_BYTES(fmt);
     const size_t scale = FMT_F32_SCALES(fmt) ? 4 : 2; /* bytes of one scale */
-    const int64_t dstride = nb * FMT_SCALES_PER_BLOCK(fmt) * 16, mstride = nb * 16; /* scales per group */
+    const int64_t dstride = nb * FMT_SCALES_PER_BLOCK(fmt) * 16, mstride = nb * FMT_MINS_PER_BLOCK(fmt) * 16;
 #ifdef FD_HAVE_VNNI
     const int vnni = i8_use_vnni();
 #endif
@@ -967,6 +1016,7 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
         case FD_Q4_K: I8_AVX2(FD_Q4_K) break;
         case FD_Q5_K: I8_AVX2(FD_Q5_K) break;
         case FD_Q6_K: I8_AVX2(FD_Q6_K) break;
+        case FD_Q2_K: I8_AVX2(FD_Q2_K) break;
         }
 #undef I8_RUN
 #undef I8_AVX2
@@ -1012,4 +1062,4 @@ int fd_linear_i8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
 
 const char *fd_isa(void) { return FD_ISA; }
 
-int fd_abi_version(void) { return 5; }
+int fd_abi_version(void) { return 7; }

@@ -23,14 +23,16 @@
 #define FD_Q4_K 4
 #define FD_Q5_K 5
 #define FD_Q6_K 6
-#define FD_LAST FD_Q6_K
+#define FD_Q2_K 7
+#define FD_LAST FD_Q2_K
 #define PF_BYTES 8192 /* software prefetch distance in a weight plane */
 
 /* format traits: every branch on them folds away where the format is a compile-time constant */
 #define FMT_F32_SCALES(f) ((f) >= FD_Q4_K)
-#define FMT_HAS_MIN(f) ((f) == FD_Q4_1 || (f) == FD_Q4_K || (f) == FD_Q5_K)
-#define FMT_SCALES_PER_BLOCK(f) ((f) == FD_Q6_K ? 2 : 1)
-#define FMT_QBYTES(f) ((f) == FD_Q4_0 || (f) == FD_Q4_1 || (f) == FD_Q4_K ? 16 : 32)
+#define FMT_HAS_MIN(f) ((f) == FD_Q4_1 || (f) == FD_Q4_K || (f) == FD_Q5_K || (f) == FD_Q2_K)
+#define FMT_SCALES_PER_BLOCK(f) ((f) == FD_Q6_K || (f) == FD_Q2_K ? 2 : 1)
+#define FMT_MINS_PER_BLOCK(f) ((f) == FD_Q2_K ? 2 : 1) /* a min per 16 (Q2_K) or per 32 */
+#define FMT_QBYTES(f) ((f) == FD_Q4_0 || (f) == FD_Q4_1 || (f) == FD_Q4_K || (f) == FD_Q2_K ? 16 : 32)
 
 #define INLINE static inline __attribute__((always_inline))
 

@@ -7,7 +7,7 @@ program loops over K in ``BLOCK_K`` steps with ``tl.range(num_stages=...)``, whi
 the loads of step k + 1 under the math of step k: the paper's double buffering.
 
 Weights: fp32/fp16/bf16 tensors, or a quantized matrix's planes (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
-Q6_K, as layers/quant.py's ``QuantizedTensor`` holds them: any object with ``format``, ``qs``, ``d``
+Q6_K, Q2_K, as layers/quant.py's ``QuantizedTensor`` holds them: any object with ``format``, ``qs``, ``d``
 and ``m``), dequantized in registers right after the load: each weight byte is read once.
 Accumulation is fp32; fp32 operands use IEEE dots (no TF32).
 
@@ -30,8 +30,8 @@ BLOCK_K = 64  # a multiple of 32: whole quantization blocks per step
 NUM_STAGES = 2
 
 # FMT: 0 float; 1 Q4 - 8; 2 Q4 with a minimum; 3 int8; 4 a byte per value with a minimum; 5 int8 with
-# a scale per 16 values
-_FORMATS = {"F": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 2, "Q8_0": 3, "Q5_K": 4, "Q6_K": 5}
+# a scale per 16 values; 6 Q4 with a scale and a minimum per 16 values
+_FORMATS = {"F": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 2, "Q8_0": 3, "Q5_K": 4, "Q6_K": 5, "Q2_K": 6}
 
 
 @triton.jit
@@ -77,7 +77,7 @@ def _flat_gemm_kernel(
             w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
         else:
             blk = offs_k // 32
-            sblk = offs_k // 16 if FMT == 5 else blk
+            sblk = offs_k // 16 if FMT >= 5 else blk
             d = tl.load(D + offs_n[:, None] * stride_dn + sblk[None, :], mask=wmask, other=0.0).to(tl.float32)
             if FMT == 3 or FMT == 5:  # int8 values
                 q = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0)
@@ -95,7 +95,7 @@ def _flat_gemm_kernel(
                 if FMT == 1:
                     w = (q - 8.0) * d
                 else:
-                    mn = tl.load(MIN + offs_n[:, None] * stride_dn + blk[None, :], mask=wmask, other=0.0)
+                    mn = tl.load(MIN + offs_n[:, None] * stride_dn + sblk[None, :], mask=wmask, other=0.0)
                     w = q * d + mn.to(tl.float32)
         if DOT_F32:
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
