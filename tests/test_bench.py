@@ -99,6 +99,16 @@ def test_quick_bench_on_a_tiny_model(tiny_gguf: Path, hf_model) -> None:
         assert 0 < c["decode_fraction"] < 1 and 0 < c["prefill_fraction"] < 1
     table = bench.format_bench_table(result)
     assert "decode tok/s" in table and "% of" in table
+    # peak RSS beside the file and the KV cache: 2 sequences of at most 16 + 4 + 1 = 21 tokens, two
+    # blocks of 16 slots each, every slot 2 (K, V) x layers x KV heads x head_dim elements
+    cfg = json.loads((hf_model("llama") / "config.json").read_text())
+    slot = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * kv_itemsize
+    mem = result["memory"]
+    assert mem["model_file_bytes"] == tiny_gguf.stat().st_size
+    assert mem["kv_cache_bytes"] == 2 * 2 * 16 * slot
+    assert mem["peak_rss_from"] == "engine load" and mem["peak_rss_bytes"] > 0
+    total = mem["model_file_bytes"] + mem["kv_cache_bytes"]
+    assert mem["peak_rss_ratio"] == pytest.approx(mem["peak_rss_bytes"] / total)
     json.dumps(result)  # JSON-able as it is
 
 

@@ -263,6 +263,43 @@ def test_a_native_i8_plan_holds_the_weight_once(native_kernels) -> None:
         assert torch.allclose(lin(x), x @ lin.weight.dequantize(torch.float32).T, rtol=1e-4, atol=1e-3), fmt
 
 
+def test_rows_of_a_released_weight_come_from_the_repack(native_kernels) -> None:
+    """A tied head's embedding lookup (Linear.rows) on a Linear planned on native_i8 alone reads the
+    rows from the repack: the stored weight's rows exactly, and the weight is not rebuilt."""
+    if not native_kernels.has_i8:
+        pytest.skip(f"{native_kernels.isa} build: no int8-activation kernel")
+    for fmt, w in int8_activation_weights():
+        lin = Linear(w)
+        lin.set_plan([(1, "native_i8")])
+        n = w.shape[0]  # rows in the last, zero-padded group of 16 too
+        ids = torch.tensor([[0, n - 1, n // 2], [n // 2, 5, n - 2]])
+        want = w.dequantize(torch.float32)[ids]
+        assert torch.equal(lin.rows(ids, torch.float32), want), fmt
+        assert lin._weight is None, fmt
+        assert torch.equal(Linear(w).rows(ids, torch.float32), want), fmt  # from the stored planes
+
+
+def test_a_tied_head_holds_the_embedding_once(gguf_model, native_kernels) -> None:
+    """A tied Q8_0 model with every projection on native_i8 (what numerics="auto" runs) holds each
+    GGUF tensor's bytes once (gguf-py's sizes; rope_freqs becomes the RoPE tables): the embedding
+    matrix is the head's repack alone, and the lookup reads it there."""
+    if not native_kernels.has_i8:
+        pytest.skip(f"{native_kernels.isa} build: no int8-activation kernel")
+    from flashdecode.engine.numerics import use_int8_activations
+    from flashdecode.models.decoder import Decoder
+    from flashdecode.models.loader import load_model
+    from flashdecode.tools.bench import resident_tensor_bytes
+
+    path = gguf_model("llama3", "Q8_0")
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path).tensors}
+    assert "output.weight" not in tensors and "token_embd.weight" in tensors  # tied
+    model = Decoder(load_model(str(path)), torch.float32)
+    use_int8_activations(model)
+    held = resident_tensor_bytes(model) - resident_tensor_bytes(model.rope)
+    assert held == sum(n for name, n in tensors.items() if name != "rope_freqs.weight")
+    assert model.lm_head._weight is None
+
+
 def test_an_input_of_the_wrong_width_is_refused() -> None:
     lin = Linear(quantize(torch.randn(32, 64), "Q8_0"))
     configure([lin], "auto")

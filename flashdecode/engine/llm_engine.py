@@ -21,6 +21,7 @@ from ..models.loader import load_model, resolve_model_path
 from ..models.weights import LoadedModel
 from ..outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
+from ..utils.cpuinfo import release_freed_memory
 from .block_manager import BlockManager
 from .detokenizer import append_new_text, find_stop_string
 from .model_runner import ModelRunner
@@ -146,6 +147,7 @@ class LLMEngine:
                 )
             draft_kv_dtype = draft_numerics.kv_cache_dtype
             draft_bytes = kv_bytes_per_token(draft, draft_kv_dtype)
+        release_freed_memory()  # the load's temporaries are freed; their pages need not stay resident
         try:
             self.cache = worker.allocate_cache(draft_bytes)
         except BaseException:

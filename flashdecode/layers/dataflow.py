@@ -115,6 +115,9 @@ class ShapeResult:
     times: dict[str, dict[int, float]]  # candidate -> M -> seconds
     crossovers: list[int]  # M at which the plan switches kernel
     allow_approx: bool = False
+    # why the tuner's measurements of this shape never settled (then the plan is empty: the shape
+    # keeps the default plan); "" when they did
+    unsettled: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -122,6 +125,7 @@ class ShapeResult:
             "times": {c: {str(m): t for m, t in sorted(ts.items())} for c, ts in self.times.items()},
             "crossovers": self.crossovers,
             "allow_approx": self.allow_approx,
+            "unsettled": self.unsettled,
         }
 
     @classmethod
@@ -131,6 +135,7 @@ class ShapeResult:
             times={c: {int(m): float(t) for m, t in ts.items()} for c, ts in data.get("times", {}).items()},
             crossovers=[int(m) for m in data.get("crossovers", [])],
             allow_approx=bool(data.get("allow_approx", False)),
+            unsettled=str(data.get("unsettled", "")),
         )
 
 

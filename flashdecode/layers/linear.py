@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels import cpu
+from ..kernels import cpu, reference
 from ..kernels import triton as triton_kernels
 from ..kernels.formats import I8_FORMATS, NATIVE_FORMATS, canonical
 from .device import BACKENDS
@@ -130,6 +130,33 @@ class Linear:
             assert self._i8 is not None  # release drops the weight only while the repack is held
             self._weight = QuantizedTensor(self.format, *cpu.unpack_i8(self.format, self._i8, self.shape[0]))
         return self._weight
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``W[ids]`` as ``dtype`` (a tied head's embedding lookup, so that the matrix is held
+        once): from the stored weight, or, where ``release`` dropped it, read from the repack in place
+        (``_i8_rows``), without rebuilding (and holding) the whole weight."""
+        w = self._weight
+        if isinstance(w, QuantizedTensor):
+            return w.rows(ids, dtype)
+        if w is not None:
+            return F.embedding(ids, w).to(dtype)
+        flat = ids.reshape(-1).long()
+        rows = reference.dequantize(self.format, *self._i8_rows(flat))
+        return rows.to(dtype).reshape(*ids.shape, self.in_features)
+
+    def _i8_rows(self, flat: torch.Tensor) -> reference.Planes:
+        """The planes of rows ``flat`` from the repack (kernels/cpu/build.py repack_i8): row i is row
+        i % 16 of group i // 16. A byte per value: its 8 vectors of 4 bytes are the row's values in
+        order; the nibble layouts are unpacked a group at a time."""
+        q, d, m = self._i8
+        group, row = flat // 16, flat % 16
+        if self.format in ("Q8_0", "Q6_K"):
+            qs = q[group, :, :, row, :].reshape(len(flat), q.shape[1], -1)
+            return qs, d[group, :, :, row].reshape(len(flat), -1), None if m is None else m[group, :, row]
+        packed = (q[group], d[group], None if m is None else m[group])
+        qs, ds, ms = cpu.unpack_i8(self.format, packed, 16 * len(flat))
+        pick = torch.arange(len(flat)) * 16 + row
+        return qs[pick], ds[pick], None if ms is None else ms[pick]
 
     @property
     def out_features(self) -> int:

@@ -231,7 +231,10 @@ class Decoder:
         self.spec = spec
         self.dtype = dtype
         self.device = device
-        self.embed = w["embed"]
+        # a tied head's Linear holds the embedding matrix, in whichever layout its plan keeps, and
+        # the lookup reads rows from it (Linear.rows): the matrix is held once
+        tied = spec.tie_embeddings
+        self.embed = None if tied else w["embed"]
         # Gemma: sqrt(hidden) rounded to the activations' dtype, as transformers multiplies
         self.embed_scale = None
         if spec.family.gemma_norms:
@@ -247,7 +250,7 @@ class Decoder:
         if "project_in" in w:
             self.project_in = Linear(w["project_in"], backend=device.backend)
             self.project_out = Linear(w["project_out"], backend=device.backend)
-        self.lm_head = Linear(self.embed if spec.tie_embeddings else w["lm_head"], backend=device.backend)
+        self.lm_head = Linear(w["embed"] if tied else w["lm_head"], backend=device.backend)
         self.softmax: SoftmaxPolicy | None = None  # None: exact attention (layers/attention.py)
         # every projection's kernel per M: the tuned table, the default plan, or one static kernel
         self.dataflow = configure(self.linears(), dataflow, table)
@@ -258,6 +261,8 @@ class Decoder:
             self.native = NativeDecode(spec, self.layers, self.norm, self.rope, dtype, self.rope_local)
 
     def _embed_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embed is None:  # tied: the head's matrix
+            return self.lm_head.rows(ids, self.dtype)
         if isinstance(self.embed, QuantizedTensor):
             return self.embed.rows(ids, self.dtype)
         return F.embedding(ids, self.embed)

@@ -30,8 +30,9 @@ from ..entrypoints.cli import add_speculative_arg, add_tensor_parallel_arg
 from ..entrypoints.llm import LLM
 from ..errors import FlashDecodeError
 from ..kernels.cpu.decode import DecodeStep
+from ..models.loader import resolve_model_path
 from ..sampling_params import SamplingParams
-from ..utils.cpuinfo import cpu_model, physical_cores
+from ..utils.cpuinfo import cpu_model, peak_rss_bytes, physical_cores, reset_peak_rss
 from ..utils.formatting import fmt_bytes, format_table, parse_int_list
 from ..utils.paths import write_report
 from .roofline import Ceilings, machine_ceilings, model_cost_for_engine
@@ -209,12 +210,15 @@ def run_bench(
 ) -> dict[str, Any]:
     """Every cell of ``config`` (interleaved over repetitions); returns the JSON-able result."""
 
+    # a missing model fails here, before any probe
+    file_bytes = model_file_bytes(config.model if engine is None else engine.config.model)
+    if ceilings is None:  # before the engine: the bandwidth probe's buffer is not the engine's memory
+        ceilings = machine_ceilings(config.num_threads or physical_cores(), fresh_bandwidth=True)
+    peak_since_load = reset_peak_rss()
     load_start = time.perf_counter()
     engine = engine if engine is not None else make_engine(config)
     load_s = time.perf_counter() - load_start
     threads = torch.get_num_threads()
-    if ceilings is None:
-        ceilings = machine_ceilings(threads, fresh_bandwidth=True)
     cost = model_cost_for_engine(engine)
     compute = cost.compute_dtype()
     rng = random.Random(config.seed)
@@ -237,6 +241,7 @@ def run_bench(
     finally:
         if bar is not None:
             bar.close()
+    memory = memory_summary(engine, file_bytes, peak_rss_bytes(), peak_since_load)
     return {
         "model": {
             "source": engine.config.model or "embedded SmolLM2-135M-Instruct Q4_1",
@@ -255,6 +260,7 @@ def run_bench(
             "resident_weight_bytes": resident_tensor_bytes(engine.model),
             "speculative": _speculative_summary(engine),
         },
+        "memory": memory,
         "machine": {"cpu": cpu_model(), "physical_cores": physical_cores()},
         "ceilings": ceilings.to_json(),
         "compute": compute,
@@ -276,6 +282,29 @@ def _speculative_summary(engine: Any) -> dict[str, Any] | None:
         "num_accepted_tokens": s.spec_num_accepted_tokens,
         "acceptance_rate": s.spec_acceptance_rate,
         "mean_accepted_length": s.spec_mean_accepted_length,
+    }
+
+
+def model_file_bytes(model: str | None) -> int:
+    """Bytes of the model's weight files: the GGUF file, or a folder's safetensors files."""
+    path = resolve_model_path(model)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def memory_summary(engine: Any, file_bytes: int, peak_rss: int, since_load: bool) -> dict[str, Any]:
+    """The process's peak RSS beside what it must hold: the weight files (``file_bytes``) and the KV
+    cache's storage (issue 15's ratio). ``since_load``: the peak counts from just before the engine
+    was built (else from the process's start, the bandwidth probe's buffer too)."""
+    cache = engine.cache
+    kv_bytes = cache.bytes_per_slot * cache.kv.shape[1]
+    return {
+        "peak_rss_bytes": peak_rss,
+        "peak_rss_from": "engine load" if since_load else "process start",
+        "model_file_bytes": file_bytes,
+        "kv_cache_bytes": kv_bytes,
+        "peak_rss_ratio": peak_rss / (file_bytes + kv_bytes),
     }
 
 
@@ -336,7 +365,7 @@ def format_bench_table(result: dict[str, Any]) -> str:
 
 
 def describe_result(result: dict[str, Any]) -> str:
-    m, e, c = result["model"], result["engine"], result["ceilings"]
+    m, e, c, mem = result["model"], result["engine"], result["ceilings"], result["memory"]
     peak = Ceilings(**c).peak(result["compute"]) / 1e9
     return (
         f"model: {m['source']} ({m['architecture']}, {m['parameters']:,} parameters; "
@@ -344,6 +373,9 @@ def describe_result(result: dict[str, Any]) -> str:
         f"engine: compute {e['dtype']}, {e['threads']} threads, loaded in {e['load_s']:.1f} s, "
         f"holds {fmt_bytes(e['resident_weight_bytes'])} of tensors; stored weights read per step "
         f"{fmt_bytes(m['weight_bytes_per_step'])}\n"
+        f"memory: peak RSS {fmt_bytes(mem['peak_rss_bytes'])} (from {mem['peak_rss_from']}) = "
+        f"{mem['peak_rss_ratio']:.2f}x (model file {fmt_bytes(mem['model_file_bytes'])} + KV cache "
+        f"{fmt_bytes(mem['kv_cache_bytes'])})\n"
         f"machine: {result['machine']['cpu']}; memory bandwidth {c['bandwidth'] / 1e9:.1f} GB/s measured in "
         f"this process; matmul ceiling {result['compute']} {peak:,.0f} GFLOP/s"
     )

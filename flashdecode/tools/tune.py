@@ -6,7 +6,11 @@ with cold weights: each call runs on the next of several copies of the weight wh
 at least twice the last-level cache, so every call streams its weights from memory as decoding
 does. Candidates are interleaved round-robin, so drift and load from other processes hit all candidates
 alike, and each time is the median of the faster half of its samples (``robust_time``); the grid
-points next to a change of winner are measured again before a crossover is accepted. A candidate
+points next to a change of winner are measured again before a crossover is accepted. A measurement
+that looks disturbed (``disturbance``: its faster half of repeats disagree, or its time is far above
+the roofline bound of the weight's bytes and FLOPs without a second measurement agreeing) is
+measured again, up to ``MAX_REMEASURES`` times; a shape whose measurements never settle keeps the
+default plan, and the table records why (``ShapeResult.unsettled``). A candidate
 far slower than the best is dropped for larger M (the answer is clear there); where the winner
 changes between two grid points the gap is bisected to find the crossover. The result, per shape,
 is a ``Plan``: the winner per M range.
@@ -55,10 +59,16 @@ from ..models.decoder import Decoder
 from ..models.loader import load_model
 from ..sampling_params import SamplingParams
 from ..utils.cpuinfo import last_level_cache_bytes, physical_cores
+from .roofline import Ceilings, StepCost, machine_ceilings
 
 M_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 DROP_FACTOR = 4.0  # a candidate this many times slower than the best is not measured at larger M
 HYSTERESIS = 0.03  # keep the previous winner while it is within 3% of the best (fewer noisy switches)
+# interference detection: the faster half of a measurement's repeats may spread by this much, and a
+# time this many times the roofline bound needs a second measurement that agrees (within the spread)
+SPREAD_TOLERANCE = 0.25
+ROOFLINE_FACTOR = 8.0
+MAX_REMEASURES = 3
 
 # --- measuring ----------------------------------------------------------------------------------------
 
@@ -101,6 +111,60 @@ def robust_time(samples: list[float]) -> float:
     so the slow half is where the noise is; on a quiet machine this is the median."""
     ordered = sorted(samples)
     return statistics.median(ordered[: (len(ordered) + 1) // 2])
+
+
+def disturbance(samples: list[float], bound: float | None, earlier: float | None = None) -> str | None:
+    """Why a candidate's samples at one M look disturbed by other processes, or None: the faster half
+    of its repeats disagree by more than ``SPREAD_TOLERANCE`` (load came and went during it), or its
+    time is more than ``ROOFLINE_FACTOR`` times the roofline ``bound`` and ``earlier`` (its previous
+    measurement, if any) does not agree with it. A kernel that is really that slow is slow again when
+    measured again; load does not repeat itself so exactly."""
+    fast = sorted(samples)[: (len(samples) + 1) // 2]
+    if fast[-1] > fast[0] * (1 + SPREAD_TOLERANCE):
+        return f"repeats disagree ({fast[0] * 1e6:.1f}-{fast[-1] * 1e6:.1f} us in the faster half)"
+    t = robust_time(samples)
+    if bound is None or t <= ROOFLINE_FACTOR * bound:
+        return None
+    if earlier is not None and abs(t - earlier) <= SPREAD_TOLERANCE * min(t, earlier):
+        return None
+    return f"{t * 1e6:.1f} us, {t / bound:.0f}x the roofline bound, not reproduced"
+
+
+def roofline_bound(linear: Linear, m: int, ceilings: Ceilings) -> float:
+    """The least time ``linear`` can take at M = ``m`` on this machine: read the stored weight and the
+    activations, write the output, and do 2 M N K FLOPs at the matmul ceiling of its format."""
+    n, k = linear.out_features, linear.in_features
+    elem = torch.empty((), dtype=linear.compute_dtype).element_size()
+    cost = StepCost(
+        tokens=m,
+        flops=2.0 * m * n * k,
+        weight_bytes=weight_bytes(linear),
+        kv_read_bytes=0.0,
+        kv_write_bytes=0.0,
+        activation_bytes=m * (n + k) * elem,
+    )
+    compute = "int8" if linear.quantized else "bf16" if linear.format == "BF16" else "fp32"
+    return cost.time_bound(ceilings, compute)
+
+
+class Unsettled(Exception):
+    """A shape's measurements stayed disturbed after ``MAX_REMEASURES`` re-measurements."""
+
+
+def measure_settled(
+    measure: Callable[[], dict[str, list[float]]], bound: float | None, max_remeasures: int = MAX_REMEASURES
+) -> dict[str, list[float]]:
+    """``measure()`` (candidate -> samples, interleaved), repeated while any candidate's samples are
+    disturbed (``disturbance``), every candidate again so that they stay interleaved; the first
+    measurement in which none is. Raises ``Unsettled`` with the reasons when none settles."""
+    earlier: dict[str, float] = {}
+    for _ in range(1 + max_remeasures):
+        got = measure()
+        why = {n: r for n, ts in got.items() if (r := disturbance(ts, bound, earlier.get(n))) is not None}
+        if not why:
+            return got
+        earlier = {n: robust_time(ts) for n, ts in got.items()}
+    raise Unsettled("; ".join(f"{n}: {r}" for n, r in sorted(why.items())))
 
 
 def measure_samples(
@@ -184,8 +248,12 @@ def tune_linear(
     min_reps: int = 5,
     refine: bool = True,
     progress: Callable[[], None] | None = None,
+    ceilings: Ceilings | None = None,
 ) -> ShapeResult:
-    """Time every candidate of ``linear`` over ``m_grid``, bisect the crossovers, return the plan."""
+    """Time every candidate of ``linear`` over ``m_grid``, bisect the crossovers, return the plan.
+    ``ceilings``: the machine's roofline figures, whose bounds tell which times are implausibly slow
+    (``disturbance``); without them only disagreeing repeats count as disturbed. Where the
+    measurements never settle, the result has no plan (the default plan stays) and says why."""
     rotate = 2 * last_level_cache_bytes() if rotate_bytes is None else rotate_bytes
     names = linear.candidates(allow_approx=allow_approx)
     runner = ColdRunner(linear, rotate)
@@ -198,7 +266,16 @@ def tune_linear(
     live = list(names)
 
     def run(m: int, cands: list[str]) -> dict[str, float]:
-        got = measure_samples({c: fns[c] for c in cands}, xs[:m], min_reps=min_reps, budget_s=budget_s)
+        bound = None if ceilings is None else roofline_bound(linear, m, ceilings)
+        try:
+            got = measure_settled(
+                lambda: measure_samples(
+                    {c: fns[c] for c in cands}, xs[:m], min_reps=min_reps, budget_s=budget_s
+                ),
+                bound,
+            )
+        except Unsettled as exc:
+            raise Unsettled(f"M={m}: {exc}") from None
         for name, ts in got.items():
             samples[name].setdefault(m, []).extend(ts)
         return {name: robust_time(samples[name][m]) for name in cands}
@@ -213,7 +290,8 @@ def tune_linear(
             previous = out[m] = _winner(got, previous)
         return out
 
-    with torch.inference_mode():
+    def search() -> None:
+        nonlocal live
         previous = None
         for m in sorted(m_grid):
             got = run(m, live)
@@ -252,6 +330,12 @@ def tune_linear(
                         lo = mid
                     else:
                         hi = mid
+
+    with torch.inference_mode():
+        try:
+            search()
+        except Unsettled as exc:
+            return ShapeResult(plan=[], times=times(), crossovers=[], unsettled=str(exc))
     return result_from_times(times())
 
 
@@ -304,6 +388,7 @@ def tune_model(
     decoder = Decoder(loaded, dtype, dataflow="off", quantization=quantization)
     shapes = distinct_linears(decoder.linears())
     grid = (1, 4, 16, 64) if quick else M_GRID
+    ceilings = machine_ceilings(threads)
     fp = fingerprint(threads)
     table = DataflowTable.load(table_path(fp)) if save else None
     if table is None or table.fingerprint != fp:
@@ -324,6 +409,7 @@ def tune_model(
                 rotate_bytes=(8 << 20) if quick else None,
                 refine=not quick,
                 progress=None if bar is None else (lambda: bar.update(1)),
+                ceilings=ceilings,
             )
             table.shapes[key] = result
     finally:
@@ -340,7 +426,7 @@ def tune_model(
         table.gates[source] = gate
         failed = [n for n in approx if n not in gate["allowed"]]
         for key in shapes:
-            if failed:
+            if failed and not table.shapes[key].unsettled:
                 table.shapes[key] = result_from_times(table.shapes[key].times, exclude=failed)
         log(
             f"perplexity gate (held-out text, {gate['tokens']} tokens): exact {gate['exact']:.4f}; "
@@ -361,8 +447,11 @@ def tune_model(
         table.models.pop(source, None)
     path = table.save() if save else None
     for key in shapes:
-        plan = table.shapes[key].plan if key in table.shapes else "default plan"
-        log(f"{key:>22}  {plan if isinstance(plan, str) else format_plan(plan)}")
+        entry = table.shapes.get(key)
+        plan = "default plan" if entry is None else format_plan(entry.plan)
+        if entry is not None and entry.unsettled:
+            plan = f"default plan (measurements never settled: {entry.unsettled})"
+        log(f"{key:>22}  {plan}")
     return table, path
 
 

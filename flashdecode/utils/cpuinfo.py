@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import resource
 from pathlib import Path
 
 
@@ -51,6 +53,40 @@ def available_memory_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak resident set size afresh at its current size (Linux: writing 5 to
+    /proc/self/clear_refs); False where that cannot be done (``peak_rss_bytes`` then counts from the
+    process's start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim): loading a model frees large
+    temporaries that the allocator would otherwise keep resident for the process's life. Nothing to
+    do without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set size of this process (since ``reset_peak_rss``): VmHWM, else getrusage."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def last_level_cache_bytes() -> int:
