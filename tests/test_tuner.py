@@ -135,9 +135,24 @@ def test_embedded_model_greedy_text_is_the_same_with_any_table() -> None:
     assert off == default == mixed
 
 
+def seed_ceilings(threads: int) -> None:
+    """This machine's ceilings as `flashdecode roofline` caches them, so that ``tune`` does not probe
+    them (bf16 matmuls take minutes on a CPU without bf16 instructions): the roofline bounds the
+    tuner's interference detection uses, figures of a plausible CPU."""
+    from flashdecode.tools import roofline
+    from flashdecode.utils.paths import cache_dir, write_json
+
+    entry = {"bandwidth": 30e9, "flops": {"fp32": 2e11, "bf16": 7e11, "int8": 1.4e12}, "measured_at": "t"}
+    write_json(
+        cache_dir() / roofline.CACHE_FILE,
+        {"version": roofline.CACHE_VERSION, roofline._cache_key(threads): entry},
+    )
+
+
 def test_tune_command(isolated_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from flashdecode.cli import main
 
+    seed_ceilings(1)
     assert main(["tune", "--quick", "--no-progress", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "Q8_0:49152x576" in out and "table:" in out
@@ -516,14 +531,8 @@ def test_tune_beside_a_busy_process_writes_no_table_that_loses(
     table whose plans differ from the default is measured against it again by the same interleaved
     gate, and must not lose (a second re-check is allowed before failing: one noisy re-check of a
     table that is as fast as the default can fall either side of the tolerance)."""
-    from flashdecode.tools import roofline
-    from flashdecode.utils.paths import cache_dir, write_json
-
-    # this machine's ceilings as `flashdecode roofline` caches them (probing matmuls beside the
-    # spinner would take minutes): the roofline bounds the tuner's interference detection uses
-    entry = {"bandwidth": 30e9, "flops": {"fp32": 2e11, "bf16": 7e11, "int8": 1.4e12}, "measured_at": "t"}
-    ceilings = {"version": roofline.CACHE_VERSION, roofline._cache_key(2): entry}
-    write_json(cache_dir() / roofline.CACHE_FILE, ceilings)
+    # probing matmuls beside the spinner would take minutes
+    seed_ceilings(2)
     model = str(gguf_model("llama", "Q4_0"))
     _, path = tuner.tune_model(model, num_threads=2, quick=True, progress=False, log=lambda line: None)
     busy_cores()

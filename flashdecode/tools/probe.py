@@ -79,6 +79,10 @@ def measure_matmul_flops(
             except (RuntimeError, NotImplementedError):
                 return best
             best = max(best, 2 * n**3 / seconds)
+            if seconds > min_time:
+                # larger sizes only keep fast units busy; one this slow (bf16 emulated where the CPU
+                # has no bf16 instructions) is measured already, and a larger product costs minutes
+                break
     return best
 
 
