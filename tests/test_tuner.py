@@ -30,7 +30,10 @@ def small_linear(fmt: str = "Q4_1", n: int = 48, k: int = 64) -> Linear:
     return Linear(quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(0)), fmt))
 
 
-def test_tune_linear_and_table_round_trip(isolated_cache: Path) -> None:
+def test_tune_linear_and_table_round_trip(isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # microsecond calls on a 5 ms budget spread beyond the interference rule's tolerance on any busy
+    # machine; that rule has tests of its own, this one is about the plan and the table's round trip
+    monkeypatch.setattr(tuner, "SPREAD_TOLERANCE", 1e9)
     lin = small_linear()
     result = tuner.tune_linear(lin, m_grid=(1, 2, 4, 8), budget_s=0.005, min_reps=2, rotate_bytes=1 << 20)
     assert result.plan[0][0] == 1
