@@ -8,7 +8,6 @@ holds exactly what the target's does (prefix-cache hits and recomputes after pre
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from test_speculative import (
     _staggered,
     _tokens,
     _top_k_probs,
+    run_pool_traffic,
 )
 
 from flashdecode import LLM, SamplingParams
@@ -264,32 +264,10 @@ def pool_engine(models: dict[str, Path]) -> LLMEngine:
     return engine
 
 
-_POOL_IDS = itertools.count()
-
-
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=_OPS)
 def test_block_pool_invariants_under_random_add_and_abort(pool_engine: LLMEngine, ops: list[tuple]) -> None:
-    engine = pool_engine
-    prompts = [p["prompt_token_ids"] for p in _repeating_prompts(512)]
-    live: list[str] = []
-    for kind, a, b in ops:
-        if kind == "add":
-            request_id = f"pool-{next(_POOL_IDS)}"
-            params = SamplingParams(temperature=0.7 if a % 2 else 0, max_tokens=b, ignore_eos=True, seed=a)
-            engine.add_request(request_id, {"prompt_token_ids": prompts[a][:20]}, params)
-            live.append(request_id)
-        elif kind == "abort" and live:
-            engine.abort(live.pop(a % len(live)))
-        else:
-            for _ in range(a):
-                engine.step()
-                _check_pool(engine)
-        _check_pool(engine)
-    for request_id in live:
-        engine.abort(request_id)
-    _check_pool(engine)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    run_pool_traffic(pool_engine, ops)
 
 
 def test_preempted_sequences_draft_as_well_after_their_recompute(pool_engine: LLMEngine) -> None:

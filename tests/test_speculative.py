@@ -537,7 +537,12 @@ _OPS = st.lists(
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=_OPS)
 def test_block_pool_invariants_under_random_add_and_abort(pool_engine: LLMEngine, ops: list[tuple]) -> None:
-    engine = pool_engine
+    run_pool_traffic(pool_engine, ops)
+
+
+def run_pool_traffic(engine: LLMEngine, ops: list[tuple]) -> None:
+    """Adds (greedy and seeded sampled), aborts and steps as ``ops`` say, checking the block pool's
+    invariants after each; at the end every block is free again."""
     prompts = [p["prompt_token_ids"] for p in _repeating_prompts(512)]
     live: list[str] = []
     for kind, a, b in ops:
