@@ -51,7 +51,8 @@ def assert_same_logprobs(la: dict, lb: dict, tol: float) -> None:
         by_rank = {p.rank: p for p in other.values()}
         for tok in mine.keys() - other.keys():
             rival = by_rank.get(mine[tok].rank)
-            assert rival is not None and abs(mine[tok].logprob - rival.logprob) <= tol, (tok, mine[tok], other)
+            assert rival is not None, (tok, mine[tok], other)
+            assert abs(mine[tok].logprob - rival.logprob) <= tol, (tok, mine[tok], rival)
 
 
 def assert_same(native: list, python: list, tol: float) -> None:
