@@ -354,38 +354,42 @@ static void kv_block(const fd_model *M, int64_t layer, const int64_t *slots, int
     }
 }
 
+/* t[c] = q . r[c] for four rows of D floats */
+INLINE void dot4(const float *q, const float *const *r, int64_t D, float *t) {
+    int64_t d = 0;
+#if defined(__AVX2__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const float *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3];
+    for (; d + 8 <= D; d += 8) {
+        const __m256 x = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r0 + d), a0);
+        a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r1 + d), a1);
+        a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r2 + d), a2);
+        a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r3 + d), a3);
+    }
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    _mm_storeu_ps(t, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#else
+    t[0] = t[1] = t[2] = t[3] = 0.0f;
+#endif
+    for (; d < D; d++)
+        for (int c = 0; c < 4; c++) t[c] += q[d] * r[c][d];
+}
+
 /* s[b] = scale * q . k[b] for the nk <= KV_BLOCK rows of a block. Each key's sum runs in the same order
  * wherever it falls in the block (a short block repeats its last row), so its score has the same bits
  * in any step: a row's attention must not depend on the other rows beside it (PART_KEYS). */
-static void block_scores(const float *q, const float **k, int nk, int64_t D, float scale, float *s) {
+INLINE void block_scores(const float *q, const float **k, int nk, int64_t D, float scale, float *s) {
     const float *r[KV_BLOCK];
+    float t[KV_BLOCK];
     for (int b = 0; b < KV_BLOCK; b++) r[b] = k[b < nk ? b : nk - 1];
-    for (int b = 0; b < nk; b += 4) {
-        float t[4];
-        int64_t d = 0;
-#if defined(__AVX2__)
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (; d + 8 <= D; d += 8) {
-            const __m256 x = _mm256_loadu_ps(q + d);
-            a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[b] + d), a0);
-            a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[b + 1] + d), a1);
-            a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[b + 2] + d), a2);
-            a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[b + 3] + d), a3);
-        }
-        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-        _mm_storeu_ps(t, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-#else
-        t[0] = t[1] = t[2] = t[3] = 0.0f;
-#endif
-        for (int c = 0; c < 4; c++) {
-            for (int64_t e = d; e < D; e++) t[c] += q[e] * r[b + c][e];
-            if (b + c < nk) s[b + c] = t[c] * scale;
-        }
-    }
+    dot4(q, r, D, t);
+    if (nk > 4) dot4(q, r + 4, D, t + 4);
+    for (int b = 0; b < nk; b++) s[b] = t[b] * scale;
 }
 
 /* y += sum_b p[b] v[b] over the rows [b0, b1) of a block, key after key as axpy would */
-static void block_axpy(float *y, const float *p, const float **v, int b0, int b1, int64_t D) {
+INLINE void block_axpy(float *y, const float *p, const float **v, int b0, int b1, int64_t D) {
     int64_t d = 0;
 #if defined(__AVX2__)
     for (; d + 32 <= D; d += 32) {
