@@ -179,7 +179,7 @@ def resolve(
     group: ParallelGroup | None = None,
 ) -> Numerics:
     """What ``mode`` means for this model; the plans of ``model`` are set to match. ``group``: the
-    tensor-parallel group, whose ranks decide alike."""
+    group of every rank, whose ranks decide alike."""
     if mode == "exact":
         use_exact_kernels(model)
         return Numerics(False, kv_cache_dtype)

@@ -135,10 +135,10 @@ class Worker:
         table: DataflowTable | None = None,
         group: ParallelGroup | None = None,
     ):
-        """``loaded``: an already loaded model (else ``config.model`` is loaded, this rank's shard of it
-        under tensor parallelism); ``table``: the dataflow table to follow (else, with
-        ``dataflow="auto"``, this machine's from the cache directory); ``group``: the tensor-parallel
-        group this rank belongs to."""
+        """``loaded``: an already loaded model (else ``config.model`` is loaded, this rank's shard of its
+        stage under tensor and pipeline parallelism); ``table``: the dataflow table to follow (else,
+        with ``dataflow="auto"``, this machine's from the cache directory); ``group``: the group of
+        every rank, this rank's among them."""
         self.config, self.group = config, group
         # where the model runs (torch device + kernel backend), resolved once and handed down
         self.device = resolve_device(config.device)

@@ -1,9 +1,9 @@
-"""How the tensor-parallel ranks start: launched by torchrun, or spawned by the engine on one machine.
+"""How the parallel ranks start: launched by torchrun, or spawned by the engine on one machine.
 
 Under ``torchrun`` (its ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_WORLD_SIZE`` and ``MASTER_ADDR`` /
 ``MASTER_PORT`` in the environment) every process runs the same command; rank 0 goes on to be the
 engine and the others become workers here, leaving the process once rank 0 shuts them down. Without
-torchrun the engine spawns ranks 1..T-1 itself (``torch.multiprocessing``, spawn) and meets them on
+torchrun the engine spawns ranks 1..T*P-1 itself (``torch.multiprocessing``, spawn) and meets them on
 a free local port.
 """
 

@@ -1,4 +1,4 @@
-"""What a tensor-parallel rank other than 0 runs: one step per broadcast, until the shutdown."""
+"""What a parallel rank other than 0 runs: one step per broadcast, until the shutdown."""
 
 from __future__ import annotations
 
