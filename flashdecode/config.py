@@ -133,13 +133,19 @@ class EngineConfig:
     # ranks the model is split over (Megatron's tensor parallelism over gloo, engine/parallel/): spawned
     # on this machine, or launched by torchrun; each holds its shard of the weights and KV cache
     tensor_parallel_size: int = 1
+    # contiguous stages of layers (pipeline parallelism, engine/parallel/pipeline.py), each of
+    # tensor_parallel_size ranks: tensor_parallel_size * pipeline_parallel_size ranks in all
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.speculative is not None:
             self.speculative = SpeculativeConfig.of(self.speculative)
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise FlashDecodeError(f"dtype={self.dtype!r}: expected auto or one of {sorted(_DTYPES)}")
-        positive = ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
+        positive = (
+            "kv_block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
+            "pipeline_parallel_size",
+        )  # fmt: skip
         for name in positive + ("max_model_len", "kv_cache_bytes", "num_threads"):
             value = getattr(self, name)
             if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
@@ -159,12 +165,18 @@ class EngineConfig:
             raise FlashDecodeError(f"numerics={self.numerics!r}: expected one of {NUMERICS_MODES}")
         if self.device not in DEVICES:
             raise FlashDecodeError(f"device={self.device!r}: expected one of {DEVICES}")
-        if self.tensor_parallel_size > 1 and self.device != "cpu":
-            raise FlashDecodeError("tensor_parallel_size > 1 runs on device='cpu' (gloo) only for now")
+        if self.world_size > 1 and self.device != "cpu":
+            raise FlashDecodeError(
+                "tensor_parallel_size or pipeline_parallel_size > 1 runs on device='cpu' (gloo) only for now"
+            )
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise FlashDecodeError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r}: expected one of {KV_CACHE_DTYPES}"
             )
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def torch_dtype(self, stored_format: str) -> torch.dtype:
         """The compute dtype, given the storage format of the model's embedding matrix."""

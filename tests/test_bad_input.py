@@ -149,7 +149,7 @@ def test_invalid_engine_options() -> None:
     with pytest.raises(FlashDecodeError, match="max_model_len"):
         LLM(max_model_len=10**6)
     with pytest.raises(FlashDecodeError, match="unknown LLM option"):
-        LLM(pipeline_parallel_size=2)
+        LLM(data_parallel_size=2)
     with pytest.raises(FlashDecodeError, match="dtype"):
         LLM(dtype="int3")
 
@@ -161,6 +161,7 @@ def test_invalid_engine_options() -> None:
         (["generate", "hi", "--temperature", "-1"], "temperature"),
         (["generate", "word " * 300, "--max-model-len", "64"], "max_model_len"),
         (["info", "--model", "/etc"], "config.json"),
+        (["generate", "hi", "--pipeline-parallel-size", "99"], "pipeline_parallel_size=99 exceeds"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(args: list[str], message: str) -> None:

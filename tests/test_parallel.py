@@ -132,3 +132,52 @@ def test_a_worker_that_dies_fails_the_engine(
     with pytest.raises(DistributedError, match="a rank died"):
         llm.generate([PROMPTS[1]], params)
     assert not llm.engine.has_unfinished_requests()  # the failed request was aborted, not left behind
+
+
+@pytest.mark.parametrize(
+    "source, tensor, pipeline", [("hf", 1, 2), ("gguf-Q8_0", 2, 2)], ids=["hf-p2", "gguf-q8_0-t2xp2"]
+)
+def test_pipeline_parallel_matches_one_process(
+    source: str,
+    tensor: int,
+    pipeline: int,
+    hf_model: Callable[..., Path],
+    gguf_model: Callable[..., Path],
+) -> None:
+    """Three layers over two stages (two and one): each stage holds only its layers and their KV
+    cache, rank 0 the embedding and no head; T x P splits each stage's layers over its two ranks."""
+    shape = SHAPE | {"num_key_value_heads": 2, "num_hidden_layers": 3}
+    model = hf_model("llama", **shape) if source == "hf" else gguf_model("llama", "Q8_0", **shape)
+    reference = _outputs(LLM(str(model), **ENGINE))
+    llm = LLM(str(model), tensor_parallel_size=tensor, pipeline_parallel_size=pipeline, **ENGINE)
+    try:
+        _assert_same(reference, _outputs(llm))
+        engine = llm.engine
+        assert engine.stats().prefix_cache_hits > 0
+        assert len(engine.model.layers) == 2 and engine.cache.kv.shape[0] == 2
+        assert engine.model.lm_head is None and engine.model.norm is None
+        assert engine.model.layers[0].qkv.out_features == (4 + 2 * 2) * 16 // tensor
+    finally:
+        llm.engine.shutdown()
+
+
+def test_pipeline_sizes_that_do_not_fit_fail_clearly(hf_model: Callable[..., Path]) -> None:
+    model = hf_model("llama", **SHAPE, num_key_value_heads=1, num_hidden_layers=2)
+    with pytest.raises(FlashDecodeError, match="pipeline_parallel_size=3 exceeds the model's 2 layers"):
+        LLM(str(model), pipeline_parallel_size=3, num_threads=1)
+    with pytest.raises(FlashDecodeError, match="pipeline_parallel_size=0 must be a positive integer"):
+        LLM(str(model), pipeline_parallel_size=0, num_threads=1)
+
+
+def test_a_stage_that_dies_fails_the_engine(hf_model: Callable[..., Path]) -> None:
+    llm = LLM(str(hf_model("llama", **SHAPE, num_key_value_heads=1)), pipeline_parallel_size=2, **ENGINE)
+    try:
+        params = SamplingParams(max_tokens=2, temperature=0.0)
+        assert len(llm.generate([PROMPTS[1]], params)[0].outputs[0].token_ids) == 2
+        os.kill(llm.engine.ranks.workers.pids()[0], signal.SIGKILL)
+        llm.engine.ranks.workers.processes[0].join(10)
+        with pytest.raises(DistributedError, match="a rank died"):
+            llm.generate([PROMPTS[1]], params)
+        assert not llm.engine.has_unfinished_requests()
+    finally:
+        llm.engine.shutdown()

@@ -102,18 +102,22 @@ class LLMEngine:
         """``loaded``: an already loaded model (else ``config.model`` is loaded); ``table``: the dataflow
         table to follow (else, with ``dataflow="auto"``, this machine's from the cache directory)."""
         self.config = config
-        # tensor parallelism: the other ranks (spawned here, or launched by torchrun) run the model
-        # on the step inputs this rank broadcasts; a torchrun rank > 0 never returns from start()
+        # tensor and pipeline parallelism: the other ranks (spawned here, or launched by torchrun) run
+        # the model on the step inputs this rank broadcasts; a torchrun rank > 0 never returns from
+        # start()
         spec_config = config.speculative
         draft_model = spec_config is not None and spec_config.method == "draft"
-        if config.tensor_parallel_size > 1 and draft_model:
+        if config.world_size > 1 and draft_model:
             raise FlashDecodeError(
-                "speculative decoding with a draft model does not run under tensor parallelism yet"
+                "speculative decoding with a draft model does not run under tensor or pipeline "
+                "parallelism yet"
             )
         self.ranks = None
-        if config.tensor_parallel_size > 1:
+        if config.world_size > 1:
             if loaded is not None:
-                raise FlashDecodeError("tensor parallelism loads the model on every rank: give config.model")
+                raise FlashDecodeError(
+                    "tensor and pipeline parallelism load the model on every rank: give config.model"
+                )
             self.ranks = launch.start(config, run_worker)
             atexit.register(self.ranks.shutdown)  # workers end with this process, shut down or not
         group = None if self.ranks is None else self.ranks.group

@@ -14,8 +14,9 @@ KV cache in the same blocks: ``forward`` runs a step's inputs through it for the
 
 Inputs are built in host memory from the sequences' Python lists; on a device elsewhere (``device=
 "cuda"``) they are moved there in one place, and the logits come back to the host for the sampler.
-Under tensor parallelism the inputs are broadcast to the other ranks (engine/parallel/step.py), which
-run ``execute_model`` on them as this rank does.
+Under tensor and pipeline parallelism the inputs are broadcast to the other ranks
+(engine/parallel/step.py), which run ``execute_model`` on them as this rank does (under pipeline
+parallelism, each its stage: engine/parallel/pipeline.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 from ..layers.attention import AttentionMetadata, PrefillSegment
 from ..layers.kv_cache import KVCache
 from ..models.decoder import Decoder
-from .parallel.groups import TPGroup
+from .parallel.groups import ParallelGroup
+from .parallel.pipeline import run_stage
 from .parallel.step import StepInputs, send_step
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -43,8 +45,13 @@ class StepResult:
 
 
 @torch.inference_mode()
-def execute_model(model: Decoder, cache: KVCache, step: StepInputs) -> torch.Tensor:
-    """The logits [rows, vocab] of the step's ``logit_rows`` (every rank runs this on the same inputs)."""
+def execute_model(
+    model: Decoder, cache: KVCache, step: StepInputs, group: ParallelGroup | None = None
+) -> torch.Tensor | None:
+    """The logits [rows, vocab] of the step's ``logit_rows`` (every rank runs this on the same inputs);
+    under pipeline parallelism each rank runs its stage, and only rank 0 gets the logits."""
+    if group is not None and group.pipeline_size > 1:
+        return run_stage(model, cache, step, group)
     hidden = model.forward(step.input_ids, step.positions, cache, step.meta)
     return model.logits(hidden if step.logit_rows is None else hidden[step.logit_rows])
 
@@ -56,7 +63,7 @@ class ModelRunner:
         cache: KVCache,
         block_size: int,
         device: torch.device | str | None = None,
-        group: TPGroup | None = None,
+        group: ParallelGroup | None = None,
     ):
         """``device``: where the model's tensors live (the engine's ``Device.torch``); None or a
         CPU device: nothing moves (resolved here, once: the host's step does no extra work).
@@ -181,7 +188,7 @@ class ModelRunner:
         step = StepInputs(input_ids, positions, meta, logit_rows)
         if self.group is not None:
             send_step(self.group, step)
-        all_logits = execute_model(self.model, self.cache, step)
+        all_logits = execute_model(self.model, self.cache, step, self.group)
         logits = all_logits[: len(sample_rows)]
         prompt_logits, start = [], len(sample_rows)
         for seq, _, first, count in prompt_spans:

@@ -38,7 +38,7 @@ from ..models.loader import resolve_model_path
 from ..models.tokenizer import Tokenizer
 from ..utils.paths import read_json, write_json
 from .calibration import model_cache_dir
-from .parallel.groups import TPGroup
+from .parallel.groups import ParallelGroup
 
 PPL_TOLERANCE = 0.005  # int8 activations and a 16-bit KV cache may raise held-out perplexity by 0.5%
 CHECK_TOKENS = 1024  # held-out tokens the check scores (heldout.txt holds fewer for most tokenizers)
@@ -151,7 +151,7 @@ def shipped_record(path: Path) -> dict[str, Any] | None:
     return record if record and record.get("version") == RECORD_VERSION else None
 
 
-def record_for(model_arg: str | None, measure_now, group: TPGroup | None = None) -> dict[str, Any]:
+def record_for(model_arg: str | None, measure_now, group: ParallelGroup | None = None) -> dict[str, Any]:
     """The check's record for this model: shipped, cached, or measured now (and cached). Under tensor
     parallelism every rank takes rank 0's record, so that either all ranks measure (the check runs
     the model, whose collectives need every rank) or none; rank 0 caches it."""
@@ -176,10 +176,10 @@ def resolve(
     model: Decoder,
     tokenizer: Tokenizer,
     quantized_file: bool,
-    group: TPGroup | None = None,
+    group: ParallelGroup | None = None,
 ) -> Numerics:
     """What ``mode`` means for this model; the plans of ``model`` are set to match. ``group``: the
-    tensor-parallel group, whose ranks decide alike."""
+    group of every rank, whose ranks decide alike."""
     if mode == "exact":
         use_exact_kernels(model)
         return Numerics(False, kv_cache_dtype)

@@ -1,12 +1,15 @@
-"""One rank's model and KV cache, built alike by the engine and by every tensor-parallel worker.
+"""One rank's model and KV cache, built alike by the engine and by every parallel worker.
 
 The engine (rank 0) builds one ``Worker`` beside its scheduler, tokenizer and sampler; under tensor
-parallelism every other rank builds the same from the same ``EngineConfig`` (engine/parallel/), each
-loading only its shard. What must agree across ranks is agreed through the group here: the number of
-KV blocks (the smallest any rank's memory allows) and the numerics record (rank 0's).
+and pipeline parallelism every other rank builds the same from the same ``EngineConfig``
+(engine/parallel/), each loading only its shard of its stage's layers. What must agree across ranks
+is agreed through the group here: the number of KV blocks (the smallest any rank's memory allows)
+and the numerics record (rank 0's).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -17,7 +20,8 @@ from ..layers.dataflow import DataflowTable, load_table
 from ..layers.device import Device, resolve_device
 from ..layers.kv_cache import KVCache
 from ..models.decoder import Decoder
-from ..models.loader import load_model
+from ..models.loader import load_model, model_spec
+from ..models.pipeline_parallel import PPStage, pipeline_stage
 from ..models.spec import ModelSpec
 from ..models.tensor_parallel import TPShard
 from ..models.weights import LoadedModel
@@ -25,7 +29,7 @@ from ..utils.cpuinfo import physical_cores
 from . import numerics
 from .calibration import softmax_policy
 from .model_runner import execute_model
-from .parallel.groups import TPGroup
+from .parallel.groups import ParallelGroup
 from .parallel.worker_loop import serve_steps
 
 
@@ -60,10 +64,11 @@ def build_model(
     table: DataflowTable | None,
     device: Device,
     max_model_len: int,
-    group: TPGroup | None = None,
+    group: ParallelGroup | None = None,
 ) -> tuple[Decoder, numerics.Numerics]:
     """A loaded model's decoder with its softmax policy and numerics (the target's, or a draft's)."""
     triton = device.backend == "triton"
+    tensor_parallel = group is not None and group.tensor_size > 1
     model = Decoder(
         loaded,
         config.torch_dtype(loaded.formats.get("embed", "")),
@@ -72,23 +77,28 @@ def build_model(
         config.quantization,
         device,
         max_model_len=max_model_len,
-        comm=group,
+        comm=group.tensor if tensor_parallel else None,
     )
     quantized_file = config.quantization is None and any(is_quantized(f) for f in loaded.formats.values())
     source = loaded.source or model_arg  # the file the weights came from: what a record is of
     model.softmax = softmax_policy(
         config.softmax, model_arg, loaded.spec.num_layers, "triton" if triton else "auto"
     )
-    # int8 activations and a 16-bit KV cache where the held-out check allows (engine/numerics.py)
+    stage = loaded.stage
+    if stage is not None and len(model.softmax.phi) > 1:  # one phi per layer: the stage's layers'
+        model.softmax = replace(model.softmax, phi=model.softmax.phi[stage.start : stage.end])
+    # int8 activations and a 16-bit KV cache where the held-out check allows (engine/numerics.py);
+    # exact in a pipeline stage, which cannot run the check's whole model alone
+    mode = config.numerics if stage is None else "exact"
     choice = numerics.resolve(
-        config.numerics, config.kv_cache_dtype, source, model, loaded.tokenizer, quantized_file, group
+        mode, config.kv_cache_dtype, source, model, loaded.tokenizer, quantized_file, group
     )
     return model, choice
 
 
 def kv_bytes_per_token(model: Decoder, kv_cache_dtype: str) -> int:
-    s = model.spec  # this rank's heads: the cache is sharded by KV heads
-    return KVCache.bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, model.dtype, kv_cache_dtype)
+    s = model.spec  # this rank's heads and layers: the cache is sharded by KV heads and by stage
+    return KVCache.bytes_per_token(len(model.layers), s.num_kv_heads, s.head_dim, model.dtype, kv_cache_dtype)
 
 
 def kv_cache(
@@ -96,7 +106,7 @@ def kv_cache(
 ) -> KVCache:
     s = model.spec
     return KVCache(
-        s.num_layers,
+        len(model.layers),
         num_blocks * block_size,
         s.num_kv_heads,
         s.head_dim,
@@ -106,18 +116,29 @@ def kv_cache(
     )
 
 
+def _rank_part(config: EngineConfig, group: ParallelGroup | None) -> tuple[TPShard | None, PPStage | None]:
+    """The tensor shard and the pipeline stage of the model this rank holds (None: the whole)."""
+    if group is None:
+        return None, None
+    shard = TPShard(group.tensor.rank, group.tensor_size) if group.tensor_size > 1 else None
+    stage = None
+    if group.pipeline_size > 1:
+        stage = pipeline_stage(model_spec(config.model), group.stage, group.pipeline_size)
+    return shard, stage
+
+
 class Worker:
     def __init__(
         self,
         config: EngineConfig,
         loaded: LoadedModel | None = None,
         table: DataflowTable | None = None,
-        group: TPGroup | None = None,
+        group: ParallelGroup | None = None,
     ):
-        """``loaded``: an already loaded model (else ``config.model`` is loaded, this rank's shard of it
-        under tensor parallelism); ``table``: the dataflow table to follow (else, with
-        ``dataflow="auto"``, this machine's from the cache directory); ``group``: the tensor-parallel
-        group this rank belongs to."""
+        """``loaded``: an already loaded model (else ``config.model`` is loaded, this rank's shard of its
+        stage under tensor and pipeline parallelism); ``table``: the dataflow table to follow (else,
+        with ``dataflow="auto"``, this machine's from the cache directory); ``group``: the group of
+        every rank, this rank's among them."""
         self.config, self.group = config, group
         # where the model runs (torch device + kernel backend), resolved once and handed down
         self.device = resolve_device(config.device)
@@ -125,8 +146,7 @@ class Worker:
         ranks_here = 1 if group is None else group.local_size
         torch.set_num_threads(config.num_threads or max(1, physical_cores() // ranks_here))
         if loaded is None:
-            shard = None if group is None else TPShard(group.rank, group.world_size)
-            loaded = load_model(config.model, shard)
+            loaded = load_model(config.model, *_rank_part(config, group))
         self.tokenizer = loaded.tokenizer
         self.spec = loaded.spec
         self.formats = loaded.formats
@@ -180,9 +200,9 @@ class Worker:
         return blocks
 
 
-def run_worker(config: EngineConfig, group: TPGroup) -> None:
-    """A tensor-parallel rank other than 0: its ``Worker`` built as rank 0 builds its own, then
+def run_worker(config: EngineConfig, group: ParallelGroup) -> None:
+    """A rank other than 0: its ``Worker`` built as rank 0 builds its own, then
     every step rank 0 broadcasts run on it until the shutdown."""
     worker = Worker(config, group=group)
     worker.allocate_cache()
-    serve_steps(group, lambda step: execute_model(worker.model, worker.cache, step))
+    serve_steps(group, lambda step: execute_model(worker.model, worker.cache, step, group))

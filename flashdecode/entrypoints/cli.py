@@ -66,10 +66,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="KV cache storage: auto (per --numerics), f16, bf16, int8 (per-token scales)",
     )
     add_speculative_arg(p)
-    add_tensor_parallel_arg(p)
+    add_parallel_args(p)
 
 
-def add_tensor_parallel_arg(p: argparse.ArgumentParser) -> None:
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tensor-parallel-size",
         type=int,
@@ -78,6 +78,14 @@ def add_tensor_parallel_arg(p: argparse.ArgumentParser) -> None:
         help="split the model over T ranks (tensor parallelism over gloo): spawned on this machine, or "
         "the ranks torchrun launched (torchrun --nproc-per-node T -m flashdecode ...); each rank "
         "defaults to its share of the machine's cores",
+    )
+    p.add_argument(
+        "--pipeline-parallel-size",
+        type=int,
+        default=1,
+        metavar="P",
+        help="split the model's layers into P contiguous stages (pipeline parallelism over gloo), each "
+        "of T ranks: T * P ranks in all (torchrun --nproc-per-node T*P)",
     )
 
 
@@ -145,6 +153,7 @@ def _make_llm(args: argparse.Namespace) -> Any:
         kv_cache_dtype=args.kv_cache_dtype,
         speculative=args.speculative,
         tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
     )
 
 

@@ -31,7 +31,7 @@ class LLM:
         max_num_seqs, max_num_batched_tokens, enable_prefix_caching, num_threads, softmax, dataflow,
         quantization, device: "cpu" or "cuda", the Triton kernels; speculative: e.g. {"method": "ngram",
         "num_speculative_tokens": 4}, see config.SpeculativeConfig; tensor_parallel_size: ranks the model
-        is split over, engine/parallel/)."""
+        is split over, engine/parallel/; pipeline_parallel_size: stages its layers are split into)."""
         known = set(EngineConfig.__dataclass_fields__)
         unknown = sorted(set(engine_options) - known)
         if unknown:

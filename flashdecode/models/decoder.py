@@ -14,6 +14,9 @@ as one matrix, so a decode batch of B sequences is one [B, hidden] GEMM per proj
 Under tensor parallelism (models/tensor_parallel.py) each rank's decoder holds its shard and runs on
 its shard's spec; a ``Communicator`` (layers/parallel.py) sums the partial outputs of o and of the
 MLP (one all-reduce each), assembles the vocabulary-parallel embeddings, and gathers the logits.
+Under pipeline parallelism (models/pipeline_parallel.py) each stage's decoder holds its layers only:
+the first embeds the token ids, the others take the previous stage's hidden states, and only the last
+normalizes them and holds the head (the engine moves the activations between stages).
 """
 
 from __future__ import annotations
@@ -234,14 +237,19 @@ class Decoder:
         # a tied head's Linear holds the embedding matrix, in whichever layout its plan keeps, and
         # the lookup reads rows from it (Linear.rows): the matrix is held once
         tied = spec.tie_embeddings
-        self.embed = None if tied else w["embed"]
+        self.embed = None if tied else w.get("embed")
         # Gemma: sqrt(hidden) rounded to the activations' dtype, as transformers multiplies
         self.embed_scale = None
         if spec.family.gemma_norms:
             self.embed_scale = torch.tensor(spec.hidden_size**0.5, dtype=dtype, device=device.torch)
         self.comm = comm
         self.vocab = None if loaded.shard is None else vocab_range(loaded.spec, loaded.shard)
-        self.layers = [DecoderLayer(spec, w, i, device.backend, comm) for i in range(spec.num_layers)]
+        self.stage = loaded.stage
+        held = range(spec.num_layers) if self.stage is None else range(self.stage.start, self.stage.end)
+        # the layers' KV lives at their position within the stage (the cache holds the stage's alone)
+        self.layers = [DecoderLayer(spec, w, i, device.backend, comm) for i in held]
+        self.first = self.stage is None or self.stage.first
+        self.last = self.stage is None or self.stage.last
         self.norm = w.get("norm")  # OPT-350m (norms after the residual adds) has no final norm
         self.norm_bias = w.get("norm_bias")
         # OPT: learned positions; the embeddings' own width projected in and out of the hidden size
@@ -250,14 +258,18 @@ class Decoder:
         if "project_in" in w:
             self.project_in = Linear(w["project_in"], backend=device.backend)
             self.project_out = Linear(w["project_out"], backend=device.backend)
-        self.lm_head = Linear(w["embed"] if tied else w["lm_head"], backend=device.backend)
+        # a middle stage holds no head; a first stage's tied embedding lives in one, for its rows
+        self.lm_head = None
+        if self.last or (tied and self.first):
+            self.lm_head = Linear(w["embed"] if tied else w["lm_head"], backend=device.backend)
         self.softmax: SoftmaxPolicy | None = None  # None: exact attention (layers/attention.py)
         # every projection's kernel per M: the tuned table, the default plan, or one static kernel
         self.dataflow = configure(self.linears(), dataflow, table)
         # whole decode steps in one native call, where they can run (the native backend, on the host);
-        # not under tensor parallelism yet: the native step has no collectives between its layers
+        # not under tensor or pipeline parallelism yet: the native step has no collectives between
+        # its layers and runs them all
         self.native = None
-        if device.backend == "native" and device.on_host and comm is None:
+        if device.backend == "native" and device.on_host and comm is None and self.stage is None:
             self.native = NativeDecode(spec, self.layers, self.norm, self.rope, dtype, self.rope_local)
 
     def _embed_rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -268,18 +280,26 @@ class Decoder:
         return F.embedding(ids, self.embed)
 
     def linears(self) -> list[Linear | SplitLinear]:
-        mods: list[Linear | SplitLinear] = [self.lm_head]
-        if self.project_in is not None:
-            mods += [self.project_in, self.project_out]
+        mods: list[Linear | SplitLinear] = [] if self.lm_head is None else [self.lm_head]
+        mods += [p for p in (self.project_in, self.project_out) if p is not None]
         for layer in self.layers:
             mods += layer.projections()
         return mods
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        meta: AttentionMetadata,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] after the final norm, for the step's flattened tokens."""
+        """Hidden states [T, hidden] after the final norm, for the step's flattened tokens; a pipeline
+        stage after the first runs its layers on the previous stage's ``hidden`` instead, and a stage
+        before the last returns its last layer's output."""
+        if not self.first:
+            return self._run_layers(hidden, positions, cache, meta)
         if self.comm is None:
             x = self._embed_rows(input_ids)
         else:
@@ -294,10 +314,17 @@ class Decoder:
         step = None if self.native is None else self.native.step(t, cache, self.softmax)
         if step is not None:
             return self.native.run(step, x, positions, meta, self.softmax)
+        return self._run_layers(x, positions, cache, meta)
+
+    def _run_layers(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
         rope = self.rope.tables(positions)
         local = rope if self.rope_local is None else self.rope_local.tables(positions)
         for i, layer in enumerate(self.layers):
             x = layer(i, x, local if layer.sliding_window else rope, cache, meta, self.softmax)
+        if not self.last:
+            return x
         if self.norm is not None:
             x = _norm(x, self.norm, self.norm_bias, self.spec.norm_eps)
         return x if self.project_out is None else self.project_out(x)

@@ -22,6 +22,7 @@ from ..kernels.formats import LOADED_NATIVE
 from ..layers.quant import QuantizedTensor
 from ..layers.rope import RopeScaling
 from . import gemma, moe
+from .pipeline_parallel import PPStage
 from .spec import (
     EXPERT_TENSORS,
     FAMILIES,
@@ -252,8 +253,9 @@ def describe_gguf(path: str | Path) -> tuple[ModelSpec, dict[str, str]]:
     return spec, {name: t.tensor_type.name for name, t in tensors.items()}
 
 
-def load_gguf(path: str | Path, shard: TPShard | None = None) -> LoadedModel:
-    """``shard``: load only this tensor-parallel rank's part of every weight (models/tensor_parallel.py)."""
+def load_gguf(path: str | Path, shard: TPShard | None = None, stage: PPStage | None = None) -> LoadedModel:
+    """``shard``: load only this tensor-parallel rank's part of every weight (models/tensor_parallel.py);
+    ``stage``: only this pipeline stage's weights (models/pipeline_parallel.py)."""
     _, spec, tokenizer, tensors, fused = _open(path)
     plan = None if shard is None else ShardPlan(spec, shard)
     weights: dict[str, torch.Tensor] = {}
@@ -261,6 +263,8 @@ def load_gguf(path: str | Path, shard: TPShard | None = None) -> LoadedModel:
     for canonical, t in tensors.items():
         if canonical in weights:
             continue  # a fused or stacked tensor's later part: split with its first
+        if stage is not None and not stage.holds(canonical, spec.tie_embeddings):
+            continue
         where = f"{path}: tensor {t.name!r}"
         try:
             if t.name in fused:
@@ -308,5 +312,11 @@ def load_gguf(path: str | Path, shard: TPShard | None = None) -> LoadedModel:
                 if bias in weights:
                     weights[bias] = _unpermute_qk(weights[bias], heads)
     return LoadedModel(
-        spec=spec, weights=weights, tokenizer=tokenizer, formats=formats, source=str(path), shard=shard
+        spec=spec,
+        weights=weights,
+        tokenizer=tokenizer,
+        formats=formats,
+        source=str(path),
+        shard=shard,
+        stage=stage,
     )

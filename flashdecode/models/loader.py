@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import ModelLoadError
 from .gguf_loader import describe_gguf, load_gguf
+from .pipeline_parallel import PPStage
 from .safetensors_loader import load_hf_folder, read_hf_config, spec_from_hf_config
 from .spec import ModelSpec
 from .tensor_parallel import TPShard
@@ -53,11 +54,14 @@ def model_spec(model: str | Path | None = None) -> ModelSpec:
     return describe_gguf(path)[0]
 
 
-def load_model(model: str | Path | None = None, shard: TPShard | None = None) -> LoadedModel:
-    """``shard``: only this tensor-parallel rank's part of every weight (models/tensor_parallel.py)."""
+def load_model(
+    model: str | Path | None = None, shard: TPShard | None = None, stage: PPStage | None = None
+) -> LoadedModel:
+    """``shard``: only this tensor-parallel rank's part of every weight (models/tensor_parallel.py);
+    ``stage``: only this pipeline stage's weights (models/pipeline_parallel.py)."""
     path = resolve_model_path(model)
     if path.is_dir():
-        loaded = load_hf_folder(path, shard)
+        loaded = load_hf_folder(path, shard, stage)
     else:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -65,6 +69,6 @@ def load_model(model: str | Path | None = None, shard: TPShard | None = None) ->
             raise ModelLoadError(
                 f"{path}: not a model (expected a .gguf file or a Hugging Face folder with config.json)"
             )
-        loaded = load_gguf(path, shard)
+        loaded = load_gguf(path, shard, stage)
     loaded.validate()
     return loaded

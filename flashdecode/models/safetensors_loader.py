@@ -17,6 +17,7 @@ from safetensors import safe_open
 from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..layers.rope import RopeScaling
 from . import gemma, moe, opt
+from .pipeline_parallel import PPStage
 from .spec import (
     EXPERT_TENSORS,
     FUSED_TENSORS,
@@ -238,6 +239,12 @@ def _fused(name: str, spec: ModelSpec) -> tuple[int, FusedDef] | None:
     return (int(m.group(1)), fused) if m and fused is not None and fused.when(spec) else None
 
 
+def _stored_name(name: str, spec: ModelSpec) -> str:
+    """The canonical name of a known stored tensor, a fused one's by its layer alone."""
+    fused = _fused(name, spec)
+    return f"layers.{fused[0]}." if fused is not None else str(_canonical_name(name, spec))
+
+
 def _known(name: str, spec: ModelSpec) -> bool:
     return _fused(name, spec) is not None or _canonical_name(name, spec) is not None
 
@@ -270,8 +277,11 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def load_hf_folder(folder: str | Path, shard: TPShard | None = None) -> LoadedModel:
-    """``shard``: load only this tensor-parallel rank's part of every weight (models/tensor_parallel.py)."""
+def load_hf_folder(
+    folder: str | Path, shard: TPShard | None = None, stage: PPStage | None = None
+) -> LoadedModel:
+    """``shard``: load only this tensor-parallel rank's part of every weight (models/tensor_parallel.py);
+    ``stage``: only this pipeline stage's weights (models/pipeline_parallel.py)."""
     folder = Path(folder)
     config = read_hf_config(folder)
     if not (folder / "tokenizer.json").exists():
@@ -292,6 +302,8 @@ def load_hf_folder(folder: str | Path, shard: TPShard | None = None) -> LoadedMo
                         raise ModelLoadError(
                             f"{file.name}: unexpected tensor {name!r} for {spec.family.name}"
                         )
+                    if stage is not None and not stage.holds(_stored_name(name, spec), spec.tie_embeddings):
+                        continue
                     for canonical, part in _canonical_tensors(f, name, spec, plan).items():
                         formats[canonical] = str(part.dtype).removeprefix("torch.")
                         weights[canonical] = part
@@ -302,5 +314,11 @@ def load_hf_folder(folder: str | Path, shard: TPShard | None = None) -> LoadedMo
     if spec.family.gemma_norms:
         weights = gemma.offset_norms(weights, spec)
     return LoadedModel(
-        spec=spec, weights=weights, tokenizer=tokenizer, formats=formats, source=str(folder), shard=shard
+        spec=spec,
+        weights=weights,
+        tokenizer=tokenizer,
+        formats=formats,
+        source=str(folder),
+        shard=shard,
+        stage=stage,
     )

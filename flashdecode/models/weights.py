@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModelLoadError
+from .pipeline_parallel import PPStage
 from .spec import ModelSpec
 from .tensor_parallel import TPShard, local_spec
 from .tokenizer import Tokenizer
@@ -22,6 +23,8 @@ class LoadedModel:
     # tensor parallelism: the shard these weights are (models/tensor_parallel.py); ``spec`` is the
     # whole model's
     shard: TPShard | None = None
+    # pipeline parallelism: the stage whose layers these weights are (models/pipeline_parallel.py)
+    stage: PPStage | None = None
 
     @property
     def local_spec(self) -> ModelSpec:
@@ -31,6 +34,9 @@ class LoadedModel:
     def validate(self) -> None:
         """Every weight the spec needs is present with the right shape; nothing else is left over."""
         expected = self.local_spec.tensors()
+        if self.stage is not None:
+            tied = self.spec.tie_embeddings
+            expected = {n: shape for n, shape in expected.items() if self.stage.holds(n, tied)}
         needed = set(expected)
         missing = sorted(needed - set(self.weights))
         if missing:

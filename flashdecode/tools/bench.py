@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..entrypoints.cli import add_speculative_arg, add_tensor_parallel_arg
+from ..entrypoints.cli import add_parallel_args, add_speculative_arg
 from ..entrypoints.llm import LLM
 from ..errors import FlashDecodeError
 from ..kernels.cpu.decode import DecodeStep
@@ -395,7 +395,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine token budget per step")
     p.add_argument("--seed", type=int, default=0)
     add_speculative_arg(p)
-    add_tensor_parallel_arg(p)
+    add_parallel_args(p)
     p.add_argument("--json", default=None, metavar="FILE", help="write every figure and raw timing here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -411,7 +411,11 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         seed=args.seed,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        engine_options={"speculative": args.speculative, "tensor_parallel_size": args.tensor_parallel_size},
+        engine_options={
+            "speculative": args.speculative,
+            "tensor_parallel_size": args.tensor_parallel_size,
+            "pipeline_parallel_size": args.pipeline_parallel_size,
+        },
     )
     result = run_bench(config, progress=not args.no_progress)
     result["command"] = "flashdecode " + " ".join(sys.argv[1:]) if sys.argv else ""

@@ -1,4 +1,8 @@
-"""The tensor-parallel process group: gloo over TCP, and the collectives the decoder and the engine run.
+"""The process group of every rank: gloo over TCP, and the collectives the decoder and the engine run.
+
+World rank r is tensor rank ``r % T`` of pipeline stage ``r // T``: the T ranks of a stage split its
+layers' weights (their ``TensorGroup``, the decoder's ``Communicator``), and rank r sends its stage's
+output to rank r + T of the next stage (the hidden states are replicated over a tensor group).
 
 Every collective has the group's timeout, so a rank that dies or hangs turns into a
 ``DistributedError`` on the others instead of a wait without end (gloo also fails a collective at
@@ -27,13 +31,31 @@ def _guarded(what: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
     except (RuntimeError, ValueError) as exc:  # gloo's DistBackendError is a RuntimeError
-        raise DistributedError(
-            f"tensor parallel {what} failed (a rank died or stopped answering): {exc}"
-        ) from exc
+        raise DistributedError(f"parallel {what} failed (a rank died or stopped answering): {exc}") from exc
 
 
-class TPGroup:
-    """One rank's membership of the tensor-parallel group (the ``Communicator`` of layers/parallel.py).
+class TensorGroup:
+    """The ranks of one pipeline stage, which split its weights (the ``Communicator`` of
+    layers/parallel.py): ``rank`` and ``world_size`` within the stage."""
+
+    def __init__(self, rank: int, world_size: int, group: dist.ProcessGroup):
+        self.rank, self.world_size, self.group = rank, world_size, group
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        _guarded("all-reduce", lambda: dist.all_reduce(x, group=self.group))
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        _guarded("all-gather", lambda: dist.all_gather(parts, x, group=self.group))
+        return torch.cat(parts, dim=-1)
+
+
+class ParallelGroup:
+    """One rank's membership of the group of every rank: ``tensor_size`` ranks per pipeline stage,
+    ``world_size / tensor_size`` stages.
 
     ``local_size``: the ranks on this machine, which share its cores."""
 
@@ -44,11 +66,15 @@ class TPGroup:
         init_method: str,
         local_size: int | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        tensor_size: int | None = None,
     ):
         if dist.is_initialized():
             raise DistributedError("a torch.distributed process group already exists in this process")
         self.rank, self.world_size = rank, world_size
         self.local_size = world_size if local_size is None else local_size
+        self.tensor_size = world_size if tensor_size is None else tensor_size
+        self.pipeline_size = world_size // self.tensor_size
+        self.stage, tensor_rank = divmod(rank, self.tensor_size)
         _guarded(
             "start-up",
             lambda: dist.init_process_group(
@@ -57,17 +83,23 @@ class TPGroup:
             ),
         )  # fmt: skip
         self.idle_group = _guarded("start-up", lambda: dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT))
+        # every rank creates every stage's group, in the same order (torch.distributed's rule)
+        t = self.tensor_size
+        stages = [
+            _guarded("start-up", lambda s=s: dist.new_group(list(range(s * t, (s + 1) * t)), backend="gloo"))
+            for s in range(self.pipeline_size)
+        ]
+        self.tensor = TensorGroup(tensor_rank, t, stages[self.stage])
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        """``x`` to rank ``dst`` (a pipeline stage's output to the next stage, or the logits to rank 0)."""
         x = x.contiguous()
-        _guarded("all-reduce", lambda: dist.all_reduce(x))
+        _guarded("send", lambda: dist.send(x, dst))
+
+    def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        """Rank ``src``'s ``send`` into ``x`` (in place)."""
+        _guarded("receive", lambda: dist.recv(x, src))
         return x
-
-    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        _guarded("all-gather", lambda: dist.all_gather(parts, x))
-        return torch.cat(parts, dim=-1)
 
     def broadcast(self, x: torch.Tensor, idle: bool = False) -> torch.Tensor:
         """Rank 0's ``x`` into every rank's ``x`` (in place); ``idle``: on the group without a practical

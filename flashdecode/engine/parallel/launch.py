@@ -1,9 +1,9 @@
-"""How the tensor-parallel ranks start: launched by torchrun, or spawned by the engine on one machine.
+"""How the parallel ranks start: launched by torchrun, or spawned by the engine on one machine.
 
 Under ``torchrun`` (its ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_WORLD_SIZE`` and ``MASTER_ADDR`` /
 ``MASTER_PORT`` in the environment) every process runs the same command; rank 0 goes on to be the
 engine and the others become workers here, leaving the process once rank 0 shuts them down. Without
-torchrun the engine spawns ranks 1..T-1 itself (``torch.multiprocessing``, spawn) and meets them on
+torchrun the engine spawns ranks 1..T*P-1 itself (``torch.multiprocessing``, spawn) and meets them on
 a free local port.
 """
 
@@ -18,13 +18,14 @@ import torch.multiprocessing as mp
 from ...config import EngineConfig
 from ...errors import DistributedError, FlashDecodeError
 from ...models.loader import model_spec
+from ...models.pipeline_parallel import check_stages
 from ...models.tensor_parallel import check_divisible
-from .groups import TPGroup
+from .groups import ParallelGroup
 from .step import send_shutdown
 
 # a rank's life after joining the group: build its shard of the model, then serve rank 0's steps
 # (engine/worker.py's ``run_worker``; a module-level function, so spawned processes can unpickle it)
-RunWorker = Callable[[EngineConfig, TPGroup], None]
+RunWorker = Callable[[EngineConfig, ParallelGroup], None]
 
 SHUTDOWN_JOIN_S = 30.0  # how long a shut-down worker may take to leave before it is terminated
 
@@ -44,7 +45,7 @@ def _free_port() -> int:
 
 
 def _spawned_worker(index: int, config: EngineConfig, init_method: str, run_worker: RunWorker) -> None:
-    group = TPGroup(index + 1, config.tensor_parallel_size, init_method)
+    group = ParallelGroup(index + 1, config.world_size, init_method, tensor_size=config.tensor_parallel_size)
     try:
         run_worker(config, group)
     except FlashDecodeError:
@@ -56,7 +57,7 @@ def _spawned_worker(index: int, config: EngineConfig, init_method: str, run_work
 class Ranks:
     """Rank 0's handle on the group and on the workers it spawned (None under torchrun)."""
 
-    def __init__(self, group: TPGroup, workers: mp.ProcessContext | None = None):
+    def __init__(self, group: ParallelGroup, workers: mp.ProcessContext | None = None):
         self.group, self.workers = group, workers
 
     def shutdown(self) -> None:
@@ -75,16 +76,20 @@ class Ranks:
 
 
 def start(config: EngineConfig, run_worker: RunWorker) -> Ranks:
-    """Rank 0's group of ``config.tensor_parallel_size`` ranks, the others running ``run_worker``. In
-    a torchrun worker (rank > 0) this runs ``run_worker`` and then leaves the process."""
-    size = config.tensor_parallel_size
-    check_divisible(model_spec(config.model), size)  # before any rank starts
+    """Rank 0's group of ``config.world_size`` ranks, the others running ``run_worker``. In a
+    torchrun worker (rank > 0) this runs ``run_worker`` and then leaves the process."""
+    size, tensor_size = config.world_size, config.tensor_parallel_size
+    spec = model_spec(config.model)  # sizes that do not fit fail before any rank starts
+    check_divisible(spec, tensor_size)
+    check_stages(spec, config.pipeline_parallel_size)
     launched = torchrun_rank()
     if launched is not None:
         rank, world, local = launched
         if world != size:
-            raise FlashDecodeError(f"torchrun started {world} ranks for tensor_parallel_size={size}")
-        group = TPGroup(rank, world, "env://", local)
+            raise FlashDecodeError(
+                f"torchrun started {world} ranks for tensor_parallel_size * pipeline_parallel_size={size}"
+            )
+        group = ParallelGroup(rank, world, "env://", local, tensor_size=tensor_size)
         if rank == 0:
             return Ranks(group)
         try:
@@ -101,7 +106,7 @@ def start(config: EngineConfig, run_worker: RunWorker) -> Ranks:
         start_method="spawn",
     )
     try:
-        return Ranks(TPGroup(0, size, init_method), workers)
+        return Ranks(ParallelGroup(0, size, init_method, tensor_size=tensor_size), workers)
     except BaseException:
         for process in workers.processes:
             process.terminate()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ...layers.attention import AttentionMetadata, PrefillSegment
-from .groups import TPGroup
+from .groups import ParallelGroup
 
 SHUTDOWN, STEP = 0, 1
 # command, tokens, decode rows, decode key width, prefill segments, prefill key slots, logit rows
@@ -29,7 +29,7 @@ class StepInputs:
     logit_rows: torch.Tensor | None  # the rows of the hidden states whose logits are wanted; None: all
 
 
-def send_step(group: TPGroup, step: StepInputs) -> None:
+def send_step(group: ParallelGroup, step: StepInputs) -> None:
     meta, n = step.meta, step.input_ids.numel()
     width = meta.decode_slots.shape[1] if meta.num_decode else 0
     segments = meta.prefills
@@ -44,11 +44,11 @@ def send_step(group: TPGroup, step: StepInputs) -> None:
     group.broadcast(torch.cat([p.to(torch.int64).reshape(-1) for p in parts]))
 
 
-def send_shutdown(group: TPGroup) -> None:
+def send_shutdown(group: ParallelGroup) -> None:
     group.broadcast(torch.tensor([SHUTDOWN] + [0] * (HEADER - 1), dtype=torch.int64), idle=True)
 
 
-def recv_step(group: TPGroup) -> StepInputs | None:
+def recv_step(group: ParallelGroup) -> StepInputs | None:
     """The next step's inputs, or None once rank 0 has sent ``SHUTDOWN``."""
     header = group.broadcast(torch.empty(HEADER, dtype=torch.int64), idle=True)
     command, n, num_decode, width, num_segments, segment_slots, num_rows = header.tolist()
