@@ -401,41 +401,41 @@ def ring_all_gather(gathered: float, ranks: int) -> CommCost:
 @dataclass(frozen=True)
 class ParallelStep:
     """One decode step over ``tensor_parallel`` x ``pipeline_parallel`` ranks, each on its own machine
-    with the same ceilings, as one rank of the slowest stage (the last: its layers and the head) sees
-    it. The collectives block the step (the engine overlaps nothing), so their time adds to the
-    stage's."""
+    with the same ceilings. The collectives block the step (the engine overlaps nothing), so their
+    time adds to the compute's; the stages run one after another for one step, or all at once on
+    ``pipeline_parallel`` micro-batches in flight, when the slowest stage (the last: its layers and
+    the head) sets the pace."""
 
     tensor_parallel: int
     pipeline_parallel: int
-    stage: StepCost  # one rank's bytes and FLOPs: its shard of the stage's layers and of the head
-    tp_comm: CommCost  # that rank's collectives within its stage
+    shard: StepCost  # one tensor-parallel rank's shard of every layer and of the head (all stages)
+    stage: StepCost  # the last stage's part of it
+    tp_comm: CommCost  # the collectives of one step, all stages
+    stage_tp_comm: CommCost  # the last stage's
     pp_comm: CommCost  # one stage boundary's activation send
 
     @property
     def comm(self) -> CommCost:
-        """What one rank sends per step: its collectives and, past a stage boundary, the send."""
-        return self.tp_comm + self.pp_comm
+        """What one rank sends per step: its stage's collectives and, past a boundary, the send."""
+        return self.stage_tp_comm + self.pp_comm
 
-    def stage_time(self, ceilings: Ceilings, link: Link, compute: str) -> float:
-        return self.stage.time_bound(ceilings, compute) + self.tp_comm.time(link)
+    def comm_time(self, link: Link) -> float:
+        """A step's time on the network: every stage's collectives and every boundary's send."""
+        return self.tp_comm.time(link) + (self.pipeline_parallel - 1) * self.pp_comm.time(link)
 
     def step_time(self, ceilings: Ceilings, link: Link, compute: str) -> float:
         """One step of the batch through every stage in turn and across every boundary."""
-        p = self.pipeline_parallel
-        return p * self.stage_time(ceilings, link, compute) + (p - 1) * self.pp_comm.time(link)
-
-    def comm_time(self, link: Link) -> float:
-        p = self.pipeline_parallel
-        return p * self.tp_comm.time(link) + (p - 1) * self.pp_comm.time(link)
+        return self.shard.time_bound(ceilings, compute) + self.comm_time(link)
 
     def tokens_per_s(self, ceilings: Ceilings, link: Link, compute: str) -> float:
         """One step in flight at a time."""
-        return self.stage.tokens / self.step_time(ceilings, link, compute)
+        return self.shard.tokens / self.step_time(ceilings, link, compute)
 
     def pipelined_tokens_per_s(self, ceilings: Ceilings, link: Link, compute: str) -> float:
         """``pipeline_parallel`` micro-batches of the batch in flight: every stage busy, the slowest
-        stage and its send set the pace."""
-        return self.stage.tokens / (self.stage_time(ceilings, link, compute) + self.pp_comm.time(link))
+        stage, its collectives and its send set the pace."""
+        stage = self.stage.time_bound(ceilings, compute) + self.stage_tp_comm.time(link)
+        return self.stage.tokens / (stage + self.pp_comm.time(link))
 
 
 def parallel_decode_step(
@@ -443,12 +443,13 @@ def parallel_decode_step(
 ) -> ParallelStep:
     """The cost of one decode step per rank under tensor parallelism (Megatron's shards: each rank
     reads 1/T of the sharded weights and of the KV heads, KV heads replicated past their count) and
-    pipeline parallelism (contiguous stages of layers / P layers).
+    pipeline parallelism (contiguous stages of layers / P layers; the last stage's counted as the
+    first layers / P, with their formats and windows).
 
-    Per step a rank of the last stage all-reduces the hidden states after o and after down in each of
-    its layers (and after the vocabulary-parallel embedding where one stage holds everything) and
-    all-gathers the fp32 logits; each stage boundary sends the hidden states once. The two broadcasts
-    of the step's int64 metadata are left out (a few bytes per row beside the layers' all-reduces)."""
+    Per step the ranks all-reduce the hidden states after the vocabulary-parallel embedding and
+    after o and after down in every layer, and all-gather the fp32 logits; each stage boundary sends
+    the hidden states once. The two broadcasts of the step's int64 metadata are left out (a few
+    bytes per row beside the layers' all-reduces)."""
     s, t, p = cost.spec, tensor_parallel, pipeline_parallel
     if t < 1 or p < 1:
         raise FlashDecodeError(f"tensor_parallel_size={t} and pipeline_parallel_size={p} must be positive")
@@ -456,14 +457,27 @@ def parallel_decode_step(
         raise FlashDecodeError(
             f"pipeline_parallel_size={p} does not divide the model's {s.num_layers} layers"
         )
-    stage_spec = local_spec(s, t).with_(num_layers=s.num_layers // p)
-    kv_share = stage_spec.num_layers * stage_spec.num_kv_heads / (s.num_layers * s.num_kv_heads)
-    stage_cost = replace(cost, spec=stage_spec, kv_bytes_per_token=cost.kv_bytes_per_token * kv_share)
+    shard_spec = local_spec(s, t)
+    stage_spec = shard_spec.with_(num_layers=s.num_layers // p)
     hidden = batch * s.hidden_size * cost.activation_bytes
-    reductions = 2 * stage_spec.num_layers + (1 if p == 1 else 0)
-    tp_comm = ring_all_reduce(hidden, t) * reductions + ring_all_gather(batch * s.vocab_size * 4, t)
-    pp_comm = CommCost(1, hidden) if p > 1 else CommCost()
-    return ParallelStep(t, p, stage_cost.decode_step(batch, context), tp_comm, pp_comm)
+    gather = ring_all_gather(batch * s.vocab_size * 4, t)
+    stage_reductions = 2 * stage_spec.num_layers + (1 if p == 1 else 0)
+    return ParallelStep(
+        t,
+        p,
+        shard=_shard_cost(cost, shard_spec).decode_step(batch, context),
+        stage=_shard_cost(cost, stage_spec).decode_step(batch, context),
+        tp_comm=ring_all_reduce(hidden, t) * (2 * s.num_layers + 1) + gather,
+        stage_tp_comm=ring_all_reduce(hidden, t) * stage_reductions + gather,
+        pp_comm=CommCost(1, hidden) if p > 1 else CommCost(),
+    )
+
+
+def _shard_cost(cost: ModelCost, part: ModelSpec) -> ModelCost:
+    """``cost`` over ``part`` of its model: fewer heads, MLP columns, vocabulary rows or layers."""
+    s = cost.spec
+    kv_share = part.num_layers * part.num_kv_heads / (s.num_layers * s.num_kv_heads)
+    return replace(cost, spec=part, kv_bytes_per_token=cost.kv_bytes_per_token * kv_share)
 
 
 def model_cost_for_engine(engine: Any) -> ModelCost:
