@@ -9,6 +9,7 @@ may sit idle for hours, and a rank 0 that dies closes its connections, which end
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -35,7 +36,9 @@ def _guarded(what: str, fn: Callable[[], T]) -> T:
 class TPGroup:
     """One rank's membership of the tensor-parallel group (the ``Communicator`` of layers/parallel.py).
 
-    ``local_size``: the ranks on this machine, which share its cores."""
+    ``local_size``: the ranks on this machine, which share its cores. With ``timed`` set (off by
+    default: a clock read per collective), every collective adds its wall time, the wait for the
+    slowest rank included, to ``collective_s`` (benchmarks/distributed.py's communication share)."""
 
     def __init__(
         self,
@@ -49,6 +52,7 @@ class TPGroup:
             raise DistributedError("a torch.distributed process group already exists in this process")
         self.rank, self.world_size = rank, world_size
         self.local_size = world_size if local_size is None else local_size
+        self.timed, self.collective_s = False, 0.0
         _guarded(
             "start-up",
             lambda: dist.init_process_group(
@@ -58,27 +62,36 @@ class TPGroup:
         )  # fmt: skip
         self.idle_group = _guarded("start-up", lambda: dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT))
 
+    def _run(self, what: str, fn: Callable[[], T]) -> T:
+        if not self.timed:
+            return _guarded(what, fn)
+        start = time.perf_counter()
+        try:
+            return _guarded(what, fn)
+        finally:
+            self.collective_s += time.perf_counter() - start
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        _guarded("all-reduce", lambda: dist.all_reduce(x))
+        self._run("all-reduce", lambda: dist.all_reduce(x))
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        _guarded("all-gather", lambda: dist.all_gather(parts, x))
+        self._run("all-gather", lambda: dist.all_gather(parts, x))
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, x: torch.Tensor, idle: bool = False) -> torch.Tensor:
         """Rank 0's ``x`` into every rank's ``x`` (in place); ``idle``: on the group without a practical
         timeout (the workers' wait for the next step)."""
         group = self.idle_group if idle else None
-        _guarded("broadcast", lambda: dist.broadcast(x, src=0, group=group))
+        self._run("broadcast", lambda: dist.broadcast(x, src=0, group=group))
         return x
 
     def min_over_ranks(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64)
-        _guarded("all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.MIN))
+        self._run("all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.MIN))
         return int(t[0])
 
     def from_rank0(self, value: Any) -> Any:
