@@ -28,6 +28,7 @@ from flashdecode.tools.roofline import (  # noqa: E402
     machine_ceilings,
     parallel_decode_step,
 )
+from flashdecode.utils.formatting import fmt_bytes  # noqa: E402
 
 LAYOUTS = [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (1, 4), (1, 8), (2, 2), (4, 2), (2, 4)]  # (T, P)
 BATCHES = (1, 8)
@@ -108,10 +109,12 @@ def main() -> int:
             one = parallel_decode_step(cost, 1, args.context, t, pp)
             row.append(f"{one.comm_time(link) / one.step_time(ceilings, link, compute):.0%}")
         rows.append(row)
+    flops = max(ceilings.flops.values()) / 1e9
+    weights = ", ".join(f"{name} {fmt_bytes(cost.resident_weight_bytes())}" for name, cost in costs.items())
     print(
-        f"Llama 70B decode at context {args.context}, each machine {ceilings.bandwidth / 1e9:.1f} GB/s "
-        f"and {max(ceilings.flops.values()) / 1e9:,.0f} GFLOP/s ({ceilings.cpu}), link {args.link_gbit:g} Gbit/s and "
-        f"{args.link_latency_us:g} us per message; pipelined rates in parentheses\n"
+        f"Llama 70B decode at context {args.context}, each machine {ceilings.bandwidth / 1e9:.1f} GB/s and "
+        f"{flops:,.0f} GFLOP/s ({ceilings.cpu}), link {args.link_gbit:g} Gbit/s and {args.link_latency_us:g} "
+        f"us per message; weights {weights}; pipelined rates in parentheses\n"
     )
     for line in [headers, ["---"] * len(headers), *rows]:
         print("| " + " | ".join(line) + " |")
