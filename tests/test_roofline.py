@@ -13,7 +13,14 @@ from flashdecode.cli import main
 from flashdecode.errors import FlashDecodeError
 from flashdecode.models.spec import FAMILIES, ModelSpec
 from flashdecode.tools import probe, roofline
-from flashdecode.tools.roofline import Ceilings, ModelCost, bytes_per_weight
+from flashdecode.tools.roofline import (
+    Ceilings,
+    CommCost,
+    Link,
+    ModelCost,
+    bytes_per_weight,
+    parallel_decode_step,
+)
 from flashdecode.utils.paths import cache_dir, write_json
 
 
@@ -213,6 +220,73 @@ def test_tinyllama_1b_q4_0_by_hand() -> None:
     assert prefill.tokens_per_s(ceilings, "int8") == pytest.approx(512 / (prefill.flops / 1.4e12))
 
 
+# --- beyond one machine: small_spec over T ranks (F32) -----------------------------------------------
+# T=2: each rank holds 2 of 4 heads, 1 of 2 KV heads, 64 of 128 MLP columns, 50 of 100 vocab rows:
+#   per layer q 32x64 + k 16x64 + v 16x64 + o 64x32 + gate/up/down 3 x 64x64 = 18432 weights; 2 layers
+#   -> 36864 * 4 = 147456 bytes; head 50x64 * 4 = 12800; norms replicated 320 * 4 = 1280; one
+#   embedding row 256 -> 161792; KV 2 layers x 1 head x 16 x 2 (K, V) x 4 = 256 bytes per token
+#   messages: the hidden states (64 * 4 = 256 bytes a token) all-reduced after the embedding and
+#   after o and down of 2 layers (5 all-reduces, a ring of 2: 2 messages, 2 * 1/2 * 256 = 256 bytes
+#   each), the fp32 logits (100 * 4 a token) gathered (1 message, 1/2 * 400 = 200 bytes)
+
+
+def test_tensor_parallel_step_by_hand() -> None:
+    one = parallel_decode_step(ModelCost(small_spec()), batch=1, context=10, tensor_parallel=2)
+    assert one.stage.weight_bytes == 161792
+    assert one.stage.kv_read_bytes == 10 * 256 and one.stage.kv_write_bytes == 256
+    assert one.tp_comm == CommCost(messages=10 + 1, bytes=5 * 256 + 200) and one.pp_comm == CommCost()
+    assert one.stage == one.shard and one.stage_tp_comm == one.tp_comm
+    eight = parallel_decode_step(ModelCost(small_spec()), batch=8, context=10, tensor_parallel=2)
+    assert eight.stage.weight_bytes == 161792 - 256 + 8 * 256  # the shards once, a row per sequence
+    assert eight.tp_comm == CommCost(messages=11, bytes=8 * (5 * 256 + 200))  # bytes grow, messages not
+    link = Link(bandwidth=1e9, latency=1e-5)
+    ceilings = Ceilings(bandwidth=30e9, flops={"fp32": 2e11}, threads=1)
+    assert one.comm_time(link) == pytest.approx(11 * 1e-5 + 1480 / 1e9)
+    assert one.step_time(ceilings, link, "fp32") == pytest.approx(one.stage.bytes / 30e9 + 11e-5 + 1480e-9)
+
+
+def test_tensor_parallel_past_the_kv_heads_and_a_ring_of_four() -> None:
+    """T=4 over 2 KV heads: each rank holds 1 head of q and a replica of 1 KV head, so the KV bytes
+    per rank halve, not quarter; a ring of 4 all-reduces in 6 messages of 1/4 of the payload."""
+    step = parallel_decode_step(ModelCost(small_spec()), batch=1, context=10, tensor_parallel=4)
+    assert step.stage.kv_write_bytes == 256
+    # per layer q 16x64 + k 16x64 + v 16x64 + o 64x16 + 3 x 64x32 = 10240 weights; head 25x64
+    assert step.stage.weight_bytes == (2 * 10240 + 25 * 64 + 320 + 64) * 4
+    assert step.tp_comm == CommCost(messages=5 * 6 + 3, bytes=5 * 1.5 * 256 + 3 / 4 * 400)
+
+
+def test_pipeline_parallel_step_by_hand() -> None:
+    """P=2: the last stage holds 1 layer (36864 weights), its norms (128), the final norm (64), the
+    head (6400) and one embedding row; its boundary sends one token's hidden states (256 bytes). One
+    step runs both stages in turn: the whole model's bytes, and the send."""
+    step = parallel_decode_step(ModelCost(small_spec()), batch=1, context=10, pipeline_parallel=2)
+    assert step.stage.weight_bytes == (36864 + 192 + 6400) * 4 + 256
+    assert step.shard == ModelCost(small_spec()).decode_step(1, 10)
+    assert step.tp_comm == step.stage_tp_comm == CommCost() and step.pp_comm == CommCost(1, 256)
+    link = Link(bandwidth=1e9, latency=1e-5)
+    ceilings = Ceilings(bandwidth=30e9, flops={"fp32": 2e11}, threads=1)
+    assert step.step_time(ceilings, link, "fp32") == pytest.approx(334992 / 30e9 + 1e-5 + 256e-9)
+    stage = step.stage.bytes / 30e9
+    assert step.pipelined_tokens_per_s(ceilings, link, "fp32") == pytest.approx(1 / (stage + 1e-5 + 256e-9))
+    both = parallel_decode_step(ModelCost(small_spec()), 1, 10, tensor_parallel=2, pipeline_parallel=2)
+    # the last stage: 2 all-reduces of its 1 layer and the logits' gather (the embedding's is the
+    # first stage's); a step: the embedding's and 2 layers' all-reduces and the gather
+    assert both.stage_tp_comm == CommCost(2 * 2 + 1, 2 * 256 + 200) and both.pp_comm == CommCost(1, 256)
+    assert both.tp_comm == CommCost(5 * 2 + 1, 5 * 256 + 200)
+    assert both.comm_time(link) == pytest.approx(11e-5 + 1480e-9 + 1e-5 + 256e-9)
+
+
+def test_tensor_parallel_beats_one_rank_only_on_a_fast_link() -> None:
+    """The weights per rank halve, the messages do not: at one token a step TinyLlama's bf16 decode
+    gains from a second rank over a link of microseconds and loses over one of milliseconds."""
+    cost = ModelCost(tinyllama_spec(), default_format="BF16", activation_bytes=2)
+    ceilings = Ceilings(bandwidth=30e9, flops={"fp32": 2e11, "bf16": 7e11}, threads=1)
+    one = cost.decode_step(1, 512).tokens_per_s(ceilings, "bf16")
+    step = parallel_decode_step(cost, 1, 512, tensor_parallel=2)
+    assert step.tokens_per_s(ceilings, Link.from_gbit(100, 2), "bf16") > one
+    assert step.tokens_per_s(ceilings, Link.from_gbit(100, 1000), "bf16") < one
+
+
 def test_time_bound_is_the_slower_of_memory_and_compute() -> None:
     step = roofline.StepCost(tokens=4, flops=8e9, weight_bytes=1e9, kv_read_bytes=0, kv_write_bytes=0,
                              activation_bytes=0)  # fmt: skip
@@ -341,6 +415,24 @@ def test_roofline_command(gguf_model, tmp_path: Path, capsys: pytest.CaptureFixt
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_roofline_command_predicts_tensor_parallel(gguf_model, tmp_path: Path, capsys) -> None:
+    _seed_cache()
+    out_json = tmp_path / "r.json"
+    argv = ["roofline", "--model", str(gguf_model("llama", "Q4_0")), "--threads", "1", "--batch", "1,8"]
+    argv += ["--tensor-parallel-size", "2", "--link-gbit", "8", "--link-latency-us", "100"]
+    assert main([*argv, "--json", str(out_json)]) == 0
+    assert "decode over 2 x 1 ranks" in capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    parallel = report["parallel"]
+    assert parallel["link_bytes_per_s"] == 1e9 and parallel["link_latency_s"] == pytest.approx(1e-4)
+    for one, r in zip(report["decode"], parallel["decode"], strict=True):
+        assert r["one_rank_tokens_per_s"] == one["tokens_per_s"]
+        # memory-bound ranks: a step is its shard's bytes at 30 GB/s and its messages on the link
+        comm = r["messages_per_rank"] * 1e-4 + r["comm_bytes_per_rank"] / 1e9
+        assert r["step_s"] == pytest.approx(r["bytes_per_rank"] / 30e9 + comm)
+        assert r["tokens_per_s"] == pytest.approx(one["batch"] / r["step_s"])
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -351,6 +443,10 @@ def test_roofline_command(gguf_model, tmp_path: Path, capsys: pytest.CaptureFixt
         (["--kv-dtype", "fp8"], "--kv-dtype"),
         (["--model", "/nonexistent/model.gguf"], "does not exist"),
         (["--bench", "/nonexistent/bench.json"], "--bench"),
+        (["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
+        (["--tensor-parallel-size", "2"], "attention heads (9)"),
+        (["--pipeline-parallel-size", "7"], "layers"),
+        (["--tensor-parallel-size", "3", "--link-gbit", "0"], "Gbit/s"),
     ],
 )
 def test_roofline_bad_input_is_one_line(argv, message, capsys: pytest.CaptureFixture) -> None:

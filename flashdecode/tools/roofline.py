@@ -30,7 +30,7 @@ import math
 import platform
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ from ..layers.kv_cache import KVCache
 from ..models.gguf_loader import describe_gguf
 from ..models.loader import load_model, resolve_model_path
 from ..models.spec import ModelSpec
+from ..models.tensor_parallel import local_spec
 from ..utils.cpuinfo import cpu_model, physical_cores
 from ..utils.formatting import fmt_bytes, fmt_rate, format_table, parse_int_list
 from ..utils.paths import cache_dir, read_json, write_json, write_report
@@ -341,6 +342,144 @@ class ModelCost:
         return ", ".join(f"{fmt} x{n}" for fmt, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+# --- beyond one machine -------------------------------------------------------------------------------
+
+LINK_GBIT = 25.0  # the network the parallel prediction assumes unless told: 25 Gbit/s Ethernet
+LINK_LATENCY_US = 30.0  # one message's latency over it (TCP through gloo, a switch between machines)
+
+
+@dataclass(frozen=True)
+class Link:
+    """The network between ranks: bandwidth in bytes/s, and the latency of one message in seconds."""
+
+    bandwidth: float
+    latency: float
+
+    @classmethod
+    def from_gbit(cls, gbit: float, latency_us: float) -> Link:
+        if gbit <= 0 or latency_us < 0:
+            raise FlashDecodeError(
+                f"a link of {gbit} Gbit/s and {latency_us} us: the bandwidth must be positive and the "
+                "latency not negative"
+            )
+        return cls(gbit * 1e9 / 8, latency_us * 1e-6)
+
+
+@dataclass(frozen=True)
+class CommCost:
+    """What one rank sends in one step: how many messages, and their bytes."""
+
+    messages: int = 0
+    bytes: float = 0.0
+
+    def __add__(self, other: CommCost) -> CommCost:
+        return CommCost(self.messages + other.messages, self.bytes + other.bytes)
+
+    def __mul__(self, times: int) -> CommCost:
+        return CommCost(self.messages * times, self.bytes * times)
+
+    def time(self, link: Link) -> float:
+        return self.messages * link.latency + self.bytes / link.bandwidth
+
+
+def ring_all_reduce(payload: float, ranks: int) -> CommCost:
+    """A ring all-reduce of ``payload`` bytes: a reduce-scatter and an all-gather, each rank sending
+    ranks - 1 chunks of payload / ranks in each."""
+    if ranks == 1:
+        return CommCost()
+    return CommCost(2 * (ranks - 1), 2 * (ranks - 1) / ranks * payload)
+
+
+def ring_all_gather(gathered: float, ranks: int) -> CommCost:
+    """A ring all-gather whose result is ``gathered`` bytes: each rank forwards the ranks - 1 parts
+    that are not its own."""
+    if ranks == 1:
+        return CommCost()
+    return CommCost(ranks - 1, (ranks - 1) / ranks * gathered)
+
+
+@dataclass(frozen=True)
+class ParallelStep:
+    """One decode step over ``tensor_parallel`` x ``pipeline_parallel`` ranks, each on its own machine
+    with the same ceilings. The collectives block the step (the engine overlaps nothing), so their
+    time adds to the compute's; the stages run one after another for one step, or all at once on
+    ``pipeline_parallel`` micro-batches in flight, when the slowest stage (the last: its layers and
+    the head) sets the pace."""
+
+    tensor_parallel: int
+    pipeline_parallel: int
+    shard: StepCost  # one tensor-parallel rank's shard of every layer and of the head (all stages)
+    stage: StepCost  # the last stage's part of it
+    tp_comm: CommCost  # the collectives of one step, all stages
+    stage_tp_comm: CommCost  # the last stage's
+    pp_comm: CommCost  # one stage boundary's activation send
+
+    @property
+    def comm(self) -> CommCost:
+        """What one rank sends per step: its stage's collectives and, past a boundary, the send."""
+        return self.stage_tp_comm + self.pp_comm
+
+    def comm_time(self, link: Link) -> float:
+        """A step's time on the network: every stage's collectives and every boundary's send."""
+        return self.tp_comm.time(link) + (self.pipeline_parallel - 1) * self.pp_comm.time(link)
+
+    def step_time(self, ceilings: Ceilings, link: Link, compute: str) -> float:
+        """One step of the batch through every stage in turn and across every boundary."""
+        return self.shard.time_bound(ceilings, compute) + self.comm_time(link)
+
+    def tokens_per_s(self, ceilings: Ceilings, link: Link, compute: str) -> float:
+        """One step in flight at a time."""
+        return self.shard.tokens / self.step_time(ceilings, link, compute)
+
+    def pipelined_tokens_per_s(self, ceilings: Ceilings, link: Link, compute: str) -> float:
+        """``pipeline_parallel`` micro-batches of the batch in flight: every stage busy, the slowest
+        stage, its collectives and its send set the pace."""
+        stage = self.stage.time_bound(ceilings, compute) + self.stage_tp_comm.time(link)
+        return self.stage.tokens / (stage + self.pp_comm.time(link))
+
+
+def parallel_decode_step(
+    cost: ModelCost, batch: int, context: int, tensor_parallel: int = 1, pipeline_parallel: int = 1
+) -> ParallelStep:
+    """The cost of one decode step per rank under tensor parallelism (Megatron's shards: each rank
+    reads 1/T of the sharded weights and of the KV heads, KV heads replicated past their count) and
+    pipeline parallelism (contiguous stages of layers / P layers; the last stage's counted as the
+    first layers / P, with their formats and windows).
+
+    Per step the ranks all-reduce the hidden states after the vocabulary-parallel embedding and
+    after o and after down in every layer, and all-gather the fp32 logits; each stage boundary sends
+    the hidden states once. The two broadcasts of the step's int64 metadata are left out (a few
+    bytes per row beside the layers' all-reduces)."""
+    s, t, p = cost.spec, tensor_parallel, pipeline_parallel
+    if t < 1 or p < 1:
+        raise FlashDecodeError(f"tensor_parallel_size={t} and pipeline_parallel_size={p} must be positive")
+    if s.num_layers % p:
+        raise FlashDecodeError(
+            f"pipeline_parallel_size={p} does not divide the model's {s.num_layers} layers"
+        )
+    shard_spec = local_spec(s, t)
+    stage_spec = shard_spec.with_(num_layers=s.num_layers // p)
+    hidden = batch * s.hidden_size * cost.activation_bytes
+    gather = ring_all_gather(batch * s.vocab_size * 4, t)
+    stage_reductions = 2 * stage_spec.num_layers + (1 if p == 1 else 0)
+    return ParallelStep(
+        t,
+        p,
+        shard=_shard_cost(cost, shard_spec).decode_step(batch, context),
+        stage=_shard_cost(cost, stage_spec).decode_step(batch, context),
+        tp_comm=ring_all_reduce(hidden, t) * (2 * s.num_layers + 1) + gather,
+        stage_tp_comm=ring_all_reduce(hidden, t) * stage_reductions + gather,
+        pp_comm=CommCost(1, hidden) if p > 1 else CommCost(),
+    )
+
+
+def _shard_cost(cost: ModelCost, part: ModelSpec) -> ModelCost:
+    """``cost`` over ``part`` of its model: fewer heads, MLP columns, vocabulary rows or layers."""
+    s = cost.spec
+    kv_share = part.num_layers * part.num_kv_heads / (s.num_layers * s.num_kv_heads)
+    return replace(cost, spec=part, kv_bytes_per_token=cost.kv_bytes_per_token * kv_share)
+
+
 def model_cost_for_engine(engine: Any) -> ModelCost:
     """The cost model of a running ``LLMEngine``: its spec, stored formats, compute dtype and KV cache."""
     itemsize = engine.dtype.itemsize
@@ -435,6 +574,77 @@ def roofline_report(
         "decode": decode,
         "prefill": prefill,
     }
+
+
+def parallel_report(
+    cost: ModelCost,
+    ceilings: Ceilings,
+    link: Link,
+    batches: Iterable[int],
+    context: int,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    compute: str | None = None,
+) -> dict[str, Any]:
+    """Decode over ``tensor_parallel`` x ``pipeline_parallel`` ranks beside one rank, as rows (the
+    ``parallel`` part of ``flashdecode roofline --json``)."""
+    compute = compute or cost.compute_dtype()
+    rows = []
+    for b in batches:
+        one = cost.decode_step(b, context).tokens_per_s(ceilings, compute)
+        step = parallel_decode_step(cost, b, context, tensor_parallel, pipeline_parallel)
+        rate = step.tokens_per_s(ceilings, link, compute)
+        pipelined = step.pipelined_tokens_per_s(ceilings, link, compute)
+        rows.append(
+            {
+                "batch": b,
+                "bytes_per_rank": step.stage.bytes,
+                "comm_bytes_per_rank": step.comm.bytes,
+                "messages_per_rank": step.comm.messages,
+                "step_s": step.step_time(ceilings, link, compute),
+                "comm_s": step.comm_time(link),
+                "comm_share": step.comm_time(link) / step.step_time(ceilings, link, compute),
+                "one_rank_tokens_per_s": one,
+                "tokens_per_s": rate,
+                "pipelined_tokens_per_s": pipelined,
+                "speedup": max(rate, pipelined) / one,
+            }
+        )
+    return {
+        "tensor_parallel_size": tensor_parallel,
+        "pipeline_parallel_size": pipeline_parallel,
+        "link_bytes_per_s": link.bandwidth,
+        "link_latency_s": link.latency,
+        "context": context,
+        "decode": rows,
+    }
+
+
+def print_parallel_report(report: dict[str, Any]) -> None:
+    t, p = report["tensor_parallel_size"], report["pipeline_parallel_size"]
+    print(
+        f"\ndecode over {t} x {p} ranks (tensor x pipeline), one machine each, at context "
+        f"{report['context']}; link {report['link_bytes_per_s'] * 8 / 1e9:g} Gbit/s, "
+        f"{report['link_latency_s'] * 1e6:g} us per message:"
+    )
+    rows = [
+        [
+            str(r["batch"]),
+            fmt_bytes(r["bytes_per_rank"]),
+            fmt_bytes(r["comm_bytes_per_rank"]),
+            str(r["messages_per_rank"]),
+            f"{r['step_s'] * 1e3:.3g}",
+            f"{r['comm_share']:.0%}",
+            fmt_rate(r["one_rank_tokens_per_s"]),
+            fmt_rate(r["tokens_per_s"]),
+            fmt_rate(r["pipelined_tokens_per_s"]),
+            f"{r['speedup']:.2f}x",
+        ]
+        for r in report["decode"]
+    ]
+    headers = ["batch", "bytes/rank", "sent/rank", "messages", "step ms", "comm", "1 rank tok/s"]
+    headers += ["max tok/s", "pipelined", "speedup"]
+    print(format_table(headers, rows))
 
 
 def print_roofline_report(report: dict[str, Any], ceilings: Ceilings) -> None:
@@ -574,6 +784,30 @@ def add_arguments(p: Any) -> None:
         "--bench", default=None, metavar="FILE.json", help="place `flashdecode bench --json` points"
     )
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        metavar="T",
+        help="also predict decode over T ranks of tensor parallelism, one machine each",
+    )
+    p.add_argument(
+        "--pipeline-parallel-size",
+        type=int,
+        default=1,
+        metavar="P",
+        help="... and P pipeline stages (contiguous layers), one machine each",
+    )
+    p.add_argument(
+        "--link-gbit",
+        type=float,
+        default=LINK_GBIT,
+        help=f"network bandwidth between ranks (default {LINK_GBIT:g})",
+    )
+    p.add_argument(
+        "--link-latency-us", type=float, default=LINK_LATENCY_US,
+        help=f"latency of one message between ranks (default {LINK_LATENCY_US:g})",
+    )  # fmt: skip
 
 
 def _kv_bytes(spec: ModelSpec, kv_dtype: str, activation_bytes: int) -> float:
@@ -624,7 +858,14 @@ def run(args: Any) -> int:
     ceilings = machine_ceilings(args.threads, refresh=args.remeasure)
     compute = None if args.compute == "auto" else args.compute
     report = roofline_report(cost, ceilings, source, batches, context, prompt_lens, compute)
+    (t,) = parse_int_list(args.tensor_parallel_size, "--tensor-parallel-size")
+    (p,) = parse_int_list(args.pipeline_parallel_size, "--pipeline-parallel-size")
+    if t * p > 1:  # before any report: a size the model cannot take is an error, not a half report
+        link = Link.from_gbit(args.link_gbit, args.link_latency_us)
+        report["parallel"] = parallel_report(cost, ceilings, link, batches, context, t, p, compute)
     print_roofline_report(report, ceilings)
+    if "parallel" in report:
+        print_parallel_report(report["parallel"])
     if args.json:
         write_report(args.json, report)
     if args.plot:

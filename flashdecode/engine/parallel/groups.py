@@ -13,6 +13,7 @@ may sit idle for hours, and a rank 0 that dies closes its connections, which end
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -34,22 +35,40 @@ def _guarded(what: str, fn: Callable[[], T]) -> T:
         raise DistributedError(f"parallel {what} failed (a rank died or stopped answering): {exc}") from exc
 
 
+class CollectiveClock:
+    """With ``on`` set (off by default: a clock read per call), the wall time of every collective, the
+    wait for the slowest rank included, summed in ``seconds`` (benchmarks/distributed.py's
+    communication share)."""
+
+    def __init__(self) -> None:
+        self.on, self.seconds = False, 0.0
+
+    def run(self, what: str, fn: Callable[[], T]) -> T:
+        if not self.on:
+            return _guarded(what, fn)
+        start = time.perf_counter()
+        try:
+            return _guarded(what, fn)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
 class TensorGroup:
     """The ranks of one pipeline stage, which split its weights (the ``Communicator`` of
     layers/parallel.py): ``rank`` and ``world_size`` within the stage."""
 
-    def __init__(self, rank: int, world_size: int, group: dist.ProcessGroup):
-        self.rank, self.world_size, self.group = rank, world_size, group
+    def __init__(self, rank: int, world_size: int, group: dist.ProcessGroup, clock: CollectiveClock):
+        self.rank, self.world_size, self.group, self.clock = rank, world_size, group, clock
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        _guarded("all-reduce", lambda: dist.all_reduce(x, group=self.group))
+        self.clock.run("all-reduce", lambda: dist.all_reduce(x, group=self.group))
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        _guarded("all-gather", lambda: dist.all_gather(parts, x, group=self.group))
+        self.clock.run("all-gather", lambda: dist.all_gather(parts, x, group=self.group))
         return torch.cat(parts, dim=-1)
 
 
@@ -57,7 +76,8 @@ class ParallelGroup:
     """One rank's membership of the group of every rank: ``tensor_size`` ranks per pipeline stage,
     ``world_size / tensor_size`` stages.
 
-    ``local_size``: the ranks on this machine, which share its cores."""
+    ``local_size``: the ranks on this machine, which share its cores; ``clock`` times the collectives
+    of this rank."""
 
     def __init__(
         self,
@@ -75,6 +95,7 @@ class ParallelGroup:
         self.tensor_size = world_size if tensor_size is None else tensor_size
         self.pipeline_size = world_size // self.tensor_size
         self.stage, tensor_rank = divmod(rank, self.tensor_size)
+        self.clock = CollectiveClock()
         _guarded(
             "start-up",
             lambda: dist.init_process_group(
@@ -89,28 +110,28 @@ class ParallelGroup:
             _guarded("start-up", lambda s=s: dist.new_group(list(range(s * t, (s + 1) * t)), backend="gloo"))
             for s in range(self.pipeline_size)
         ]
-        self.tensor = TensorGroup(tensor_rank, t, stages[self.stage])
+        self.tensor = TensorGroup(tensor_rank, t, stages[self.stage], self.clock)
 
     def send(self, x: torch.Tensor, dst: int) -> None:
         """``x`` to rank ``dst`` (a pipeline stage's output to the next stage, or the logits to rank 0)."""
         x = x.contiguous()
-        _guarded("send", lambda: dist.send(x, dst))
+        self.clock.run("send", lambda: dist.send(x, dst))
 
     def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
         """Rank ``src``'s ``send`` into ``x`` (in place)."""
-        _guarded("receive", lambda: dist.recv(x, src))
+        self.clock.run("receive", lambda: dist.recv(x, src))
         return x
 
     def broadcast(self, x: torch.Tensor, idle: bool = False) -> torch.Tensor:
         """Rank 0's ``x`` into every rank's ``x`` (in place); ``idle``: on the group without a practical
         timeout (the workers' wait for the next step)."""
         group = self.idle_group if idle else None
-        _guarded("broadcast", lambda: dist.broadcast(x, src=0, group=group))
+        self.clock.run("broadcast", lambda: dist.broadcast(x, src=0, group=group))
         return x
 
     def min_over_ranks(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64)
-        _guarded("all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.MIN))
+        self.clock.run("all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.MIN))
         return int(t[0])
 
     def from_rank0(self, value: Any) -> Any:
