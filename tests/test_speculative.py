@@ -59,12 +59,24 @@ OPEN_ENDED = "Write one sentence about the sea."
 
 def test_ngram_lookup_takes_the_most_recent_longest_match() -> None:
     tokens = np.array([1, 2, 3, 9, 8, 1, 2, 3, 7, 6, 5, 1, 2, 3])
-    # [1, 2, 3] occurs at 0 and 5: the most recent (5) is followed by 7, 6, 5, 1
+    # [1, 2, 3] occurs at 0 and 5, neither matching further back (8 before 5, 5 before the suffix):
+    # the most recent (5) is followed by 7, 6, 5, a three-token match drafting at most three
     assert ngram_lookup(tokens, 3, 1, 3) == [7, 6, 5]
-    assert ngram_lookup(tokens, 10, 1, 3) == [7, 6, 5, 1, 2, 3]  # up to the end, never past it
-    # [4, 2] never occurred earlier, so n = 1 takes the earlier 2 (position 0), followed by 3, 9
-    assert ngram_lookup(np.array([2, 3, 9, 4, 2]), 2, 1, 2) == [3, 9]
+    assert ngram_lookup(tokens, 10, 1, 3) == [7, 6, 5]
+    # [4, 2] never occurred earlier, so n = 1 takes the earlier 2 (position 0): one token matched, one drafted
+    assert ngram_lookup(np.array([2, 3, 9, 4, 2]), 2, 1, 2) == [3]
     assert ngram_lookup(np.array([2, 3, 9, 4, 2]), 2, 2, 2) == []  # n >= 2 only: no match
+
+
+def test_ngram_lookup_prefers_the_match_that_runs_furthest_back() -> None:
+    # [1, 2, 3] occurs at 1 (after 5, as the suffix is) and at 6 (after 4): the earlier one matches
+    # four tokens, so it wins and drafts four; n-gram length 3 alone would have taken the later one
+    tokens = np.array([5, 1, 2, 3, 9, 4, 1, 2, 3, 8, 7, 7, 5, 1, 2, 3])
+    assert ngram_lookup(tokens, 4, 1, 3) == [9, 4, 1, 2]
+    assert ngram_lookup(tokens, 2, 1, 3) == [9, 4]  # never more than k
+    # a copy under way: the suffix matches six tokens back, so all k are drafted
+    text = np.array([10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 0, 10, 11, 12, 13, 14, 15])
+    assert ngram_lookup(text, 4, 1, 2) == [16, 17, 18, 19]
     assert ngram_lookup(np.array([5, 6, 7]), 3, 1, 3) == []  # nothing repeats
     assert ngram_lookup(np.array([5]), 3, 1, 3) == []
 

@@ -2,9 +2,11 @@
 decodes.
 
 Each step, a decoding sequence may draft up to ``num_speculative_tokens`` tokens. ``ngram``: the
-tokens that followed the most recent earlier occurrence of its last n tokens in its prompt and output
-(n from ``prompt_lookup_max`` down to ``prompt_lookup_min``), as vLLM's and llama.cpp's prompt lookup
-do; input-grounded work (summaries, edits, answers from a passage) repeats its input, so the drafts
+tokens that followed an earlier occurrence of its last n tokens in its prompt and output (n from
+``prompt_lookup_max`` down to ``prompt_lookup_min``, longest first, as vLLM's prompt lookup does), the
+occurrence whose match runs furthest back, and no more tokens than that match is long (llama.cpp's
+lookup, likewise, drafts only what its n-gram statistics make likely); input-grounded work
+(summaries, edits, answers from a passage) repeats its input, so the drafts
 are often right. ``draft``: a smaller model with the target's vocabulary samples them one at a time
 (``DraftModelProposer``), for all drafting sequences at once, with its own KV cache in the target's
 blocks; verification's rejection rule uses the draft's distribution (engine/sampler.py).
@@ -135,8 +137,11 @@ class StepCostMeter:
 
 
 def ngram_lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
-    """Up to ``k`` tokens that followed the most recent earlier occurrence of the last n tokens of
-    ``tokens``, for the largest n in [n_min, n_max] that occurs; [] when none does."""
+    """Up to ``k`` tokens that followed an earlier occurrence of the last n tokens of ``tokens``, for
+    the largest n in [n_min, n_max] that occurs; [] when none does. Of its occurrences, the one whose
+    match runs furthest back (up to k tokens past n) is taken, the most recent of those, and it drafts no
+    more tokens than its match is long: a long match is text being copied, a one-token match mostly
+    chance, so a short match risks few rows."""
     length = len(tokens)
     for n in range(min(n_max, length - 1), n_min - 1, -1):
         pattern = tokens[length - n :]
@@ -146,9 +151,26 @@ def ngram_lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int
             windows = sliding_window_view(tokens, n)[starts]
             starts = starts[(windows == pattern).all(axis=1)]
         if starts.size:
-            follow = starts[-1] + n
-            return tokens[follow : follow + k].tolist()
+            matched = _match_lengths(tokens, starts, n, n + k)
+            best = np.flatnonzero(matched == matched.max())[-1]
+            follow = starts[best] + n
+            return tokens[follow : follow + min(k, int(matched[best]))].tolist()
     return []
+
+
+def _match_lengths(tokens: np.ndarray, starts: np.ndarray, n: int, limit: int) -> np.ndarray:
+    """How far back each occurrence at ``starts`` of the last ``n`` tokens goes on matching the
+    tokens before them: n plus the equal tokens before both, at most ``limit`` in all."""
+    end = len(tokens) - n  # the suffix's n tokens start here
+    lengths = np.full(starts.shape, n)
+    alive = np.ones(starts.shape, dtype=bool)
+    for back in range(1, limit - n + 1):
+        alive &= starts - back >= 0
+        alive[alive] = tokens[starts[alive] - back] == tokens[end - back]
+        if not alive.any():
+            break
+        lengths += alive
+    return lengths
 
 
 class _TokenArray:
