@@ -52,9 +52,10 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     # the cost of one more query row in a decode step, as a fraction of a one-row step: what the
     # adaptive draft length weighs against the expected accepted tokens (engine/spec_decode.py) until
-    # the engine has timed its own steps, where the tuned dataflow table has not timed the kernels. Small where a step is bound by
-    # reading the weights once; the default is conservative for CPUs whose int8 products are
-    # compute-bound (AVX2 without VNNI), so that middling acceptance does not draft at a loss
+    # the engine has timed its own steps, where the tuned dataflow table has not timed the kernels.
+    # Small where a step is bound by reading the weights once; the default is conservative for CPUs
+    # whose int8 products are compute-bound (AVX2 without VNNI), so that middling acceptance does not
+    # draft at a loss
     draft_row_cost: float = 0.4
 
     def __post_init__(self) -> None:
