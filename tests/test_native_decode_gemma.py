@@ -45,9 +45,7 @@ def assert_same_requests(native: list, python: list, tol: float) -> None:
     native_helpers.assert_same([o.outputs[0] for o in native], [o.outputs[0] for o in python], tol)
     for a, b in zip(native, python, strict=True):
         for pa, pb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True):
-            assert pa.keys() == pb.keys()
-            for tok in pa:
-                assert abs(pa[tok].logprob - pb[tok].logprob) <= tol, (tok, pa[tok], pb[tok])
+            native_helpers.assert_same_logprobs(pa, pb, tol)
 
 
 def both_paths(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:

@@ -340,52 +340,137 @@ INLINE int end_row(int64_t j, int64_t n0, int64_t w, int nr) {
 /* the first key that a row seeing the n keys before it reads under a window of w keys (0: all) */
 INLINE int64_t first_key(int64_t w, int64_t n) { return w && n > w ? n - w : 0; }
 
+/* Keys are read KV_BLOCK at a time from block boundaries fixed from the partition's start: a block's
+ * dot products run as independent FMA chains (one chain per key waits on its own latency), its V rows
+ * are converted once for every query head, and a head's output stays in registers across the block. */
+#define KV_BLOCK 8
+
+/* rows[b] = key j0 + j + b's K or V row (which) as fp32, for the nk keys of a block; buf: [KV_BLOCK * D] */
+static void kv_block(const fd_model *M, int64_t layer, const int64_t *slots, int64_t j, int64_t end, int nk,
+                     int64_t h, int which, float *buf, const float **rows) {
+    for (int b = 0; b < nk; b++) {
+        kv_prefetch(M, layer, slots, j + b, end, h, which);
+        rows[b] = kv_row(M, layer, slots[j + b], h, which, buf + b * M->head_dim);
+    }
+}
+
+/* s[b] = scale * q . k[b] for the nk <= KV_BLOCK rows of a block. Each key's sum runs in the same order
+ * wherever it falls in the block (a short block repeats its last row), so its score has the same bits
+ * in any step: a row's attention must not depend on the other rows beside it (PART_KEYS). */
+static void block_scores(const float *q, const float **k, int nk, int64_t D, float scale, float *s) {
+    const float *r[KV_BLOCK];
+    for (int b = 0; b < KV_BLOCK; b++) r[b] = k[b < nk ? b : nk - 1];
+    for (int b = 0; b < nk; b += 4) {
+        float t[4];
+        int64_t d = 0;
+#if defined(__AVX2__)
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (; d + 8 <= D; d += 8) {
+            const __m256 x = _mm256_loadu_ps(q + d);
+            a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[b] + d), a0);
+            a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[b + 1] + d), a1);
+            a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[b + 2] + d), a2);
+            a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[b + 3] + d), a3);
+        }
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        _mm_storeu_ps(t, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#else
+        t[0] = t[1] = t[2] = t[3] = 0.0f;
+#endif
+        for (int c = 0; c < 4; c++) {
+            for (int64_t e = d; e < D; e++) t[c] += q[e] * r[b + c][e];
+            if (b + c < nk) s[b + c] = t[c] * scale;
+        }
+    }
+}
+
+/* y += sum_b p[b] v[b] over the rows [b0, b1) of a block, key after key as axpy would */
+static void block_axpy(float *y, const float *p, const float **v, int b0, int b1, int64_t D) {
+    int64_t d = 0;
+#if defined(__AVX2__)
+    for (; d + 32 <= D; d += 32) {
+        __m256 y0 = _mm256_loadu_ps(y + d), y1 = _mm256_loadu_ps(y + d + 8);
+        __m256 y2 = _mm256_loadu_ps(y + d + 16), y3 = _mm256_loadu_ps(y + d + 24);
+        for (int b = b0; b < b1; b++) {
+            const __m256 w = _mm256_set1_ps(p[b]);
+            y0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v[b] + d), y0);
+            y1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v[b] + d + 8), y1);
+            y2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v[b] + d + 16), y2);
+            y3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v[b] + d + 24), y3);
+        }
+        _mm256_storeu_ps(y + d, y0), _mm256_storeu_ps(y + d + 8, y1);
+        _mm256_storeu_ps(y + d + 16, y2), _mm256_storeu_ps(y + d + 24, y3);
+    }
+    for (; d + 8 <= D; d += 8) {
+        __m256 y0 = _mm256_loadu_ps(y + d);
+        for (int b = b0; b < b1; b++) y0 = _mm256_fmadd_ps(_mm256_set1_ps(p[b]), _mm256_loadu_ps(v[b] + d), y0);
+        _mm256_storeu_ps(y + d, y0);
+    }
+#endif
+    for (; d < D; d++)
+        for (int b = b0; b < b1; b++) y[d] += p[b] * v[b][d];
+}
+
+/* exact mode between its passes: each row's scores over its keys [a, b) become e^(s - m), m their max */
+static void exact_weights(const fd_layer *L, int nr, int ng, const int64_t *a, const int64_t *b, int64_t n,
+                          float *scores, float *out, int64_t ldo, int64_t D) {
+    for (int i = 0; i < nr; i++)
+        for (int g = 0; b[i] > a[i] && g < ng; g++) {
+            float *o = out + i * ldo + g * (D + 2), *sc = scores + (i * ng + g) * n, m = -INFINITY;
+            if (L->softcap) soft_cap(sc + a[i], b[i] - a[i], L->softcap);
+            for (int64_t j = a[i]; j < b[i]; j++) m = sc[j] > m ? sc[j] : m;
+            o[0] = m;
+            o[1] = exp_sum(sc + a[i], b[i] - a[i], m);
+        }
+}
+
 /* Keys [j0, j1) of one sequence in layer L for nr consecutive query rows of it (row i sees the keys
  * before n0 + i: a prompt chunk's causal mask; in a sliding layer only the last L->window of them)
  * with ng query heads each, q [nr][ng][D] (rows ldq apart) of kv head h. Writes, per row i and head
  * g, out[i * ldo + g * (D + 2)] = (m, l, acc[D]) with m = phi (unified) or the partition's max over
  * the row's keys, l = sum e^(s - m), acc = sum e^(s - m) v, s the scaled (and soft-capped) scores; a
  * row that sees none of these keys gets l = 0 (and m = -inf when exact). Each key row some row sees is
- * read, and converted, once for all nr x ng queries. scores: [nr * ng * (j1 - j0)] scratch; buf: [D]. */
+ * read, and converted, once for all nr x ng queries. Unified mode needs no max, so it reads each key's
+ * K and V in one pass (section 3's point); exact mode reads K, takes the max, then reads V.
+ * scores: [nr * ng * (j1 - j0)] scratch; buf: [2 * KV_BLOCK * D]. */
 static void attn_partition(const fd_model *M, int64_t layer, const fd_layer *L, int64_t h, const float *q,
                            int64_t ldq, int nr, int ng, int64_t n0, const int64_t *slots, int64_t j0, int64_t j1,
                            int unified, float phi, float *scores, float *buf, float *out, int64_t ldo) {
-    const int64_t D = M->head_dim, n = j1 - j0, w = L->window;
-    const int64_t ka = (first_key(L->window, n0) > j0 ? first_key(L->window, n0) : j0) - j0; /* keys before: no row's */
-    for (int64_t j = ka; j < n; j++) {
-        kv_prefetch(M, layer, slots, j0 + j, j1, h, 0);
-        const float *k = kv_row(M, layer, slots[j0 + j], h, 0, buf);
-        for (int i = first_row(j0 + j, n0), e = end_row(j0 + j, n0, w, nr); i < e; i++)
-            for (int g = 0; g < ng; g++) scores[(i * ng + g) * n + j] = dot(q + i * ldq + g * D, k, D) * M->scale;
-    }
+    const int64_t D = M->head_dim, n = j1 - j0;
+    const int64_t fk = first_key(L->window, n0), kb = ((fk > j0 ? fk : j0) - j0) / KV_BLOCK * KV_BLOCK;
+    int64_t a[GROUP_ROWS], b[GROUP_ROWS]; /* the keys [a, b) of this partition row i sees */
+    const float *k[KV_BLOCK], *v[KV_BLOCK];
     for (int i = 0; i < nr; i++) {
-        /* the keys [a, b) of this partition row i sees */
         const int64_t lo = first_key(L->window, n0 + i), hi = n0 + i;
-        const int64_t a = (lo > j0 ? lo : j0) - j0, b = (hi < j1 ? hi : j1) - j0;
+        a[i] = (lo > j0 ? lo : j0) - j0, b[i] = (hi < j1 ? hi : j1) - j0;
         for (int g = 0; g < ng; g++) {
-            float *o = out + i * ldo + g * (D + 2), *sc = scores + (i * ng + g) * n, m = phi;
+            float *o = out + i * ldo + g * (D + 2);
+            o[0] = unified ? phi : -INFINITY, o[1] = 0.0f;
             memset(o + 2, 0, sizeof(float) * (size_t)D);
-            if (b <= a) {
-                o[0] = unified ? phi : -INFINITY;
-                o[1] = 0.0f;
-                continue;
-            }
-            if (L->softcap) soft_cap(sc + a, b - a, L->softcap);
-            if (!unified) {
-                m = -INFINITY;
-                for (int64_t j = a; j < b; j++) m = sc[j] > m ? sc[j] : m;
-            }
-            o[0] = m;
-            o[1] = exp_sum(sc + a, b - a, m);
         }
     }
-    for (int64_t j = ka; j < n; j++) {
-        kv_prefetch(M, layer, slots, j0 + j, j1, h, 1);
-        const float *v = kv_row(M, layer, slots[j0 + j], h, 1, buf);
-        for (int i = first_row(j0 + j, n0), e = end_row(j0 + j, n0, w, nr); i < e; i++)
-            for (int g = 0; g < ng; g++) axpy(out + i * ldo + g * (D + 2) + 2, scores[(i * ng + g) * n + j], v, D);
+    for (int pass = unified ? 2 : 0; pass < (unified ? 3 : 2); pass++) { /* exact: 0 K, 1 V; unified: 2 both */
+        if (pass == 1) exact_weights(L, nr, ng, a, b, n, scores, out, ldo, D);
+        for (int64_t j = kb; j < n; j += KV_BLOCK) {
+            const int nk = n - j < KV_BLOCK ? (int)(n - j) : KV_BLOCK;
+            if (pass != 1) kv_block(M, layer, slots, j0 + j, j1, nk, h, 0, buf, k);
+            if (pass != 0) kv_block(M, layer, slots, j0 + j, j1, nk, h, 1, buf + KV_BLOCK * D, v);
+            for (int i = 0; i < nr; i++) {
+                const int lo = (int)((a[i] > j ? a[i] : j) - j), hi = (int)((b[i] < j + nk ? b[i] : j + nk) - j);
+                for (int g = 0; hi > lo && g < ng; g++) {
+                    float *o = out + i * ldo + g * (D + 2), *sc = scores + (i * ng + g) * n + j;
+                    if (pass != 1) block_scores(q + i * ldq + g * D, k, nk, D, M->scale, sc);
+                    if (pass == 2) {
+                        if (L->softcap) soft_cap(sc + lo, hi - lo, L->softcap);
+                        o[1] += exp_sum(sc + lo, hi - lo, phi);
+                    }
+                    if (pass != 0) block_axpy(o + 2, sc, v, lo, hi, D);
+                }
+            }
+        }
     }
 }
+
 
 /* The exact softmax of one row (one query head over the n keys before it, or its window of them),
  * partition by partition with the online rescale: the fallback of a unified row outside the window. */
@@ -470,7 +555,7 @@ static int64_t private_floats(int64_t max_k) { return PRIVATE_ROWS * (max_k + ma
 
 static int64_t thread_floats(const fd_model *M, int64_t max_k) {
     const int64_t G = M->heads / M->kv_heads;
-    return 2 * (int64_t)fd_scale_scratch(max_k) + GROUP_ROWS * G * PART_KEYS + 2 * M->head_dim + (M->head_dim + 2) +
+    return 2 * (int64_t)fd_scale_scratch(max_k) + GROUP_ROWS * G * PART_KEYS + 2 * KV_BLOCK * M->head_dim + (M->head_dim + 2) +
            private_floats(max_k) + 64;
 }
 
@@ -619,7 +704,7 @@ static int finish_row(const fd_model *M, int64_t layer, const fd_geometry *S, co
     }
     const int64_t n = S->lens[t], seen = n - first_key(L->window, n);
     if (unified && !(l >= (float)seen * expf(M->win_lo) && l <= expf(M->win_hi))) { /* NaN fails too */
-        float *scores = tb, *buf = tb + GROUP_ROWS * G * PART_KEYS, *tmp = buf + D;
+        float *scores = tb, *buf = tb + GROUP_ROWS * G * PART_KEYS, *tmp = buf + 2 * KV_BLOCK * D;
         attn_row_exact(M, layer, L, h, B->qkv + t * width + hq * D, S->slots + S->slot_rows[t], n, S->part, scores,
                        buf, tmp, y);
         return 1;
