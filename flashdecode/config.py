@@ -36,9 +36,10 @@ class SpeculativeConfig:
     """Speculative decoding (engine/spec_decode.py), as vLLM's ``speculative_config``: each step a
     running sequence may draft up to ``num_speculative_tokens`` tokens, verified in the same step.
 
-    ``ngram`` (prompt lookup): the drafts are the tokens that followed the most recent earlier
-    occurrence of the sequence's last n tokens in its prompt and output, for n from
-    ``prompt_lookup_max`` down to ``prompt_lookup_min``.
+    ``ngram`` (prompt lookup): the drafts are the tokens that followed an earlier occurrence of the
+    sequence's last n tokens in its prompt and output, for the largest n from ``prompt_lookup_max``
+    down to ``prompt_lookup_min`` that occurs, the occurrence whose match runs furthest back, no more
+    tokens than that match is long.
 
     ``draft``: a smaller ``model`` (GGUF file or Hugging Face folder) with the target's vocabulary
     drafts the tokens one at a time, sampled from its own distribution under the request's sampling
@@ -50,10 +51,11 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
     # the cost of one more query row in a decode step, as a fraction of a one-row step: what the
-    # adaptive draft length weighs against the expected accepted tokens (engine/spec_decode.py) where
-    # the tuned dataflow table has not timed the model's kernels. Small where a step is bound by
-    # reading the weights once; the default is conservative for CPUs whose int8 products are
-    # compute-bound (AVX2 without VNNI), so that middling acceptance does not draft at a loss
+    # adaptive draft length weighs against the expected accepted tokens (engine/spec_decode.py) until
+    # the engine has timed its own steps, where the tuned dataflow table has not timed the kernels.
+    # Small where a step is bound by reading the weights once; the default is conservative for CPUs
+    # whose int8 products are compute-bound (AVX2 without VNNI), so that middling acceptance does not
+    # draft at a loss
     draft_row_cost: float = 0.4
 
     def __post_init__(self) -> None:

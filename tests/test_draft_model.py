@@ -48,7 +48,8 @@ def _always_draft(engine: LLMEngine) -> None:
     """Rows cost nothing to the adaptive length: every step of every sequence drafts all it may, so
     the tests exercise the drafts (tiny models' drafts cost nearly what their targets do)."""
     proposer = engine.scheduler.proposer
-    proposer.step_costs = [1.0] * len(proposer.step_costs)
+    proposer.meter, proposer.prior_ratio = None, 0.0
+    proposer.prior_costs = [1.0] * len(proposer.prior_costs)
 
 
 def _acceptance(engine: LLMEngine, before: Any) -> float:

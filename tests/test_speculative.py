@@ -28,6 +28,9 @@ from flashdecode.engine.sampler import Sampler, SamplingRow
 from flashdecode.engine.scheduler import ScheduledBatch
 from flashdecode.engine.sequence import DraftHistory
 from flashdecode.engine.spec_decode import (
+    DraftModelProposer,
+    NgramProposer,
+    StepCostMeter,
     _TokenArray,
     best_draft_length,
     linear_step_costs,
@@ -56,12 +59,24 @@ OPEN_ENDED = "Write one sentence about the sea."
 
 def test_ngram_lookup_takes_the_most_recent_longest_match() -> None:
     tokens = np.array([1, 2, 3, 9, 8, 1, 2, 3, 7, 6, 5, 1, 2, 3])
-    # [1, 2, 3] occurs at 0 and 5: the most recent (5) is followed by 7, 6, 5, 1
+    # [1, 2, 3] occurs at 0 and 5, neither matching further back (8 before 5, 5 before the suffix):
+    # the most recent (5) is followed by 7, 6, 5, a three-token match drafting at most three
     assert ngram_lookup(tokens, 3, 1, 3) == [7, 6, 5]
-    assert ngram_lookup(tokens, 10, 1, 3) == [7, 6, 5, 1, 2, 3]  # up to the end, never past it
-    # [4, 2] never occurred earlier, so n = 1 takes the earlier 2 (position 0), followed by 3, 9
-    assert ngram_lookup(np.array([2, 3, 9, 4, 2]), 2, 1, 2) == [3, 9]
+    assert ngram_lookup(tokens, 10, 1, 3) == [7, 6, 5]
+    # [4, 2] never occurred earlier, so n = 1 takes the earlier 2 (position 0): one token matched, one drafted
+    assert ngram_lookup(np.array([2, 3, 9, 4, 2]), 2, 1, 2) == [3]
     assert ngram_lookup(np.array([2, 3, 9, 4, 2]), 2, 2, 2) == []  # n >= 2 only: no match
+
+
+def test_ngram_lookup_prefers_the_match_that_runs_furthest_back() -> None:
+    # [1, 2, 3] occurs at 1 (after 5, as the suffix is) and at 6 (after 4): the earlier one matches
+    # four tokens, so it wins and drafts four; n-gram length 3 alone would have taken the later one
+    tokens = np.array([5, 1, 2, 3, 9, 4, 1, 2, 3, 8, 7, 7, 5, 1, 2, 3])
+    assert ngram_lookup(tokens, 4, 1, 3) == [9, 4, 1, 2]
+    assert ngram_lookup(tokens, 2, 1, 3) == [9, 4]  # never more than k
+    # a copy under way: the suffix matches six tokens back, so all k are drafted
+    text = np.array([10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 0, 10, 11, 12, 13, 14, 15])
+    assert ngram_lookup(text, 4, 1, 2) == [16, 17, 18, 19]
     assert ngram_lookup(np.array([5, 6, 7]), 3, 1, 3) == []  # nothing repeats
     assert ngram_lookup(np.array([5]), 3, 1, 3) == []
 
@@ -88,6 +103,70 @@ def test_best_draft_length_maximises_tokens_per_cost() -> None:
     # rate 0.5 where a second row costs as much as a step: nothing pays; where it is free: all of it
     assert best_draft_length(0.5, 4, [1.0, 2.0, 3.0, 4.0, 5.0]) == 0
     assert best_draft_length(0.5, 4, [1.0] * 5) == 4
+
+
+def _timed(meter: StepCostMeter, seconds_at: dict[int, float], n: int = 10) -> StepCostMeter:
+    """``meter`` fed ``n`` steps at each row count, each taking the given time."""
+    for _ in range(n):
+        for rows, seconds in seconds_at.items():
+            meter.record(rows, seconds)
+    return meter
+
+
+def test_step_cost_meter_takes_the_median_after_warm_up() -> None:
+    meter = StepCostMeter(warmup=2, window=5, min_samples=3)
+    for seconds in (9.0, 9.0, 1.0, 1.2):  # two warm-up steps dropped, then too few to count
+        meter.record(1, seconds)
+    assert meter.cost(1) is None
+    meter.record(1, 50.0)  # an outlier: a step slowed by another process
+    assert meter.cost(1) == 1.2  # the median of 1.0, 1.2, 50.0
+    for seconds in (1.1, 1.3, 1.1):
+        meter.record(1, seconds)
+    assert meter.cost(1) == 1.2  # the last 5: 1.2, 50.0, 1.1, 1.3, 1.1
+    prior = [1.0, 1.4, 1.8]
+    assert meter.step_costs(prior) == prior  # no row count past 1 timed: the prior
+    _timed(meter, {3: 1.5})
+    assert meter.step_costs(prior) == pytest.approx([1.0, 1.4, 1.5 / 1.2])
+
+
+def _gain(rate: float, d: int, costs: list[float]) -> float:
+    """Tokens per step cost with d drafts over plain decoding's: (1 + a + ... + a^d) / cost."""
+    return sum(rate**i for i in range(d + 1)) / costs[d]
+
+
+def test_measured_costs_draft_more_when_rows_are_cheap_and_none_when_dear() -> None:
+    config = SpeculativeConfig(num_speculative_tokens=4)
+    proposer = NgramProposer(config, 1024, meter=StepCostMeter())
+    assert proposer.step_costs() == pytest.approx([1.0, 1.4, 1.8, 2.2, 2.6])  # the prior until timed
+    # the prior's 0.4 a row: at rate 0.5 one draft (1.5 / 1.4) pays, more do not
+    assert best_draft_length(0.5, 4, proposer.step_costs()) == 1
+    # weights read once per step: five rows cost barely more than one
+    _timed(proposer.meter, {1: 10e-3, 2: 10.2e-3, 3: 10.4e-3, 4: 10.6e-3, 5: 10.8e-3})
+    cheap = proposer.step_costs()
+    assert cheap == pytest.approx([1.0, 1.02, 1.04, 1.06, 1.08])
+    assert best_draft_length(0.5, 4, cheap) == 4
+    # compute-bound rows: each costs as much as a step; nothing pays even at rate 0.9
+    dear = _timed(StepCostMeter(), {m: m * 10e-3 for m in range(1, 6)}).step_costs(proposer.prior_costs)
+    assert dear == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert best_draft_length(0.9, 4, dear) == 0
+    # whatever the costs, a length that is drafted beats plain decoding at that acceptance rate
+    for costs in (cheap, dear, proposer.prior_costs):
+        for rate in np.linspace(0.0, 1.0, 21):
+            d = best_draft_length(rate, 4, costs)
+            assert d == 0 or _gain(rate, d, costs) > 1.0
+        assert best_draft_length(0.0, 4, costs) == 0
+
+
+def test_draft_model_passes_priced_by_their_timings() -> None:
+    config = SpeculativeConfig(method="draft", model="draft.gguf", num_speculative_tokens=2)
+    meter = StepCostMeter()
+    proposer = DraftModelProposer(config, 1024, [1.0, 1.1, 1.2], 0.5, None, None, None, 8, meter)
+    # before timings: the weight bytes' ratio 0.5; d drafts: (cost + (d + 1) * 0.5) / 1.5
+    assert proposer.step_costs() == pytest.approx([1.0, 2.1 / 1.5, 2.7 / 1.5])
+    _timed(meter, {1: 10e-3, 2: 10e-3, 3: 10e-3})
+    _timed(proposer.draft_meter, {1: 1e-3})  # a draft pass a tenth of a target step
+    assert proposer.draft_ratio() == pytest.approx(0.1)
+    assert proposer.step_costs() == pytest.approx([1.0, 1.2 / 1.1, 1.3 / 1.1])
 
 
 def test_draft_history_stops_and_resumes_drafting() -> None:

@@ -32,7 +32,7 @@ from .sequence import Request, Sequence
 from .spec_decode import (
     DraftModelProposer,
     NgramProposer,
-    draft_step_costs,
+    StepCostMeter,
     linear_step_costs,
     tuned_step_costs,
     weight_bytes_ratio,
@@ -165,11 +165,15 @@ class LLMEngine:
         self.sampler = Sampler()
         self.runner = ModelRunner(self.model, self.cache, bs, self.device.torch, group)
         proposer = None
+        # the engine's decode steps timed by their rows, which the adaptive draft length prices
+        # drafts by once it has seen enough of them (engine/spec_decode.py)
+        self.step_meter: StepCostMeter | None = None
         if spec_config is not None:
             k = spec_config.num_speculative_tokens
             costs = None if table is None else tuned_step_costs(iter_linears(self.model.linears()), table, k)
+            self.step_meter = StepCostMeter()
             if draft is None:
-                proposer = NgramProposer(spec_config, self.max_model_len, costs)
+                proposer = NgramProposer(spec_config, self.max_model_len, costs, self.step_meter)
             else:
                 ratio = weight_bytes_ratio(iter_linears(draft.linears()), iter_linears(self.model.linears()))
                 # the draft's cache has the target's blocks, from the same block manager, as vLLM's
@@ -180,11 +184,13 @@ class LLMEngine:
                 proposer = DraftModelProposer(
                     spec_config,
                     self.max_model_len,
-                    draft_step_costs(costs or linear_step_costs(k, spec_config.draft_row_cost), ratio),
+                    costs or linear_step_costs(k, spec_config.draft_row_cost),
+                    ratio,
                     ModelRunner(draft, draft_cache, bs, self.device.torch),
                     self.sampler,
                     self._sampling_row,
                     self.model.lm_head.shape[0],
+                    self.step_meter,
                 )
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, proposer
@@ -342,6 +348,7 @@ class LLMEngine:
         now = time.monotonic()
         if self.step_log is not None:
             self.step_log.append(StepRecord.of(batch))
+        start, num_rows = time.perf_counter(), batch.num_tokens
         result = self.runner.run(batch)
         touched: dict[str, Request] = {}
         for seq in batch.decodes:
@@ -373,6 +380,9 @@ class LLMEngine:
                 metrics.first_token_time = metrics.first_token_time or now
                 if seq.request.finished:
                     metrics.finished_time = now
+        if self.step_meter is not None and not batch.prefills:
+            # a decode step's model pass and sampling: what a drafted row adds to
+            self.step_meter.record(num_rows, time.perf_counter() - start)
 
         outputs = []
         for request in touched.values():

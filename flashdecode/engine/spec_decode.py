@@ -2,9 +2,11 @@
 decodes.
 
 Each step, a decoding sequence may draft up to ``num_speculative_tokens`` tokens. ``ngram``: the
-tokens that followed the most recent earlier occurrence of its last n tokens in its prompt and output
-(n from ``prompt_lookup_max`` down to ``prompt_lookup_min``), as vLLM's and llama.cpp's prompt lookup
-do; input-grounded work (summaries, edits, answers from a passage) repeats its input, so the drafts
+tokens that followed an earlier occurrence of its last n tokens in its prompt and output (n from
+``prompt_lookup_max`` down to ``prompt_lookup_min``, longest first, as vLLM's prompt lookup does), the
+occurrence whose match runs furthest back, and no more tokens than that match is long (llama.cpp's
+lookup, likewise, drafts only what its n-gram statistics make likely); input-grounded work
+(summaries, edits, answers from a passage) repeats its input, so the drafts
 are often right. ``draft``: a smaller model with the target's vocabulary samples them one at a time
 (``DraftModelProposer``), for all drafting sequences at once, with its own KV cache in the target's
 blocks; verification's rejection rule uses the draft's distribution (engine/sampler.py).
@@ -20,11 +22,15 @@ K/V slots are overwritten later or their blocks freed.
 
 The draft length adapts per sequence. With an acceptance rate a per draft, d drafts emit
 ``1 + a + ... + a^d`` tokens in a step of d + 1 rows; the length with the most tokens per cost is
-drafted (zero when no length beats plain decoding). The cost of d + 1 rows, in one-row steps, comes
+drafted (zero when no length beats plain decoding). The cost of d + 1 rows, in one-row steps, is the
+engine's own: it times its decode steps by their rows as they run (``StepCostMeter``), and once it
+has timed steps of 1 and of d + 1 rows enough, their medians' ratio is the cost. Before that it comes
 from the tuned dataflow table where it timed every projection of the model (``tuned_step_costs``:
 each shape's planned kernel at each M; attention, which reads the context once per row, is left
-out), else it is ``1 + d * draft_row_cost``; a draft model's passes are added to it
-(``draft_step_costs``, a draft row priced by its weights' bytes over the target's). The rate is the
+out), else it is ``1 + d * draft_row_cost``. A draft model's passes are added to it
+(``draft_step_costs``), a draft row priced by its timed one-row passes over the target's one-row
+steps, before that by its weights' bytes over the target's. The meter keys steps by their total
+rows, so it prices a drafted row exactly at batch 1 and roughly in a batch. The rate is the
 sequence's own (``Sequence.draft_history``), over its recent steps.
 """
 
@@ -32,7 +38,10 @@ from __future__ import annotations
 
 import abc
 import math
+import statistics
+import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -92,9 +101,47 @@ def tuned_step_costs(linears: Iterable[Linear], table: DataflowTable, max_drafts
     return [t / totals[0] for t in totals]
 
 
+class StepCostMeter:
+    """The engine's own step times on this machine, by the step's row count M: what the adaptive
+    draft length prices a drafted row by once it has seen enough steps of each M. A step's first
+    ``warmup`` samples at each M are dropped (lazy set-up, cold caches), and the median of the last
+    ``window`` stands for it, so a step slowed by another process on the cores moves it little."""
+
+    def __init__(self, warmup: int = 2, window: int = 31, min_samples: int = 5):
+        self.warmup, self.window, self.min_samples = warmup, window, min_samples
+        self._seen: dict[int, int] = {}
+        self._samples: dict[int, deque[float]] = {}
+        self._medians: dict[int, float] = {}
+
+    def record(self, rows: int, seconds: float) -> None:
+        seen = self._seen[rows] = self._seen.get(rows, 0) + 1
+        if seen <= self.warmup:
+            return
+        samples = self._samples.setdefault(rows, deque(maxlen=self.window))
+        samples.append(seconds)
+        if len(samples) >= self.min_samples:
+            self._medians[rows] = statistics.median(samples)
+
+    def cost(self, rows: int) -> float | None:
+        """The median time of a step of ``rows`` rows; None until enough were timed."""
+        return self._medians.get(rows)
+
+    def step_costs(self, prior: list[float]) -> list[float]:
+        """``prior`` (costs of 1 + d rows in one-row steps), each replaced by the measured ratio
+        where steps of 1 and of 1 + d rows were both timed enough."""
+        base = self.cost(1)
+        if base is None or not base > 0:
+            return prior
+        measured = [self.cost(d + 1) for d in range(len(prior))]
+        return [p if m is None else m / base for p, m in zip(prior, measured)]
+
+
 def ngram_lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
-    """Up to ``k`` tokens that followed the most recent earlier occurrence of the last n tokens of
-    ``tokens``, for the largest n in [n_min, n_max] that occurs; [] when none does."""
+    """Up to ``k`` tokens that followed an earlier occurrence of the last n tokens of ``tokens``, for
+    the largest n in [n_min, n_max] that occurs; [] when none does. Of its occurrences, the one whose
+    match runs furthest back (up to k tokens past n) is taken, the most recent of those, and it drafts no
+    more tokens than its match is long: a long match is text being copied, a one-token match mostly
+    chance, so a short match risks few rows."""
     length = len(tokens)
     for n in range(min(n_max, length - 1), n_min - 1, -1):
         pattern = tokens[length - n :]
@@ -104,9 +151,26 @@ def ngram_lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int
             windows = sliding_window_view(tokens, n)[starts]
             starts = starts[(windows == pattern).all(axis=1)]
         if starts.size:
-            follow = starts[-1] + n
-            return tokens[follow : follow + k].tolist()
+            matched = _match_lengths(tokens, starts, n, n + k)
+            best = np.flatnonzero(matched == matched.max())[-1]
+            follow = starts[best] + n
+            return tokens[follow : follow + min(k, int(matched[best]))].tolist()
     return []
+
+
+def _match_lengths(tokens: np.ndarray, starts: np.ndarray, n: int, limit: int) -> np.ndarray:
+    """How far back each occurrence at ``starts`` of the last ``n`` tokens goes on matching the
+    tokens before them: n plus the equal tokens before both, at most ``limit`` in all."""
+    end = len(tokens) - n  # the suffix's n tokens start here
+    lengths = np.full(starts.shape, n)
+    alive = np.ones(starts.shape, dtype=bool)
+    for back in range(1, limit - n + 1):
+        alive &= starts - back >= 0
+        alive[alive] = tokens[starts[alive] - back] == tokens[end - back]
+        if not alive.any():
+            break
+        lengths += alive
+    return lengths
 
 
 class _TokenArray:
@@ -135,13 +199,26 @@ class AdaptiveProposer(abc.ABC):
     rate); once every sequence has its blocks, the drafts themselves (``propose``), so that a draft
     model drafts for all of them in one batch."""
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int, step_costs: list[float] | None = None):
-        """``step_costs``: a step's cost at 1 + d rows, d = 0..num_speculative_tokens, in one-row
-        steps (``tuned_step_costs``); None: ``linear_step_costs`` of ``config.draft_row_cost``."""
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        max_model_len: int,
+        prior_costs: list[float] | None = None,
+        meter: StepCostMeter | None = None,
+    ):
+        """``prior_costs``: a step's cost at 1 + d rows, d = 0..num_speculative_tokens, in one-row
+        steps, until ``meter`` (the engine's timings of its steps) has measured them
+        (``tuned_step_costs``; None: ``linear_step_costs`` of ``config.draft_row_cost``); no
+        ``meter``: the prior alone."""
         self.config = config
         self.max_model_len = max_model_len
         k = config.num_speculative_tokens
-        self.step_costs = step_costs or linear_step_costs(k, config.draft_row_cost)
+        self.prior_costs = prior_costs or linear_step_costs(k, config.draft_row_cost)
+        self.meter = meter
+
+    def step_costs(self) -> list[float]:
+        """A sequence's step cost at 1 + d rows over one row: measured where timed, else the prior."""
+        return self.prior_costs if self.meter is None else self.meter.step_costs(self.prior_costs)
 
     def draft_length(self, seq: Sequence, budget: int) -> int:
         """The most drafts ``seq`` should take this step: within ``budget``, its limits and what
@@ -151,7 +228,7 @@ class AdaptiveProposer(abc.ABC):
         limit = min(budget, self.config.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1)
         if seq.params.max_tokens is not None:
             limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
-        return best_draft_length(seq.draft_history.acceptance_rate, limit, self.step_costs)
+        return best_draft_length(seq.draft_history.acceptance_rate, limit, self.step_costs())
 
     def num_drafts(self, seq: Sequence, budget: int) -> int:
         return self.draft_length(seq, budget)
@@ -163,8 +240,14 @@ class AdaptiveProposer(abc.ABC):
 
 
 class NgramProposer(AdaptiveProposer):
-    def __init__(self, config: SpeculativeConfig, max_model_len: int, step_costs: list[float] | None = None):
-        super().__init__(config, max_model_len, step_costs)
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        max_model_len: int,
+        prior_costs: list[float] | None = None,
+        meter: StepCostMeter | None = None,
+    ):
+        super().__init__(config, max_model_len, prior_costs, meter)
         # each sequence's tokens as an array, dropped with the sequence
         self._arrays: weakref.WeakKeyDictionary[Sequence, _TokenArray] = weakref.WeakKeyDictionary()
         self._found: dict[Sequence, list[int]] = {}  # this step's lookups, until propose
@@ -203,35 +286,57 @@ class DraftModelProposer(AdaptiveProposer):
         self,
         config: SpeculativeConfig,
         max_model_len: int,
-        step_costs: list[float],
+        prior_costs: list[float],
+        prior_ratio: float,
         runner: ModelRunner,
         sampler: Sampler,
         sampling_row: Callable[[Sequence, list[int]], SamplingRow],
         vocab_size: int,
+        meter: StepCostMeter | None = None,
     ):
-        """``runner``: the draft model's (engine/model_runner.py); ``sampling_row``: the sampling
-        state of a sequence with the given output tokens (the engine's); ``vocab_size``: the
-        target's logits width, which q must have."""
-        super().__init__(config, max_model_len, step_costs)
+        """``prior_costs``: the target's step costs (``AdaptiveProposer``); ``prior_ratio``: a draft
+        row's cost over a target row's until both were timed (``weight_bytes_ratio``); ``runner``:
+        the draft model's (engine/model_runner.py); ``sampling_row``: the sampling state of a
+        sequence with the given output tokens (the engine's); ``vocab_size``: the target's logits
+        width, which q must have."""
+        super().__init__(config, max_model_len, prior_costs, meter)
+        self.prior_ratio = prior_ratio
+        self.draft_meter = StepCostMeter()  # the draft's passes, timed as the engine times its steps
         self.runner = runner
         self.sampler = sampler
         self.sampling_row = sampling_row
         self.vocab_size = vocab_size
 
+    def step_costs(self) -> list[float]:
+        return draft_step_costs(super().step_costs(), self.draft_ratio())
+
+    def draft_ratio(self) -> float:
+        """A one-row draft pass's measured time over a one-row target step's, else the prior."""
+        draft = self.draft_meter.cost(1)
+        target = None if self.meter is None else self.meter.cost(1)
+        if self.meter is None or draft is None or not target:
+            return self.prior_ratio
+        return draft / target
+
     def propose(self, batch: ScheduledBatch, drafting: list[tuple[Sequence, int]]) -> None:
         if not batch:
             return
+        start = time.perf_counter()
         hidden = self.runner.forward(batch)  # every decode's row first, in batch order
         rows = {seq: i for i, seq in enumerate(batch.decodes)}
         self._sample([seq for seq, _ in drafting], hidden[[rows[seq] for seq, _ in drafting]])
+        if not batch.prefills:
+            self.draft_meter.record(len(batch.decodes), time.perf_counter() - start)
         for j in range(1, max((d for _, d in drafting), default=0) + 1):
             # each sequence's draft j at its position; those with more drafts to go sample the next
+            start = time.perf_counter()
             fed = [(seq, d) for seq, d in drafting if d >= j]
             seqs = [seq for seq, _ in fed]
             positions = [seq.num_tokens - 1 + j for seq in seqs]
             hidden = self.runner.decode(seqs, [seq.spec_token_ids[j - 1] for seq in seqs], positions)
             more = [i for i, (_, d) in enumerate(fed) if d > j]
             self._sample([seqs[i] for i in more], hidden[more])
+            self.draft_meter.record(len(seqs), time.perf_counter() - start)
 
     def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> None:
         """Each sequence's next draft, from the draft's ``hidden`` row of its last token or draft."""
