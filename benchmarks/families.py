@@ -149,19 +149,23 @@ def bench_flashdecode(q: Path) -> dict[str, float]:
     return {"tok_s": cell["decode_tok_s"]["median"], "fraction": cell["decode_fraction"]}
 
 
-def bench_llama_cpp(q: Path) -> float:
+def bench_llama_cpp(q: Path) -> float | str:
+    """llama-bench's decode tok/s, or why it gave none (its last error line)."""
     root = mf.llama_cpp_dir()
     assert root is not None
     cmd = [str(root / "build/bin/llama-bench"), "-m", str(q), "-t", str(THREADS), "-p", "0",
            "-n", str(GEN_LEN), "-r", "1", "-o", "json"]  # fmt: skip
-    run = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode:
+        errors = [line for line in run.stderr.splitlines() if "error" in line] or [f"exit {run.returncode}"]
+        return errors[0].strip()
     return float(json.loads(run.stdout)[0]["avg_ts"])
 
 
 def bench(q: Path, reps: int) -> dict[str, Any]:
     """Decode tok/s at batch 1 for both engines, interleaved over ``reps`` rounds."""
     fd: list[dict[str, float]] = []
-    lc: list[float] = []
+    lc: list[float | str] = []
     for r in range(reps):
         order = ("fd", "lc") if r % 2 == 0 else ("lc", "fd")
         for engine in order:
@@ -170,11 +174,13 @@ def bench(q: Path, reps: int) -> dict[str, Any]:
             else:
                 lc.append(bench_llama_cpp(q))
     fd_tok_s = statistics.median(x["tok_s"] for x in fd)
-    lc_tok_s = statistics.median(lc)
+    timed = [x for x in lc if isinstance(x, float)]
+    lc_tok_s = statistics.median(timed) if timed else None
     return {
         "flashdecode_tok_s": fd_tok_s,
         "llama_cpp_tok_s": lc_tok_s,
-        "ratio": fd_tok_s / lc_tok_s,
+        "llama_cpp_error": None if timed else lc[0],
+        "ratio": None if lc_tok_s is None else fd_tok_s / lc_tok_s,
         "fraction_of_roofline": statistics.median(x["fraction"] for x in fd),
         "runs": {"flashdecode": fd, "llama.cpp": lc},
     }
@@ -207,6 +213,9 @@ def main() -> int:
         print(f"{name}: {json.dumps(results[name])}", flush=True)
         if args.bench:
             results[name]["decode_batch_1"] = bench(q, args.reps)
+            print(f"{name}: {json.dumps(results[name]['decode_batch_1'])}", flush=True)
+        if args.json:  # after every family: a later failure keeps what was measured
+            args.json.write_text(json.dumps(results, indent=2))
     for name in NOT_CONVERTED:
         results.setdefault(name, {"skipped": NOT_CONVERTED[name]})
     if args.bench:
@@ -218,8 +227,8 @@ def main() -> int:
                 cells = (
                     f"{r['parameters'] / 1e6:.0f}M",
                     f"{d['flashdecode_tok_s']:.1f}",
-                    f"{d['llama_cpp_tok_s']:.1f}",
-                    f"{d['ratio']:.2f}x",
+                    "-" if d["llama_cpp_tok_s"] is None else f"{d['llama_cpp_tok_s']:.1f}",
+                    d["llama_cpp_error"] or f"{d['ratio']:.2f}x",
                     f"{d['fraction_of_roofline']:.0%}",
                 )
                 print(f"| {name} | " + " | ".join(cells) + " |")
