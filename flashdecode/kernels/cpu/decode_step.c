@@ -345,7 +345,7 @@ INLINE int64_t first_key(int64_t w, int64_t n) { return w && n > w ? n - w : 0; 
  * are converted once for every query head, and a head's output stays in registers across the block. */
 #define KV_BLOCK 8
 
-/* rows[b] = key j0 + j + b's K or V row (which) as fp32, for the nk keys of a block; buf: [KV_BLOCK * D] */
+/* rows[b] = key j + b's K or V row (which) as fp32, for the nk keys of a block; buf: [KV_BLOCK * D] */
 static void kv_block(const fd_model *M, int64_t layer, const int64_t *slots, int64_t j, int64_t end, int nk,
                      int64_t h, int which, float *buf, const float **rows) {
     for (int b = 0; b < nk; b++) {
