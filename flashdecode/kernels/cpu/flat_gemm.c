@@ -703,8 +703,8 @@ int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
  *   d               [groups, K/32, S, 16]: fp16 (Q4_0, Q4_1, Q8_0) or fp32 (K-quants, multiplied out);
  *                   S = 2 for Q6_K and Q2_K (a scale per 16 elements), else 1
  *   m               [groups, K/32, S, 16], the same type (formats with a min; S = 2 for Q2_K)
- * (rows padded to a multiple of 16 with zeros). AVX512-VNNI runs a 64-byte vector of Q4_0, Q4_1 and
- * Q8_0 as one vpdpbusd; AVX2 runs every format as two 8-row halves with vpmaddubsw + vpmaddwd. */
+ * (rows padded to a multiple of 16 with zeros). AVX512-VNNI runs a 64-byte vector of every format but
+ * Q2_K as one vpdpbusd; AVX2 runs every format as two 8-row halves with vpmaddubsw + vpmaddwd. */
 #if defined(__AVX2__)
 #define FD_HAVE_I8 1
 #define I8_MR 4 /* activation rows per register tile */
@@ -882,58 +882,85 @@ INLINE void i8_group_avx2(const int FMT, const int8_t *xq, const float *dx, cons
 #define I8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
 #define VNNI_MR 8
 
-/* A whole 16-row group against MR activation rows: one vpdpbusd per 64-byte vector. Q8_0 runs
- * unsigned activations (xq + 128) against signed weights and subtracts 128 x the weights' sum. */
+/* sixteen rows' scales of one (block, sub-scale) as fp32 */
+I8_TARGET static inline __m512 vnni_scales(const int FMT, const void *p, int64_t at) {
+    if (FMT_F32_SCALES(FMT)) return _mm512_loadu_ps((const float *)p + at);
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + at)));
+}
+
+/* Q5_K's fifth bits of vector i as 0x10 bytes: the two 8-row halves' 4-byte masks (see the layout)
+ * side by side, one bit per byte of the 64-byte vector */
+I8_TARGET static inline __m512i vnni_fifth(const uint8_t *fifth, int i, int high) {
+    uint32_t h0, h1;
+    memcpy(&h0, fifth + 16 * i + 4 * high, 4);
+    memcpy(&h1, fifth + 16 * i + 8 + 4 * high, 4);
+    return _mm512_maskz_mov_epi8((__mmask64)h0 | ((__mmask64)h1 << 32), _mm512_set1_epi8(0x10));
+}
+
+/* A whole 16-row group against MR activation rows: one vpdpbusd per 64-byte vector. Formats with
+ * signed bytes (Q8_0, Q6_K) run unsigned activations (xq + 128) against the signed weights and
+ * subtract 128 x the weights' sum; nibble formats (Q5_K with its fifth bits added) run unsigned
+ * weights against the signed activations. Q6_K's two halves keep their sums apart for their scales.
+ * Q2_K (a min per half as well) stays on the AVX2 path. */
 I8_TARGET static inline void vnni_group(const int FMT, const int MR, const int8_t *xq, const float *dx,
-                                        const float *sx, int64_t K, const uint8_t *qp, const uint16_t *dp,
-                                        const uint16_t *mp, __m512 *acc) {
-    const int nb = (int)(K / 32);
+                                        const float *sx, int64_t K, const uint8_t *qp, const void *dp,
+                                        const void *mp, __m512 *acc) {
+    const int nb = (int)(K / 32), S = FMT_SCALES_PER_BLOCK(FMT);
+    const int bytes = FMT == FD_Q8_0 || FMT == FD_Q6_K;
     const __m512i nib = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
     for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dp + (int64_t)b * 16)));
-        __m512 mv = FMT == FD_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mp + (int64_t)b * 16)))
-                                   : _mm512_mul_ps(dv, _mm512_set1_ps(-8.0f));
+        const __m512 dv = vnni_scales(FMT, dp, (int64_t)b * S * 16);
+        const __m512 d1 = FMT_HALVES(FMT) ? vnni_scales(FMT, dp, ((int64_t)b * S + 1) * 16) : dv;
+        const __m512 mv = FMT_HAS_MIN(FMT) ? vnni_scales(FMT, mp, (int64_t)b * 16) : _mm512_mul_ps(dv, _mm512_set1_ps(-8.0f));
         __m512i wv[8];
-        __m512i wsum128 = _mm512_setzero_si512();
-        if (FMT == FD_Q8_0) {
+        __m512i wsum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+        if (bytes) {
             const uint8_t *blk = qp + (int64_t)b * 512;
             for (int j = 0; j < 8; j++) {
                 wv[j] = _mm512_loadu_si512((const void *)(blk + 64 * j));
-                wsum128 = _mm512_dpbusd_epi32(wsum128, ones, wv[j]);
+                wsum[FMT_HALVES(FMT) && j >= 4] = _mm512_dpbusd_epi32(wsum[FMT_HALVES(FMT) && j >= 4], ones, wv[j]);
             }
-            wsum128 = _mm512_slli_epi32(wsum128, 7);
+            wsum[0] = _mm512_slli_epi32(wsum[0], 7);
+            wsum[1] = _mm512_slli_epi32(wsum[1], 7);
         } else {
-            const uint8_t *blk = qp + (int64_t)b * 256;
+            const uint8_t *blk = qp + (int64_t)b * I8_BLOCK_BYTES(FMT);
             for (int i = 0; i < 4; i++) {
                 __m512i z = _mm512_loadu_si512((const void *)(blk + 64 * i));
                 wv[i] = _mm512_and_si512(z, nib);
                 wv[i + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), nib);
+                if (FMT == FD_Q5_K) {
+                    wv[i] = _mm512_or_si512(wv[i], vnni_fifth(blk + 256, i, 0));
+                    wv[i + 4] = _mm512_or_si512(wv[i + 4], vnni_fifth(blk + 256, i, 1));
+                }
             }
         }
         /* rows innermost: MR independent dot-product chains in flight, not one chain of 8 */
-        __m512i isum[VNNI_MR];
-        for (int r = 0; r < MR; r++) isum[r] = _mm512_setzero_si512();
+        __m512i isum[VNNI_MR], isum1[VNNI_MR];
+        for (int r = 0; r < MR; r++) isum[r] = isum1[r] = _mm512_setzero_si512();
         for (int j = 0; j < 8; j++)
             for (int r = 0; r < MR; r++) {
                 int32_t quad;
                 memcpy(&quad, xq + r * K + (int64_t)b * 32 + 4 * j, 4);
-                if (FMT == FD_Q8_0)
-                    isum[r] = _mm512_dpbusd_epi32(isum[r], _mm512_set1_epi32(quad ^ (int32_t)0x80808080), wv[j]);
+                __m512i *t = FMT_HALVES(FMT) && j >= 4 ? &isum1[r] : &isum[r];
+                if (bytes)
+                    *t = _mm512_dpbusd_epi32(*t, _mm512_set1_epi32(quad ^ (int32_t)0x80808080), wv[j]);
                 else
-                    isum[r] = _mm512_dpbusd_epi32(isum[r], wv[j], _mm512_set1_epi32(quad));
+                    *t = _mm512_dpbusd_epi32(*t, wv[j], _mm512_set1_epi32(quad));
             }
         for (int r = 0; r < MR; r++) {
-            if (FMT == FD_Q8_0) isum[r] = _mm512_sub_epi32(isum[r], wsum128);
-            float dxr = dx[r * nb + b];
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(dv, _mm512_set1_ps(dxr)), acc[r]);
-            if (FMT != FD_Q8_0) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * nb + b]), acc[r]);
+            const __m512 dxr = _mm512_set1_ps(dx[r * nb + b]);
+            if (bytes) isum[r] = _mm512_sub_epi32(isum[r], wsum[0]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(dv, dxr), acc[r]);
+            if (FMT_HALVES(FMT))
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum1[r], wsum[1])), _mm512_mul_ps(d1, dxr), acc[r]);
+            if (!bytes) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * nb + b]), acc[r]);
         }
     }
 }
 
 I8_TARGET static void vnni_group_rows(const int FMT, const int8_t *xq, const float *dx, const float *sx, int64_t M,
-                                      int64_t K, const uint8_t *q, const uint16_t *d, const uint16_t *mm,
+                                      int64_t K, const uint8_t *q, const void *d, const void *mm,
                                       const float *bias, float *y, int64_t ldy, int add, int64_t n0, int cols) {
     const int64_t nb = K / 32;
     for (int64_t r0 = 0; r0 < M; r0 += VNNI_MR) {
@@ -1004,7 +1031,7 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
 #define I8_AVX2(F) i8_group_avx2(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols);
 #ifdef FD_HAVE_VNNI
 #define I8_RUN(F)                                                                                   \
-    if (vnni) vnni_group_rows(F, xq, dx, sx, M, K, q, (const uint16_t *)d, (const uint16_t *)mm, bias, y, ldy, add, n0, cols); \
+    if (vnni) vnni_group_rows(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols); \
     else I8_AVX2(F)
 #else
 #define I8_RUN(F) I8_AVX2(F)
@@ -1013,9 +1040,9 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
         case FD_Q4_0: I8_RUN(FD_Q4_0) break;
         case FD_Q4_1: I8_RUN(FD_Q4_1) break;
         case FD_Q8_0: I8_RUN(FD_Q8_0) break;
-        case FD_Q4_K: I8_AVX2(FD_Q4_K) break;
-        case FD_Q5_K: I8_AVX2(FD_Q5_K) break;
-        case FD_Q6_K: I8_AVX2(FD_Q6_K) break;
+        case FD_Q4_K: I8_RUN(FD_Q4_K) break;
+        case FD_Q5_K: I8_RUN(FD_Q5_K) break;
+        case FD_Q6_K: I8_RUN(FD_Q6_K) break;
         case FD_Q2_K: I8_AVX2(FD_Q2_K) break;
         }
 #undef I8_RUN
