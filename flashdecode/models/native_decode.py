@@ -47,12 +47,14 @@ def _parts(mod: Linear | SplitLinear) -> list[Linear]:
 
 
 def _part(lin: Linear, mode: int) -> ProjPart:
+    fmt = lin.format
     if mode == INT8_INTERLEAVED:
         planes = lin.i8_repack()
+        fmt = cpu.i8_format(fmt, planes)
     else:
         w = lin.weight
         planes = w.planes() if isinstance(w, QuantizedTensor) else (w, None, None)
-    return ProjPart(lin.format, planes, lin.bias_as(torch.float32), mode, lin.out_features)
+    return ProjPart(fmt, planes, lin.bias_as(torch.float32), mode, lin.out_features)
 
 
 def step_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

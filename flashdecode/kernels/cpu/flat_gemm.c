@@ -715,7 +715,9 @@ INLINE __m256i bcast4(const int8_t *p) {
     return _mm256_set1_epi32(quad);
 }
 
-#define I8_BLOCK_BYTES(f) (FMT_NIBBLES(f) ? 256 : ((f) == FD_Q5_K ? 320 : 512))
+#define I8_BLOCK_BYTES(f) (FMT_NIBBLES(f) ? 256 : (FMT_FIFTH(f) ? 320 : 512))
+/* the min of a format whose min is implied by d: Q4_0's -8 d, Q5_0's -16 d */
+#define I8_IMPLIED_MIN(f) ((f) == FD_Q5_0_I8 ? -16.0f : -8.0f)
 
 /* 32 bytes of 0x10 where the matching bit of the 4 bytes at p is set (llama.cpp's bytes_from_bits_32) */
 INLINE __m256i fifth_bits(const uint8_t *p) {
@@ -793,7 +795,7 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
                 s[r] = _mm256_madd_epi16(t[r], one16);
                 s1[r] = _mm256_madd_epi16(t1[r], one16);
             }
-        } else if (FMT_NIBBLES(FMT) || FMT == FD_Q5_K) {
+        } else if (FMT_NIBBLES(FMT) || FMT_FIFTH(FMT)) {
             /* 4-bit products sum in int16 over the whole block (8 x 2 x 15 x 127 < 2^15), 5-bit ones
              * over half of it (4 x 2 x 31 x 127 < 2^15) */
             const uint8_t *fifth = qp + (int64_t)b * I8_BLOCK_BYTES(FMT) + 256 + 8 * h;
@@ -801,19 +803,19 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
             for (int i = 0; i < 4; i++) {
                 const __m256i z = _mm256_loadu_si256((const __m256i *)(blk + 64 * i));
                 __m256i lo = _mm256_and_si256(z, nib), hi = _mm256_and_si256(_mm256_srli_epi16(z, 4), nib);
-                if (FMT == FD_Q5_K) {
+                if (FMT_FIFTH(FMT)) {
                     lo = _mm256_or_si256(lo, fifth_bits(fifth + 16 * i));
                     hi = _mm256_or_si256(hi, fifth_bits(fifth + 16 * i + 4));
                 }
                 for (int r = 0; r < MR; r++) {
                     const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xb + r * K + 4 * i)),
                                                        _mm256_maddubs_epi16(hi, bcast4(xb + r * K + 16 + 4 * i)));
-                    t[r] = i == 0 || (FMT == FD_Q5_K && i == 2) ? p : _mm256_add_epi16(t[r], p);
-                    if (FMT == FD_Q5_K && i == 1) s[r] = _mm256_madd_epi16(t[r], one16);
+                    t[r] = i == 0 || (FMT_FIFTH(FMT) && i == 2) ? p : _mm256_add_epi16(t[r], p);
+                    if (FMT_FIFTH(FMT) && i == 1) s[r] = _mm256_madd_epi16(t[r], one16);
                 }
             }
             for (int r = 0; r < MR; r++)
-                s[r] = FMT == FD_Q5_K ? _mm256_add_epi32(s[r], _mm256_madd_epi16(t[r], one16))
+                s[r] = FMT_FIFTH(FMT) ? _mm256_add_epi32(s[r], _mm256_madd_epi16(t[r], one16))
                                       : _mm256_madd_epi16(t[r], one16);
         } else { /* Q6_K: a byte per value, two scales */
             for (int r = 0; r < MR; r++) {
@@ -825,7 +827,7 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
         const __m256 dv = i8_scales(FMT, dp, at);
         const __m256 d1 = FMT_HALVES(FMT) ? i8_scales(FMT, dp, at + 16) : dv;
         const int64_t mat = (int64_t)b * FMT_MINS_PER_BLOCK(FMT) * 16 + 8 * h;
-        const __m256 mv = FMT_HAS_MIN(FMT) ? i8_scales(FMT, mp, mat) : _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f));
+        const __m256 mv = FMT_HAS_MIN(FMT) ? i8_scales(FMT, mp, mat) : _mm256_mul_ps(dv, _mm256_set1_ps(I8_IMPLIED_MIN(FMT)));
         const __m256 m1 = FMT == FD_Q2_K ? i8_scales(FMT, mp, mat + 16) : mv;
         for (int r = 0; r < MR; r++) {
             const __m256 dxr = _mm256_set1_ps(dx[r * nb + b]);
@@ -835,7 +837,7 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
                 __m256i h2 = i8_half_sums(xb + r * K);
                 acc[r] = _mm256_fmadd_ps(mv, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(h2, h2, 0x00)), dxr), acc[r]);
                 acc[r] = _mm256_fmadd_ps(m1, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(h2, h2, 0x11)), dxr), acc[r]);
-            } else if (FMT_HAS_MIN(FMT) || FMT == FD_Q4_0) {
+            } else if (FMT_HAS_MIN(FMT) || FMT == FD_Q4_0 || FMT == FD_Q5_0_I8) {
                 acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[r * nb + b]), acc[r]);
             }
         }
@@ -912,7 +914,8 @@ I8_TARGET static inline void vnni_group(const int FMT, const int MR, const int8_
     for (int b = 0; b < nb; b++) {
         const __m512 dv = vnni_scales(FMT, dp, (int64_t)b * S * 16);
         const __m512 d1 = FMT_HALVES(FMT) ? vnni_scales(FMT, dp, ((int64_t)b * S + 1) * 16) : dv;
-        const __m512 mv = FMT_HAS_MIN(FMT) ? vnni_scales(FMT, mp, (int64_t)b * 16) : _mm512_mul_ps(dv, _mm512_set1_ps(-8.0f));
+        const __m512 mv = FMT_HAS_MIN(FMT) ? vnni_scales(FMT, mp, (int64_t)b * 16)
+                                           : _mm512_mul_ps(dv, _mm512_set1_ps(I8_IMPLIED_MIN(FMT)));
         __m512i wv[8];
         __m512i wsum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
         if (bytes) {
@@ -929,7 +932,7 @@ I8_TARGET static inline void vnni_group(const int FMT, const int MR, const int8_
                 __m512i z = _mm512_loadu_si512((const void *)(blk + 64 * i));
                 wv[i] = _mm512_and_si512(z, nib);
                 wv[i + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), nib);
-                if (FMT == FD_Q5_K) {
+                if (FMT_FIFTH(FMT)) {
                     wv[i] = _mm512_or_si512(wv[i], vnni_fifth(blk + 256, i, 0));
                     wv[i + 4] = _mm512_or_si512(wv[i + 4], vnni_fifth(blk + 256, i, 1));
                 }
@@ -1044,6 +1047,7 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
         case FD_Q5_K: I8_RUN(FD_Q5_K) break;
         case FD_Q6_K: I8_RUN(FD_Q6_K) break;
         case FD_Q2_K: I8_AVX2(FD_Q2_K) break;
+        case FD_Q5_0_I8: I8_RUN(FD_Q5_0_I8) break;
         }
 #undef I8_RUN
 #undef I8_AVX2
@@ -1061,7 +1065,8 @@ int fd_linear_i8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
                  const void *dp, const void *mp, const float *bias, float *y, int64_t ldy, int64_t N,
                  int nthreads) {
     if (!fd_i8_available()) return -3;
-    if (fmt < 0 || fmt > FD_LAST || fmt == FD_BF16 || K % 32 || M < 0 || N < 0 || (FMT_HAS_MIN(fmt) && !mp)) return -1;
+    if (fmt < 0 || fmt > FD_Q5_0_I8 || fmt == FD_BF16 || K % 32 || M < 0 || N < 0 || (FMT_HAS_MIN(fmt) && !mp))
+        return -1;
     if (M == 0 || N == 0) return 0;
     const int64_t nb = K / 32;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
