@@ -2,8 +2,9 @@
 thread each against the single-process engine, which tests/test_hf_parity.py holds to transformers.
 
 Greedy tokens must be identical and every logprob within 1e-4, from a Hugging Face folder (one KV
-head, so both ranks hold it) and from a quantized GGUF (two KV heads, one per rank; Q8_0 blocks split
-by rows and by whole blocks of K), with several requests batched continuously and prefix caching on.
+head, so both ranks hold it; the Python layers) and from a quantized GGUF (two KV heads, one per rank;
+Q8_0 blocks split by rows and by whole blocks of K; the native whole step), with several requests
+batched continuously and prefix caching on.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def test_tensor_parallel_matches_one_process(
     assert layer.qkv.out_features == (2 + 2 * max(1, kv_heads // 2)) * 16
     assert layer.o.in_features == 32 and layer.mlp.down.in_features == 128
     assert engine.model.lm_head.out_features == engine.spec.vocab_size // 2
+    # the quantized shards run the native whole step (its all-reduces called back from C), the fp32
+    # ones the Python layers (no native kernel for fp32 weights): both tensor-parallel paths are held
+    assert bool(engine.model.native._steps) == (source != "hf")
     if source != "hf":
         assert layer.o.quantized and layer.o.format == "Q8_0"
 

@@ -40,7 +40,7 @@ from ..formats import BF16_KERNEL_ID, I8_FORMATS, NATIVE
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "flat_gemm.c", HERE / "decode_step.c")
 HEADERS = (HERE / "flat_gemm.h",)
-ABI_VERSION = 7
+ABI_VERSION = 8
 FORMAT_IDS = {"BF16": BF16_KERNEL_ID} | {fmt: layout.kernel_id for fmt, layout in NATIVE.items()}
 FORMAT_IDS["Q5_0"] = 8  # repack_i8's lean Q5_K: Q5_0's fp16 scales, min -16 d (flat_gemm.h FD_Q5_0_I8)
 Planes = reference.Planes

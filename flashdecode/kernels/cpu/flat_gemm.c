@@ -1094,4 +1094,4 @@ int fd_linear_i8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
 
 const char *fd_isa(void) { return FD_ISA; }
 
-int fd_abi_version(void) { return 7; }
+int fd_abi_version(void) { return 8; }
