@@ -99,6 +99,39 @@ def test_tensor_parallel_matches_one_process(
         assert layer.o.quantized and layer.o.format == "Q8_0"
 
 
+def test_native_step_calls_back_for_its_all_reduces(gguf_model: Callable[..., Path]) -> None:
+    """One process whose native step is handed an all-reduce (a group of one: the sum is the buffer
+    itself): two calls a layer on the step's [T, hidden] rows, the same tokens as without; a failing
+    all-reduce fails the step once it returns, after no further calls."""
+    llm = LLM(str(gguf_model("llama", "Q8_0", **SHAPE, num_key_value_heads=2)), **ENGINE)
+    reference = llm.generate(PROMPTS, PARAMS)
+    native, layers, hidden = llm.engine.model.native, llm.engine.spec.num_layers, llm.engine.spec.hidden_size
+    sizes: list[int] = []
+
+    def use(all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        native.all_reduce = all_reduce
+        native._steps.clear()  # the steps are rebuilt with it
+        native._chosen.clear()
+        sizes.clear()
+
+    def identity(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.numel())
+        return x
+
+    use(identity)
+    _assert_same([reference], [llm.generate(PROMPTS, PARAMS)])
+    assert sizes and len(sizes) % (2 * layers) == 0 and all(n % hidden == 0 for n in sizes)
+
+    def failing(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.numel())
+        raise DistributedError("parallel all-reduce failed (a rank died or stopped answering)")
+
+    use(failing)
+    with pytest.raises(DistributedError, match="a rank died"):
+        llm.generate([PROMPTS[1]], PARAMS)
+    assert len(sizes) == 1
+
+
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_1", "Q4_K", "Q6_K", "Q5_0"])
 def test_input_shards_of_blocks_are_exact(fmt: str) -> None:
     """A split by input keeps whole 32-element blocks: each part dequantizes to gguf-py's values of
