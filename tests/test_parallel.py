@@ -20,10 +20,12 @@ import model_factory
 import numpy as np
 import pytest
 import torch
+from test_native_decode_gemma import GEMMA3_NATIVE_SHAPES  # tests/ is on sys.path
 
 from flashdecode import LLM, SamplingParams
 from flashdecode.errors import DistributedError, FlashDecodeError
 from flashdecode.layers.quant import QuantizedTensor
+from flashdecode.models.native_decode import NativeDecode
 
 # 4 heads of 16 and an MLP of 256: o's 64 inputs and down's 256 split into whole 32-element blocks
 SHAPE = dict(num_attention_heads=4, head_dim=16, intermediate_size=256)
@@ -99,28 +101,38 @@ def test_tensor_parallel_matches_one_process(
         assert layer.o.quantized and layer.o.format == "Q8_0"
 
 
-def test_native_step_calls_back_for_its_all_reduces(gguf_model: Callable[..., Path]) -> None:
-    """One process whose native step is handed an all-reduce (a group of one: the sum is the buffer
-    itself): two calls a layer on the step's [T, hidden] rows, the same tokens as without; a failing
-    all-reduce fails the step once it returns, after no further calls."""
-    llm = LLM(str(gguf_model("llama", "Q8_0", **SHAPE, num_key_value_heads=2)), **ENGINE)
-    reference = llm.generate(PROMPTS, PARAMS)
-    native, layers, hidden = llm.engine.model.native, llm.engine.spec.num_layers, llm.engine.spec.hidden_size
-    sizes: list[int] = []
+@pytest.mark.parametrize(
+    "arch, shape", [("llama", SHAPE | {"num_key_value_heads": 2}), ("gemma3", GEMMA3_NATIVE_SHAPES)]
+)
+def test_native_step_reduces_where_the_python_layers_do(
+    arch: str, shape: dict[str, Any], gguf_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process, its native step and its Python layers handed the same stand-in all-reduce (a
+    doubling: two ranks of equal partial sums), so that where it acts (before the residual add, before
+    Gemma's post-norms) shows: the same tokens and logprobs, two calls a layer on [T, hidden] rows. A
+    failing all-reduce fails the step once it returns, after no further calls."""
+    llm = LLM(str(gguf_model(arch, "Q8_0", **shape)), **ENGINE)
+    model, sizes = llm.engine.model, []
 
     def use(all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        native.all_reduce = all_reduce
-        native._steps.clear()  # the steps are rebuilt with it
-        native._chosen.clear()
+        for layer in model.layers:
+            layer.reduce = all_reduce
+        model.native.all_reduce = all_reduce
+        model.native._steps.clear()  # the steps are rebuilt with it
+        model.native._chosen.clear()
         sizes.clear()
 
-    def identity(x: torch.Tensor) -> torch.Tensor:
+    def double(x: torch.Tensor) -> torch.Tensor:
         sizes.append(x.numel())
-        return x
+        return x.mul_(2.0)
 
-    use(identity)
-    _assert_same([reference], [llm.generate(PROMPTS, PARAMS)])
-    assert sizes and len(sizes) % (2 * layers) == 0 and all(n % hidden == 0 for n in sizes)
+    use(double)
+    native = llm.generate(PROMPTS, PARAMS)
+    assert model.native._steps and sizes and len(sizes) % (2 * len(model.layers)) == 0
+    assert all(n % model.spec.hidden_size == 0 for n in sizes)
+    with monkeypatch.context() as m:
+        m.setattr(NativeDecode, "step", lambda self, *args: None)
+        _assert_same([llm.generate(PROMPTS, PARAMS)], [native])
 
     def failing(x: torch.Tensor) -> torch.Tensor:
         sizes.append(x.numel())
