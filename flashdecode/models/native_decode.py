@@ -3,11 +3,13 @@
 A decode batch of T single tokens runs natively when every projection's kernel at M = T is a flat GEMM
 (``native``, or ``native_q8`` / ``native_i8`` with int8 activations: the dataflow plan still decides,
 per projection and M), the compute dtype is fp32, the KV cache holds fp32, bf16 or fp16, and the softmax
-is exact or unified with no calibration observer. The step runs the Llama block and Gemma 2 / 3's
-(post-norms, GeGLU, soft-capped scores, sliding-window layers with their own RoPE tables:
-``ModelSpec.native_block``). Anything else (an int8 KV cache, a torch kernel in the plan, the Triton
-backend, MoE or OPT layers) runs the Python layers, which remain the reference: the two compute the
-same operations in fp32 and differ only in summation order.
+is exact or unified with no calibration observer. The step runs the Llama block, Gemma 2 / 3's
+(post-norms, GeGLU, soft-capped scores, sliding-window layers with their own RoPE tables) and mixtures
+of experts (layers/moe.py's routing and grouped expert loop, each chosen expert one flat GEMM over its
+rows; a router whose plan is its fp32 weight, as llama.cpp stores routers, is read as stored):
+``ModelSpec.native_block``. Anything else (an int8 KV cache, a torch kernel in the plan, the Triton
+backend, OPT layers) runs the Python layers, which remain the reference: the two compute the same
+operations in fp32 and differ only in summation order.
 
 Under tensor parallelism each rank's step runs its shard (the local spec's heads, KV heads and MLP
 width) and sums o's and down's partial outputs over the ranks through the decoder's communicator,
@@ -35,16 +37,21 @@ from ..kernels.cpu.decode import (
     DecodeStep,
     Geometry,
     LayerWeights,
+    MoEWeights,
     ProjPart,
 )
 from ..layers.attention import AttentionMetadata, SoftmaxPolicy
 from ..layers.kv_cache import KVCache
 from ..layers.linear import Linear, SplitLinear
+from ..layers.moe import GatedMLP, SparseMoE
 from ..layers.quant import QuantizedTensor
 from ..layers.rope import RotaryEmbedding
 from .spec import ModelSpec
 
 STEP_KERNELS = {"native": FP32, "native_q8": INT8, "native_i8": INT8_INTERLEAVED}  # plan candidate -> mode
+# an MoE router whose plan runs its fp32 weight (llama.cpp never quantizes routers): the step reads
+# that weight as it is
+ROUTER_F32, ROUTER_KERNEL = -1, "torch_f32"
 
 
 def _parts(mod: Linear | SplitLinear) -> list[Linear]:
@@ -60,6 +67,27 @@ def _part(lin: Linear, mode: int) -> ProjPart:
         w = lin.weight
         planes = w.planes() if isinstance(w, QuantizedTensor) else (w, None, None)
     return ProjPart(fmt, planes, lin.bias_as(torch.float32), mode, lin.out_features)
+
+
+def _proj(mod: Linear | SplitLinear, modes) -> list[ProjPart]:
+    return [_part(lin, next(modes)) for lin in _parts(mod)]
+
+
+def _expert(mlp: GatedMLP, modes) -> tuple[list[ProjPart], list[ProjPart]]:
+    return _proj(mlp.gate_up, modes), _proj(mlp.down, modes)
+
+
+def _moe(moe: SparseMoE, modes) -> MoEWeights:
+    """``moe`` as the step takes it, its linears' ``modes`` taken in ``SparseMoE.linears()``'s order."""
+    mode = next(modes)
+    router = moe.router.weight.float().contiguous() if mode == ROUTER_F32 else [_part(moe.router, mode)]
+    experts = [_expert(e, modes) for e in moe.experts]
+    shared = None if moe.shared is None else _expert(moe.shared, modes)
+    gate = None if moe.shared_gate is None else moe.shared_gate.float().reshape(-1).contiguous()
+    return MoEWeights(
+        router, experts, moe.top_k, moe.renormalize, moe.experts[0].inter, shared, gate,
+        0 if moe.shared is None else moe.shared.inter,
+    )  # fmt: skip
 
 
 def step_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -162,10 +190,18 @@ class NativeDecode:
             or cache.kv.dtype not in KV_DTYPES
         ):
             return None
-        names = [lin.candidate_at(t) for layer in self.layers for lin in layer.linears()]
-        if not all(name in STEP_KERNELS for name in names):
-            return None
-        modes = tuple(STEP_KERNELS[n] for n in names)
+        routers = {id(layer.mlp.router) for layer in self.layers if isinstance(layer.mlp, SparseMoE)}
+        modes = []
+        for layer in self.layers:
+            for lin in layer.linears():
+                name = lin.candidate_at(t)
+                if name in STEP_KERNELS:
+                    modes.append(STEP_KERNELS[name])
+                elif name == ROUTER_KERNEL and id(lin) in routers:
+                    modes.append(ROUTER_F32)
+                else:
+                    return None
+        modes = tuple(modes)
         phi = None if unified is None else tuple(unified.phi_at(i) for i in range(len(self.layers)))
         window = (0.0, 0.0) if unified is None else unified.window_for(torch.float32)
         key = (modes, cache.kv.data_ptr(), phi, window)
@@ -178,14 +214,17 @@ class NativeDecode:
         it = iter(modes)
         layers = []
         for layer in self.layers:
-            projs = [[_part(lin, next(it)) for lin in _parts(mod)] for mod in layer.projections()]
+            sparse = isinstance(layer.mlp, SparseMoE)
+            projs = [_proj(mod, it) for mod in layer.projections()[: 2 if sparse else 4]]  # [qkv, o] first
+            moe = _moe(layer.mlp, it) if sparse else None
+            projs += [[], []] if sparse else []
             # the sliding layers' own RoPE where there is one, as Decoder.forward picks it
             local = layer.sliding_window is not None and self.rope_local is not None
             cos, sin = self.tables[self.rope_local if local else self.rope]
             layers.append(
                 LayerWeights(
                     layer.attn_norm, layer.mlp_norm, layer.qk_norm, layer.attn_post_norm, layer.mlp_post_norm,
-                    cos, sin, layer.sliding_window, s.attn_logit_softcap, *projs,
+                    cos, sin, layer.sliding_window, s.attn_logit_softcap, *projs, moe,
                 )
             )  # fmt: skip
         geometry = Geometry(

@@ -235,10 +235,11 @@ class ModelSpec:
 
     @property
     def native_block(self) -> bool:
-        """The block the native decode step implements: pre-norm RMSNorm layers with a dense gated MLP,
-        Llama's or Gemma's (post-norms, GeGLU, any attention scale, soft-capped scores, sliding-window
-        layers with their own RoPE base); not MoE layers, not OPT's LayerNorm block."""
-        return not self.family.moe and not self.family.opt
+        """The block the native decode step implements: pre-norm RMSNorm layers with a gated MLP,
+        dense (Llama's or Gemma's: post-norms, GeGLU, any attention scale, soft-capped scores,
+        sliding-window layers with their own RoPE base) or a mixture of experts (Mixtral, Qwen2-MoE's
+        shared expert, Qwen3-MoE); not OPT's LayerNorm block."""
+        return not self.family.opt
 
     def window_at(self, layer: int) -> int | None:
         """The sliding window of ``layer``, or None where it attends to every earlier position."""

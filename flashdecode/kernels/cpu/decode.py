@@ -41,6 +41,17 @@ class _Layer(ctypes.Structure):
         ("softcap", _f32),
         ("pad", _i32),
         *((name, _Proj) for name in ("qkv", "o", "gate_up", "down")),
+        ("moe", _vp),  # a _Moe, or NULL
+    ]
+
+
+class _Moe(ctypes.Structure):
+    _fields_ = [
+        *((name, _i32) for name in ("experts", "top_k", "renormalize", "pad")),
+        ("inter", _i64),
+        ("shared_inter", _i64),
+        *((name, _vp) for name in ("router_f32", "shared_gate", "gate_up", "down")),
+        *((name, _Proj) for name in ("router", "shared_gate_up", "shared_down")),
     ]
 
 
@@ -111,11 +122,32 @@ class ProjPart:
     out_features: int
 
 
+Expert = tuple[Sequence[ProjPart], Sequence[ProjPart]]  # an expert's gate_up and down
+
+
+@dataclass
+class MoEWeights:
+    """A layer's mixture of experts (layers/moe.py's SparseMoE): the ``router`` as its parts, or as
+    its fp32 weight [experts, hidden] where no native kernel runs it (llama.cpp keeps routers F32);
+    each of the ``experts`` (width ``inter``); the ``shared`` expert (width ``shared_inter``) and its
+    gate vector [hidden], or None."""
+
+    router: Sequence[ProjPart] | torch.Tensor
+    experts: Sequence[Expert]
+    top_k: int
+    renormalize: bool
+    inter: int
+    shared: Expert | None = None
+    shared_gate: torch.Tensor | None = None
+    shared_inter: int = 0
+
+
 @dataclass
 class LayerWeights:
     """One layer: its norms (``qk_norm`` [heads + kv_heads, head_dim]; the post-norms of the attention
     and MLP outputs, Gemma's), its RoPE tables ``cos``, ``sin`` [max_position, head_dim / 2], its
-    sliding ``window`` in keys (None: global) and score ``soft_cap`` (None: none), its projections."""
+    sliding ``window`` in keys (None: global) and score ``soft_cap`` (None: none), its projections;
+    ``moe``: its experts, where they replace gate_up and down (then empty)."""
 
     attn_norm: torch.Tensor
     mlp_norm: torch.Tensor
@@ -130,6 +162,7 @@ class LayerWeights:
     o: Sequence[ProjPart]
     gate_up: Sequence[ProjPart]
     down: Sequence[ProjPart]
+    moe: MoEWeights | None = None
 
 
 @dataclass
@@ -185,6 +218,7 @@ class DecodeStep:
         self.lib.fd_decode_workspace.restype = _i64
         g = geometry
         self._keep: list[torch.Tensor] = [norm, kv]
+        self._structs: list[ctypes.Structure | ctypes.Array] = []  # the experts' C descriptions
         self._layers = (_Layer * len(layers))(*(self._layer(w) for w in layers))
         self._phi = None if phi is None else torch.tensor(list(phi), dtype=torch.float32)
         self.model = _Model(
@@ -219,10 +253,29 @@ class DecodeStep:
     def _layer(self, w: LayerWeights) -> _Layer:
         norms = (w.attn_norm, w.mlp_norm, w.qk_norm, w.attn_post_norm, w.mlp_post_norm)
         self._keep += [t for t in (*norms, w.cos, w.sin) if t is not None]
+        mlp = (_Proj(), _Proj()) if w.moe else (self._proj(w.gate_up), self._proj(w.down))
         return _Layer(
             *map(_ptr, norms), _ptr(w.cos), _ptr(w.sin), w.window or 0, w.soft_cap or 0.0, 0,
-            self._proj(w.qkv), self._proj(w.o), self._proj(w.gate_up), self._proj(w.down),
+            self._proj(w.qkv), self._proj(w.o), *mlp, self._moe(w.moe) if w.moe else None,
         )  # fmt: skip
+
+    def _moe(self, m: MoEWeights) -> int:
+        """The address of the C description of ``m`` (kept alive with this step)."""
+        gate_up = (_Proj * len(m.experts))(*(self._proj(e[0]) for e in m.experts))
+        down = (_Proj * len(m.experts))(*(self._proj(e[1]) for e in m.experts))
+        f32 = isinstance(m.router, torch.Tensor)
+        if f32:
+            self._keep.append(m.router)
+        if m.shared_gate is not None:
+            self._keep.append(m.shared_gate)
+        shared = (self._proj(m.shared[0]), self._proj(m.shared[1])) if m.shared else (_Proj(), _Proj())
+        c = _Moe(
+            len(m.experts), m.top_k, int(m.renormalize), 0, m.inter, m.shared_inter if m.shared else 0,
+            _ptr(m.router) if f32 else None, _ptr(m.shared_gate), ctypes.addressof(gate_up),
+            ctypes.addressof(down), _Proj() if f32 else self._proj(m.router), *shared,
+        )  # fmt: skip
+        self._structs += [gate_up, down, c]
+        return ctypes.addressof(c)
 
     def run(
         self,

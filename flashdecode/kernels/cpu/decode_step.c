@@ -65,7 +65,20 @@ typedef struct {
     float softcap;          /* scores s become softcap * tanh(s / softcap); 0: not capped */
     int32_t pad;
     fd_proj qkv, o, gate_up, down;
+    const struct fd_moe *moe; /* a mixture of experts in place of gate_up and down, or NULL */
 } fd_layer;
+
+/* A layer's mixture of experts (layers/moe.py's SparseMoE): each row runs the top_k of its router's
+ * softmax, plus an optional shared expert every row runs, scaled by sigmoid(x . shared_gate). */
+typedef struct fd_moe {
+    int32_t experts, top_k, renormalize, pad; /* renormalize: the top_k weights divided by their sum */
+    int64_t inter, shared_inter;              /* an expert's and the shared expert's width (0: none) */
+    /* the router as stored, fp32 [experts, hidden] (llama.cpp never quantizes it), or NULL: router */
+    const float *router_f32;
+    const float *shared_gate;      /* [hidden] */
+    const fd_proj *gate_up, *down; /* [experts] each: views of the stacked expert planes */
+    fd_proj router, shared_gate_up, shared_down;
+} fd_moe;
 
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, inter, num_layers, num_slots;
@@ -548,7 +561,7 @@ static int distinct_windows(const fd_model *M, int64_t *windows, int32_t *layer_
 }
 
 typedef struct { /* the step's buffers, carved from one workspace */
-    float *xn, *qkv, *attn, *gu, *act, *dx, *sx, *partials, *thread;
+    float *xn, *qkv, *attn, *gu, *act, *dx, *sx, *partials, *thread, *moe;
     int8_t *xq;
     int64_t thread_floats;
 } fd_buffers;
@@ -571,16 +584,50 @@ static int64_t thread_floats(const fd_model *M, int64_t max_k) {
 /* int64s of workspace holding the fd_keys of nw windows for T rows (a multiple of 8: 64 bytes) */
 INLINE int64_t keys_int64s(int nw, int64_t T) { return (3 * (int64_t)nw * (T + 1) + 7) / 8 * 8; }
 
+/* the widest MLP of any layer: the dense one, an expert or a shared expert */
+static int64_t widest_inter(const fd_model *M) {
+    int64_t w = M->inter;
+    for (int64_t l = 0; l < M->num_layers; l++) {
+        const fd_moe *E = M->layers[l].moe;
+        if (E && E->inter > w) w = E->inter;
+        if (E && E->shared_inter > w) w = E->shared_inter;
+    }
+    return w;
+}
+
+/* the widest input any projection of the step reads */
+static int64_t widest_k(const fd_model *M) {
+    const int64_t q = M->heads * M->head_dim, w = widest_inter(M);
+    const int64_t k = M->hidden > q ? M->hidden : q;
+    return k > w ? k : w;
+}
+
+/* floats of an MoE layer's routing buffers for T rows (moe_routing carves them) */
+static int64_t routing_floats(const fd_moe *E, int64_t T, int64_t hidden) {
+    const int64_t pairs = T * E->top_k;
+    return T * E->experts + 4 * pairs + E->experts + 1 + pairs * (2 * hidden + 3 * E->inter) + T * hidden;
+}
+
+static int64_t moe_floats(const fd_model *M, int64_t T) {
+    int64_t most = 0;
+    for (int64_t l = 0; l < M->num_layers; l++) {
+        const fd_moe *E = M->layers[l].moe;
+        const int64_t f = E ? routing_floats(E, T, M->hidden) : 0;
+        most = f > most ? f : most;
+    }
+    return most;
+}
+
 /* Bytes of workspace fd_decode needs for T tokens whose longest context is max_len. */
 int64_t fd_decode_workspace(const fd_model *M, int64_t T, int64_t max_len, int nthreads) {
     nthreads = fd_team_size(nthreads);
     const int64_t q = M->heads * M->head_dim, kv = M->kv_heads * M->head_dim, G = M->heads / M->kv_heads;
-    int64_t max_k = M->hidden > q ? M->hidden : q;
-    max_k = max_k > M->inter ? max_k : M->inter;
+    const int64_t max_k = widest_k(M);
     /* a sliding layer's partitions are never more than a global layer's */
     const int64_t items = T * M->kv_heads * ((max_len + PART_KEYS - 1) / PART_KEYS);
-    int64_t floats = T * (M->hidden + q + 2 * kv + q + 3 * M->inter) + 2 * T * (max_k / 32 + 1) +
-                     items * G * (M->head_dim + 2) + (int64_t)nthreads * thread_floats(M, max_k);
+    int64_t floats = T * (M->hidden + q + 2 * kv + q + 3 * widest_inter(M)) + 2 * T * (max_k / 32 + 1) +
+                     items * G * (M->head_dim + 2) + (int64_t)nthreads * thread_floats(M, max_k) +
+                     moe_floats(M, T);
     int64_t windows[M->num_layers > 0 ? M->num_layers : 1];
     return 8 * keys_int64s(distinct_windows(M, windows, NULL), T) + floats * 4 + T * max_k + 64 * 16;
 }
@@ -784,14 +831,148 @@ static void carve(const fd_model *M, const fd_geometry *S, int64_t partial_rows,
     B->xn = f, f += T * M->hidden;
     B->qkv = f, f += T * (q + 2 * kv);
     B->attn = f, f += T * q;
-    B->gu = f, f += T * 2 * M->inter;
-    B->act = f, f += T * M->inter;
+    B->gu = f, f += T * 2 * widest_inter(M);
+    B->act = f, f += T * widest_inter(M);
     B->dx = f, f += T * (S->max_k / 32 + 1);
     B->sx = f, f += T * (S->max_k / 32 + 1);
     B->partials = f, f += partial_rows * G * (M->head_dim + 2);
     B->thread_floats = thread_floats(M, S->max_k);
     B->thread = f, f += (int64_t)nt * B->thread_floats;
+    B->moe = f, f += moe_floats(M, T);
     B->xq = (int8_t *)f;
+}
+
+/* ---------------------------------------------------------------- mixture of experts */
+
+typedef struct { /* an MoE layer's step: its (row, choice) pairs, grouped by expert */
+    float *logits;  /* [T, experts]: the router's, then their softmax */
+    int32_t *ids;   /* [T * top_k]: row t's choices t * top_k + j, by descending weight */
+    float *w;       /* [T * top_k]: their weights */
+    int32_t *pos;   /* [T * top_k]: where each choice lies in the grouped order */
+    int32_t *row;   /* [T * top_k]: the row of each grouped pair */
+    int32_t *start; /* [experts + 1]: an expert's first grouped pair */
+    /* per grouped pair: input row [hidden], gate | up [2 inter], act(gate) * up [inter], output
+     * [hidden]; y's last T rows hold the shared expert's outputs */
+    float *xd, *gu, *act, *y;
+} fd_routing;
+
+static fd_routing moe_routing(float *f, const fd_moe *E, int64_t T, int64_t hidden) {
+    const int64_t pairs = T * E->top_k;
+    fd_routing R;
+    R.logits = f, f += T * E->experts;
+    R.ids = (int32_t *)f, f += pairs;
+    R.w = f, f += pairs;
+    R.pos = (int32_t *)f, f += pairs;
+    R.row = (int32_t *)f, f += pairs;
+    R.start = (int32_t *)f, f += E->experts + 1;
+    R.xd = f, f += pairs * hidden;
+    R.gu = f, f += pairs * 2 * E->inter;
+    R.act = f, f += pairs * E->inter;
+    R.y = f; /* (pairs + T) * hidden: routing_floats counts it all */
+    return R;
+}
+
+/* layers/moe.py's route for one row: softmax over p [n] (in place), then the top k (a tie goes to the
+ * lower index, as torch.topk's), optionally renormalised over the k */
+static void route_row(float *p, int64_t n, int k, int renormalize, int32_t *ids, float *w) {
+    float m = -INFINITY, s = 0.0f;
+    for (int64_t e = 0; e < n; e++) m = p[e] > m ? p[e] : m;
+    for (int64_t e = 0; e < n; e++) s += p[e] = expf(p[e] - m);
+    for (int64_t e = 0; e < n; e++) p[e] /= s;
+    for (int j = 0; j < k; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < n; e++)
+            if (best < 0 || p[e] > p[best]) best = e;
+        ids[j] = (int32_t)best, w[j] = p[best];
+        p[best] = -1.0f; /* below any probability: taken */
+    }
+    float sum = 0.0f;
+    for (int j = 0; j < k; j++) sum += w[j];
+    for (int j = 0; renormalize && j < k; j++) w[j] /= sum;
+}
+
+/* every row's routing, then its pairs grouped by expert, rows ascending within one (a stable sort
+ * by expert, as layers/moe.py's argsort) */
+static void route_and_group(const fd_moe *E, int64_t T, fd_routing *R) {
+    const int64_t n = E->experts, k = E->top_k;
+    int32_t next[n];
+    for (int64_t t = 0; t < T; t++)
+        route_row(R->logits + t * n, n, (int)k, E->renormalize, R->ids + t * k, R->w + t * k);
+    memset(R->start, 0, sizeof(int32_t) * (size_t)(n + 1));
+    for (int64_t p = 0; p < T * k; p++) R->start[R->ids[p] + 1]++;
+    for (int64_t e = 0; e < n; e++) R->start[e + 1] += R->start[e];
+    for (int64_t e = 0; e < n; e++) next[e] = R->start[e];
+    for (int64_t p = 0; p < T * k; p++) {
+        const int32_t q = next[R->ids[p]]++;
+        R->pos[p] = q, R->row[q] = (int32_t)(p / k);
+    }
+}
+
+/* y = down(act(gate) * up) of rows of x [rows, hidden]: one expert over exactly the rows that
+ * chose it, as a flat GEMM of that many rows (FlashDecoding++ section 4's decode shape) */
+static void expert_rows(fd_member *me, const fd_model *M, const fd_buffers *B, const fd_proj *gate_up,
+                        const fd_proj *down, int64_t inter, const float *x, int64_t rows, float *gu, float *act,
+                        float *y, float *pv, float *db, float *mb) {
+    fd_input a = prepare(me, B, IN_AS_IS, x, NULL, M->eps, rows, M->hidden, wants_q8(gate_up), pv, NULL);
+    proj(me, gate_up, &a, rows, M->hidden, gu, 2 * inter, 0, db, mb);
+    a = prepare(me, B, IN_GATED + M->act, gu, NULL, M->eps, rows, inter, wants_q8(down), pv, act);
+    proj(me, down, &a, rows, inter, y, M->hidden, 0, db, mb);
+}
+
+static void router_logits(fd_member *me, const fd_model *M, const fd_moe *E, const fd_buffers *B, int64_t T,
+                          float *logits, float *pv, float *db, float *mb) {
+    const int64_t H = M->hidden, n = E->experts;
+    if (E->router_f32) {
+        TEAM_FOR(me, T * n, 8, i) logits[i] = dot(B->xn + (i / n) * H, E->router_f32 + (i % n) * H, H);
+        return;
+    }
+    fd_input a = prepare(me, B, IN_AS_IS, B->xn, NULL, M->eps, T, H, wants_q8(&E->router), pv, NULL);
+    proj(me, &E->router, &a, T, H, logits, n, 0, db, mb);
+}
+
+/* x[t] += the sum of row t's experts' outputs, each times its weight, in ascending expert order
+ * (index_add_'s order in layers/moe.py), plus the gated shared expert's; out: [hidden] scratch
+ * holding the row's normed input (read first, for the shared gate) */
+static void combine_row(const fd_model *M, const fd_layer *L, const fd_routing *R, int64_t T, int64_t t,
+                        float *out, float *x) {
+    const fd_moe *E = L->moe;
+    const int64_t H = M->hidden, k = E->top_k;
+    const float gate = E->shared_inter ? 1.0f / (1.0f + expf(-dot(out, E->shared_gate, H))) : 0.0f;
+    const int32_t *ids = R->ids + t * k;
+    memset(out, 0, sizeof(float) * (size_t)H);
+    for (int64_t done = 0, last = -1; done < k; done++) { /* the next expert above last: k is small */
+        int64_t j = -1;
+        for (int64_t c = 0; c < k; c++)
+            if (ids[c] > last && (j < 0 || ids[c] < ids[j])) j = c;
+        axpy(out, R->w[t * k + j], R->y + R->pos[t * k + j] * H, H);
+        last = ids[j];
+    }
+    if (E->shared_inter) axpy(out, gate, R->y + (T * k + t) * H, H);
+    if (L->mlp_post_norm) rms_norm_row(out, L->mlp_post_norm, out, H, M->eps);
+    for (int64_t i = 0; i < H; i++) x[i] += out[i];
+}
+
+/* x += the layer's mixture of experts of RMSNorm(x): route every row, gather the rows of each chosen
+ * expert, run each chosen expert once over its rows, then add each row's weighted outputs back */
+static void moe_block(fd_member *me, const fd_model *M, const fd_layer *L, const fd_buffers *B, int64_t T,
+                      float *x, float *pv, float *db, float *mb) {
+    const fd_moe *E = L->moe;
+    const int64_t H = M->hidden, I = E->inter, k = E->top_k;
+    fd_routing R = moe_routing(B->moe, E, T, H);
+    norm_rows(me, x, L->mlp_norm, B->xn, T, H, M->eps);
+    router_logits(me, M, E, B, T, R.logits, pv, db, mb);
+    TEAM_FOR(me, 1, 1, once) route_and_group(E, T, &R);
+    TEAM_FOR(me, T * k, 1, p) memcpy(R.xd + p * H, B->xn + R.row[p] * H, sizeof(float) * (size_t)H);
+    for (int64_t e = 0; e < E->experts; e++) {
+        const int64_t s = R.start[e], rows = R.start[e + 1] - s;
+        if (rows)
+            expert_rows(me, M, B, &E->gate_up[e], &E->down[e], I, R.xd + s * H, rows, R.gu + s * 2 * I,
+                        R.act + s * I, R.y + s * H, pv, db, mb);
+    }
+    if (E->shared_inter)
+        expert_rows(me, M, B, &E->shared_gate_up, &E->shared_down, E->shared_inter, B->xn, T, B->gu, B->act,
+                    R.y + T * k * H, pv, db, mb);
+    TEAM_FOR(me, T, 1, t) combine_row(M, L, &R, T, t, B->xn + t * H, x + t * H);
 }
 
 /* every layer, then the final norm: what each member of the team runs */
@@ -810,6 +991,10 @@ static void run_layers(fd_member *me, const fd_model *M, const fd_geometry *S, c
         attention(me, M, l, S, B, at, fallbacks);
         a = prepare(me, B, IN_AS_IS, B->attn, NULL, eps, T, q, wants_q8(&L->o), pv, NULL);
         residual(me, M, &L->o, &a, T, q, L->attn_post_norm, x, B->xn, db, mb);
+        if (L->moe) {
+            moe_block(me, M, L, B, T, x, pv, db, mb);
+            continue;
+        }
         a = prepare(me, B, IN_NORM, x, L->mlp_norm, eps, T, M->hidden, wants_q8(&L->gate_up), pv, B->xn);
         proj(me, &L->gate_up, &a, T, M->hidden, B->gu, 2 * M->inter, 0, db, mb);
         a = prepare(me, B, IN_GATED + M->act, B->gu, NULL, eps, T, M->inter, wants_q8(&L->down), pv, B->act);
@@ -818,10 +1003,17 @@ static void run_layers(fd_member *me, const fd_model *M, const fd_geometry *S, c
     norm_rows(me, x, M->norm, x, T, M->hidden, M->eps);
 }
 
+static int bad_moe(const fd_moe *E) {
+    return E->experts < 1 || E->top_k < 1 || E->top_k > E->experts || E->inter < 1 || !E->gate_up || !E->down ||
+           (!E->router_f32 && E->router.nparts < 1) || E->shared_inter < 0 || (E->shared_inter && !E->shared_gate);
+}
+
 static int bad_model(const fd_model *M) {
     if (M->heads % M->kv_heads || M->head_dim % 2 || (M->act != ACT_SILU && M->act != ACT_GELU_TANH)) return 1;
-    for (int64_t l = 0; l < M->num_layers; l++)
-        if (M->layers[l].window < 0 || !(M->layers[l].softcap >= 0.0f)) return 1;
+    for (int64_t l = 0; l < M->num_layers; l++) {
+        const fd_layer *L = &M->layers[l];
+        if (L->window < 0 || !(L->softcap >= 0.0f) || (L->moe && bad_moe(L->moe))) return 1;
+    }
     return 0;
 }
 
@@ -845,10 +1037,8 @@ int fd_decode(const fd_model *M, int64_t T, float *x, const int64_t *positions, 
     }
     const int nt = fd_team_size(nthreads);
     if (fd_decode_workspace(M, T, max_len, nt) > workspace_bytes) return -1;
-    const int64_t q = M->heads * M->head_dim;
     fd_geometry S = {T, PART_KEYS, 0, positions, new_slots, slots, lens, slot_rows, 0, NULL, NULL, NULL};
-    S.max_k = M->hidden > q ? M->hidden : q;
-    S.max_k = S.max_k > M->inter ? S.max_k : M->inter;
+    S.max_k = widest_k(M);
     int64_t group_first[T + 1];
     for (int64_t t = 0; t < T;) { /* consecutive rows of one chunk: same slots, each one key further */
         int64_t e = t + 1;
