@@ -28,8 +28,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import test_hf_parity as parity  # noqa: E402  (tests/ is on sys.path; its helpers)
+import test_native_decode as native_helpers  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from flashdecode import LLM  # noqa: E402
 from flashdecode.layers.dataflow import configure  # noqa: E402
 from flashdecode.layers.linear import Linear, fused_linear  # noqa: E402
 from flashdecode.layers.moe import GatedMLP, SparseMoE  # noqa: E402
@@ -183,7 +185,7 @@ def test_specs_from_both_sources_agree(
     hf_model: Callable[..., Path], gguf_model: Callable[..., Path]
 ) -> None:
     """The same expert fields from config.json and from GGUF metadata (Mixtral's "llama" file named
-    mixtral by its expert count); the native decode step declines MoE models."""
+    mixtral by its expert count); the native decode step takes MoE models."""
     for arch in mf.MOE_ARCHS:
         hf, gg = load_model(hf_model(arch)).spec, load_model(gguf_model(arch)).spec
         assert hf.family == gg.family and hf.family.moe
@@ -196,7 +198,7 @@ def test_specs_from_both_sources_agree(
             "dense_layers",
         ):
             assert getattr(hf, name) == getattr(gg, name), (arch, name)
-        assert not hf.native_block
+        assert hf.native_block
         assert any("mixture of experts" in f for f in hf.features())
     cfg = mf.arch_config("qwen2moe")
     spec = load_model(hf_model("qwen2moe")).spec
@@ -291,3 +293,31 @@ def test_triton_backend_matches_cpu(gguf_model: Callable[..., Path]) -> None:
         lin.plan == [(1, "triton")] and lin.format == "Q8_0" for e in experts for lin in e.projections()
     )
     device_helpers._assert_same(cpu_outs, dev_outs)
+
+
+# every projection but the router (F32, as llama.cpp writes routers) in a native format: Mixtral with
+# head_dim 32, so that its o projection's rows (heads * head_dim) split into 32-blocks
+NATIVE_MOE = [("mixtral", "Q8_0", dict(head_dim=32)), ("qwen2moe", "Q8_0", {}), ("qwen3moe", "Q8_0", {})]
+
+
+@pytest.mark.parametrize(("arch", "tensor_type", "shapes"), NATIVE_MOE)
+def test_native_step_runs_the_experts(
+    arch: str, tensor_type: str, shapes: dict, gguf_model: Callable[..., Path], native_kernels: Any, monkeypatch
+) -> None:
+    """The native decode step (kernels/cpu/decode_step.c) routes, groups and runs the experts as the
+    Python layers do: the same greedy tokens and log-probabilities to summation order for three
+    sequences' prompts and decodes, and as many expert products (one per chosen expert, layer and
+    step) as the Python layers' grouped loop ran, several a step, the batch's rows choosing different
+    experts (ExpertLog.check)."""
+    path = gguf_model(arch, tensor_type, **shapes)
+    # no prefix cache: the Python layers' run recomputes the prompts, so the two run the same steps
+    llm = LLM(model=str(path), max_model_len=512, num_threads=2, numerics="exact", enable_prefix_caching=False)
+    native = native_helpers.run(llm)
+    steps = list(llm.engine.model.native._steps.values())
+    assert steps and all(step._structs for step in steps)  # every step built holds the MoE layers
+    products = sum(int(step.stats[2]) for step in steps)
+    log = ExpertLog(llm.engine.model)
+    python = native_helpers.python_layers(llm, monkeypatch)
+    log.check()
+    assert products == sum(len(rows) for _, rows in log.calls)
+    native_helpers.assert_same(native, python, tol=2e-4)

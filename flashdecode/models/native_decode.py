@@ -173,10 +173,10 @@ class NativeDecode:
         x = x.contiguous()
         step.run(x, positions, meta.slot_mapping, slots, slot_rows, lens, max_len, torch.get_num_threads())
         if softmax is not None and softmax.mode == "unified":
-            checked, fallbacks = step.stats.tolist()
+            checked, fallbacks = step.stats[:2].tolist()
             softmax.rows_checked += checked
             softmax.fallbacks += fallbacks
-            step.stats.zero_()
+            step.stats[:2].zero_()
         return x
 
     def _choose(self, t: int, cache: KVCache, unified: SoftmaxPolicy | None) -> DecodeStep | None:

@@ -230,7 +230,8 @@ class DecodeStep:
         if self._reduce is not None:
             self.model.all_reduce = self._reduce.c
         self._workspace = torch.empty(0, dtype=torch.uint8)
-        self.stats = torch.zeros(2, dtype=torch.int64)  # rows checked, rows recomputed exactly
+        # rows checked, rows recomputed exactly (unified softmax); expert products run (MoE layers)
+        self.stats = torch.zeros(3, dtype=torch.int64)
 
     def _proj(self, parts: Sequence[ProjPart]) -> _Proj:
         if not 1 <= len(parts) <= MAX_PARTS:

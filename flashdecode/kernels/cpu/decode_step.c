@@ -955,7 +955,7 @@ static void combine_row(const fd_model *M, const fd_layer *L, const fd_routing *
 /* x += the layer's mixture of experts of RMSNorm(x): route every row, gather the rows of each chosen
  * expert, run each chosen expert once over its rows, then add each row's weighted outputs back */
 static void moe_block(fd_member *me, const fd_model *M, const fd_layer *L, const fd_buffers *B, int64_t T,
-                      float *x, float *pv, float *db, float *mb) {
+                      float *x, float *pv, float *db, float *mb, atomic_llong *products) {
     const fd_moe *E = L->moe;
     const int64_t H = M->hidden, I = E->inter, k = E->top_k;
     fd_routing R = moe_routing(B->moe, E, T, H);
@@ -965,9 +965,10 @@ static void moe_block(fd_member *me, const fd_model *M, const fd_layer *L, const
     TEAM_FOR(me, T * k, 1, p) memcpy(R.xd + p * H, B->xn + R.row[p] * H, sizeof(float) * (size_t)H);
     for (int64_t e = 0; e < E->experts; e++) {
         const int64_t s = R.start[e], rows = R.start[e + 1] - s;
-        if (rows)
-            expert_rows(me, M, B, &E->gate_up[e], &E->down[e], I, R.xd + s * H, rows, R.gu + s * 2 * I,
-                        R.act + s * I, R.y + s * H, pv, db, mb);
+        if (!rows) continue;
+        expert_rows(me, M, B, &E->gate_up[e], &E->down[e], I, R.xd + s * H, rows, R.gu + s * 2 * I, R.act + s * I,
+                    R.y + s * H, pv, db, mb);
+        if (me->tid == 0) atomic_fetch_add(products, 1);
     }
     if (E->shared_inter)
         expert_rows(me, M, B, &E->shared_gate_up, &E->shared_down, E->shared_inter, B->xn, T, B->gu, B->act,
@@ -975,9 +976,10 @@ static void moe_block(fd_member *me, const fd_model *M, const fd_layer *L, const
     TEAM_FOR(me, T, 1, t) combine_row(M, L, &R, T, t, B->xn + t * H, x + t * H);
 }
 
-/* every layer, then the final norm: what each member of the team runs */
+/* every layer, then the final norm: what each member of the team runs; counts: unified rows recomputed
+ * exactly, expert products run */
 static void run_layers(fd_member *me, const fd_model *M, const fd_geometry *S, const fd_buffers *B, float *x,
-                       atomic_llong *fallbacks) {
+                       atomic_llong *counts) {
     const int64_t T = S->T, q = M->heads * M->head_dim, width = (M->heads + 2 * M->kv_heads) * M->head_dim;
     float *tb = B->thread + me->tid * B->thread_floats;
     float *db = tb, *mb = tb + fd_scale_scratch(S->max_k), *pv = mb + fd_scale_scratch(S->max_k);
@@ -988,11 +990,11 @@ static void run_layers(fd_member *me, const fd_model *M, const fd_geometry *S, c
         fd_input a = prepare(me, B, IN_NORM, x, L->attn_norm, eps, T, M->hidden, wants_q8(&L->qkv), pv, B->xn);
         proj(me, &L->qkv, &a, T, M->hidden, B->qkv, width, 0, db, mb);
         rope_and_store(me, M, l, L, S, B->qkv);
-        attention(me, M, l, S, B, at, fallbacks);
+        attention(me, M, l, S, B, at, &counts[0]);
         a = prepare(me, B, IN_AS_IS, B->attn, NULL, eps, T, q, wants_q8(&L->o), pv, NULL);
         residual(me, M, &L->o, &a, T, q, L->attn_post_norm, x, B->xn, db, mb);
         if (L->moe) {
-            moe_block(me, M, L, B, T, x, pv, db, mb);
+            moe_block(me, M, L, B, T, x, pv, db, mb, &counts[1]);
             continue;
         }
         a = prepare(me, B, IN_NORM, x, L->mlp_norm, eps, T, M->hidden, wants_q8(&L->gate_up), pv, B->xn);
@@ -1024,8 +1026,9 @@ static int bad_model(const fd_model *M) {
  * positions, new_slots, lens [T]: each row's position, the cache slot its K and V go to, its context
  * length (itself included); row t's key slots are slots[slot_rows[t] .. slot_rows[t] + lens[t]) of
  * the nslots in slots (a sliding layer reads only the last window of them). workspace:
- * fd_decode_workspace bytes for (T, max lens). stats[2] += rows checked, unified rows recomputed
- * exactly. Returns 0, or -1 on bad arguments. */
+ * fd_decode_workspace bytes for (T, max lens). stats[3] += rows checked, unified rows recomputed
+ * exactly, expert products run (one per chosen expert per MoE layer). Returns 0, or -1 on bad
+ * arguments. */
 int fd_decode(const fd_model *M, int64_t T, float *x, const int64_t *positions, const int64_t *new_slots,
               const int64_t *slots, int64_t nslots, const int64_t *slot_rows, const int64_t *lens, void *workspace,
               int64_t workspace_bytes, int64_t *stats, int nthreads) {
@@ -1060,19 +1063,21 @@ int fd_decode(const fd_model *M, int64_t T, float *x, const int64_t *positions, 
     S.keys = keys, S.layer_keys = layer_keys;
     fd_buffers B;
     carve(M, &S, partial_rows, (float *)(iw + keys_int64s(nw, T)), nt, &B);
-    atomic_llong fallbacks;
-    atomic_init(&fallbacks, 0);
+    atomic_llong counts[2];
+    atomic_init(&counts[0], 0);
+    atomic_init(&counts[1], 0);
     fd_team team;
     fd_team_init(&team, nt);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         fd_team solo;
         fd_member me = fd_join(&team, &solo);
-        if (me.team) run_layers(&me, M, &S, &B, x, &fallbacks);
+        if (me.team) run_layers(&me, M, &S, &B, x, counts);
     }
     if (stats) {
         stats[0] += M->unified ? M->num_layers * T * M->heads : 0;
-        stats[1] += atomic_load(&fallbacks);
+        stats[1] += atomic_load(&counts[0]);
+        stats[2] += atomic_load(&counts[1]);
     }
     return 0;
 }
