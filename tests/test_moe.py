@@ -42,11 +42,14 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 class ExpertLog:
-    """Every MoE call of an engine's decoder: its token count and the rows each expert that ran got."""
+    """Every MoE call of an engine's decoder: its token count and the rows each expert that ran got.
+    The decoder runs the Python layers from then on: they are what is logged (the native step's
+    experts are test_native_step_runs_the_experts's)."""
 
     def __init__(self, decoder: Any):
         self.calls: list[tuple[int, dict[int, int]]] = []
         self.top_k = 0
+        decoder.native = None
         for layer in decoder.layers:
             if isinstance(layer.mlp, SparseMoE):
                 moe = layer.mlp
@@ -297,6 +300,7 @@ def test_triton_backend_matches_cpu(gguf_model: Callable[..., Path]) -> None:
 
 # every projection but the router (F32, as llama.cpp writes routers) in a native format: Mixtral with
 # head_dim 32, so that its o projection's rows (heads * head_dim) split into 32-blocks
+MOE_PROMPTS = ["The engine", "Decoding is memory bound: each step reads every weight once", "A softmax " * 6]
 NATIVE_MOE = [("mixtral", "Q8_0", dict(head_dim=32)), ("qwen2moe", "Q8_0", {}), ("qwen3moe", "Q8_0", {})]
 
 
@@ -312,12 +316,12 @@ def test_native_step_runs_the_experts(
     path = gguf_model(arch, tensor_type, **shapes)
     # no prefix cache: the Python layers' run recomputes the prompts, so the two run the same steps
     llm = LLM(model=str(path), max_model_len=512, num_threads=2, numerics="exact", enable_prefix_caching=False)
-    native = native_helpers.run(llm)
+    native = native_helpers.run(llm, MOE_PROMPTS)
     steps = list(llm.engine.model.native._steps.values())
     assert steps and all(step._structs for step in steps)  # every step built holds the MoE layers
     products = sum(int(step.stats[2]) for step in steps)
     log = ExpertLog(llm.engine.model)
-    python = native_helpers.python_layers(llm, monkeypatch)
+    python = native_helpers.python_layers(llm, monkeypatch, MOE_PROMPTS)
     log.check()
     assert products == sum(len(rows) for _, rows in log.calls)
     native_helpers.assert_same(native, python, tol=2e-4)
