@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from flashdecode import LLM  # noqa: E402
 from flashdecode.layers.dataflow import configure  # noqa: E402
-from flashdecode.layers.linear import Linear, fused_linear  # noqa: E402
+from flashdecode.layers.linear import Linear, fused_linear, iter_linears  # noqa: E402
 from flashdecode.layers.moe import GatedMLP, SparseMoE  # noqa: E402
 from flashdecode.layers.quant import QuantizedTensor  # noqa: E402
 from flashdecode.models.loader import load_model  # noqa: E402
@@ -299,29 +299,48 @@ def test_triton_backend_matches_cpu(gguf_model: Callable[..., Path]) -> None:
 
 
 # every projection but the router (F32, as llama.cpp writes routers) in a native format: Mixtral with
-# head_dim 32, so that its o projection's rows (heads * head_dim) split into 32-blocks
+# head_dim 32, so that its o projection's rows (heads * head_dim) split into 32-blocks. The last two
+# run every quantized projection with int8 activations (on the stored planes, on the repacked ones).
 MOE_PROMPTS = ["The engine", "Decoding is memory bound: each step reads every weight once", "A softmax " * 6]
-NATIVE_MOE = [("mixtral", "Q8_0", dict(head_dim=32)), ("qwen2moe", "Q8_0", {}), ("qwen3moe", "Q8_0", {})]
+NATIVE_MOE = [
+    ("mixtral", dict(head_dim=32), "native"),
+    ("qwen2moe", {}, "native"),
+    ("qwen3moe", {}, "native"),
+    ("qwen2moe", {}, "native_i8"),
+    ("qwen3moe", {}, "native_q8"),
+]
 
 
-@pytest.mark.parametrize(("arch", "tensor_type", "shapes"), NATIVE_MOE)
+@pytest.mark.parametrize(("arch", "shapes", "kernel"), NATIVE_MOE)
 def test_native_step_runs_the_experts(
-    arch: str, tensor_type: str, shapes: dict, gguf_model: Callable[..., Path], native_kernels: Any, monkeypatch
+    arch: str, shapes: dict, kernel: str, gguf_model: Callable[..., Path], native_kernels: Any, monkeypatch
 ) -> None:
     """The native decode step (kernels/cpu/decode_step.c) routes, groups and runs the experts as the
     Python layers do: the same greedy tokens and log-probabilities to summation order for three
     sequences' prompts and decodes, and as many expert products (one per chosen expert, layer and
     step) as the Python layers' grouped loop ran, several a step, the batch's rows choosing different
     experts (ExpertLog.check)."""
-    path = gguf_model(arch, tensor_type, **shapes)
+    from flashdecode.models.native_decode import ROUTER_F32, STEP_KERNELS
+
+    if kernel != "native" and not (native_kernels.has_i8 if kernel == "native_i8" else native_kernels.has_q8):
+        pytest.skip(f"{native_kernels.isa} build: no {kernel}")
     # no prefix cache: the Python layers' run recomputes the prompts, so the two run the same steps
-    llm = LLM(model=str(path), max_model_len=512, num_threads=2, numerics="exact", enable_prefix_caching=False)
+    path = gguf_model(arch, "Q8_0", **shapes)
+    llm = LLM(
+        model=str(path), max_model_len=512, num_threads=2, numerics="exact", enable_prefix_caching=False
+    )
+    for lin in iter_linears(llm.engine.model.linears()):
+        if lin.format == "Q8_0":
+            lin.set_plan([(1, kernel)])
     native = native_helpers.run(llm, MOE_PROMPTS)
-    steps = list(llm.engine.model.native._steps.values())
-    assert steps and all(step._structs for step in steps)  # every step built holds the MoE layers
-    products = sum(int(step.stats[2]) for step in steps)
+    steps = llm.engine.model.native._steps
+    assert steps and all(step._structs for step in steps.values())  # every step built holds the MoE layers
+    assert {mode for key in steps for mode in key[0]} == {STEP_KERNELS[kernel], ROUTER_F32}
+    products = sum(int(step.stats[2]) for step in steps.values())
     log = ExpertLog(llm.engine.model)
     python = native_helpers.python_layers(llm, monkeypatch, MOE_PROMPTS)
     log.check()
     assert products == sum(len(rows) for _, rows in log.calls)
-    native_helpers.assert_same(native, python, tol=2e-4)
+    # int8 activations: the same rounding on both sides, but a 1-ulp difference can move one
+    # (tests/test_native_decode.py's test_int8_activations)
+    native_helpers.assert_same(native, python, tol=2e-4 if kernel == "native" else 0.15)
