@@ -319,7 +319,7 @@ def test_native_step_runs_the_experts(
     Python layers do: the same greedy tokens and log-probabilities to summation order for three
     sequences' prompts and decodes, and as many expert products (one per chosen expert, layer and
     step) as the Python layers' grouped loop ran, several a step, the batch's rows choosing different
-    experts (ExpertLog.check)."""
+    experts (ExpertLog.check); a sequence decoding alone gets the bits it gets beside the others."""
     from flashdecode.models.native_decode import ROUTER_F32, STEP_KERNELS
 
     if kernel != "native" and not (native_kernels.has_i8 if kernel == "native_i8" else native_kernels.has_q8):
@@ -337,6 +337,8 @@ def test_native_step_runs_the_experts(
     assert steps and all(step._structs for step in steps.values())  # every step built holds the MoE layers
     assert {mode for key in steps for mode in key[0]} == {STEP_KERNELS[kernel], ROUTER_F32}
     products = sum(int(step.stats[2]) for step in steps.values())
+    # a row's experts run as the same bits whoever else chose them (rows are never mixed in a product)
+    native_helpers.assert_same(native_helpers.run(llm, MOE_PROMPTS[1:2]), native[1:2], tol=0.0)
     log = ExpertLog(llm.engine.model)
     python = native_helpers.python_layers(llm, monkeypatch, MOE_PROMPTS)
     log.check()
