@@ -102,15 +102,17 @@ def test_tensor_parallel_matches_one_process(
 
 
 @pytest.mark.parametrize(
-    "arch, shape", [("llama", SHAPE | {"num_key_value_heads": 2}), ("gemma3", GEMMA3_NATIVE_SHAPES)]
+    "arch, shape",
+    [("llama", SHAPE | {"num_key_value_heads": 2}), ("gemma3", GEMMA3_NATIVE_SHAPES), ("qwen2moe", {})],
 )
 def test_native_step_reduces_where_the_python_layers_do(
     arch: str, shape: dict[str, Any], gguf_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One process, its native step and its Python layers handed the same stand-in all-reduce (a
     doubling: two ranks of equal partial sums), so that where it acts (before the residual add, before
-    Gemma's post-norms) shows: the same tokens and logprobs, two calls a layer on [T, hidden] rows. A
-    failing all-reduce fails the step once it returns, after no further calls."""
+    Gemma's post-norms, on the sum of Qwen2-MoE's experts and shared expert) shows: the same tokens
+    and logprobs, two calls a layer on [T, hidden] rows. A failing all-reduce fails the step once it
+    returns, after no further calls."""
     llm = LLM(str(gguf_model(arch, "Q8_0", **shape)), **ENGINE)
     model, sizes = llm.engine.model, []
 

@@ -930,12 +930,10 @@ static void router_logits(fd_member *me, const fd_model *M, const fd_moe *E, con
     proj(me, &E->router, &a, T, H, logits, n, 0, db, mb);
 }
 
-/* x[t] += the sum of row t's experts' outputs, each times its weight, in ascending expert order
- * (index_add_'s order in layers/moe.py), plus the gated shared expert's; out: [hidden] scratch
- * holding the row's normed input (read first, for the shared gate) */
-static void combine_row(const fd_model *M, const fd_layer *L, const fd_routing *R, int64_t T, int64_t t,
-                        float *out, float *x) {
-    const fd_moe *E = L->moe;
+/* out = the sum of row t's experts' outputs, each times its weight, in ascending expert order
+ * (index_add_'s order in layers/moe.py), plus the gated shared expert's; out: [hidden], holding the
+ * row's normed input until then (read first, for the shared gate) */
+static void combine_row(const fd_model *M, const fd_moe *E, const fd_routing *R, int64_t T, int64_t t, float *out) {
     const int64_t H = M->hidden, k = E->top_k;
     const float gate = E->shared_inter ? 1.0f / (1.0f + expf(-dot(out, E->shared_gate, H))) : 0.0f;
     const int32_t *ids = R->ids + t * k;
@@ -948,8 +946,11 @@ static void combine_row(const fd_model *M, const fd_layer *L, const fd_routing *
         last = ids[j];
     }
     if (E->shared_inter) axpy(out, gate, R->y + (T * k + t) * H, H);
-    if (L->mlp_post_norm) rms_norm_row(out, L->mlp_post_norm, out, H, M->eps);
-    for (int64_t i = 0; i < H; i++) x[i] += out[i];
+}
+
+static void add_row(const fd_model *M, const fd_layer *L, float *out, float *x) {
+    if (L->mlp_post_norm) rms_norm_row(out, L->mlp_post_norm, out, M->hidden, M->eps);
+    for (int64_t i = 0; i < M->hidden; i++) x[i] += out[i];
 }
 
 /* x += the layer's mixture of experts of RMSNorm(x): route every row, gather the rows of each chosen
@@ -973,7 +974,18 @@ static void moe_block(fd_member *me, const fd_model *M, const fd_layer *L, const
     if (E->shared_inter)
         expert_rows(me, M, B, &E->shared_gate_up, &E->shared_down, E->shared_inter, B->xn, T, B->gu, B->act,
                     R.y + T * k * H, pv, db, mb);
-    TEAM_FOR(me, T, 1, t) combine_row(M, L, &R, T, t, B->xn + t * H, x + t * H);
+    if (!M->all_reduce) {
+        TEAM_FOR(me, T, 1, t) {
+            combine_row(M, E, &R, T, t, B->xn + t * H);
+            add_row(M, L, B->xn + t * H, x + t * H);
+        }
+        return;
+    }
+    /* tensor parallelism: each rank's experts hold a shard of their width, so the outputs are partial
+     * sums, summed over the ranks before the residual (as residual() does) */
+    TEAM_FOR(me, T, 1, t) combine_row(M, E, &R, T, t, B->xn + t * H);
+    all_reduce_rows(me, M, B->xn, T);
+    TEAM_FOR(me, T, 1, t) add_row(M, L, B->xn + t * H, x + t * H);
 }
 
 /* every layer, then the final norm: what each member of the team runs; counts: unified rows recomputed
