@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable
 
 import torch.multiprocessing as mp
@@ -52,6 +53,11 @@ def _spawned_worker(index: int, config: EngineConfig, init_method: str, run_work
         pass  # bad input fails alike on rank 0, which reports it
     finally:
         group.close()
+    # a worker holds nothing to save, and the interpreter's teardown of torch takes seconds that
+    # rank 0's shutdown would wait for
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class Ranks:
