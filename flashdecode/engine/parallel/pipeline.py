@@ -9,11 +9,13 @@ tensor rank to the same tensor rank of the next stage) and goes on to micro-batc
 s + 1 runs i; a stage's receives are all posted at the step's start. The last stage computes each
 micro-batch's logits (gathered over its tensor group) and its tensor rank 0 sends them to rank 0,
 which puts them back in the step's order of logit rows. With P micro-batches of a step in flight a
-stage idles only while the pipeline fills and drains.
+stage idles only while the pipeline fills and drains; micro-batches of consecutive steps are not in
+flight together (rank 0 samples from one step's logits before it schedules the next). Each
+micro-batch reads the stage's weights again: the split pays where a step's rows, not its weights,
+set a stage's time.
 
-A sequence's micro-batch runs after every earlier one on each stage, so its keys are in the cache
-before a later micro-batch's rows attend: splitting a step changes which rows share a matmul, not
-what any row sees.
+A micro-batch holds whole sequences, whose keys come from earlier steps or from the micro-batch
+itself: splitting a step changes which rows share a matmul, not what any row attends to.
 """
 
 from __future__ import annotations
