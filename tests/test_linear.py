@@ -254,6 +254,8 @@ def test_a_native_i8_plan_holds_the_weight_once(native_kernels) -> None:
         lin.set_plan([(1, "native_i8")])
         before = lin(x)
         assert lin._weight is None and lin.out_features == w.shape[0] and lin.quantized, fmt
+        if fmt == "Q5_0":  # its repack keeps the file's fp16 scales and no mins: 5.5 bits a weight
+            assert lin._i8[1].dtype == torch.float16 and lin._i8[2] is None
         for a, b in zip(lin.weight.planes(), w.planes(), strict=True):
             assert (a is None and b is None) or torch.equal(a, b), fmt
         lin.set_plan([(1, "native_i8")])

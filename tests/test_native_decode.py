@@ -66,6 +66,11 @@ def used_native(llm: LLM) -> bool:
     return bool(llm.engine.model.native._steps)
 
 
+# With a 16-bit KV cache the two sides' 1-ulp fp32 differences in a key or value can land on either
+# side of a 16-bit rounding (one bf16 ulp is 2^-8 relative), and a short context averages few keys:
+# which instruction set's tile order the projections use decides whether a test's prompts hit one.
+KV16_TOL = 3e-3
+
 CASES = [
     ("llama", "Q8_0", "auto"),  # GQA 6:2, fp32 KV
     ("qwen2", "Q4_0", "bf16"),  # q/k/v biases
@@ -84,7 +89,7 @@ def test_native_step_is_the_python_layers(
     )
     native = run(llm)
     assert used_native(llm)
-    assert_same(native, python_layers(llm, monkeypatch), tol=2e-4)
+    assert_same(native, python_layers(llm, monkeypatch), tol=2e-4 if kv == "auto" else KV16_TOL)
 
 
 def test_partial_rotary(gguf_model, native_kernels, monkeypatch) -> None:

@@ -4,8 +4,8 @@ which tests/test_hf_parity.py holds to transformers.
 
 Greedy tokens must be identical and every logprob within 1e-4, from a Hugging Face folder and from a
 quantized GGUF, with several requests batched continuously, chunked prefill and prefix caching on:
-T=2 (one KV head, held by both ranks; two, one per rank, Q8_0 blocks split by rows and by whole
-blocks of K), P=2 and T=2 x P=2 (micro-batches in flight).
+T=2 (one KV head, held by both ranks, the Python layers; two, one per rank, Q8_0 blocks split by rows
+and by whole blocks of K, the native whole step), P=2 and T=2 x P=2 (micro-batches in flight).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import model_factory
 import numpy as np
 import pytest
 import torch
+from test_native_decode_gemma import GEMMA3_NATIVE_SHAPES  # tests/ is on sys.path
 
 from flashdecode import LLM, SamplingParams
 from flashdecode.engine.parallel.pipeline import micro_batches
@@ -28,6 +29,7 @@ from flashdecode.engine.parallel.step import StepInputs
 from flashdecode.errors import DistributedError, FlashDecodeError
 from flashdecode.layers.attention import AttentionMetadata, PrefillSegment
 from flashdecode.layers.quant import QuantizedTensor
+from flashdecode.models.native_decode import NativeDecode
 
 # 4 heads of 16 and an MLP of 256: o's 64 inputs and down's 256 split into whole 32-element blocks
 SHAPE = dict(num_attention_heads=4, head_dim=16, intermediate_size=256)
@@ -111,8 +113,54 @@ def test_tensor_parallel_matches_one_process(
     assert layer.qkv.out_features == (2 + 2 * max(1, kv_heads // 2)) * 16
     assert layer.o.in_features == 32 and layer.mlp.down.in_features == 128
     assert engine.model.lm_head.out_features == engine.spec.vocab_size // 2
+    # the quantized shards run the native whole step (its all-reduces called back from C), the fp32
+    # ones the Python layers (no native kernel for fp32 weights): both tensor-parallel paths are held
+    assert bool(engine.model.native._steps) == (source != "hf")
     if source != "hf":
         assert layer.o.quantized and layer.o.format == "Q8_0"
+
+
+@pytest.mark.parametrize(
+    "arch, shape", [("llama", SHAPE | {"num_key_value_heads": 2}), ("gemma3", GEMMA3_NATIVE_SHAPES)]
+)
+def test_native_step_reduces_where_the_python_layers_do(
+    arch: str, shape: dict[str, Any], gguf_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process, its native step and its Python layers handed the same stand-in all-reduce (a
+    doubling: two ranks of equal partial sums), so that where it acts (before the residual add, before
+    Gemma's post-norms) shows: the same tokens and logprobs, two calls a layer on [T, hidden] rows. A
+    failing all-reduce fails the step once it returns, after no further calls."""
+    llm = LLM(str(gguf_model(arch, "Q8_0", **shape)), **ENGINE)
+    model, sizes = llm.engine.model, []
+
+    def use(all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for layer in model.layers:
+            layer.reduce = all_reduce
+        model.native.all_reduce = all_reduce
+        model.native._steps.clear()  # the steps are rebuilt with it
+        model.native._chosen.clear()
+        sizes.clear()
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.numel())
+        return x.mul_(2.0)
+
+    use(double)
+    native = llm.generate(PROMPTS, PARAMS)
+    assert model.native._steps and sizes and len(sizes) % (2 * len(model.layers)) == 0
+    assert all(n % model.spec.hidden_size == 0 for n in sizes)
+    with monkeypatch.context() as m:
+        m.setattr(NativeDecode, "step", lambda self, *args: None)
+        _assert_same([llm.generate(PROMPTS, PARAMS)], [native])
+
+    def failing(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.numel())
+        raise DistributedError("parallel all-reduce failed (a rank died or stopped answering)")
+
+    use(failing)
+    with pytest.raises(DistributedError, match="a rank died"):
+        llm.generate([PROMPTS[1]], PARAMS)
+    assert len(sizes) == 1
 
 
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_1", "Q4_K", "Q6_K", "Q5_0"])

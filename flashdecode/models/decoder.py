@@ -265,12 +265,14 @@ class Decoder:
         self.softmax: SoftmaxPolicy | None = None  # None: exact attention (layers/attention.py)
         # every projection's kernel per M: the tuned table, the default plan, or one static kernel
         self.dataflow = configure(self.linears(), dataflow, table)
-        # whole decode steps in one native call, where they can run (the native backend, on the host);
-        # not under tensor or pipeline parallelism yet: the native step has no collectives between
-        # its layers and runs them all
+        # whole decode steps in one native call, where they can run (the native backend, on the host),
+        # a tensor-parallel rank's too (the step calls back for its all-reduces); not a pipeline
+        # stage's yet: the step runs every layer and the final norm
         self.native = None
-        if device.backend == "native" and device.on_host and comm is None and self.stage is None:
-            self.native = NativeDecode(spec, self.layers, self.norm, self.rope, dtype, self.rope_local)
+        if device.backend == "native" and device.on_host and self.stage is None:
+            reduce = None if comm is None else comm.all_reduce
+            rope_local = self.rope_local
+            self.native = NativeDecode(spec, self.layers, self.norm, self.rope, dtype, rope_local, reduce)
 
     def _embed_rows(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embed is None:  # tied: the head's matrix

@@ -9,13 +9,18 @@ is exact or unified with no calibration observer. The step runs the Llama block 
 backend, MoE or OPT layers) runs the Python layers, which remain the reference: the two compute the
 same operations in fp32 and differ only in summation order.
 
+Under tensor parallelism each rank's step runs its shard (the local spec's heads, KV heads and MLP
+width) and sums o's and down's partial outputs over the ranks through the decoder's communicator,
+called back from C: the same two all-reduces a layer, on the same [T, hidden] rows, as the Python
+layers run.
+
 One ``DecodeStep`` is built per combination of the projections' kernels, KV storage and softmax, and
 rebuilt only when a plan changes (``Linear.plans_set``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -47,12 +52,14 @@ def _parts(mod: Linear | SplitLinear) -> list[Linear]:
 
 
 def _part(lin: Linear, mode: int) -> ProjPart:
+    fmt = lin.format
     if mode == INT8_INTERLEAVED:
         planes = lin.i8_repack()
+        fmt = cpu.i8_format(fmt, planes)
     else:
         w = lin.weight
         planes = w.planes() if isinstance(w, QuantizedTensor) else (w, None, None)
-    return ProjPart(lin.format, planes, lin.bias_as(torch.float32), mode, lin.out_features)
+    return ProjPart(fmt, planes, lin.bias_as(torch.float32), mode, lin.out_features)
 
 
 def step_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -92,12 +99,15 @@ class NativeDecode:
         rope: RotaryEmbedding,
         dtype: torch.dtype,
         rope_local: RotaryEmbedding | None = None,
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         """``layers``: the decoder's ``DecoderLayer``s (their norms, post-norms, ``qk_norm``, window,
         scale and ``projections()``); ``norm``: the final norm's weight; ``rope_local``: the sliding
-        layers' RoPE where it is not ``rope`` (Gemma 3). Host tensors, fp32 compute (else nothing runs
-        natively)."""
+        layers' RoPE where it is not ``rope`` (Gemma 3); ``all_reduce``: the tensor-parallel sum over
+        the ranks (``Communicator.all_reduce``) where ``layers`` hold one rank's shard. Host tensors,
+        fp32 compute (else nothing runs natively)."""
         self.spec, self.layers, self.norm, self.dtype = spec, layers, norm, dtype
+        self.all_reduce = all_reduce
         self.rope, self.rope_local = rope, rope_local
         self.tables = {  # each RotaryEmbedding's cos and sin as the step reads them
             r: (r.cos.contiguous(), r.sin.contiguous()) for r in (rope, rope_local) if r is not None
@@ -188,4 +198,4 @@ class NativeDecode:
             self.layers[0].scale,
             s.hidden_act,
         )
-        return DecodeStep(lib, geometry, layers, self.norm, cache.kv, phi, window)
+        return DecodeStep(lib, geometry, layers, self.norm, cache.kv, phi, window, self.all_reduce)

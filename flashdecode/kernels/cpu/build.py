@@ -40,8 +40,9 @@ from ..formats import BF16_KERNEL_ID, I8_FORMATS, NATIVE
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "flat_gemm.c", HERE / "decode_step.c")
 HEADERS = (HERE / "flat_gemm.h",)
-ABI_VERSION = 7
+ABI_VERSION = 8
 FORMAT_IDS = {"BF16": BF16_KERNEL_ID} | {fmt: layout.kernel_id for fmt, layout in NATIVE.items()}
+FORMAT_IDS["Q5_0"] = 8  # repack_i8's lean Q5_K: Q5_0's fp16 scales, min -16 d (flat_gemm.h FD_Q5_0_I8)
 Planes = reference.Planes
 
 # build name -> (cpuinfo flags the build needs, compiler flags)
@@ -156,7 +157,7 @@ class NativeKernels:
         out = torch.empty(m_rows, n, dtype=torch.float32)
         qp, dp, mp = packed
         rc = self._linear_i8(
-            FORMAT_IDS[fmt],
+            FORMAT_IDS[i8_format(fmt, packed)],
             x.data_ptr(),
             x.stride(0),
             m_rows,
@@ -267,7 +268,21 @@ def repack_i8(fmt: str, planes: Planes) -> Planes:
     def scales16(t: torch.Tensor) -> torch.Tensor:  # [N, nb * scales] -> [g, b, scales, 16]
         return rows16(t.reshape(n, nb, -1)).transpose(2, 3).contiguous()
 
+    if fmt == "Q5_K" and _is_q5_0(d_plane, m_plane):  # the file's scales alone: 5.5 bits a weight, not 7
+        return q.contiguous(), scales16(d_plane.half()), None
     return q.contiguous(), scales16(d_plane), None if m_plane is None else scales16(m_plane)
+
+
+def _is_q5_0(d: torch.Tensor, m: torch.Tensor) -> bool:
+    """Whether Q5_K planes hold a Q5_0 matrix (layers/quant.py: m = -16 d, d an fp16): its scales
+    then pack as fp16 with the min implied, values unchanged."""
+    half = d.half()
+    return bool(torch.equal(half.float(), d) and torch.equal(m, -16 * d) and torch.isfinite(half).all())
+
+
+def i8_format(fmt: str, packed: Planes) -> str:
+    """The kernel format that runs a ``repack_i8`` result of ``fmt``: "Q5_0" for the lean Q5_K."""
+    return "Q5_0" if fmt == "Q5_K" and packed[2] is None else fmt
 
 
 def unpack_i8(fmt: str, packed: Planes, n: int) -> Planes:
@@ -297,6 +312,9 @@ def unpack_i8(fmt: str, packed: Planes, n: int) -> Planes:
     def scales(t: torch.Tensor) -> torch.Tensor:  # [g, b, scales, 16] -> [N, nb * scales]
         return unrows16(t.transpose(2, 3)).reshape(n, -1).contiguous()
 
+    if i8_format(fmt, packed) == "Q5_0":
+        d = scales(d_packed).float()
+        return qs.contiguous(), d, -16 * d
     return qs.contiguous(), scales(d_packed), None if m_packed is None else scales(m_packed)
 
 
@@ -397,8 +415,10 @@ def _self_test(kernels: NativeKernels) -> None:
             if not torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max())):
                 raise RuntimeError(f"self-test: {fmt} int8-activation product differs")
     if kernels.has_i8:
-        for fmt in I8_FORMATS:
-            planes = k_quant(fmt) if NATIVE[fmt].repacked else reference.quantize(w, fmt)
+        cases = [(f, k_quant(f) if NATIVE[f].repacked else reference.quantize(w, f)) for f in I8_FORMATS]
+        qs, d, _ = k_quant("Q5_K")
+        cases.append(("Q5_K", (qs, d, -16 * d)))  # a Q5_0 matrix's planes: repack_i8 packs them lean
+        for fmt, planes in cases:
             ref = reference.linear_q8(x, fmt, planes)
             y = kernels.linear_i8(fmt, x, repack_i8(fmt, planes), 13)
             if not torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max())):

@@ -3,13 +3,14 @@
 ``DecodeStep`` holds the C description of a model (per layer: norm weights and, per projection, its
 parts' formats and planes) and a reused workspace; ``run`` takes one step's tensors. What the model is
 made of comes from above (models/decoder.py builds the ``ProjPart`` lists): this module only lays
-tensors out as the C structs expect and keeps them alive.
+tensors out as the C structs expect and keeps them alive. Under tensor parallelism the step calls back
+into Python for its two all-reduces a layer (``all_reduce``), on its own buffer as a tensor.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # decode_st
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the MLP's gate activation: decode_step.c's ACT_*
 MAX_PARTS = 3
 _i32, _i64, _f32, _vp = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+_REDUCE = ctypes.CFUNCTYPE(None, _vp, _i64, _vp)  # fd_model.all_reduce
 
 
 class _Part(ctypes.Structure):
@@ -60,7 +62,36 @@ class _Model(ctypes.Structure):
         ("norm", _vp),
         ("kv", _vp),
         ("layers", ctypes.POINTER(_Layer)),
+        ("all_reduce", _REDUCE),
+        ("reduce_ctx", _vp),
     ]
+
+
+class _AllReduce:
+    """fd_model.all_reduce: ``fn`` (the sum over the ranks, in place) on the step's [n] fp32 buffer,
+    seen as a tensor without a copy. An exception cannot cross the C frames: the first is kept, the
+    step's later calls return at once (its result is void), and ``DecodeStep.run`` raises it."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.fn = fn
+        self.error: BaseException | None = None
+        self.c = _REDUCE(self)  # held here: C keeps only the pointer
+
+    def __call__(self, ptr: int, n: int, ctx: int | None) -> None:
+        if self.error is not None:
+            return
+        try:
+            buf = torch.frombuffer((ctypes.c_float * n).from_address(ptr), dtype=torch.float32)
+            out = self.fn(buf)
+            if out.data_ptr() != buf.data_ptr():
+                buf.copy_(out)
+        except BaseException as exc:  # KeyboardInterrupt too: re-raised once the step is back
+            self.error = exc
+
+    def raise_error(self) -> None:
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
 
 
 # how a part multiplies (decode_step.c's fd_part.q8): fp32 activations, int8 activations on the stored
@@ -127,9 +158,12 @@ class DecodeStep:
         kv: torch.Tensor,
         phi: Sequence[float] | None = None,
         window: tuple[float, float] = (0.0, 0.0),
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         """``kv``: the cache storage [layers, slots, kv_heads, 2, head_dim] (fp32, bf16 or fp16);
-        ``phi``: the unified max per layer (None: exact softmax) with its safe ``window``."""
+        ``phi``: the unified max per layer (None: exact softmax) with its safe ``window``;
+        ``all_reduce``: where ``layers`` are one tensor-parallel rank's shard, the in-place sum over
+        the ranks of o's and down's partial outputs (None: one process)."""
         self.lib = lib.lib
         self.lib.fd_decode.argtypes = [
             ctypes.POINTER(_Model),
@@ -158,6 +192,9 @@ class DecodeStep:
             g.eps, g.scale, KV_DTYPES[kv.dtype], int(phi is not None), ACTIVATIONS[g.act], 0, _ptr(self._phi),
             window[0], window[1], _ptr(norm), _ptr(kv), self._layers,
         )  # fmt: skip
+        self._reduce = None if all_reduce is None else _AllReduce(all_reduce)
+        if self._reduce is not None:
+            self.model.all_reduce = self._reduce.c
         self._workspace = torch.empty(0, dtype=torch.uint8)
         self.stats = torch.zeros(2, dtype=torch.int64)  # rows checked, rows recomputed exactly
 
@@ -211,6 +248,8 @@ class DecodeStep:
             slots.data_ptr(), slots.numel(), slot_rows.data_ptr(), lens.data_ptr(),
             self._workspace.data_ptr(), self._workspace.numel(), self.stats.data_ptr(), num_threads,
         )  # fmt: skip
+        if self._reduce is not None:
+            self._reduce.raise_error()
         if rc != 0:
             raise RuntimeError(f"fd_decode(T={t}) failed with code {rc}")
         return x

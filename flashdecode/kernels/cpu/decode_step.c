@@ -78,6 +78,11 @@ typedef struct {
     const float *norm;    /* final norm weight [hidden] */
     void *kv;             /* [num_layers, num_slots, kv_heads, 2, head_dim] of kv_dtype */
     const fd_layer *layers;
+    /* Tensor parallelism: this rank holds its shard (its heads, KV heads and share of the MLP), so o
+     * and down give partial sums that all_reduce(buf, n, ctx) sums over the ranks in place (Megatron's
+     * two all-reduces a layer). NULL: one process. */
+    void (*all_reduce)(float *buf, int64_t n, void *ctx);
+    void *reduce_ctx;
 } fd_model;
 
 /* ---------------------------------------------------------------- vector pieces */
@@ -650,18 +655,27 @@ static fd_input prepare(fd_member *me, const fd_buffers *B, int how, const float
     return (fd_input){x, B->xq, B->dx, B->sx};
 }
 
-/* x += P a, or where the layer norms the output (Gemma's post-norms) x += RMSNorm(P a) * post; y:
- * [T, hidden] scratch */
+/* the ranks' partial sums y [T, hidden] summed: the first thread calls out (the caller's own thread,
+ * which the callback needs to take the interpreter's lock) while the team waits */
+static void all_reduce_rows(fd_member *me, const fd_model *M, float *y, int64_t T) {
+    if (me->tid == 0) M->all_reduce(y, T * M->hidden, M->reduce_ctx);
+    fd_barrier(me);
+}
+
+/* x += P a, or where the layer norms the output (Gemma's post-norms) x += RMSNorm(P a) * post; under
+ * tensor parallelism P a is summed over the ranks first (the bias is on one rank's shard only, as
+ * models/tensor_parallel.py cuts it). y: [T, hidden] scratch */
 static void residual(fd_member *me, const fd_model *M, const fd_proj *P, const fd_input *a, int64_t T, int64_t K,
                      const float *post, float *x, float *y, float *db, float *mb) {
-    if (!post) {
+    if (!post && !M->all_reduce) {
         proj(me, P, a, T, K, x, M->hidden, 1, db, mb);
         return;
     }
     proj(me, P, a, T, K, y, M->hidden, 0, db, mb);
+    if (M->all_reduce) all_reduce_rows(me, M, y, T);
     TEAM_FOR(me, T, 1, t) {
         float *yt = y + t * M->hidden, *xt = x + t * M->hidden;
-        rms_norm_row(yt, post, yt, M->hidden, M->eps);
+        if (post) rms_norm_row(yt, post, yt, M->hidden, M->eps);
         for (int64_t i = 0; i < M->hidden; i++) xt[i] += yt[i];
     }
 }

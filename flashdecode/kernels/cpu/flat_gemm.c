@@ -703,8 +703,8 @@ int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
  *   d               [groups, K/32, S, 16]: fp16 (Q4_0, Q4_1, Q8_0) or fp32 (K-quants, multiplied out);
  *                   S = 2 for Q6_K and Q2_K (a scale per 16 elements), else 1
  *   m               [groups, K/32, S, 16], the same type (formats with a min; S = 2 for Q2_K)
- * (rows padded to a multiple of 16 with zeros). AVX512-VNNI runs a 64-byte vector of Q4_0, Q4_1 and
- * Q8_0 as one vpdpbusd; AVX2 runs every format as two 8-row halves with vpmaddubsw + vpmaddwd. */
+ * (rows padded to a multiple of 16 with zeros). AVX512-VNNI runs a 64-byte vector of every format but
+ * Q2_K as one vpdpbusd; AVX2 runs every format as two 8-row halves with vpmaddubsw + vpmaddwd. */
 #if defined(__AVX2__)
 #define FD_HAVE_I8 1
 #define I8_MR 4 /* activation rows per register tile */
@@ -715,7 +715,9 @@ INLINE __m256i bcast4(const int8_t *p) {
     return _mm256_set1_epi32(quad);
 }
 
-#define I8_BLOCK_BYTES(f) (FMT_NIBBLES(f) ? 256 : ((f) == FD_Q5_K ? 320 : 512))
+#define I8_BLOCK_BYTES(f) (FMT_NIBBLES(f) ? 256 : (FMT_FIFTH(f) ? 320 : 512))
+/* the min of a format whose min is implied by d: Q4_0's -8 d, Q5_0's -16 d */
+#define I8_IMPLIED_MIN(f) ((f) == FD_Q5_0_I8 ? -16.0f : -8.0f)
 
 /* 32 bytes of 0x10 where the matching bit of the 4 bytes at p is set (llama.cpp's bytes_from_bits_32) */
 INLINE __m256i fifth_bits(const uint8_t *p) {
@@ -793,7 +795,7 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
                 s[r] = _mm256_madd_epi16(t[r], one16);
                 s1[r] = _mm256_madd_epi16(t1[r], one16);
             }
-        } else if (FMT_NIBBLES(FMT) || FMT == FD_Q5_K) {
+        } else if (FMT_NIBBLES(FMT) || FMT_FIFTH(FMT)) {
             /* 4-bit products sum in int16 over the whole block (8 x 2 x 15 x 127 < 2^15), 5-bit ones
              * over half of it (4 x 2 x 31 x 127 < 2^15) */
             const uint8_t *fifth = qp + (int64_t)b * I8_BLOCK_BYTES(FMT) + 256 + 8 * h;
@@ -801,19 +803,19 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
             for (int i = 0; i < 4; i++) {
                 const __m256i z = _mm256_loadu_si256((const __m256i *)(blk + 64 * i));
                 __m256i lo = _mm256_and_si256(z, nib), hi = _mm256_and_si256(_mm256_srli_epi16(z, 4), nib);
-                if (FMT == FD_Q5_K) {
+                if (FMT_FIFTH(FMT)) {
                     lo = _mm256_or_si256(lo, fifth_bits(fifth + 16 * i));
                     hi = _mm256_or_si256(hi, fifth_bits(fifth + 16 * i + 4));
                 }
                 for (int r = 0; r < MR; r++) {
                     const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xb + r * K + 4 * i)),
                                                        _mm256_maddubs_epi16(hi, bcast4(xb + r * K + 16 + 4 * i)));
-                    t[r] = i == 0 || (FMT == FD_Q5_K && i == 2) ? p : _mm256_add_epi16(t[r], p);
-                    if (FMT == FD_Q5_K && i == 1) s[r] = _mm256_madd_epi16(t[r], one16);
+                    t[r] = i == 0 || (FMT_FIFTH(FMT) && i == 2) ? p : _mm256_add_epi16(t[r], p);
+                    if (FMT_FIFTH(FMT) && i == 1) s[r] = _mm256_madd_epi16(t[r], one16);
                 }
             }
             for (int r = 0; r < MR; r++)
-                s[r] = FMT == FD_Q5_K ? _mm256_add_epi32(s[r], _mm256_madd_epi16(t[r], one16))
+                s[r] = FMT_FIFTH(FMT) ? _mm256_add_epi32(s[r], _mm256_madd_epi16(t[r], one16))
                                       : _mm256_madd_epi16(t[r], one16);
         } else { /* Q6_K: a byte per value, two scales */
             for (int r = 0; r < MR; r++) {
@@ -825,7 +827,7 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
         const __m256 dv = i8_scales(FMT, dp, at);
         const __m256 d1 = FMT_HALVES(FMT) ? i8_scales(FMT, dp, at + 16) : dv;
         const int64_t mat = (int64_t)b * FMT_MINS_PER_BLOCK(FMT) * 16 + 8 * h;
-        const __m256 mv = FMT_HAS_MIN(FMT) ? i8_scales(FMT, mp, mat) : _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f));
+        const __m256 mv = FMT_HAS_MIN(FMT) ? i8_scales(FMT, mp, mat) : _mm256_mul_ps(dv, _mm256_set1_ps(I8_IMPLIED_MIN(FMT)));
         const __m256 m1 = FMT == FD_Q2_K ? i8_scales(FMT, mp, mat + 16) : mv;
         for (int r = 0; r < MR; r++) {
             const __m256 dxr = _mm256_set1_ps(dx[r * nb + b]);
@@ -835,7 +837,7 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
                 __m256i h2 = i8_half_sums(xb + r * K);
                 acc[r] = _mm256_fmadd_ps(mv, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(h2, h2, 0x00)), dxr), acc[r]);
                 acc[r] = _mm256_fmadd_ps(m1, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(h2, h2, 0x11)), dxr), acc[r]);
-            } else if (FMT_HAS_MIN(FMT) || FMT == FD_Q4_0) {
+            } else if (FMT_HAS_MIN(FMT) || FMT == FD_Q4_0 || FMT == FD_Q5_0_I8) {
                 acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[r * nb + b]), acc[r]);
             }
         }
@@ -882,58 +884,86 @@ INLINE void i8_group_avx2(const int FMT, const int8_t *xq, const float *dx, cons
 #define I8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
 #define VNNI_MR 8
 
-/* A whole 16-row group against MR activation rows: one vpdpbusd per 64-byte vector. Q8_0 runs
- * unsigned activations (xq + 128) against signed weights and subtracts 128 x the weights' sum. */
+/* sixteen rows' scales of one (block, sub-scale) as fp32 */
+I8_TARGET static inline __m512 vnni_scales(const int FMT, const void *p, int64_t at) {
+    if (FMT_F32_SCALES(FMT)) return _mm512_loadu_ps((const float *)p + at);
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + at)));
+}
+
+/* Q5_K's fifth bits of vector i as 0x10 bytes: the two 8-row halves' 4-byte masks (see the layout)
+ * side by side, one bit per byte of the 64-byte vector */
+I8_TARGET static inline __m512i vnni_fifth(const uint8_t *fifth, int i, int high) {
+    uint32_t h0, h1;
+    memcpy(&h0, fifth + 16 * i + 4 * high, 4);
+    memcpy(&h1, fifth + 16 * i + 8 + 4 * high, 4);
+    return _mm512_maskz_mov_epi8((__mmask64)h0 | ((__mmask64)h1 << 32), _mm512_set1_epi8(0x10));
+}
+
+/* A whole 16-row group against MR activation rows: one vpdpbusd per 64-byte vector. Formats with
+ * signed bytes (Q8_0, Q6_K) run unsigned activations (xq + 128) against the signed weights and
+ * subtract 128 x the weights' sum; nibble formats (Q5_K with its fifth bits added) run unsigned
+ * weights against the signed activations. Q6_K's two halves keep their sums apart for their scales.
+ * Q2_K (a min per half as well) stays on the AVX2 path. */
 I8_TARGET static inline void vnni_group(const int FMT, const int MR, const int8_t *xq, const float *dx,
-                                        const float *sx, int64_t K, const uint8_t *qp, const uint16_t *dp,
-                                        const uint16_t *mp, __m512 *acc) {
-    const int nb = (int)(K / 32);
+                                        const float *sx, int64_t K, const uint8_t *qp, const void *dp,
+                                        const void *mp, __m512 *acc) {
+    const int nb = (int)(K / 32), S = FMT_SCALES_PER_BLOCK(FMT);
+    const int bytes = FMT == FD_Q8_0 || FMT == FD_Q6_K;
     const __m512i nib = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
     for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dp + (int64_t)b * 16)));
-        __m512 mv = FMT == FD_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mp + (int64_t)b * 16)))
-                                   : _mm512_mul_ps(dv, _mm512_set1_ps(-8.0f));
+        const __m512 dv = vnni_scales(FMT, dp, (int64_t)b * S * 16);
+        const __m512 d1 = FMT_HALVES(FMT) ? vnni_scales(FMT, dp, ((int64_t)b * S + 1) * 16) : dv;
+        const __m512 mv = FMT_HAS_MIN(FMT) ? vnni_scales(FMT, mp, (int64_t)b * 16)
+                                           : _mm512_mul_ps(dv, _mm512_set1_ps(I8_IMPLIED_MIN(FMT)));
         __m512i wv[8];
-        __m512i wsum128 = _mm512_setzero_si512();
-        if (FMT == FD_Q8_0) {
+        __m512i wsum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+        if (bytes) {
             const uint8_t *blk = qp + (int64_t)b * 512;
             for (int j = 0; j < 8; j++) {
                 wv[j] = _mm512_loadu_si512((const void *)(blk + 64 * j));
-                wsum128 = _mm512_dpbusd_epi32(wsum128, ones, wv[j]);
+                wsum[FMT_HALVES(FMT) && j >= 4] = _mm512_dpbusd_epi32(wsum[FMT_HALVES(FMT) && j >= 4], ones, wv[j]);
             }
-            wsum128 = _mm512_slli_epi32(wsum128, 7);
+            wsum[0] = _mm512_slli_epi32(wsum[0], 7);
+            wsum[1] = _mm512_slli_epi32(wsum[1], 7);
         } else {
-            const uint8_t *blk = qp + (int64_t)b * 256;
+            const uint8_t *blk = qp + (int64_t)b * I8_BLOCK_BYTES(FMT);
             for (int i = 0; i < 4; i++) {
                 __m512i z = _mm512_loadu_si512((const void *)(blk + 64 * i));
                 wv[i] = _mm512_and_si512(z, nib);
                 wv[i + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), nib);
+                if (FMT_FIFTH(FMT)) {
+                    wv[i] = _mm512_or_si512(wv[i], vnni_fifth(blk + 256, i, 0));
+                    wv[i + 4] = _mm512_or_si512(wv[i + 4], vnni_fifth(blk + 256, i, 1));
+                }
             }
         }
         /* rows innermost: MR independent dot-product chains in flight, not one chain of 8 */
-        __m512i isum[VNNI_MR];
-        for (int r = 0; r < MR; r++) isum[r] = _mm512_setzero_si512();
+        __m512i isum[VNNI_MR], isum1[VNNI_MR];
+        for (int r = 0; r < MR; r++) isum[r] = isum1[r] = _mm512_setzero_si512();
         for (int j = 0; j < 8; j++)
             for (int r = 0; r < MR; r++) {
                 int32_t quad;
                 memcpy(&quad, xq + r * K + (int64_t)b * 32 + 4 * j, 4);
-                if (FMT == FD_Q8_0)
-                    isum[r] = _mm512_dpbusd_epi32(isum[r], _mm512_set1_epi32(quad ^ (int32_t)0x80808080), wv[j]);
+                __m512i *t = FMT_HALVES(FMT) && j >= 4 ? &isum1[r] : &isum[r];
+                if (bytes)
+                    *t = _mm512_dpbusd_epi32(*t, _mm512_set1_epi32(quad ^ (int32_t)0x80808080), wv[j]);
                 else
-                    isum[r] = _mm512_dpbusd_epi32(isum[r], wv[j], _mm512_set1_epi32(quad));
+                    *t = _mm512_dpbusd_epi32(*t, wv[j], _mm512_set1_epi32(quad));
             }
         for (int r = 0; r < MR; r++) {
-            if (FMT == FD_Q8_0) isum[r] = _mm512_sub_epi32(isum[r], wsum128);
-            float dxr = dx[r * nb + b];
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(dv, _mm512_set1_ps(dxr)), acc[r]);
-            if (FMT != FD_Q8_0) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * nb + b]), acc[r]);
+            const __m512 dxr = _mm512_set1_ps(dx[r * nb + b]);
+            if (bytes) isum[r] = _mm512_sub_epi32(isum[r], wsum[0]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(dv, dxr), acc[r]);
+            if (FMT_HALVES(FMT))
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum1[r], wsum[1])), _mm512_mul_ps(d1, dxr), acc[r]);
+            if (!bytes) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * nb + b]), acc[r]);
         }
     }
 }
 
 I8_TARGET static void vnni_group_rows(const int FMT, const int8_t *xq, const float *dx, const float *sx, int64_t M,
-                                      int64_t K, const uint8_t *q, const uint16_t *d, const uint16_t *mm,
+                                      int64_t K, const uint8_t *q, const void *d, const void *mm,
                                       const float *bias, float *y, int64_t ldy, int add, int64_t n0, int cols) {
     const int64_t nb = K / 32;
     for (int64_t r0 = 0; r0 < M; r0 += VNNI_MR) {
@@ -1004,7 +1034,7 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
 #define I8_AVX2(F) i8_group_avx2(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols);
 #ifdef FD_HAVE_VNNI
 #define I8_RUN(F)                                                                                   \
-    if (vnni) vnni_group_rows(F, xq, dx, sx, M, K, q, (const uint16_t *)d, (const uint16_t *)mm, bias, y, ldy, add, n0, cols); \
+    if (vnni) vnni_group_rows(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols); \
     else I8_AVX2(F)
 #else
 #define I8_RUN(F) I8_AVX2(F)
@@ -1013,10 +1043,11 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
         case FD_Q4_0: I8_RUN(FD_Q4_0) break;
         case FD_Q4_1: I8_RUN(FD_Q4_1) break;
         case FD_Q8_0: I8_RUN(FD_Q8_0) break;
-        case FD_Q4_K: I8_AVX2(FD_Q4_K) break;
-        case FD_Q5_K: I8_AVX2(FD_Q5_K) break;
-        case FD_Q6_K: I8_AVX2(FD_Q6_K) break;
+        case FD_Q4_K: I8_RUN(FD_Q4_K) break;
+        case FD_Q5_K: I8_RUN(FD_Q5_K) break;
+        case FD_Q6_K: I8_RUN(FD_Q6_K) break;
         case FD_Q2_K: I8_AVX2(FD_Q2_K) break;
+        case FD_Q5_0_I8: I8_RUN(FD_Q5_0_I8) break;
         }
 #undef I8_RUN
 #undef I8_AVX2
@@ -1034,7 +1065,8 @@ int fd_linear_i8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
                  const void *dp, const void *mp, const float *bias, float *y, int64_t ldy, int64_t N,
                  int nthreads) {
     if (!fd_i8_available()) return -3;
-    if (fmt < 0 || fmt > FD_LAST || fmt == FD_BF16 || K % 32 || M < 0 || N < 0 || (FMT_HAS_MIN(fmt) && !mp)) return -1;
+    if (fmt < 0 || fmt > FD_Q5_0_I8 || fmt == FD_BF16 || K % 32 || M < 0 || N < 0 || (FMT_HAS_MIN(fmt) && !mp))
+        return -1;
     if (M == 0 || N == 0) return 0;
     const int64_t nb = K / 32;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
@@ -1062,4 +1094,4 @@ int fd_linear_i8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
 
 const char *fd_isa(void) { return FD_ISA; }
 
-int fd_abi_version(void) { return 7; }
+int fd_abi_version(void) { return 8; }
