@@ -1,10 +1,11 @@
-"""Tensor parallelism over gloo (engine/parallel/, models/tensor_parallel.py): two spawned ranks of one
-thread each against the single-process engine, which tests/test_hf_parity.py holds to transformers.
+"""Tensor and pipeline parallelism over gloo (engine/parallel/, models/tensor_parallel.py,
+models/pipeline_parallel.py): spawned ranks of one thread each against the single-process engine,
+which tests/test_hf_parity.py holds to transformers.
 
-Greedy tokens must be identical and every logprob within 1e-4, from a Hugging Face folder (one KV
-head, so both ranks hold it; the Python layers) and from a quantized GGUF (two KV heads, one per rank;
-Q8_0 blocks split by rows and by whole blocks of K; the native whole step), with several requests
-batched continuously and prefix caching on.
+Greedy tokens must be identical and every logprob within 1e-4, from a Hugging Face folder and from a
+quantized GGUF, with several requests batched continuously, chunked prefill and prefix caching on:
+T=2 (one KV head, held by both ranks, the Python layers; two, one per rank, Q8_0 blocks split by rows
+and by whole blocks of K, the native whole step), P=2 and T=2 x P=2 (micro-batches in flight).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import torch
 from test_native_decode_gemma import GEMMA3_NATIVE_SHAPES  # tests/ is on sys.path
 
 from flashdecode import LLM, SamplingParams
+from flashdecode.engine.parallel.pipeline import micro_batches
+from flashdecode.engine.parallel.step import StepInputs
 from flashdecode.errors import DistributedError, FlashDecodeError
+from flashdecode.layers.attention import AttentionMetadata, PrefillSegment
 from flashdecode.layers.quant import QuantizedTensor
 from flashdecode.models.native_decode import NativeDecode
 
@@ -35,6 +39,20 @@ PARAMS = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3, ignore_eos=T
 # prompt logprobs need every prompt position computed: these requests skip the prefix cache
 SCORED = SamplingParams(max_tokens=4, temperature=0.0, logprobs=3, prompt_logprobs=2, ignore_eos=True)
 ENGINE = dict(num_threads=1, kv_block_size=8, max_num_seqs=3, max_num_batched_tokens=16, numerics="exact")
+
+
+@pytest.fixture(scope="module")
+def reference() -> Callable[..., list[Any]]:
+    """``reference(model, **options)``: ``_outputs`` of the single-process engine, run once a model."""
+    made: dict[tuple[Path, str], list[Any]] = {}
+
+    def get(model: Path, **options: Any) -> list[Any]:
+        key = (model, repr(sorted(options.items())))
+        if key not in made:
+            made[key] = _outputs(LLM(str(model), **ENGINE, **options))
+        return made[key]
+
+    return get
 
 
 def _outputs(llm: LLM) -> list[Any]:
@@ -60,7 +78,7 @@ def parallel_llm() -> Iterator[Callable[..., LLM]]:
     made: list[LLM] = []
 
     def make(model: Path, **options: Any) -> LLM:
-        made.append(LLM(str(model), tensor_parallel_size=2, **ENGINE, **options))
+        made.append(LLM(str(model), **ENGINE, **options))
         return made[-1]
 
     yield make
@@ -76,18 +94,19 @@ def test_tensor_parallel_matches_one_process(
     kv_heads: int,
     hf_model: Callable[..., Path],
     gguf_model: Callable[..., Path],
+    reference: Callable[..., list[Any]],
     parallel_llm: Callable[..., LLM],
 ) -> None:
     shape = SHAPE | {"num_key_value_heads": kv_heads}
     model = hf_model("llama", **shape) if source == "hf" else gguf_model("llama", "Q8_0", **shape)
-    reference = _outputs(LLM(str(model), **ENGINE))
-    llm = parallel_llm(model)
+    expected = reference(model)
+    llm = parallel_llm(model, tensor_parallel_size=2)
     outputs = _outputs(llm)
-    _assert_same(reference, outputs)
+    _assert_same(expected, outputs)
     engine = llm.engine
     assert engine.stats().prefix_cache_hits > 0
     assert max(len(p) for p in PROMPTS) > ENGINE["max_num_batched_tokens"]  # prefills are chunked
-    assert any(r.prompt_logprobs for r in reference[2])
+    assert any(r.prompt_logprobs for r in expected[2])
     # rank 0 holds its shard only: half the heads, its KV heads, half the MLP and of the vocabulary
     layer = engine.model.layers[0]
     assert engine.cache.kv.shape[2] == max(1, kv_heads // 2)
@@ -172,31 +191,67 @@ def test_sizes_that_do_not_divide_fail_clearly(hf_model: Callable[..., Path]) ->
         LLM(str(model), tensor_parallel_size=3, num_threads=1)
 
 
+# ngram speculation in one case: a drafting sequence's rows stay in one micro-batch
+NGRAM = {"speculative": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1}}
+
+
 @pytest.mark.parametrize(
-    "source, tensor, pipeline", [("hf", 1, 2), ("gguf-Q8_0", 2, 2)], ids=["hf-p2", "gguf-q8_0-t2xp2"]
+    "source, tensor, options",
+    [("hf", 1, {}), ("gguf-Q8_0", 1, NGRAM), ("hf", 2, {}), ("gguf-Q8_0", 2, {})],
+    ids=["hf-p2", "gguf-q8_0-p2-ngram", "hf-t2xp2", "gguf-q8_0-t2xp2"],
 )
 def test_pipeline_parallel_matches_one_process(
     source: str,
     tensor: int,
-    pipeline: int,
+    options: dict[str, Any],
     hf_model: Callable[..., Path],
     gguf_model: Callable[..., Path],
+    reference: Callable[..., list[Any]],
+    parallel_llm: Callable[..., LLM],
 ) -> None:
     """Three layers over two stages (two and one): each stage holds only its layers and their KV
-    cache, rank 0 the embedding and no head; T x P splits each stage's layers over its two ranks."""
+    cache, rank 0 the embedding and no head; T x P splits each stage's layers over its two ranks. A
+    step of several sequences runs as two micro-batches in flight."""
     shape = SHAPE | {"num_key_value_heads": 2, "num_hidden_layers": 3}
     model = hf_model("llama", **shape) if source == "hf" else gguf_model("llama", "Q8_0", **shape)
-    reference = _outputs(LLM(str(model), **ENGINE))
-    llm = LLM(str(model), tensor_parallel_size=tensor, pipeline_parallel_size=pipeline, **ENGINE)
-    try:
-        _assert_same(reference, _outputs(llm))
-        engine = llm.engine
-        assert engine.stats().prefix_cache_hits > 0
-        assert len(engine.model.layers) == 2 and engine.cache.kv.shape[0] == 2
-        assert engine.model.lm_head is None and engine.model.norm is None
-        assert engine.model.layers[0].qkv.out_features == (4 + 2 * 2) * 16 // tensor
-    finally:
-        llm.engine.shutdown()
+    expected = reference(model, **options)
+    llm = parallel_llm(model, tensor_parallel_size=tensor, pipeline_parallel_size=2, **options)
+    _assert_same(expected, _outputs(llm))
+    engine = llm.engine
+    assert engine.stats().prefix_cache_hits > 0
+    assert len(engine.model.layers) == 2 and engine.cache.kv.shape[0] == 2
+    assert engine.model.lm_head is None and engine.model.norm is None
+    assert engine.model.layers[0].qkv.out_features == (4 + 2 * 2) * 16 // tensor
+    counts = engine.runner.micro_batches
+    assert counts.most == 2 and counts.steps < counts.micro_batches < 2 * counts.steps
+    if options:
+        assert engine.stats().spec_num_draft_tokens > engine.stats().spec_num_drafts > 0
+
+
+def test_micro_batches_keep_sequences_whole() -> None:
+    """A decode of three sequences (the second drafting two tokens) and a prompt chunk of five: over
+    two stages the cut falls where the rows come nearest to halves, between whole sequences; each
+    micro-batch's rows, metadata and logit rows are the step's own, numbered from its first row."""
+    decode_lens, chunk = [5, 9, 10, 11, 3], 5
+    slots = torch.arange(5 * 12).view(5, 12)
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(100, 110), num_decode=5, decode_slots=slots,
+        decode_context_lens=torch.tensor(decode_lens),
+    )  # fmt: skip
+    meta.prefills.append(PrefillSegment(5, chunk, 7, torch.arange(200, 207)))
+    logit_rows = torch.tensor([0, 1, 2, 3, 4, 9, 6, 7])  # the samples, then two prompt-logprob rows
+    step = StepInputs(torch.arange(10), torch.arange(10) * 2, meta, logit_rows, torch.tensor([1, 3, 1]))
+    first, second = micro_batches(step, 4)[:2]
+    assert len(micro_batches(step, 4)) == 4  # one micro-batch a sequence: there are four
+    halves = micro_batches(step, 2)
+    assert [mb.step.input_ids.tolist() for mb in halves] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert [mb.step.meta.num_decode for mb in halves] == [5, 0] and halves[1].step.meta.prefills[0].start == 0
+    assert halves[0].step.meta.decode_context_lens.tolist() == decode_lens
+    assert [mb.step.logit_rows.tolist() for mb in halves] == [[0, 1, 2, 3, 4], [4, 1, 2]]
+    assert torch.equal(torch.cat([mb.out for mb in halves]), torch.arange(8))
+    assert first.step.input_ids.tolist() == [0] and second.step.input_ids.tolist() == [1, 2, 3]
+    assert torch.equal(second.step.meta.decode_slots, slots[1:4])
+    assert torch.equal(second.step.meta.slot_mapping, torch.arange(101, 104))
 
 
 def test_pipeline_sizes_that_do_not_fit_fail_clearly(hf_model: Callable[..., Path]) -> None:

@@ -1,5 +1,5 @@
 """`flashdecode serve --tensor-parallel-size 2` as the official `openai` client sees it: a tiny
-random-weight Llama over two spawned ranks of one thread each answers a chat and a streamed
+random-weight Llama over two ranks of one thread each answers a chat and a streamed
 completion with the single-process engine's greedy text, and a rank that dies turns ``/health``
 unhealthy and requests into OpenAI error objects instead of a hang."""
 
@@ -24,14 +24,19 @@ PROMPT = [1, 17, 45, 300, 12, 99, 7]
 MAX_TOKENS = 8
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def _workers(server_pid: int) -> list[int]:
-    """The ranks the server spawned: its children that run multiprocessing's spawn entry point
-    (not its resource tracker)."""
-    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    """The ranks the server started: the children of its fork server (or, where ranks are spawned,
+    its own children that run multiprocessing's spawn entry point; not its resource tracker)."""
     pids = []
-    for pid in map(int, children):
+    for pid in _children(server_pid):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+        if b"forkserver" in cmdline:
+            pids += _children(pid)
+        elif b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
             pids.append(pid)
     return pids
 

@@ -29,7 +29,7 @@ from ..layers.attention import AttentionMetadata, PrefillSegment
 from ..layers.kv_cache import KVCache
 from ..models.decoder import Decoder
 from .parallel.groups import ParallelGroup
-from .parallel.pipeline import run_stage
+from .parallel.pipeline import MicroBatches, run_stage
 from .parallel.step import StepInputs, send_step
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -46,12 +46,17 @@ class StepResult:
 
 @torch.inference_mode()
 def execute_model(
-    model: Decoder, cache: KVCache, step: StepInputs, group: ParallelGroup | None = None
+    model: Decoder,
+    cache: KVCache,
+    step: StepInputs,
+    group: ParallelGroup | None = None,
+    counts: MicroBatches | None = None,
 ) -> torch.Tensor | None:
     """The logits [rows, vocab] of the step's ``logit_rows`` (every rank runs this on the same inputs);
-    under pipeline parallelism each rank runs its stage, and only rank 0 gets the logits."""
+    under pipeline parallelism each rank runs its stage over the step's micro-batches (counted in
+    ``counts``), and only rank 0 gets the logits."""
     if group is not None and group.pipeline_size > 1:
-        return run_stage(model, cache, step, group)
+        return run_stage(model, cache, step, group, counts)
     hidden = model.forward(step.input_ids, step.positions, cache, step.meta)
     return model.logits(hidden if step.logit_rows is None else hidden[step.logit_rows])
 
@@ -69,6 +74,7 @@ class ModelRunner:
         CPU device: nothing moves (resolved here, once: the host's step does no extra work).
         ``group``: the tensor-parallel group, whose other ranks receive every step's inputs."""
         self.group = group
+        self.micro_batches = MicroBatches()  # this rank's pipeline micro-batches, as the first stage
         self.model = model
         self.cache = cache
         self.block_size = block_size
@@ -186,9 +192,11 @@ class ModelRunner:
         n = len(input_ids)
         logit_rows = None if len(rows) == n == len(sample_rows) else torch.tensor(rows, dtype=torch.long)
         step = StepInputs(input_ids, positions, meta, logit_rows)
+        if self.group is not None and any(s.spec_token_ids for s in batch.decodes):  # kept in one micro-batch
+            step.decode_rows = torch.tensor([1 + len(s.spec_token_ids) for s in batch.decodes])
         if self.group is not None:
             send_step(self.group, step)
-        all_logits = execute_model(self.model, self.cache, step, self.group)
+        all_logits = execute_model(self.model, self.cache, step, self.group, self.micro_batches)
         logits = all_logits[: len(sample_rows)]
         prompt_logits, start = [], len(sample_rows)
         for seq, _, first, count in prompt_spans:

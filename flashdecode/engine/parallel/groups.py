@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -51,6 +52,15 @@ class CollectiveClock:
             return _guarded(what, fn)
         finally:
             self.seconds += time.perf_counter() - start
+
+
+@dataclass
+class Transfer:
+    """A point-to-point message in flight: its tensor (held until the message is done) and its work."""
+
+    tensor: torch.Tensor
+    work: dist.Work
+    what: str
 
 
 class TensorGroup:
@@ -112,15 +122,20 @@ class ParallelGroup:
         ]
         self.tensor = TensorGroup(tensor_rank, t, stages[self.stage], self.clock)
 
-    def send(self, x: torch.Tensor, dst: int) -> None:
-        """``x`` to rank ``dst`` (a pipeline stage's output to the next stage, or the logits to rank 0)."""
+    def isend(self, x: torch.Tensor, dst: int, tag: int) -> Transfer:
+        """``x`` on its way to rank ``dst`` (a pipeline stage's output to the next stage, or the logits
+        to rank 0); ``wait`` for it before ``x`` changes."""
         x = x.contiguous()
-        self.clock.run("send", lambda: dist.send(x, dst))
+        return Transfer(x, _guarded("send", lambda: dist.isend(x, dst, tag=tag)), "send")
 
-    def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
-        """Rank ``src``'s ``send`` into ``x`` (in place)."""
-        self.clock.run("receive", lambda: dist.recv(x, src))
-        return x
+    def irecv(self, x: torch.Tensor, src: int, tag: int) -> Transfer:
+        """Rank ``src``'s ``isend`` of the same ``tag`` on its way into ``x``."""
+        return Transfer(x, _guarded("receive", lambda: dist.irecv(x, src, tag=tag)), "receive")
+
+    def wait(self, transfer: Transfer) -> torch.Tensor:
+        """``transfer``'s tensor, once it has been sent or received."""
+        self.clock.run(transfer.what, transfer.work.wait)
+        return transfer.tensor
 
     def broadcast(self, x: torch.Tensor, idle: bool = False) -> torch.Tensor:
         """Rank 0's ``x`` into every rank's ``x`` (in place); ``idle``: on the group without a practical

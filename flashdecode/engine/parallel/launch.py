@@ -3,14 +3,17 @@
 Under ``torchrun`` (its ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_WORLD_SIZE`` and ``MASTER_ADDR`` /
 ``MASTER_PORT`` in the environment) every process runs the same command; rank 0 goes on to be the
 engine and the others become workers here, leaving the process once rank 0 shuts them down. Without
-torchrun the engine spawns ranks 1..T*P-1 itself (``torch.multiprocessing``, spawn) and meets them on
-a free local port.
+torchrun the engine starts ranks 1..T*P-1 itself (``torch.multiprocessing``: forked from a fork
+server that has imported torch and the engine once, where the platform has one, else spawned) and
+meets them on a free local port; either way each rank imports the main module again, as a spawned
+process does.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable
 
 import torch.multiprocessing as mp
@@ -44,7 +47,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawned_worker(index: int, config: EngineConfig, init_method: str, run_worker: RunWorker) -> None:
+def _spawned_worker(
+    index: int, config: EngineConfig, init_method: str, run_worker: RunWorker, environ: dict[str, str]
+) -> None:
+    # the fork server's environment is the one it started with: a rank runs under rank 0's of now
+    os.environ.clear()
+    os.environ.update(environ)
     group = ParallelGroup(index + 1, config.world_size, init_method, tensor_size=config.tensor_parallel_size)
     try:
         run_worker(config, group)
@@ -52,6 +60,21 @@ def _spawned_worker(index: int, config: EngineConfig, init_method: str, run_work
         pass  # bad input fails alike on rank 0, which reports it
     finally:
         group.close()
+    # a worker holds nothing to save, and the interpreter's teardown of torch takes seconds that
+    # rank 0's shutdown would wait for
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _start_method() -> str:
+    """A fork server where the platform has one: it imports torch and the engine once for every
+    world this process starts, and forks each rank from that clean, single-threaded process (a
+    spawned rank imports them again, seconds of each rank's start-up)."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return "spawn"
+    mp.set_forkserver_preload([__name__])
+    return "forkserver"
 
 
 class Ranks:
@@ -100,10 +123,10 @@ def start(config: EngineConfig, run_worker: RunWorker) -> Ranks:
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     workers = mp.start_processes(
         _spawned_worker,
-        args=(config, init_method, run_worker),
+        args=(config, init_method, run_worker, dict(os.environ)),
         nprocs=size - 1,
         join=False,
-        start_method="spawn",
+        start_method=_start_method(),
     )
     try:
         return Ranks(ParallelGroup(0, size, init_method, tensor_size=tensor_size), workers)
