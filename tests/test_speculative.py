@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,24 @@ def test_greedy_equals_plain_decoding_on_the_embedded_model(embedded: tuple[LLM,
     assert drafted > 0 and accepted > 0, (drafted, accepted)
     assert after.spec_acceptance_rate > 0 and after.spec_mean_accepted_length > 1
     assert after.kv_blocks_free == after.kv_blocks_total
+
+
+def test_the_engine_meters_each_step_by_its_own_duration(embedded: tuple[LLM, LLM]) -> None:
+    """The meter's samples are the steps' durations: together no longer than the requests took (a
+    step timed from the wrong start reads the clock's absolute value, far longer)."""
+    _, spec = embedded
+    meter = spec.engine.step_meter
+    recorded: list[float] = []
+    record = meter.record
+    meter.record = lambda rows, seconds: (recorded.append(seconds), record(rows, seconds))[1]
+    try:
+        start = time.perf_counter()
+        spec.generate(REPETITIVE[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        elapsed = time.perf_counter() - start
+    finally:
+        del meter.record
+    assert len(recorded) >= 3
+    assert 0 < sum(recorded) <= elapsed
 
 
 def test_stops_and_max_tokens_end_where_plain_decoding_does(embedded: tuple[LLM, LLM]) -> None:
