@@ -189,6 +189,10 @@ def test_step_cost_meter_takes_the_median_after_warm_up() -> None:
     assert meter.step_costs(prior) == pytest.approx([1.0, 1.4, 1.5 / 1.2])
     # past the longest timed step, rows cost what its rows did: (1.25 - 1) / 2 a row, not the prior's
     assert meter.step_costs([*prior, 2.2, 2.6]) == pytest.approx([1.0, 1.4, 1.25, 1.375, 1.5])
+    # timed cheaper than fewer rows (noise): as dear as the fewer rows, never a cheap long draft
+    _timed(meter, {2: 1.8, 4: 1.44})
+    # (1.5 for 2 rows; 3 and 4 timed at 1.25 and 1.2 cost 1.5; 5 rows at 4 rows' (1.5 - 1) / 3 a row)
+    assert meter.step_costs([*prior, 2.2, 2.6]) == pytest.approx([1.0, 1.5, 1.5, 1.5, 1 + 4 * 0.5 / 3])
 
 
 def _gain(rate: float, d: int, costs: list[float]) -> float:

@@ -134,18 +134,20 @@ class StepCostMeter:
         """``prior`` (costs of 1 + d rows in one-row steps), each replaced by the measured ratio
         where steps of 1 and of 1 + d rows were both timed enough; a d past a timed one is priced
         at the rows of the longest timed step below it, so that the first longer draft is tried at
-        what rows cost here rather than at the prior's guess."""
+        what rows cost here rather than at the prior's guess. A step of more rows does more work, so
+        one timed cheaper than a timed shorter step (noise from other processes) costs as that one."""
         base = self.cost(1)
         if base is None or not base > 0:
             return prior
-        costs, row_cost = [prior[0]], None
+        costs, row_cost, floor = [prior[0]], None, 1.0
         for d, p in enumerate(prior[1:], start=1):
             measured = self.cost(d + 1)
             if measured is not None:
-                costs.append(measured / base)
-                row_cost = max(costs[-1] - 1.0, 0.0) / d
-            else:
-                costs.append(p if row_cost is None else 1.0 + d * row_cost)
+                floor = max(measured / base, floor)
+                row_cost = (floor - 1.0) / d
+            elif row_cost is not None:
+                floor = max(1.0 + d * row_cost, floor)
+            costs.append(p if measured is None and row_cost is None else floor)
         return costs
 
 
