@@ -13,7 +13,7 @@ with the same draft length, token count and threads, and reports the decode spee
 they print.
 
     python benchmarks/speculative.py [--model PATH] [--draft PATH] [--llama-cpp DIR] [--max-tokens 192]
-        [--repeats 3] [--k 4] [--draft-row-cost C] [--quick]
+        [--repeats 3] [--k 8] [--draft-row-cost C] [--quick]
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp's build/bin, to run beside")
     parser.add_argument("--max-tokens", type=int, default=192)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--draft-row-cost",

@@ -38,8 +38,8 @@ class SpeculativeConfig:
 
     ``ngram`` (prompt lookup): the drafts are the tokens that followed an earlier occurrence of the
     sequence's last n tokens in its prompt and output, for the largest n from ``prompt_lookup_max``
-    down to ``prompt_lookup_min`` that occurs, the occurrence whose match runs furthest back, no more
-    tokens than that match is long.
+    down to ``prompt_lookup_min`` that occurs, the occurrence whose match runs furthest back, as many
+    as pay at the sequence's acceptance rate for matches that long.
 
     ``draft``: a smaller ``model`` (GGUF file or Hugging Face folder) with the target's vocabulary
     drafts the tokens one at a time, sampled from its own distribution under the request's sampling

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from flashdecode.engine.sampler import Sampler, SamplingRow
 from flashdecode.engine.scheduler import ScheduledBatch
 from flashdecode.engine.sequence import DraftHistory
 from flashdecode.engine.spec_decode import (
+    MATCH_LIMIT,
     DraftModelProposer,
+    MatchHistory,
     NgramProposer,
     StepCostMeter,
     _TokenArray,
@@ -60,25 +63,82 @@ OPEN_ENDED = "Write one sentence about the sea."
 def test_ngram_lookup_takes_the_most_recent_longest_match() -> None:
     tokens = np.array([1, 2, 3, 9, 8, 1, 2, 3, 7, 6, 5, 1, 2, 3])
     # [1, 2, 3] occurs at 0 and 5, neither matching further back (8 before 5, 5 before the suffix):
-    # the most recent (5) is followed by 7, 6, 5, a three-token match drafting at most three
-    assert ngram_lookup(tokens, 3, 1, 3) == [7, 6, 5]
-    assert ngram_lookup(tokens, 10, 1, 3) == [7, 6, 5]
-    # [4, 2] never occurred earlier, so n = 1 takes the earlier 2 (position 0): one token matched, one drafted
-    assert ngram_lookup(np.array([2, 3, 9, 4, 2]), 2, 1, 2) == [3]
-    assert ngram_lookup(np.array([2, 3, 9, 4, 2]), 2, 2, 2) == []  # n >= 2 only: no match
+    # the most recent (5) is followed by 7, 6, 5, a three-token match
+    assert ngram_lookup(tokens, 3, 1, 3) == ([7, 6, 5], 3)
+    assert ngram_lookup(tokens, 10, 1, 3) == ([7, 6, 5, 1, 2, 3], 3)  # all k that follow, up to the end
+    # [4, 2] never occurred earlier, so n = 1 takes the earlier 2 (position 0): one token matched
+    assert ngram_lookup(np.array([2, 3, 9, 4, 2]), 2, 1, 2) == ([3, 9], 1)
+    assert ngram_lookup(np.array([2, 3, 9, 4, 2]), 2, 2, 2) == ([], 0)  # n >= 2 only: no match
 
 
 def test_ngram_lookup_prefers_the_match_that_runs_furthest_back() -> None:
     # [1, 2, 3] occurs at 1 (after 5, as the suffix is) and at 6 (after 4): the earlier one matches
-    # four tokens, so it wins and drafts four; n-gram length 3 alone would have taken the later one
+    # four tokens, so it wins; n-gram length 3 alone would have taken the later one
     tokens = np.array([5, 1, 2, 3, 9, 4, 1, 2, 3, 8, 7, 7, 5, 1, 2, 3])
-    assert ngram_lookup(tokens, 4, 1, 3) == [9, 4, 1, 2]
-    assert ngram_lookup(tokens, 2, 1, 3) == [9, 4]  # never more than k
-    # a copy under way: the suffix matches six tokens back, so all k are drafted
+    assert ngram_lookup(tokens, 4, 1, 3) == ([9, 4, 1, 2], 4)
+    assert ngram_lookup(tokens, 2, 1, 3) == ([9, 4], 4)  # never more than k
+    # a copy under way: the suffix matches six tokens back
     text = np.array([10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 0, 10, 11, 12, 13, 14, 15])
-    assert ngram_lookup(text, 4, 1, 2) == [16, 17, 18, 19]
-    assert ngram_lookup(np.array([5, 6, 7]), 3, 1, 3) == []  # nothing repeats
-    assert ngram_lookup(np.array([5]), 3, 1, 3) == []
+    assert ngram_lookup(text, 4, 1, 2) == ([16, 17, 18, 19], 6)
+    # a long copy's match is measured MATCH_LIMIT back, no further
+    copy = np.array([*range(100, 140), 0, *range(100, 130)])
+    assert ngram_lookup(copy, 3, 1, 2) == ([130, 131, 132], MATCH_LIMIT)
+    assert ngram_lookup(np.array([5, 6, 7]), 3, 1, 3) == ([], 0)  # nothing repeats
+    assert ngram_lookup(np.array([5]), 3, 1, 3) == ([], 0)
+
+
+def test_match_history_rates_each_match_length_apart() -> None:
+    history = MatchHistory()
+    # the prior: a match of m tokens (its class's shortest) accepted m / (m + 1) of the time
+    assert [history.acceptance_rate(m) for m in (1, 2, 3, 4, 8, 40)] == pytest.approx(
+        [1 / 2, 2 / 3, 2 / 3, 4 / 5, 8 / 9, 16 / 17]
+    )
+    history.record(1, 4, 0)  # four drafts rejected at the first: one trial, not four
+    assert history.acceptance_rate(1) == pytest.approx(1 / 3)
+    history.record(20, 4, 2)  # two accepted, then the third rejected: three trials
+    assert history.acceptance_rate(16) == pytest.approx((2 + 2 * 16 / 17) / (3 + 2))
+    history.record(20, 4, 4)  # all four accepted: four trials, none failed
+    assert history.acceptance_rate(16) == pytest.approx((0.9 * 2 + 4 + 2 * 16 / 17) / (0.9 * 3 + 4 + 2))
+    assert history.acceptance_rate(1) == pytest.approx(1 / 3)  # the other classes untouched
+
+
+class _Decoding:
+    """What the n-gram proposer reads of a decoding sequence."""
+
+    def __init__(self, token_ids: list[int]):
+        self.token_ids, self.spec_token_ids = token_ids, []
+        self.matcher, self.params, self.num_output_tokens = None, SamplingParams(), 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def _draft(proposer: NgramProposer, seq: Any) -> list[int]:
+    d = proposer.num_drafts(seq, 64)
+    proposer.propose(ScheduledBatch(), [(seq, d)] if d else [])
+    return list(seq.spec_token_ids) if d else []
+
+
+def test_ngram_proposer_drafts_long_copies_and_stops_on_chance_matches() -> None:
+    # the default prior's 0.4 a row: d drafts at rate a give (1 + a + ... + a^d) / (1 + 0.4 d)
+    proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=8), 4096)
+    passage = list(range(100, 140))
+    copying = _Decoding([*passage, 0, *passage[:20]])
+    # a copy under way: the match runs MATCH_LIMIT back, prior rate 16/17, where 6 drafts pay best
+    # (7.02 / 3.4 = 2.06 tokens a cost against 6.53 / 3.0 = 2.18 for 5 and 7.43 / 3.8 for 7)
+    assert _draft(proposer, copying) == passage[20:26]
+    copying.token_ids += passage[20:27]  # all accepted, and the bonus token
+    # six of six accepted: rate (6 + 2 * 16/17) / 8 = 0.985, and the longest draft allowed pays
+    assert _draft(proposer, copying) == passage[27:35]
+    # a one-token match elsewhere (prior rate 1/2): one draft pays (1.5 / 1.4), two do not
+    chance = _Decoding([7, 1, 2, 3, 4, 5, 6, 8, 7])
+    assert _draft(proposer, chance) == [1]
+    chance.token_ids += [9, 10, 7]  # rejected (9), then another one-token match of 7
+    # one trial, failed: rate 1/3, where no draft pays (1.33 / 1.4), while the copy's class drafts on
+    assert proposer.num_drafts(chance, 64) == 0
+    copying.token_ids += passage[35:38]  # two of eight accepted, then the bonus token
+    assert len(_draft(proposer, copying)) > 0
 
 
 def test_token_array_follows_the_appended_tokens() -> None:
@@ -127,6 +187,12 @@ def test_step_cost_meter_takes_the_median_after_warm_up() -> None:
     assert meter.step_costs(prior) == prior  # no row count past 1 timed: the prior
     _timed(meter, {3: 1.5})
     assert meter.step_costs(prior) == pytest.approx([1.0, 1.4, 1.5 / 1.2])
+    # past the longest timed step, rows cost what its rows did: (1.25 - 1) / 2 a row, not the prior's
+    assert meter.step_costs([*prior, 2.2, 2.6]) == pytest.approx([1.0, 1.4, 1.25, 1.375, 1.5])
+    # timed cheaper than fewer rows (noise): as dear as the fewer rows, never a cheap long draft
+    _timed(meter, {2: 1.8, 4: 1.44})
+    # (1.5 for 2 rows; 3 and 4 timed at 1.25 and 1.2 cost 1.5; 5 rows at 4 rows' (1.5 - 1) / 3 a row)
+    assert meter.step_costs([*prior, 2.2, 2.6]) == pytest.approx([1.0, 1.5, 1.5, 1.5, 1 + 4 * 0.5 / 3])
 
 
 def _gain(rate: float, d: int, costs: list[float]) -> float:
@@ -261,6 +327,24 @@ def test_greedy_equals_plain_decoding_on_the_embedded_model(embedded: tuple[LLM,
     assert drafted > 0 and accepted > 0, (drafted, accepted)
     assert after.spec_acceptance_rate > 0 and after.spec_mean_accepted_length > 1
     assert after.kv_blocks_free == after.kv_blocks_total
+
+
+def test_the_engine_meters_each_step_by_its_own_duration(embedded: tuple[LLM, LLM]) -> None:
+    """The meter's samples are the steps' durations: together no longer than the requests took (a
+    step timed from the wrong start reads the clock's absolute value, far longer)."""
+    _, spec = embedded
+    meter = spec.engine.step_meter
+    recorded: list[float] = []
+    record = meter.record
+    meter.record = lambda rows, seconds: (recorded.append(seconds), record(rows, seconds))[1]
+    try:
+        start = time.perf_counter()
+        spec.generate(REPETITIVE[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        elapsed = time.perf_counter() - start
+    finally:
+        del meter.record
+    assert len(recorded) >= 3
+    assert 0 < sum(recorded) <= elapsed
 
 
 def test_stops_and_max_tokens_end_where_plain_decoding_does(embedded: tuple[LLM, LLM]) -> None:

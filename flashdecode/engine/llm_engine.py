@@ -348,7 +348,7 @@ class LLMEngine:
         now = time.monotonic()
         if self.step_log is not None:
             self.step_log.append(StepRecord.of(batch))
-        start, num_rows = time.perf_counter(), batch.num_tokens
+        step_start, num_rows = time.perf_counter(), batch.num_tokens
         result = self.runner.run(batch)
         touched: dict[str, Request] = {}
         for seq in batch.decodes:
@@ -382,7 +382,7 @@ class LLMEngine:
                     metrics.finished_time = now
         if self.step_meter is not None and not batch.prefills:
             # a decode step's model pass and sampling: what a drafted row adds to
-            self.step_meter.record(num_rows, time.perf_counter() - start)
+            self.step_meter.record(num_rows, time.perf_counter() - step_start)
 
         outputs = []
         for request in touched.values():

@@ -4,12 +4,12 @@ decodes.
 Each step, a decoding sequence may draft up to ``num_speculative_tokens`` tokens. ``ngram``: the
 tokens that followed an earlier occurrence of its last n tokens in its prompt and output (n from
 ``prompt_lookup_max`` down to ``prompt_lookup_min``, longest first, as vLLM's prompt lookup does), the
-occurrence whose match runs furthest back, and no more tokens than that match is long (llama.cpp's
-lookup, likewise, drafts only what its n-gram statistics make likely); input-grounded work
-(summaries, edits, answers from a passage) repeats its input, so the drafts
-are often right. ``draft``: a smaller model with the target's vocabulary samples them one at a time
-(``DraftModelProposer``), for all drafting sequences at once, with its own KV cache in the target's
-blocks; verification's rejection rule uses the draft's distribution (engine/sampler.py).
+occurrence whose match runs furthest back; input-grounded work (summaries, edits, answers from a
+passage) repeats its input, so the drafts are often right, and the further back the match runs
+the likelier: a copy under way is accepted almost always, a one-token match seldom. ``draft``: a
+smaller model with the target's vocabulary samples them one at a time (``DraftModelProposer``), for
+all drafting sequences at once, with its own KV cache in the target's blocks; verification's
+rejection rule uses the draft's distribution (engine/sampler.py).
 
 A sequence with d drafts is d + 1 decode rows of the step (engine/model_runner.py): its last token
 and the drafts, at consecutive positions, sharing its block table, each attending up to its own
@@ -24,14 +24,18 @@ The draft length adapts per sequence. With an acceptance rate a per draft, d dra
 ``1 + a + ... + a^d`` tokens in a step of d + 1 rows; the length with the most tokens per cost is
 drafted (zero when no length beats plain decoding). The cost of d + 1 rows, in one-row steps, is the
 engine's own: it times its decode steps by their rows as they run (``StepCostMeter``), and once it
-has timed steps of 1 and of d + 1 rows enough, their medians' ratio is the cost. Before that it comes
+has timed steps of 1 and of d + 1 rows enough, their medians' ratio is the cost (a longer draft, not
+yet timed, is priced at the rows of the longest timed step below it). Before that it comes
 from the tuned dataflow table where it timed every projection of the model (``tuned_step_costs``:
 each shape's planned kernel at each M; attention, which reads the context once per row, is left
 out), else it is ``1 + d * draft_row_cost``. A draft model's passes are added to it
 (``draft_step_costs``), a draft row priced by its timed one-row passes over the target's one-row
 steps, before that by its weights' bytes over the target's. The meter keys steps by their total
 rows, so it prices a drafted row exactly at batch 1 and roughly in a batch. The rate is the
-sequence's own (``Sequence.draft_history``), over its recent steps.
+sequence's own over its recent steps: a draft model's over all its drafts
+(``Sequence.draft_history``), an n-gram lookup's over its drafts from matches about as long as this
+one (``MatchHistory``), so that a copy drafts the longest draft that pays while a chance match
+drafts nothing.
 """
 
 from __future__ import annotations
@@ -128,20 +132,36 @@ class StepCostMeter:
 
     def step_costs(self, prior: list[float]) -> list[float]:
         """``prior`` (costs of 1 + d rows in one-row steps), each replaced by the measured ratio
-        where steps of 1 and of 1 + d rows were both timed enough."""
+        where steps of 1 and of 1 + d rows were both timed enough; a d past a timed one is priced
+        at the rows of the longest timed step below it, so that the first longer draft is tried at
+        what rows cost here rather than at the prior's guess. A step of more rows does more work, so
+        one timed cheaper than a timed shorter step (noise from other processes) costs as that one."""
         base = self.cost(1)
         if base is None or not base > 0:
             return prior
-        measured = [self.cost(d + 1) for d in range(len(prior))]
-        return [p if m is None else m / base for p, m in zip(prior, measured)]
+        costs, row_cost, floor = [prior[0]], None, 1.0
+        for d, p in enumerate(prior[1:], start=1):
+            measured = self.cost(d + 1)
+            if measured is not None:
+                floor = max(measured / base, floor)
+                row_cost = (floor - 1.0) / d
+            elif row_cost is not None:
+                floor = max(1.0 + d * row_cost, floor)
+            costs.append(p if measured is None and row_cost is None else floor)
+        return costs
 
 
-def ngram_lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
+# how far back a lookup's match is measured: past this, a match is a copy under way however long
+MATCH_LIMIT = 16
+
+
+def ngram_lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> tuple[list[int], int]:
     """Up to ``k`` tokens that followed an earlier occurrence of the last n tokens of ``tokens``, for
-    the largest n in [n_min, n_max] that occurs; [] when none does. Of its occurrences, the one whose
-    match runs furthest back (up to k tokens past n) is taken, the most recent of those, and it drafts no
-    more tokens than its match is long: a long match is text being copied, a one-token match mostly
-    chance, so a short match risks few rows."""
+    the largest n in [n_min, n_max] that occurs, and how far back that occurrence matches; ([], 0)
+    when none does. Of its occurrences, the one whose match runs furthest back (up to
+    ``MATCH_LIMIT`` tokens) is taken, the most recent of those: a long match is text being copied, a
+    one-token match mostly chance, which is what the proposer's acceptance rate by match length
+    weighs."""
     length = len(tokens)
     for n in range(min(n_max, length - 1), n_min - 1, -1):
         pattern = tokens[length - n :]
@@ -151,11 +171,11 @@ def ngram_lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int
             windows = sliding_window_view(tokens, n)[starts]
             starts = starts[(windows == pattern).all(axis=1)]
         if starts.size:
-            matched = _match_lengths(tokens, starts, n, n + k)
+            matched = _match_lengths(tokens, starts, n, max(n, MATCH_LIMIT))
             best = np.flatnonzero(matched == matched.max())[-1]
             follow = starts[best] + n
-            return tokens[follow : follow + min(k, int(matched[best]))].tolist()
-    return []
+            return tokens[follow : follow + k].tolist(), int(matched[best])
+    return [], 0
 
 
 def _match_lengths(tokens: np.ndarray, starts: np.ndarray, n: int, limit: int) -> np.ndarray:
@@ -220,14 +240,19 @@ class AdaptiveProposer(abc.ABC):
         """A sequence's step cost at 1 + d rows over one row: measured where timed, else the prior."""
         return self.prior_costs if self.meter is None else self.meter.step_costs(self.prior_costs)
 
-    def draft_length(self, seq: Sequence, budget: int) -> int:
-        """The most drafts ``seq`` should take this step: within ``budget``, its limits and what
-        pays at its acceptance rate."""
+    def draft_limit(self, seq: Sequence, budget: int) -> int:
+        """The most drafts ``seq`` may take this step: within ``budget`` and its limits."""
         if seq.matcher is not None:
             return 0  # a grammar's mask at each drafted position would need the grammar advanced
         limit = min(budget, self.config.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1)
         if seq.params.max_tokens is not None:
             limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
+        return limit
+
+    def draft_length(self, seq: Sequence, budget: int) -> int:
+        """The most drafts ``seq`` should take this step: within its limit, what pays at its
+        acceptance rate."""
+        limit = self.draft_limit(seq, budget)
         return best_draft_length(seq.draft_history.acceptance_rate, limit, self.step_costs())
 
     def num_drafts(self, seq: Sequence, budget: int) -> int:
@@ -239,7 +264,43 @@ class AdaptiveProposer(abc.ABC):
         gave d, once the step's blocks are allocated."""
 
 
+class MatchHistory:
+    """A sequence's n-gram drafts by the length of the match they came from, in classes 1, 2-3, 4-7,
+    8-15 and 16 or more tokens: a copy under way matches far back and is accepted almost always, a
+    one-token match seldom, so one rate for both drafts the first too little and the second too
+    much. Each draft is a trial until the first rejection (the drafts after it were never tested),
+    each class's counts decayed by ``decay`` per step it drafts in; the prior counts a match of m
+    tokens as accepted m / (m + 1) of ``prior_trials``."""
+
+    def __init__(self, decay: float = 0.9, prior_trials: float = 2.0):
+        self.decay, self.prior_trials = decay, prior_trials
+        self.accepted = [0.0] * (_MATCH_CLASSES + 1)
+        self.trials = [0.0] * (_MATCH_CLASSES + 1)
+
+    @staticmethod
+    def match_class(matched: int) -> int:
+        return min(matched.bit_length(), _MATCH_CLASSES)
+
+    def acceptance_rate(self, matched: int) -> float:
+        c = self.match_class(matched)
+        shortest = 1 << (c - 1)
+        prior = self.prior_trials * shortest / (shortest + 1)
+        return (self.accepted[c] + prior) / (self.trials[c] + self.prior_trials)
+
+    def record(self, matched: int, drafted: int, accepted: int) -> None:
+        c = self.match_class(matched)
+        self.accepted[c] = self.decay * self.accepted[c] + accepted
+        self.trials[c] = self.decay * self.trials[c] + accepted + (accepted < drafted)
+
+
+_MATCH_CLASSES = MATCH_LIMIT.bit_length()
+
+
 class NgramProposer(AdaptiveProposer):
+    """Drafts by ``ngram_lookup``, as many of the found tokens as pay at the sequence's acceptance
+    rate for matches as long as this one (``MatchHistory``); a step's outcome is read off the
+    sequence's tokens when it next drafts."""
+
     def __init__(
         self,
         config: SpeculativeConfig,
@@ -248,26 +309,52 @@ class NgramProposer(AdaptiveProposer):
         meter: StepCostMeter | None = None,
     ):
         super().__init__(config, max_model_len, prior_costs, meter)
-        # each sequence's tokens as an array, dropped with the sequence
+        # each sequence's tokens as an array and its drafts' history, dropped with the sequence
         self._arrays: weakref.WeakKeyDictionary[Sequence, _TokenArray] = weakref.WeakKeyDictionary()
-        self._found: dict[Sequence, list[int]] = {}  # this step's lookups, until propose
+        self._histories: weakref.WeakKeyDictionary[Sequence, MatchHistory] = weakref.WeakKeyDictionary()
+        # each sequence's drafts in flight: (match length, drafts, the position of the first)
+        self._pending: weakref.WeakKeyDictionary[Sequence, tuple[int, list[int], int]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._found: dict[Sequence, tuple[int, list[int]]] = {}  # this step's lookups, until propose
 
     def num_drafts(self, seq: Sequence, budget: int) -> int:
-        """The lookup's length: a sequence takes blocks and budget only for drafts it has."""
-        limit = self.draft_length(seq, budget)
+        """The drafts that pay of what the lookup found: a sequence takes blocks and budget only
+        for those."""
+        history = self._history(seq)
+        limit = self.draft_limit(seq, budget)
         if limit <= 0:
             return 0
         array = self._arrays.get(seq)
         if array is None:
             array = self._arrays[seq] = _TokenArray()
         cfg = self.config
-        found = ngram_lookup(array.view(seq.token_ids), limit, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
-        self._found[seq] = found
-        return len(found)
+        found, matched = ngram_lookup(
+            array.view(seq.token_ids), limit, cfg.prompt_lookup_min, cfg.prompt_lookup_max
+        )
+        d = best_draft_length(history.acceptance_rate(matched), len(found), self.step_costs()) if found else 0
+        self._found[seq] = (matched, found[:d])
+        return d
+
+    def _history(self, seq: Sequence) -> MatchHistory:
+        """``seq``'s history, with its last drafts' outcome recorded: the accepted ones are the
+        tokens it now holds at their positions (a rejected draft's row emits another token)."""
+        history = self._histories.get(seq)
+        if history is None:
+            history = self._histories[seq] = MatchHistory()
+        pending = self._pending.pop(seq, None)
+        if pending is not None:
+            matched, drafts, first = pending
+            held = seq.token_ids[first : first + len(drafts)]
+            accepted = next((i for i, (a, b) in enumerate(zip(drafts, held)) if a != b), len(held))
+            history.record(matched, len(drafts), accepted)
+        return history
 
     def propose(self, batch: ScheduledBatch, drafting: list[tuple[Sequence, int]]) -> None:
         for seq, d in drafting:
-            seq.spec_token_ids = self._found[seq][:d]
+            matched, found = self._found[seq]
+            seq.spec_token_ids = found[:d]
+            self._pending[seq] = (matched, seq.spec_token_ids, seq.num_tokens)
         self._found.clear()
 
 
