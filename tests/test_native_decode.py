@@ -7,6 +7,7 @@ several attention partitions, both softmax modes, and int8 activations."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from flashdecode import LLM, SamplingParams
 from flashdecode.layers.attention import SoftmaxPolicy
@@ -194,3 +195,14 @@ def test_a_row_is_computed_alike_in_any_step(gguf_model, native_kernels) -> None
     alone = run(llm, PROMPTS[1:2])
     beside = run(llm, PROMPTS)[1:2]
     assert_same(alone, beside, tol=0.0)
+    # two partitions of keys: one thread has items to spare and runs a partition's kv heads as one
+    # item, two threads run them one by one
+    long = ["A softmax " * 60]  # 301 tokens
+    two = run(llm, long)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run(llm, long)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(one, two, tol=0.0)

@@ -447,17 +447,20 @@ static void exact_weights(const fd_layer *L, int nr, int ng, const int64_t *a, c
 }
 
 /* Keys [j0, j1) of one sequence in layer L for nr consecutive query rows of it (row i sees the keys
- * before n0 + i: a prompt chunk's causal mask; in a sliding layer only the last L->window of them)
- * with ng query heads each, q [nr][ng][D] (rows ldq apart) of kv head h. Writes, per row i and head
- * g, out[i * ldo + g * (D + 2)] = (m, l, acc[D]) with m = phi (unified) or the partition's max over
- * the row's keys, l = sum e^(s - m), acc = sum e^(s - m) v, s the scaled (and soft-capped) scores; a
- * row that sees none of these keys gets l = 0 (and m = -inf when exact). Each key row some row sees is
- * read, and converted, once for all nr x ng queries. Unified mode needs no max, so it reads each key's
- * K and V in one pass (section 3's point); exact mode reads K, takes the max, then reads V.
- * scores: [nr * ng * (j1 - j0)] scratch; buf: [2 * KV_BLOCK * D]. */
-static void attn_partition(const fd_model *M, int64_t layer, const fd_layer *L, int64_t h, const float *q,
+ * before n0 + i: a prompt chunk's causal mask; in a sliding layer only the last L->window of them),
+ * for kv heads h0 .. h0 + nh - 1 with ng query heads each, q [nr][nh * ng][D] (rows ldq apart).
+ * Writes, per kv head c, row i and head g, out[c * ldh + i * ldo + g * (D + 2)] = (m, l, acc[D]) with
+ * m = phi (unified) or the partition's max over the row's keys, l = sum e^(s - m), acc = sum e^(s - m)
+ * v, s the scaled (and soft-capped) scores; a row that sees none of these keys gets l = 0 (and m = -inf
+ * when exact). Each key row some row sees is read, and converted, once for all nr x ng queries. Unified
+ * mode needs no max, so it reads each key's K and V in one pass (section 3's point); exact mode reads K,
+ * takes the max, then reads V. A block's kv heads run one after another: a slot holds every kv head's K
+ * and V side by side, so the block's cache lines are read in address order, a stream the hardware
+ * prefetcher follows (a head at a time strides over the others' lines).
+ * scores: [nh * nr * ng * (j1 - j0)] scratch; buf: [2 * KV_BLOCK * D]. */
+static void attn_partition(const fd_model *M, int64_t layer, const fd_layer *L, int64_t h0, int nh, const float *q,
                            int64_t ldq, int nr, int ng, int64_t n0, const int64_t *slots, int64_t j0, int64_t j1,
-                           int unified, float phi, float *scores, float *buf, float *out, int64_t ldo) {
+                           int unified, float phi, float *scores, float *buf, float *out, int64_t ldo, int64_t ldh) {
     const int64_t D = M->head_dim, n = j1 - j0;
     const int64_t fk = first_key(L->window, n0), kb = ((fk > j0 ? fk : j0) - j0) / KV_BLOCK * KV_BLOCK;
     int64_t a[GROUP_ROWS], b[GROUP_ROWS]; /* the keys [a, b) of this partition row i sees */
@@ -465,28 +468,32 @@ static void attn_partition(const fd_model *M, int64_t layer, const fd_layer *L, 
     for (int i = 0; i < nr; i++) {
         const int64_t lo = first_key(L->window, n0 + i), hi = n0 + i;
         a[i] = (lo > j0 ? lo : j0) - j0, b[i] = (hi < j1 ? hi : j1) - j0;
-        for (int g = 0; g < ng; g++) {
-            float *o = out + i * ldo + g * (D + 2);
-            o[0] = unified ? phi : -INFINITY, o[1] = 0.0f;
-            memset(o + 2, 0, sizeof(float) * (size_t)D);
-        }
+        for (int c = 0; c < nh; c++)
+            for (int g = 0; g < ng; g++) {
+                float *o = out + c * ldh + i * ldo + g * (D + 2);
+                o[0] = unified ? phi : -INFINITY, o[1] = 0.0f;
+                memset(o + 2, 0, sizeof(float) * (size_t)D);
+            }
     }
     for (int pass = unified ? 2 : 0; pass < (unified ? 3 : 2); pass++) { /* exact: 0 K, 1 V; unified: 2 both */
-        if (pass == 1) exact_weights(L, nr, ng, a, b, n, scores, out, ldo, D);
+        if (pass == 1)
+            for (int c = 0; c < nh; c++) exact_weights(L, nr, ng, a, b, n, scores + c * nr * ng * n, out + c * ldh, ldo, D);
         for (int64_t j = kb; j < n; j += KV_BLOCK) {
             const int nk = n - j < KV_BLOCK ? (int)(n - j) : KV_BLOCK;
-            if (pass != 1) kv_block(M, layer, slots, j0 + j, j1, nk, h, 0, buf, k);
-            if (pass != 0) kv_block(M, layer, slots, j0 + j, j1, nk, h, 1, buf + KV_BLOCK * D, v);
-            for (int i = 0; i < nr; i++) {
-                const int lo = (int)((a[i] > j ? a[i] : j) - j), hi = (int)((b[i] < j + nk ? b[i] : j + nk) - j);
-                for (int g = 0; hi > lo && g < ng; g++) {
-                    float *o = out + i * ldo + g * (D + 2), *sc = scores + (i * ng + g) * n + j;
-                    if (pass != 1) block_scores(q + i * ldq + g * D, k, nk, D, M->scale, sc);
-                    if (pass == 2) {
-                        if (L->softcap) soft_cap(sc + lo, hi - lo, L->softcap);
-                        o[1] += exp_sum(sc + lo, hi - lo, phi);
+            for (int c = 0; c < nh; c++) {
+                if (pass != 1) kv_block(M, layer, slots, j0 + j, j1, nk, h0 + c, 0, buf, k);
+                if (pass != 0) kv_block(M, layer, slots, j0 + j, j1, nk, h0 + c, 1, buf + KV_BLOCK * D, v);
+                for (int i = 0; i < nr; i++) {
+                    const int lo = (int)((a[i] > j ? a[i] : j) - j), hi = (int)((b[i] < j + nk ? b[i] : j + nk) - j);
+                    for (int g = 0; hi > lo && g < ng; g++) {
+                        float *o = out + c * ldh + i * ldo + g * (D + 2), *sc = scores + ((c * nr + i) * ng + g) * n + j;
+                        if (pass != 1) block_scores(q + i * ldq + (c * ng + g) * D, k, nk, D, M->scale, sc);
+                        if (pass == 2) {
+                            if (L->softcap) soft_cap(sc + lo, hi - lo, L->softcap);
+                            o[1] += exp_sum(sc + lo, hi - lo, phi);
+                        }
+                        if (pass != 0) block_axpy(o + 2, sc, v, lo, hi, D);
                     }
-                    if (pass != 0) block_axpy(o + 2, sc, v, lo, hi, D);
                 }
             }
         }
@@ -504,7 +511,7 @@ static void attn_row_exact(const fd_model *M, int64_t layer, const fd_layer *L, 
     memset(y, 0, sizeof(float) * (size_t)D);
     for (int64_t j0 = first_key(L->window, n) / part * part; j0 < n; j0 += part) {
         int64_t j1 = j0 + part < n ? j0 + part : n;
-        attn_partition(M, layer, L, h, q, D, 1, 1, n, slots, j0, j1, 0, 0.0f, scores, buf, tmp, 0);
+        attn_partition(M, layer, L, h, 1, q, D, 1, 1, n, slots, j0, j1, 0, 0.0f, scores, buf, tmp, 0, 0);
         float mn = tmp[0] > m ? tmp[0] : m, a = expf(m - mn), b = expf(tmp[0] - mn);
         l = l * a + tmp[1] * b;
         for (int64_t i = 0; i < D; i++) y[i] = y[i] * a + tmp[2 + i] * b;
@@ -575,9 +582,11 @@ typedef struct { /* a projection's input: T rows in fp32, and rounded to int8 pe
 /* floats of one thread's private input (PRIVATE_ROWS rows of up to max_k: fp32, int8, block scales) */
 static int64_t private_floats(int64_t max_k) { return PRIVATE_ROWS * (max_k + max_k / 4 + 2 * (max_k / 32 + 1)); }
 
+/* floats of one thread's attention scores: a partition's, for a group's rows and every head */
+INLINE int64_t score_floats(const fd_model *M) { return GROUP_ROWS * M->heads * PART_KEYS; }
+
 static int64_t thread_floats(const fd_model *M, int64_t max_k) {
-    const int64_t G = M->heads / M->kv_heads;
-    return 2 * (int64_t)fd_scale_scratch(max_k) + GROUP_ROWS * G * PART_KEYS + 2 * KV_BLOCK * M->head_dim + (M->head_dim + 2) +
+    return 2 * (int64_t)fd_scale_scratch(max_k) + score_floats(M) + 2 * KV_BLOCK * M->head_dim + (M->head_dim + 2) +
            private_floats(max_k) + 64;
 }
 
@@ -769,7 +778,7 @@ static int finish_row(const fd_model *M, int64_t layer, const fd_geometry *S, co
     }
     const int64_t n = S->lens[t], seen = n - first_key(L->window, n);
     if (unified && !(l >= (float)seen * expf(M->win_lo) && l <= expf(M->win_hi))) { /* NaN fails too */
-        float *scores = tb, *buf = tb + GROUP_ROWS * G * PART_KEYS, *tmp = buf + 2 * KV_BLOCK * D;
+        float *scores = tb, *buf = tb + score_floats(M), *tmp = buf + 2 * KV_BLOCK * D;
         attn_row_exact(M, layer, L, h, B->qkv + t * width + hq * D, S->slots + S->slot_rows[t], n, S->part, scores,
                        buf, tmp, y);
         return 1;
@@ -780,7 +789,8 @@ static int finish_row(const fd_model *M, int64_t layer, const fd_geometry *S, co
 
 /* Every (group, kv head, partition) item of the layer's window, then every row's merge. When each
  * row's keys fit one partition, the thread that ran an item merges its rows at once: one barrier
- * less per layer. */
+ * less per layer. A team with items to spare runs a partition's kv heads as one item (attn_partition
+ * says why); which it does changes no result. */
 static void attention(fd_member *me, const fd_model *M, int64_t layer, const fd_geometry *S, const fd_buffers *B,
                       float *tb, atomic_llong *fallbacks) {
     const fd_layer *L = &M->layers[layer];
@@ -791,20 +801,22 @@ static void attention(fd_member *me, const fd_model *M, int64_t layer, const fd_
     float phi = unified ? M->phi[layer] : 0.0f;
     /* capped scores never exceed the cap, so the cap bounds them as a unified max (layers/attention.py) */
     if (L->softcap && phi > L->softcap) phi = L->softcap;
-    float *scores = tb, *buf = tb + GROUP_ROWS * G * PART_KEYS;
+    float *scores = tb, *buf = tb + score_floats(M);
+    const int64_t nh = K->items >= 2 * KVH * (int64_t)me->team->n ? KVH : 1;
     int64_t fb = 0;
-    TEAM_FOR(me, K->items, 1, it) {
-        const int64_t gi = find_range(K->group_items, S->groups, it), t = S->group_first[gi];
+    TEAM_FOR(me, K->items / nh, 1, item) { /* a group's items: its partitions, kv heads innermost */
+        const int64_t it = item * nh, gi = find_range(K->group_items, S->groups, it), t = S->group_first[gi];
         const int nr = (int)(S->group_first[gi + 1] - t);
         const int64_t np = (K->group_items[gi + 1] - K->group_items[gi]) / KVH, k = it - K->group_items[gi];
-        const int64_t h = k / np, p = k % np, n = S->lens[t + nr - 1];
+        const int64_t h = k % KVH, p = k / KVH, n = S->lens[t + nr - 1];
         const int64_t j0 = (K->part0[gi] + p) * S->part, j1 = j0 + S->part < n ? j0 + S->part : n;
-        attn_partition(M, layer, L, h, B->qkv + t * width + h * G * D, width, nr, (int)G, S->lens[t],
+        attn_partition(M, layer, L, h, (int)nh, B->qkv + t * width + h * G * D, width, nr, (int)G, S->lens[t],
                        S->slots + S->slot_rows[t], j0, j1, unified, phi, scores, buf,
-                       B->partials + (K->row_base[t] + h * np + p) * G * (D + 2), KVH * np * G * (D + 2));
+                       B->partials + (K->row_base[t] + h * np + p) * G * (D + 2), KVH * np * G * (D + 2),
+                       np * G * (D + 2));
         if (one_part)
             for (int64_t r = t; r < t + nr; r++)
-                for (int64_t g = 0; g < G; g++) fb += finish_row(M, layer, S, K, B, r, h * G + g, tb);
+                for (int64_t hq = h * G; hq < (h + nh) * G; hq++) fb += finish_row(M, layer, S, K, B, r, hq, tb);
     }
     if (!one_part) TEAM_FOR(me, S->T * H, 1, r) fb += finish_row(M, layer, S, K, B, r / H, r % H, tb);
     atomic_fetch_add(fallbacks, fb);
