@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..config import KV_CACHE_DTYPES
+from ..utils.memory import advise_huge_pages
 
 
 class KVCache:
@@ -41,6 +42,7 @@ class KVCache:
         shape = (num_layers, num_slots, num_kv_heads, 2, head_dim)
         # torch.empty: pages the OS has not yet touched cost no RAM, so a generous budget is cheap
         self.kv = torch.empty(shape, dtype=storage, device=device)
+        advise_huge_pages(self.kv)
         if self.quantized:
             self.kv_scale = torch.empty(shape[:4], dtype=torch.float32, device=device)
         self._scratch: list[torch.Tensor | None] = [None] * 2  # kv, kv_scale

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from ..kernels import cpu, reference
 from ..kernels import triton as triton_kernels
 from ..kernels.formats import I8_FORMATS, NATIVE_FORMATS, canonical
+from ..utils.memory import huge_page_copy
 from .device import BACKENDS
 from .quant import QuantizedTensor
 
@@ -209,7 +210,8 @@ class Linear:
         """The weight repacked 16 rows at a time for ``native_i8`` (kernels/cpu/build.py repack_i8),
         built on first use and held until ``release`` drops it (a second copy of the weight)."""
         if self._i8 is None:
-            self._i8 = cpu.repack_i8(self.format, self.weight.planes())
+            q, d, m = cpu.repack_i8(self.format, self.weight.planes())
+            self._i8 = huge_page_copy(q), d, m  # a decode step streams the values through
         return self._i8
 
     def int4_repack(self) -> tuple[torch.Tensor, torch.Tensor] | None:
