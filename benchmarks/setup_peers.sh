@@ -29,9 +29,9 @@ for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 avx512v
     avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
     if has "${pair%%:*}"; then GGML_ARGS+=("-DGGML_${pair##*:}=ON"); fi
 done
-# ik_llama.cpp's fast AVX-512 path wants VL and DQ, which no GGML_ option names
-if has avx512vl && has avx512dq; then ARCH_FLAGS="-mavx512vl -mavx512dq"; fi
-if has bmi2; then ARCH_FLAGS="$ARCH_FLAGS -mbmi2"; fi
+# ik_llama.cpp's fast AVX-512 path wants VL and DQ, which no GGML_ option names (a CMake list: ;-separated)
+if has avx512vl && has avx512dq; then ARCH_FLAGS="-mavx512vl;-mavx512dq"; fi
+if has bmi2; then ARCH_FLAGS="${ARCH_FLAGS:+$ARCH_FLAGS;}-mbmi2"; fi
 COMMON=(-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON)
 
 step "llama.cpp from the llama-cpp-python $LCP_VERSION sdist"
