@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -29,10 +27,16 @@ def llm() -> LLM:
     return LLM(max_model_len=64)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flashdecode", *args], capture_output=True, text=True, timeout=120
-    )
+def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """``flashdecode ARGS`` in this process (the command table ``python -m flashdecode`` runs; the
+    server tests start that as a process): (exit code, stdout, stderr). An uncaught exception, a
+    traceback, fails the test by itself."""
+    from flashdecode.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def test_missing_path() -> None:
@@ -164,19 +168,19 @@ def test_invalid_engine_options() -> None:
         (["generate", "hi", "--pipeline-parallel-size", "99"], "pipeline_parallel_size=99 exceeds"),
     ],
 )
-def test_cli_errors_are_one_line_and_exit_2(args: list[str], message: str) -> None:
-    result = run_cli(*args)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+def test_cli_errors_are_one_line_and_exit_2(args: list[str], message: str, capsys) -> None:
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
 
 
-def test_cli_generate_and_info() -> None:
+def test_cli_generate_and_info(capsys) -> None:
     # the README's first command, default numerics (docs/numerics.md: the bare question is a near-tie)
     prompt = "What is the capital of France? Answer in one sentence."
-    result = run_cli("generate", prompt, "--chat", "--max-tokens", "16")
-    assert result.returncode == 0 and "Paris" in result.stdout
-    info = run_cli("info")
-    assert info.returncode == 0
+    code, out, _ = run_cli(capsys, "generate", prompt, "--chat", "--max-tokens", "16")
+    assert code == 0 and "Paris" in out
+    code, out, _ = run_cli(capsys, "info")
+    assert code == 0
     for expected in ("llama", "134,515,008", "Q4_1", "8192", "chat template      yes"):
-        assert expected in info.stdout
+        assert expected in out

@@ -30,6 +30,13 @@ def tokens(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
+@pytest.fixture(scope="module")
+def batched(llm: LLM) -> list[list[int]]:
+    """PROMPTS' greedy tokens as one batch on the module's engine: what running them alone, chunked
+    prefill and preemption must leave unchanged (computed once for the three)."""
+    return tokens(llm.generate(PROMPTS, GREEDY))
+
+
 def test_chat_answer_names_paris(llm: LLM) -> None:  # exact numerics (docs/numerics.md)
     out = llm.chat(
         [{"role": "user", "content": "What is the capital of France?"}],
@@ -66,8 +73,8 @@ def test_logits_match_transformers_on_the_same_gguf(llm: LLM) -> None:
             assert abs(lp.logprob - row[tid].item()) < 1e-3
 
 
-def test_batching_changes_nothing(llm: LLM) -> None:
-    together = tokens(llm.generate(PROMPTS, GREEDY))
+def test_batching_changes_nothing(llm: LLM, batched: list[list[int]]) -> None:
+    together = batched
     alone = [tokens(llm.generate(p, GREEDY))[0] for p in PROMPTS]
     assert together == alone
     # prompts longer than a block and generations crossing block boundaries are covered
@@ -75,8 +82,8 @@ def test_batching_changes_nothing(llm: LLM) -> None:
     assert max(lengths) > 16 and any(n % 16 > 16 - 40 % 16 for n in lengths)
 
 
-def test_chunked_prefill_and_prefix_cache_change_nothing(llm: LLM) -> None:
-    reference = tokens(llm.generate(PROMPTS, GREEDY))
+def test_chunked_prefill_and_prefix_cache_change_nothing(batched: list[list[int]]) -> None:
+    reference = batched
     chunked = LLM(
         max_model_len=512,
         kv_block_size=16,
@@ -87,8 +94,8 @@ def test_chunked_prefill_and_prefix_cache_change_nothing(llm: LLM) -> None:
     assert tokens(chunked.generate(PROMPTS, GREEDY)) == reference
 
 
-def test_preemption_under_a_tiny_kv_budget_changes_nothing(llm: LLM) -> None:
-    reference = tokens(llm.generate(PROMPTS, GREEDY))
+def test_preemption_under_a_tiny_kv_budget_changes_nothing(llm: LLM, batched: list[list[int]]) -> None:
+    reference = batched
     spec = llm.engine.spec
     bytes_per_token = 2 * spec.num_layers * spec.kv_size * 4
     small = LLM(max_model_len=128, kv_block_size=16, kv_cache_bytes=128 * bytes_per_token, numerics="exact")

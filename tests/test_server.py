@@ -8,8 +8,6 @@ import asyncio
 import importlib.util
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -617,13 +615,22 @@ def test_invalid_tools_are_a_400(server: Server, client: openai.OpenAI) -> None:
 # --- bench serve ---------------------------------------------------------------------------------------
 
 
-def test_bench_serve_reports_every_level(server: Server, tmp_path: Path) -> None:
+def bench_serve(server: Server, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """``flashdecode bench serve`` against ``server``, in this process (a client needs no process of
+    its own): (exit code, stdout, stderr)."""
+    from flashdecode.cli import main
+
+    capsys.readouterr()
+    code = main(["bench", "serve", "--base-url", server.base, "--model", MODEL, "--no-progress", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bench_serve_reports_every_level(server: Server, tmp_path: Path, capsys) -> None:
     report_path = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "flashdecode", "bench", "serve", "--base-url", server.base, "--model", MODEL]
-    cmd += ["--concurrency", "1,3", "--num-prompts", "3", "--prompt-len", "8", "--max-tokens", "4"]
-    cmd += ["--api-key", API_KEY, "--json", str(report_path), "--no-progress"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    args = ["--concurrency", "1,3", "--num-prompts", "3", "--prompt-len", "8", "--max-tokens", "4"]
+    code, out, err = bench_serve(server, capsys, *args, "--api-key", API_KEY, "--json", str(report_path))
+    assert code == 0, err
     report = json.loads(report_path.read_text())
     assert report["model"] == MODEL and report["max_tokens"] == 4
     assert [level["concurrency"] for level in report["levels"]] == [1, 3]
@@ -634,15 +641,13 @@ def test_bench_serve_reports_every_level(server: Server, tmp_path: Path) -> None
         for name in ("ttft_ms", "itl_ms", "e2e_ms"):
             assert set(level[name]) == {"p50", "p90", "p99", "mean"}
             assert 0 < level[name]["p50"] <= level[name]["p90"] <= level[name]["p99"]
-    assert "TTFT p50 ms" in done.stdout
+    assert "TTFT p50 ms" in out
 
 
-def test_bench_serve_counts_errors(server: Server, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "flashdecode", "bench", "serve", "--base-url", server.base, "--model", MODEL]
-    cmd += ["--concurrency", "2", "--num-prompts", "2", "--max-tokens", "2", "--api-key", "wrong"]
-    cmd += ["--json", str(tmp_path / "bench.json"), "--no-progress"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+def test_bench_serve_counts_errors(server: Server, tmp_path: Path, capsys) -> None:
+    args = ["--concurrency", "2", "--num-prompts", "2", "--max-tokens", "2", "--api-key", "wrong"]
+    code, _, err = bench_serve(server, capsys, *args, "--json", str(tmp_path / "bench.json"))
+    assert code == 0, err
     (level,) = json.loads((tmp_path / "bench.json").read_text())["levels"]
     assert level["errors"] == 2 and level["completed"] == 0
     assert level["error_samples"] and "401" in level["error_samples"][0]

@@ -80,8 +80,10 @@ def test_multi_turn_chat_does_not_recompute_its_history(llm: LLM) -> None:
 
 
 def test_chunked_prefill_does_not_stall_running_decodes(llm: LLM) -> None:
+    # eight chunks of a prompt beside four decodes: the check needs several chunks, not a long prompt
     engine = llm.engine
-    engine.scheduler.max_num_batched_tokens = 512
+    budget, prompt_len = 128, 1000
+    engine.scheduler.max_num_batched_tokens = budget
     engine.step_log = []
     try:
         for i in range(4):
@@ -89,7 +91,7 @@ def test_chunked_prefill_does_not_stall_running_decodes(llm: LLM) -> None:
         for _ in range(3):
             engine.step()
         # a unique first block, so nothing of it is in the prefix cache from other tests
-        long_ids = (llm.get_tokenizer().encode("Chunked prefill check. " + HELDOUT) * 5)[:4000]
+        long_ids = (llm.get_tokenizer().encode("Chunked prefill check. " + HELDOUT) * 5)[:prompt_len]
         engine.add_request("long", {"prompt_token_ids": long_ids}, greedy(2))
         while engine.has_unfinished_requests():
             engine.step()
@@ -97,8 +99,8 @@ def test_chunked_prefill_does_not_stall_running_decodes(llm: LLM) -> None:
     finally:
         engine.step_log = None
         engine.scheduler.max_num_batched_tokens = llm.engine.config.max_num_batched_tokens
-    assert len(chunk_steps) >= 4000 // 512  # the prompt really was split
-    assert sum(n for r in chunk_steps for rid, n in r.prefills if rid == "long") == 4000
+    assert len(chunk_steps) >= prompt_len // budget  # the prompt really was split
+    assert sum(n for r in chunk_steps for rid, n in r.prefills if rid == "long") == prompt_len
     # every chunk step also advanced all four decoding sequences
     for record in chunk_steps:
         assert sorted(record.decodes) == [f"decoder-{i}" for i in range(4)]
