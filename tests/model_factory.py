@@ -691,7 +691,7 @@ LLAMA_CPP_DIRS = tuple(
     Path(p)
     for p in (
         os.environ.get("LLAMA_CPP_DIR", ""),
-        Path(__file__).resolve().parent.parent / "bench-env/src/llama_cpp_python-0.3.36/vendor/llama.cpp",
+        Path(__file__).resolve().parent.parent / "bench-env/peers/llama.cpp",
         "/work/peers/llama_cpp_python-0.3.36/vendor/llama.cpp",
     )
     if str(p)
