@@ -257,23 +257,37 @@ def test_tensor_parallel_past_the_kv_heads_and_a_ring_of_four() -> None:
 
 def test_pipeline_parallel_step_by_hand() -> None:
     """P=2: the last stage holds 1 layer (36864 weights), its norms (128), the final norm (64), the
-    head (6400) and one embedding row; its boundary sends one token's hidden states (256 bytes). One
-    step runs both stages in turn: the whole model's bytes, and the send."""
+    head (6400) and one embedding row; its boundary sends one token's hidden states (256 bytes), and
+    the last stage sends its logits (400 bytes) to rank 0. One step runs both stages in turn: the whole
+    model's bytes, and the two sends."""
     step = parallel_decode_step(ModelCost(small_spec()), batch=1, context=10, pipeline_parallel=2)
     assert step.stage.weight_bytes == (36864 + 192 + 6400) * 4 + 256
     assert step.shard == ModelCost(small_spec()).decode_step(1, 10)
     assert step.tp_comm == step.stage_tp_comm == CommCost() and step.pp_comm == CommCost(1, 256)
+    assert step.logits_comm == step.comm == CommCost(1, 400)
     link = Link(bandwidth=1e9, latency=1e-5)
     ceilings = Ceilings(bandwidth=30e9, flops={"fp32": 2e11}, threads=1)
-    assert step.step_time(ceilings, link, "fp32") == pytest.approx(334992 / 30e9 + 1e-5 + 256e-9)
+    sends = 2e-5 + 656e-9
+    assert step.step_time(ceilings, link, "fp32") == pytest.approx(334992 / 30e9 + sends)
     stage = step.stage.bytes / 30e9
-    assert step.pipelined_tokens_per_s(ceilings, link, "fp32") == pytest.approx(1 / (stage + 1e-5 + 256e-9))
+    assert step.pipelined_tokens_per_s(ceilings, link, "fp32") == pytest.approx(1 / (stage + sends))
     both = parallel_decode_step(ModelCost(small_spec()), 1, 10, tensor_parallel=2, pipeline_parallel=2)
     # the last stage: 2 all-reduces of its 1 layer and the logits' gather (the embedding's is the
     # first stage's); a step: the embedding's and 2 layers' all-reduces and the gather
     assert both.stage_tp_comm == CommCost(2 * 2 + 1, 2 * 256 + 200) and both.pp_comm == CommCost(1, 256)
     assert both.tp_comm == CommCost(5 * 2 + 1, 5 * 256 + 200)
-    assert both.comm_time(link) == pytest.approx(11e-5 + 1480e-9 + 1e-5 + 256e-9)
+    assert both.comm_time(link) == pytest.approx(11e-5 + 1480e-9 + sends)
+
+
+def test_pipeline_micro_batches_each_send() -> None:
+    """Four sequences over P=2 cross the boundary as two micro-batches (the engine's cut): two
+    messages, the same bytes as one; over P=4 each of them is its own micro-batch."""
+    two = parallel_decode_step(ModelCost(small_spec(num_layers=4)), batch=4, context=10, pipeline_parallel=2)
+    assert two.pp_comm == CommCost(2, 4 * 256) and two.logits_comm == CommCost(2, 4 * 400)
+    four = parallel_decode_step(ModelCost(small_spec(num_layers=4)), batch=4, context=10, pipeline_parallel=4)
+    assert four.pp_comm == CommCost(4, 4 * 256)
+    link = Link(bandwidth=1e9, latency=1e-5)
+    assert four.comm_time(link) == pytest.approx(3 * (4e-5 + 1024e-9) + 4e-5 + 1600e-9)
 
 
 def test_tensor_parallel_beats_one_rank_only_on_a_fast_link() -> None:

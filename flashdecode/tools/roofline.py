@@ -412,16 +412,19 @@ class ParallelStep:
     stage: StepCost  # the last stage's part of it
     tp_comm: CommCost  # the collectives of one step, all stages
     stage_tp_comm: CommCost  # the last stage's
-    pp_comm: CommCost  # one stage boundary's activation send
+    pp_comm: CommCost  # one stage boundary's activation sends, one a micro-batch
+    logits_comm: CommCost = CommCost()  # the last stage's logits to rank 0, one send a micro-batch
 
     @property
     def comm(self) -> CommCost:
-        """What one rank sends per step: its stage's collectives and, past a boundary, the send."""
-        return self.stage_tp_comm + self.pp_comm
+        """What a rank of the last stage sends per step: its collectives and the logits' sends."""
+        return self.stage_tp_comm + self.logits_comm
 
     def comm_time(self, link: Link) -> float:
-        """A step's time on the network: every stage's collectives and every boundary's send."""
-        return self.tp_comm.time(link) + (self.pipeline_parallel - 1) * self.pp_comm.time(link)
+        """A step's time on the network: every stage's collectives, every boundary's sends and the
+        logits' way back to rank 0."""
+        sends = (self.pipeline_parallel - 1) * self.pp_comm.time(link) + self.logits_comm.time(link)
+        return self.tp_comm.time(link) + sends
 
     def step_time(self, ceilings: Ceilings, link: Link, compute: str) -> float:
         """One step of the batch through every stage in turn and across every boundary."""
@@ -435,7 +438,7 @@ class ParallelStep:
         """``pipeline_parallel`` micro-batches of the batch in flight: every stage busy, the slowest
         stage, its collectives and its send set the pace."""
         stage = self.stage.time_bound(ceilings, compute) + self.stage_tp_comm.time(link)
-        return self.stage.tokens / (stage + self.pp_comm.time(link))
+        return self.stage.tokens / (stage + self.pp_comm.time(link) + self.logits_comm.time(link))
 
 
 def parallel_decode_step(
@@ -447,8 +450,10 @@ def parallel_decode_step(
     first layers / P, with their formats and windows).
 
     Per step the ranks all-reduce the hidden states after the vocabulary-parallel embedding and
-    after o and after down in every layer, and all-gather the fp32 logits; each stage boundary sends
-    the hidden states once. The two broadcasts of the step's int64 metadata are left out (a few
+    after o and after down in every layer, and all-gather the fp32 logits. Under pipeline parallelism
+    the engine cuts a step into up to P micro-batches of whole sequences (engine/parallel/pipeline.py),
+    each crossing every boundary in a send of its own, and the last stage sends each one's fp32 logits
+    back to rank 0: one message a micro-batch, the same bytes in all. The two broadcasts of the step's int64 metadata are left out (a few
     bytes per row beside the layers' all-reduces)."""
     s, t, p = cost.spec, tensor_parallel, pipeline_parallel
     if t < 1 or p < 1:
@@ -462,6 +467,7 @@ def parallel_decode_step(
     hidden = batch * s.hidden_size * cost.activation_bytes
     gather = ring_all_gather(batch * s.vocab_size * 4, t)
     stage_reductions = 2 * stage_spec.num_layers + (1 if p == 1 else 0)
+    sends = min(p, batch)  # micro-batches: a decode step's sequences are one row each
     return ParallelStep(
         t,
         p,
@@ -469,7 +475,8 @@ def parallel_decode_step(
         stage=_shard_cost(cost, stage_spec).decode_step(batch, context),
         tp_comm=ring_all_reduce(hidden, t) * (2 * s.num_layers + 1) + gather,
         stage_tp_comm=ring_all_reduce(hidden, t) * stage_reductions + gather,
-        pp_comm=CommCost(1, hidden) if p > 1 else CommCost(),
+        pp_comm=CommCost(sends, hidden) if p > 1 else CommCost(),
+        logits_comm=CommCost(sends, batch * s.vocab_size * 4) if p > 1 else CommCost(),
     )
 
 
