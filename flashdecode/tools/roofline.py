@@ -453,8 +453,8 @@ def parallel_decode_step(
     after o and after down in every layer, and all-gather the fp32 logits. Under pipeline parallelism
     the engine cuts a step into up to P micro-batches of whole sequences (engine/parallel/pipeline.py),
     each crossing every boundary in a send of its own, and the last stage sends each one's fp32 logits
-    back to rank 0: one message a micro-batch, the same bytes in all. The two broadcasts of the step's int64 metadata are left out (a few
-    bytes per row beside the layers' all-reduces)."""
+    back to rank 0: one message a micro-batch, the same bytes in all. The two broadcasts of the
+    step's int64 metadata are left out (a few bytes per row beside the layers' all-reduces)."""
     s, t, p = cost.spec, tensor_parallel, pipeline_parallel
     if t < 1 or p < 1:
         raise FlashDecodeError(f"tensor_parallel_size={t} and pipeline_parallel_size={p} must be positive")
