@@ -46,6 +46,7 @@ from ..layers.linear import Linear, SplitLinear
 from ..layers.moe import GatedMLP, SparseMoE
 from ..layers.quant import QuantizedTensor
 from ..layers.rope import RotaryEmbedding
+from ..utils.threads import AdaptiveTeam
 from .spec import ModelSpec
 
 STEP_KERNELS = {"native": FP32, "native_q8": INT8, "native_i8": INT8_INTERLEAVED}  # plan candidate -> mode
@@ -143,6 +144,7 @@ class NativeDecode:
         self._chosen: dict[tuple, DecodeStep | None] = {}  # per step shape: the step, or None
         self._steps: dict[tuple, DecodeStep] = {}  # per kernel modes, KV storage and softmax
         self._plans_set = -1
+        self.team = AdaptiveTeam(torch.get_num_threads())  # threads per step, by timing (utils/threads.py)
 
     def step(self, t: int, cache: KVCache, softmax: SoftmaxPolicy | None) -> DecodeStep | None:
         """The native step for a step of ``t`` query rows, or None where the Python layers run.
@@ -171,7 +173,13 @@ class NativeDecode:
         checked and recomputed are counted on ``softmax``."""
         slots, slot_rows, lens, max_len = step_rows(meta)
         x = x.contiguous()
-        step.run(x, positions, meta.slot_mapping, slots, slot_rows, lens, max_len, torch.get_num_threads())
+        if self.team.most != torch.get_num_threads():
+            self.team = AdaptiveTeam(torch.get_num_threads())
+
+        def run_on(threads: int) -> None:
+            step.run(x, positions, meta.slot_mapping, slots, slot_rows, lens, max_len, threads)
+
+        self.team.run(x.shape[0].bit_length(), run_on)  # steps of alike row counts share a record
         if softmax is not None and softmax.mode == "unified":
             checked, fallbacks = step.stats[:2].tolist()
             softmax.rows_checked += checked
