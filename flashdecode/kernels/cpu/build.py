@@ -43,6 +43,12 @@ HEADERS = (HERE / "flat_gemm.h",)
 ABI_VERSION = 8
 FORMAT_IDS = {"BF16": BF16_KERNEL_ID} | {fmt: layout.kernel_id for fmt, layout in NATIVE.items()}
 FORMAT_IDS["Q5_0"] = 8  # repack_i8's lean Q5_K: Q5_0's fp16 scales, min -16 d (flat_gemm.h FD_Q5_0_I8)
+# repack_i8's lean K-quants: the file's integer sub-scales and fp16 super-scales (flat_gemm.h)
+FORMAT_IDS["Q6_K_I8"] = 9
+FORMAT_IDS["Q4_K_I8"] = 10
+# a lean repack's integer sub-scales: dtype, range, and the largest magnitude the file's own use
+# (llama.cpp's quantizers map a super-block's largest scale there: Q6_K -128, Q4_K 63)
+LEAN_SUBSCALES = {"Q6_K": (torch.int8, -128, 127, 128), "Q4_K": (torch.uint8, 0, 255, 63)}
 Planes = reference.Planes
 
 # build name -> (cpuinfo flags the build needs, compiler flags)
@@ -238,21 +244,46 @@ def _nibble_vectors(values: torch.Tensor) -> torch.Tensor:
     return q[:, :, :4] | (q[:, :, 4:] << 4)
 
 
+def _rows16(t: torch.Tensor) -> torch.Tensor:
+    """[N, count, ...] -> [groups, count, 16, ...]: rows in groups of 16, the last zero-padded."""
+    n, count = t.shape[:2]
+    groups = -(-n // 16)
+    if groups * 16 > n:
+        t = torch.cat([t, t.new_zeros((groups * 16 - n, *t.shape[1:]))])
+    return t.reshape(groups, 16, count, *t.shape[2:]).transpose(1, 2)
+
+
+def _scales16(t: torch.Tensor, count: int) -> torch.Tensor:
+    """Scales [N, count * s] -> [groups, count, s, 16]: a vector of 16 rows per scale."""
+    return _rows16(t.reshape(t.shape[0], count, -1)).transpose(2, 3).contiguous()
+
+
+def _unrows16(t: torch.Tensor, n: int) -> torch.Tensor:
+    """_rows16's inverse: [groups, count, 16, ...] -> [n, count, ...]."""
+    return t.transpose(1, 2).reshape(t.shape[0] * 16, t.shape[1], *t.shape[3:])[:n]
+
+
+def _unscales16(t: torch.Tensor, n: int) -> torch.Tensor:
+    """_scales16's inverse: [groups, count, s, 16] -> [n, count * s]."""
+    return _unrows16(t.transpose(2, 3), n).reshape(n, -1).contiguous()
+
+
 def repack_i8(fmt: str, planes: Planes) -> Planes:
     """A matrix in ``fmt`` in the int8-activation kernel's layout (flat_gemm.c, "rows interleaved"):
     groups of 16 rows (zero-padded), per block 4 vectors of 16 rows x 4 nibble pairs (Q4_0, Q4_1, Q4_K,
     Q2_K; Q5_K adds 64 bytes of fifth bits) or 8 vectors of 16 rows x 4 bytes (Q8_0, Q6_K); d and m as
-    [groups, K/32, scales per block, 16], in the planes' own dtype. Values are moved, never changed."""
+    [groups, K/32, scales per block, 16], in the planes' own dtype. Values are moved, never changed.
+    Q6_K and Q4_K whose fp32 scales factor exactly into the file's two levels (``_lean_scales``) pack
+    lean, Q5_K holding a Q5_0 matrix as Q5_0: the kernel format is ``i8_format``'s."""
     qs, d_plane, m_plane = planes
     n, nb = qs.shape[0], qs.shape[1]
     groups = -(-n // 16)
-    pad = groups * 16 - n
+    rows16 = _rows16
 
-    def rows16(t: torch.Tensor) -> torch.Tensor:  # [N, nb, ...] -> [groups, nb, 16, ...]
-        t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) if pad else t
-        t = t.reshape(groups, 16, nb, *t.shape[2:])
-        return t.transpose(1, 2)
-
+    if fmt == "Q6_K" and (lean := _lean_q6_k(qs, d_plane)) is not None:
+        return lean
+    if fmt == "Q4_K" and (lean := _lean_q4_k(qs, d_plane, m_plane)) is not None:
+        return lean
     if fmt in ("Q8_0", "Q6_K"):  # a byte per value
         q = rows16(qs).reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)  # [g, b, quad, row, 4]
     elif fmt == "Q5_K":  # values 0..31, a byte each in the planes: low nibbles as Q4, then fifth bits
@@ -266,11 +297,80 @@ def repack_i8(fmt: str, planes: Planes) -> Planes:
         q = _nibble_vectors(rows16(torch.cat([qs & 0x0F, qs >> 4], dim=-1)))  # element order
 
     def scales16(t: torch.Tensor) -> torch.Tensor:  # [N, nb * scales] -> [g, b, scales, 16]
-        return rows16(t.reshape(n, nb, -1)).transpose(2, 3).contiguous()
+        return _scales16(t, nb)
 
     if fmt == "Q5_K" and _is_q5_0(d_plane, m_plane):  # the file's scales alone: 5.5 bits a weight, not 7
         return q.contiguous(), scales16(d_plane.half()), None
     return q.contiguous(), scales16(d_plane), None if m_plane is None else scales16(m_plane)
+
+
+def _lean_q6_k(qs: torch.Tensor, d: torch.Tensor) -> Planes | None:
+    """Q6_K's lean repack (flat_gemm.c FD_Q6_K_I8), or None where its values are not 6-bit (Q3_K's
+    are; IQ4_XS's, repacked into these planes too, are not) or its scales do not factor: values
+    q + 32 as Q4's nibbles of the low 4 bits and two vectors of high bits per block, int8 sub-scales
+    per 16 and fp16 scales per 256."""
+    signed = qs.view(torch.int8)
+    if signed.numel() and not (signed.min() >= -32 and signed.max() < 32):
+        return None
+    factors = _lean_scales("Q6_K", d, qs.shape[1])
+    if factors is None:
+        return None
+    sub, sup = factors
+    u = (signed + 32).view(torch.uint8)  # [N, nb, 32], 0..63
+    groups, nb = -(-qs.shape[0] // 16), qs.shape[1]
+    low = _nibble_vectors(_rows16(u & 0x0F)).reshape(groups, nb, 256)
+    # [g, b, row, part p (quads 0-3 / 4-7), vector t, 4] -> [g, b, p, row, 4, t]: t's 2 bits at 2t
+    top = (_rows16(u >> 4).reshape(groups, nb, 16, 2, 4, 4).permute(0, 1, 3, 2, 5, 4)).reshape(-1, 4)
+    high = (top << torch.tensor([0, 2, 4, 6], dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    q = torch.cat([low, high.reshape(groups, nb, 128)], dim=-1)
+    return q.contiguous(), _scales16(sub, nb), _scales16(sup, nb // 8).reshape(groups, nb // 8, 16)
+
+
+def _lean_q4_k(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Planes | None:
+    """Q4_K's lean repack (flat_gemm.c FD_Q4_K_I8), or None where its scales do not factor: the
+    nibbles as Q4_K's, uint8 sub-scales (sc, then mn) per 32 and fp16 scales (d, then -dmin) per 256."""
+    factors, min_factors = (_lean_scales("Q4_K", t, qs.shape[1]) for t in (d, m))
+    if factors is None or min_factors is None:
+        return None
+    nb = qs.shape[1]
+    q = _nibble_vectors(_rows16(torch.cat([qs & 0x0F, qs >> 4], dim=-1)))
+    sub = torch.stack([factors[0], min_factors[0]], dim=-1)  # [N, nb, 2]
+    sup = torch.stack([factors[1], min_factors[1]], dim=-1)  # [N, nb / 8, 2]
+    return q.contiguous(), _scales16(sub, nb), _scales16(sup, nb // 8)
+
+
+def _lean_scales(fmt: str, v: torch.Tensor, nb: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """fp32 scales [N, nb * s] (s sub-scales per block of 32) as integer sub-scales (``LEAN_SUBSCALES``)
+    times an fp16 per 256 elements, whose fp32 product gives every one back exactly, or None where
+    some super-block has no such factors (then the fp32 layout stays). A plane made from the file's
+    scales (layers/quant.py: fp16 d times the sub-scale, exact) always factors; the search tries
+    sub-scales for the super-block's largest scale from the file's usual one (``LEAN_SUBSCALES``) down,
+    then the rest of the range."""
+    dtype, lo, hi, usual = LEAN_SUBSCALES[fmt]
+    n, count = v.shape
+    if nb % 8 or not v.numel() or v.dtype != torch.float32:
+        return None
+    per = count // (nb // 8)  # sub-scales per 256
+    blocks = v.reshape(-1, per)
+    big = blocks.gather(1, blocks.abs().argmax(1, keepdim=True))[:, 0]  # the largest magnitude
+    sup = torch.zeros(blocks.shape[0], dtype=torch.float32)
+    done = big == 0  # an all-zero super-block: factors 0 and 0
+    candidates = sorted((s for s in range(lo, hi + 1) if s), key=lambda s: (abs(s) > usual, -abs(s), s))
+    for s in candidates:
+        if bool(done.all()):
+            break
+        todo = (~done).nonzero()[:, 0]
+        h = big[todo] / s
+        q = torch.round(blocks[todo] / h[:, None])
+        fits = (h.half().float() == h) & torch.isfinite(h) & (h != 0)
+        fits &= ((q >= lo) & (q <= hi) & (q * h[:, None] == blocks[todo])).all(1)
+        sup[todo[fits]] = h[fits]
+        done[todo[fits]] = True
+    if not bool(done.all()):
+        return None
+    safe = torch.where(sup == 0, torch.ones_like(sup), sup)
+    sub = torch.round(blocks / safe[:, None]).to(dtype)
+    return sub.reshape(n, count), sup.half().reshape(n, count // per)
 
 
 def _is_q5_0(d: torch.Tensor, m: torch.Tensor) -> bool:
@@ -281,8 +381,20 @@ def _is_q5_0(d: torch.Tensor, m: torch.Tensor) -> bool:
 
 
 def i8_format(fmt: str, packed: Planes) -> str:
-    """The kernel format that runs a ``repack_i8`` result of ``fmt``: "Q5_0" for the lean Q5_K."""
-    return "Q5_0" if fmt == "Q5_K" and packed[2] is None else fmt
+    """The kernel format that runs a ``repack_i8`` result of ``fmt``: "Q5_0" for the lean Q5_K,
+    "Q6_K_I8" and "Q4_K_I8" for the lean K-quants (integer sub-scales)."""
+    if fmt == "Q5_K" and packed[2] is None:
+        return "Q5_0"
+    if fmt in LEAN_SUBSCALES and packed[1] is not None and packed[1].dtype == LEAN_SUBSCALES[fmt][0]:
+        return f"{fmt}_I8"
+    return fmt
+
+
+def i8_bytes_per_weight(fmt: str, packed: Planes) -> float:
+    """The bytes a product reads per weight of a ``repack_i8`` result (a group's padding rows too)."""
+    q = packed[0]
+    weights = q.shape[0] * 16 * q.shape[1] * 32
+    return sum(t.numel() * t.element_size() for t in packed if t is not None) / weights
 
 
 def unpack_i8(fmt: str, packed: Planes, n: int) -> Planes:
@@ -290,9 +402,12 @@ def unpack_i8(fmt: str, packed: Planes, n: int) -> Planes:
     inverse, padding rows dropped."""
     q, d_packed, m_packed = packed
     groups, nb = q.shape[:2]
+    kernel = i8_format(fmt, packed)
+    if kernel in ("Q6_K_I8", "Q4_K_I8"):
+        return _unpack_lean(kernel, packed, n)
 
     def unrows16(t: torch.Tensor) -> torch.Tensor:  # [groups, nb, 16, ...] -> [n, nb, ...]
-        return t.transpose(1, 2).reshape(groups * 16, nb, *t.shape[3:])[:n]
+        return _unrows16(t, n)
 
     def values(vectors: torch.Tensor) -> torch.Tensor:  # [g, b, quad, row, 4] -> [g, b, row, 32]
         return vectors.permute(0, 1, 3, 2, 4).reshape(groups, nb, 16, 32)
@@ -310,12 +425,40 @@ def unpack_i8(fmt: str, packed: Planes, n: int) -> Planes:
             qs = low[..., :16] | (low[..., 16:] << 4)
 
     def scales(t: torch.Tensor) -> torch.Tensor:  # [g, b, scales, 16] -> [N, nb * scales]
-        return unrows16(t.transpose(2, 3)).reshape(n, -1).contiguous()
+        return _unscales16(t, n)
 
-    if i8_format(fmt, packed) == "Q5_0":
+    if kernel == "Q5_0":
         d = scales(d_packed).float()
         return qs.contiguous(), d, -16 * d
     return qs.contiguous(), scales(d_packed), None if m_packed is None else scales(m_packed)
+
+
+def _nibbles_unpacked(vectors: torch.Tensor, n: int) -> torch.Tensor:
+    """_nibble_vectors' inverse: [g, b, 4 vectors, 16 rows, 4] -> values [n, nb, 32] in element order."""
+    groups, nb = vectors.shape[:2]
+    quads = torch.cat([vectors & 0x0F, vectors >> 4], dim=2)  # [g, b, quad, row, 4]
+    return _unrows16(quads.permute(0, 1, 3, 2, 4).reshape(groups, nb, 16, 32), n)
+
+
+def _unpack_lean(kernel: str, packed: Planes, n: int) -> Planes:
+    """unpack_i8 of a lean K-quant: the values as the planes hold them, and the fp32 scales as the
+    product of the two factors (the same IEEE product the loader took, so the same bits)."""
+    q, sub, sup = packed
+    groups, nb = q.shape[:2]
+    values = _nibbles_unpacked(q[:, :, :256].reshape(groups, nb, 4, 16, 4), n)
+    per_super = _unscales16(sup.reshape(groups, nb // 8, -1, 16), n).float()  # [n, nb / 8 * s']
+    subs = _unscales16(sub, n).float().reshape(n, nb // 8, 8, 2)
+    if kernel == "Q6_K_I8":
+        # [g, b, p, row, 4, t] -> [g, b, row, p, t, 4]: vector t, part p holds quad 4p + t
+        bits = (q[:, :, 256:].reshape(groups, nb, 2, 16, 4, 1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3
+        top = _unrows16(bits.permute(0, 1, 3, 2, 5, 4).reshape(groups, nb, 16, 32), n)
+        qs = ((values | (top << 4)).view(torch.int8) - 32).view(torch.uint8)
+        d = (per_super[:, :, None, None] * subs).reshape(n, -1)
+        return qs.contiguous(), d, None
+    qs = values[..., :16] | (values[..., 16:] << 4)
+    per_super = per_super.reshape(n, nb // 8, 1, 2)
+    d, m = ((per_super[..., k] * subs[..., k]).reshape(n, -1) for k in (0, 1))
+    return qs.contiguous(), d, m
 
 
 def supported_builds(flags: set[str] | None = None) -> list[str]:
