@@ -148,10 +148,10 @@ class Linear:
     def _i8_rows(self, flat: torch.Tensor) -> reference.Planes:
         """The planes of rows ``flat`` from the repack (kernels/cpu/build.py repack_i8): row i is row
         i % 16 of group i // 16. A byte per value: its 8 vectors of 4 bytes are the row's values in
-        order; the nibble layouts are unpacked a group at a time."""
+        order; the nibble layouts (and the lean Q6_K's) are unpacked a group at a time."""
         q, d, m = self._i8
         group, row = flat // 16, flat % 16
-        if self.format in ("Q8_0", "Q6_K"):
+        if cpu.i8_format(self.format, self._i8) in ("Q8_0", "Q6_K"):
             qs = q[group, :, :, row, :].reshape(len(flat), q.shape[1], -1)
             return qs, d[group, :, :, row].reshape(len(flat), -1), None if m is None else m[group, :, row]
         packed = (q[group], d[group], None if m is None else m[group])

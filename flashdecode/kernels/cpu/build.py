@@ -268,22 +268,23 @@ def _unscales16(t: torch.Tensor, n: int) -> torch.Tensor:
     return _unrows16(t.transpose(2, 3), n).reshape(n, -1).contiguous()
 
 
-def repack_i8(fmt: str, planes: Planes) -> Planes:
+def repack_i8(fmt: str, planes: Planes, lean: bool = True) -> Planes:
     """A matrix in ``fmt`` in the int8-activation kernel's layout (flat_gemm.c, "rows interleaved"):
     groups of 16 rows (zero-padded), per block 4 vectors of 16 rows x 4 nibble pairs (Q4_0, Q4_1, Q4_K,
     Q2_K; Q5_K adds 64 bytes of fifth bits) or 8 vectors of 16 rows x 4 bytes (Q8_0, Q6_K); d and m as
     [groups, K/32, scales per block, 16], in the planes' own dtype. Values are moved, never changed.
     Q6_K and Q4_K whose fp32 scales factor exactly into the file's two levels (``_lean_scales``) pack
-    lean, Q5_K holding a Q5_0 matrix as Q5_0: the kernel format is ``i8_format``'s."""
+    lean, Q5_K holding a Q5_0 matrix as Q5_0: the kernel format is ``i8_format``'s (``lean=False``:
+    never, the fp32 layout of the planes' scales, to compare against)."""
     qs, d_plane, m_plane = planes
     n, nb = qs.shape[0], qs.shape[1]
     groups = -(-n // 16)
     rows16 = _rows16
 
-    if fmt == "Q6_K" and (lean := _lean_q6_k(qs, d_plane)) is not None:
-        return lean
-    if fmt == "Q4_K" and (lean := _lean_q4_k(qs, d_plane, m_plane)) is not None:
-        return lean
+    if lean and fmt == "Q6_K" and (packed := _lean_q6_k(qs, d_plane)) is not None:
+        return packed
+    if lean and fmt == "Q4_K" and (packed := _lean_q4_k(qs, d_plane, m_plane)) is not None:
+        return packed
     if fmt in ("Q8_0", "Q6_K"):  # a byte per value
         q = rows16(qs).reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)  # [g, b, quad, row, 4]
     elif fmt == "Q5_K":  # values 0..31, a byte each in the planes: low nibbles as Q4, then fifth bits
@@ -299,7 +300,7 @@ def repack_i8(fmt: str, planes: Planes) -> Planes:
     def scales16(t: torch.Tensor) -> torch.Tensor:  # [N, nb * scales] -> [g, b, scales, 16]
         return _scales16(t, nb)
 
-    if fmt == "Q5_K" and _is_q5_0(d_plane, m_plane):  # the file's scales alone: 5.5 bits a weight, not 7
+    if lean and fmt == "Q5_K" and _is_q5_0(d_plane, m_plane):  # the file's scales alone: 5.5 bits a weight, not 7
         return q.contiguous(), scales16(d_plane.half()), None
     return q.contiguous(), scales16(d_plane), None if m_plane is None else scales16(m_plane)
 
@@ -353,24 +354,32 @@ def _lean_scales(fmt: str, v: torch.Tensor, nb: int) -> tuple[torch.Tensor, torc
     per = count // (nb // 8)  # sub-scales per 256
     blocks = v.reshape(-1, per)
     big = blocks.gather(1, blocks.abs().argmax(1, keepdim=True))[:, 0]  # the largest magnitude
-    sup = torch.zeros(blocks.shape[0], dtype=torch.float32)
-    done = big == 0  # an all-zero super-block: factors 0 and 0
+    zero = big == 0  # an all-zero super-block: +0 times 0 or -1 (a -0), or a signed zero times 0
+    sup = torch.zeros(blocks.shape[0], dtype=torch.float32) if lo < 0 else torch.where(zero, blocks[:, 0], 0.0)
+    done = zero.clone()
     candidates = sorted((s for s in range(lo, hi + 1) if s), key=lambda s: (abs(s) > usual, -abs(s), s))
     for s in candidates:
         if bool(done.all()):
             break
         todo = (~done).nonzero()[:, 0]
         h = big[todo] / s
-        q = torch.round(blocks[todo] / h[:, None])
+        q = torch.round(blocks[todo] / h[:, None]) + 0.0  # an integer's zero is +0
         fits = (h.half().float() == h) & torch.isfinite(h) & (h != 0)
-        fits &= ((q >= lo) & (q <= hi) & (q * h[:, None] == blocks[todo])).all(1)
+        # bitwise: a zero's sign is the fp16 factor's, so that the product is the plane's bit for bit
+        fits &= ((q >= lo) & (q <= hi) & (_bits(q * h[:, None]) == _bits(blocks[todo]))).all(1)
         sup[todo[fits]] = h[fits]
         done[todo[fits]] = True
     if not bool(done.all()):
         return None
-    safe = torch.where(sup == 0, torch.ones_like(sup), sup)
-    sub = torch.round(blocks / safe[:, None]).to(dtype)
-    return sub.reshape(n, count), sup.half().reshape(n, count // per)
+    safe = torch.where(zero, torch.ones_like(sup), sup)
+    sub = torch.where(zero[:, None], torch.where(torch.signbit(blocks), -1.0, 0.0) if lo < 0 else 0.0, torch.round(blocks / safe[:, None]) + 0.0)
+    if not torch.equal(_bits(sub * sup[:, None]), _bits(blocks)):  # a zero super-block of +0s and -0s
+        return None
+    return sub.to(dtype).reshape(n, count), sup.half().reshape(n, count // per)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
 
 
 def _is_q5_0(d: torch.Tensor, m: torch.Tensor) -> bool:
@@ -561,15 +570,35 @@ def _self_test(kernels: NativeKernels) -> None:
         cases = [(f, k_quant(f) if NATIVE[f].repacked else reference.quantize(w, f)) for f in I8_FORMATS]
         qs, d, _ = k_quant("Q5_K")
         cases.append(("Q5_K", (qs, d, -16 * d)))  # a Q5_0 matrix's planes: repack_i8 packs them lean
+        cases += [(fmt, _two_level_planes(fmt, gen)) for fmt in LEAN_SUBSCALES]  # the lean K-quants
         for fmt, planes in cases:
-            ref = reference.linear_q8(x, fmt, planes)
-            y = kernels.linear_i8(fmt, x, repack_i8(fmt, planes), 13)
+            xk = x if planes[0].shape[1] * 32 == x.shape[1] else torch.randn(6, planes[0].shape[1] * 32, generator=gen)
+            ref = reference.linear_q8(xk, fmt, planes)
+            packed = repack_i8(fmt, planes)
+            y = kernels.linear_i8(fmt, xk, packed, 13)
             if not torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max())):
-                raise RuntimeError(f"self-test: {fmt} int8-activation product differs")
+                raise RuntimeError(f"self-test: {i8_format(fmt, packed)} int8-activation product differs")
     wb = w[:, :77].bfloat16()
     y = kernels.linear("BF16", x[:, :77].contiguous(), (wb, None, None), 13)
     if not torch.allclose(y.double(), x[:, :77].double() @ wb.double().T, rtol=1e-4, atol=1e-4):
         raise RuntimeError("self-test: bf16 product differs")
+
+
+def _two_level_planes(fmt: str, gen: torch.Generator, n: int = 13, k: int = 256) -> Planes:
+    """Random Q6_K or Q4_K planes whose scales are the file's two levels multiplied out (an fp16 per
+    256 times an integer sub-scale, layers/quant.py), as repack_i8 packs lean."""
+    layout = NATIVE[fmt]
+    nb = k // 32
+    dtype, lo, hi, _ = LEAN_SUBSCALES[fmt]
+
+    def scales() -> torch.Tensor:
+        sup = torch.randn(n, nb // 8, 1, generator=gen).half().float()
+        sub = torch.randint(lo, hi + 1, (n, nb // 8, 8 * layout.scales_per_block), generator=gen)
+        return (sup * sub.to(dtype).float()).reshape(n, -1)
+
+    values = (-32, 32) if fmt == "Q6_K" else (0, 256)  # 6-bit signed values; any nibble pair
+    qs = torch.randint(*values, (n, nb, layout.qs_bytes), generator=gen).to(torch.int8).view(torch.uint8)
+    return qs, scales(), scales() if layout.has_min else None
 
 
 def load(isa: str | None = None) -> NativeKernels | None:
