@@ -714,6 +714,8 @@ int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
  *            d then -dmin (w = d sc q + (-dmin) mn)
  AVX512-VNNI runs a 64-byte vector of every format but
  * Q2_K as one vpdpbusd; AVX2 runs every format as two 8-row halves with vpmaddubsw + vpmaddwd. */
+#define I8_LEAN(f) ((f) == FD_Q6_K_I8 || (f) == FD_Q4_K_I8) /* two-level scales, see the layout */
+#define LEAN_SUPERS(f) ((f) == FD_Q4_K_I8 ? 2 : 1)          /* fp16 scales per 256 per row */
 #if defined(__AVX2__)
 #define FD_HAVE_I8 1
 #define I8_MR 4 /* activation rows per register tile */
@@ -725,8 +727,6 @@ INLINE __m256i bcast4(const int8_t *p) {
 }
 
 #define I8_BLOCK_BYTES(f) (FMT_NIBBLES(f) ? 256 : FMT_FIFTH(f) ? 320 : (f) == FD_Q6_K_I8 ? 384 : 512)
-#define I8_LEAN(f) ((f) == FD_Q6_K_I8 || (f) == FD_Q4_K_I8) /* two-level scales, see the layout */
-#define LEAN_SUPERS(f) ((f) == FD_Q4_K_I8 ? 2 : 1)          /* fp16 scales per 256 per row */
 
 /* a lean K-quant's sub-scale k (of a block's two) of block b, a byte per row of the group, and the
  * fp16 scale per row of its super-block (Q4_K_I8: k = 0 the scale's, 1 the min's) */
