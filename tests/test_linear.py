@@ -285,7 +285,11 @@ def test_rows_of_a_released_weight_come_from_the_repack(native_kernels) -> None:
 
 
 # GGUF type -> (its planes' format, the lean repack's kernel format, bytes a weight it reads)
-LEAN = {"Q6_K": ("Q6_K", "Q6_K_I8", 210 / 256), "Q4_K": ("Q4_K", "Q4_K_I8", 148 / 256), "Q3_K": ("Q6_K", "Q6_K_I8", 210 / 256)}
+LEAN = {
+    "Q6_K": ("Q6_K", "Q6_K_I8", 210 / 256),
+    "Q4_K": ("Q4_K", "Q4_K_I8", 148 / 256),
+    "Q3_K": ("Q6_K", "Q6_K_I8", 210 / 256),
+}
 
 
 def lean_weight(fmt: str, rows: int = 32) -> QuantizedTensor:
@@ -294,7 +298,9 @@ def lean_weight(fmt: str, rows: int = 32) -> QuantizedTensor:
     from test_quant_repack import random_blocks  # noqa: PLC0415 (a sibling test module)
 
     parts = [random_blocks(fmt, seed=s) for s in range(-(-rows // 11))]
-    w = QuantizedTensor.cat([QuantizedTensor.from_gguf_blocks(fmt, raw, (raw.shape[0], 512)) for raw in parts])
+    w = QuantizedTensor.cat(
+        [QuantizedTensor.from_gguf_blocks(fmt, raw, (raw.shape[0], 512)) for raw in parts]
+    )
     return w.map_rows(lambda t: t[:rows])
 
 
@@ -341,7 +347,9 @@ def test_lean_k_quant_products_are_the_fp32_layouts(isa: str, native_kernels) ->
             y = lib.linear_i8(w.format, x, lean, w.shape[0])
             assert torch.equal(y, lib.linear_i8(w.format, x, old, w.shape[0])), f"{fmt} M={m}"
             want = ref.linear_q8(x, w.format, w.planes())
-            assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-4 * float(want.abs().max())), f"{fmt} M={m}"
+            assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-4 * float(want.abs().max())), (
+                f"{fmt} M={m}"
+            )
 
 
 def test_lean_repacks_fall_back_where_the_file_layout_does_not_hold(native_kernels) -> None:

@@ -214,6 +214,13 @@ class Linear:
             self._i8 = huge_page_copy(q), d, m  # a decode step streams the values through
         return self._i8
 
+    def i8_nbytes(self) -> int | None:
+        """Bytes of the int8-activation repack, what ``native_i8`` reads a step (the lean K-quants'
+        about the file's, fewer than the stored planes'), or None where it is not built."""
+        return (
+            None if self._i8 is None else sum(t.numel() * t.element_size() for t in self._i8 if t is not None)
+        )
+
     def int4_repack(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Q4_0/Q4_1 as torch's int4 weight-only format, w = (q - 8) * scale + zero per 32-group, or
         None where that is not exact (the zero m + 8d not representable in fp32) or unsupported.

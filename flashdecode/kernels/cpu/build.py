@@ -279,8 +279,7 @@ def repack_i8(fmt: str, planes: Planes, lean: bool = True) -> Planes:
     qs, d_plane, m_plane = planes
     n, nb = qs.shape[0], qs.shape[1]
     groups = -(-n // 16)
-    rows16 = _rows16
-
+    rows16 = _rows16  # [N, nb, ...] -> [groups, nb, 16, ...]
     if lean and fmt == "Q6_K" and (packed := _lean_q6_k(qs, d_plane)) is not None:
         return packed
     if lean and fmt == "Q4_K" and (packed := _lean_q4_k(qs, d_plane, m_plane)) is not None:
@@ -300,7 +299,8 @@ def repack_i8(fmt: str, planes: Planes, lean: bool = True) -> Planes:
     def scales16(t: torch.Tensor) -> torch.Tensor:  # [N, nb * scales] -> [g, b, scales, 16]
         return _scales16(t, nb)
 
-    if lean and fmt == "Q5_K" and _is_q5_0(d_plane, m_plane):  # the file's scales alone: 5.5 bits a weight, not 7
+    # Q5_0 in Q5_K's planes: the file's scales alone, 5.5 bits a weight, not 7
+    if lean and fmt == "Q5_K" and _is_q5_0(d_plane, m_plane):
         return q.contiguous(), scales16(d_plane.half()), None
     return q.contiguous(), scales16(d_plane), None if m_plane is None else scales16(m_plane)
 
@@ -355,7 +355,9 @@ def _lean_scales(fmt: str, v: torch.Tensor, nb: int) -> tuple[torch.Tensor, torc
     blocks = v.reshape(-1, per)
     big = blocks.gather(1, blocks.abs().argmax(1, keepdim=True))[:, 0]  # the largest magnitude
     zero = big == 0  # an all-zero super-block: +0 times 0 or -1 (a -0), or a signed zero times 0
-    sup = torch.zeros(blocks.shape[0], dtype=torch.float32) if lo < 0 else torch.where(zero, blocks[:, 0], 0.0)
+    sup = (
+        torch.zeros(blocks.shape[0], dtype=torch.float32) if lo < 0 else torch.where(zero, blocks[:, 0], 0.0)
+    )
     done = zero.clone()
     candidates = sorted((s for s in range(lo, hi + 1) if s), key=lambda s: (abs(s) > usual, -abs(s), s))
     for s in candidates:
@@ -372,7 +374,11 @@ def _lean_scales(fmt: str, v: torch.Tensor, nb: int) -> tuple[torch.Tensor, torc
     if not bool(done.all()):
         return None
     safe = torch.where(zero, torch.ones_like(sup), sup)
-    sub = torch.where(zero[:, None], torch.where(torch.signbit(blocks), -1.0, 0.0) if lo < 0 else 0.0, torch.round(blocks / safe[:, None]) + 0.0)
+    sub = torch.where(
+        zero[:, None],
+        torch.where(torch.signbit(blocks), -1.0, 0.0) if lo < 0 else 0.0,
+        torch.round(blocks / safe[:, None]) + 0.0,
+    )
     if not torch.equal(_bits(sub * sup[:, None]), _bits(blocks)):  # a zero super-block of +0s and -0s
         return None
     return sub.to(dtype).reshape(n, count), sup.half().reshape(n, count // per)
@@ -459,7 +465,9 @@ def _unpack_lean(kernel: str, packed: Planes, n: int) -> Planes:
     subs = _unscales16(sub, n).float().reshape(n, nb // 8, 8, 2)
     if kernel == "Q6_K_I8":
         # [g, b, p, row, 4, t] -> [g, b, row, p, t, 4]: vector t, part p holds quad 4p + t
-        bits = (q[:, :, 256:].reshape(groups, nb, 2, 16, 4, 1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3
+        bits = (
+            q[:, :, 256:].reshape(groups, nb, 2, 16, 4, 1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+        ) & 3
         top = _unrows16(bits.permute(0, 1, 3, 2, 5, 4).reshape(groups, nb, 16, 32), n)
         qs = ((values | (top << 4)).view(torch.int8) - 32).view(torch.uint8)
         d = (per_super[:, :, None, None] * subs).reshape(n, -1)
@@ -572,7 +580,8 @@ def _self_test(kernels: NativeKernels) -> None:
         cases.append(("Q5_K", (qs, d, -16 * d)))  # a Q5_0 matrix's planes: repack_i8 packs them lean
         cases += [(fmt, _two_level_planes(fmt, gen)) for fmt in LEAN_SUBSCALES]  # the lean K-quants
         for fmt, planes in cases:
-            xk = x if planes[0].shape[1] * 32 == x.shape[1] else torch.randn(6, planes[0].shape[1] * 32, generator=gen)
+            k = planes[0].shape[1] * 32  # the lean K-quants' rows are super-blocks of 256
+            xk = x if k == x.shape[1] else torch.randn(6, k, generator=gen)
             ref = reference.linear_q8(xk, fmt, planes)
             packed = repack_i8(fmt, planes)
             y = kernels.linear_i8(fmt, xk, packed, 13)
