@@ -9,7 +9,8 @@ import gguf
 import pytest
 import torch
 
-from flashdecode.kernels.formats import I8_FORMATS
+from flashdecode.kernels.cpu import build as cpu_kernels
+from flashdecode.kernels.formats import I8_FORMATS, bytes_per_weight
 from flashdecode.layers.dataflow import DEFAULT_BF16_NATIVE_MAX_M, configure, default_plan, static_candidate
 from flashdecode.layers.linear import (
     CANDIDATES,
@@ -256,6 +257,8 @@ def test_a_native_i8_plan_holds_the_weight_once(native_kernels) -> None:
         assert lin._weight is None and lin.out_features == w.shape[0] and lin.quantized, fmt
         if fmt == "Q5_0":  # its repack keeps the file's fp16 scales and no mins: 5.5 bits a weight
             assert lin._i8[1].dtype == torch.float16 and lin._i8[2] is None
+        if fmt in LEAN:  # the file's two-level scales: about the file's bytes
+            assert cpu_kernels.i8_format(w.format, lin._i8) == LEAN[fmt][1], fmt
         for a, b in zip(lin.weight.planes(), w.planes(), strict=True):
             assert (a is None and b is None) or torch.equal(a, b), fmt
         lin.set_plan([(1, "native_i8")])
@@ -279,6 +282,89 @@ def test_rows_of_a_released_weight_come_from_the_repack(native_kernels) -> None:
         assert torch.equal(lin.rows(ids, torch.float32), want), fmt
         assert lin._weight is None, fmt
         assert torch.equal(Linear(w).rows(ids, torch.float32), want), fmt  # from the stored planes
+
+
+# GGUF type -> (its planes' format, the lean repack's kernel format, bytes a weight it reads)
+LEAN = {
+    "Q6_K": ("Q6_K", "Q6_K_I8", 210 / 256),
+    "Q4_K": ("Q4_K", "Q4_K_I8", 148 / 256),
+    "Q3_K": ("Q6_K", "Q6_K_I8", 210 / 256),
+}
+
+
+def lean_weight(fmt: str, rows: int = 32) -> QuantizedTensor:
+    """A [rows, 512] weight of ``fmt`` from random blocks (every value and sub-scale pattern, scales
+    of both signs, zeros and subnormals), rows a multiple of 16 so that no group is padded."""
+    from test_quant_repack import random_blocks  # noqa: PLC0415 (a sibling test module)
+
+    parts = [random_blocks(fmt, seed=s) for s in range(-(-rows // 11))]
+    w = QuantizedTensor.cat(
+        [QuantizedTensor.from_gguf_blocks(fmt, raw, (raw.shape[0], 512)) for raw in parts]
+    )
+    return w.map_rows(lambda t: t[:rows])
+
+
+@pytest.mark.parametrize("fmt", sorted(LEAN))
+def test_lean_k_quant_repacks_read_about_the_files_bytes(fmt: str) -> None:
+    """Q6_K (Q3_K in its planes too) and Q4_K repack with integer sub-scales and fp16 super-scales:
+    about the file's bytes a weight (Q6_K's exactly, Q4_K's 6-bit scales as bytes), where the fp32
+    layout reads 1.25 and 0.75; unpack_i8 gives back the planes to the bit, dtypes and all."""
+    w = lean_weight(fmt)
+    planes_fmt, kernel, lean_bytes = LEAN[fmt]
+    assert w.format == planes_fmt
+    packed = cpu_kernels.repack_i8(w.format, w.planes())
+    assert cpu_kernels.i8_format(w.format, packed) == kernel
+    assert cpu_kernels.i8_bytes_per_weight(w.format, packed) == lean_bytes
+    assert lean_bytes - bytes_per_weight(fmt if fmt != "Q3_K" else "Q6_K") <= 4 / 256
+    old = cpu_kernels.repack_i8(w.format, w.planes(), lean=False)
+    assert cpu_kernels.i8_format(w.format, old) == w.format
+    assert cpu_kernels.i8_bytes_per_weight(w.format, old) == {"Q6_K": 1.25, "Q4_K": 0.75}[w.format]
+    for got, want in zip(cpu_kernels.unpack_i8(w.format, packed, w.shape[0]), w.planes(), strict=True):
+        assert (got is None and want is None) or (got.dtype == want.dtype and torch.equal(got, want)), fmt
+        if got is not None:
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), fmt  # the sign of zero too
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_lean_k_quant_products_are_the_fp32_layouts(isa: str, native_kernels) -> None:
+    """On the lean repacks the kernels give the fp32-scale layout's products bit for bit (the same
+    integer sums times the same fp32 scales), close to the reference: the avx512 build runs them with
+    AVX512-VNNI where the CPU has it, the avx2 build with vpmaddubsw."""
+    if isa not in cpu_kernels.supported_builds():
+        pytest.skip(f"this CPU cannot run the {isa} build")  # legitimate: the ISA, not a missing build
+    from flashdecode.kernels import reference as ref  # noqa: PLC0415
+
+    lib = cpu_kernels.load(isa)
+    assert lib is not None and lib.has_i8
+    gen = torch.Generator().manual_seed(13)
+    for fmt in LEAN:
+        w = lean_weight(fmt, rows=37)  # a padded last group
+        lean = cpu_kernels.repack_i8(w.format, w.planes())
+        old = cpu_kernels.repack_i8(w.format, w.planes(), lean=False)
+        assert cpu_kernels.i8_format(w.format, lean) == LEAN[fmt][1]
+        for m in MS:
+            x = torch.randn(m, w.shape[1], generator=gen) * 3
+            y = lib.linear_i8(w.format, x, lean, w.shape[0])
+            assert torch.equal(y, lib.linear_i8(w.format, x, old, w.shape[0])), f"{fmt} M={m}"
+            want = ref.linear_q8(x, w.format, w.planes())
+            assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-4 * float(want.abs().max())), (
+                f"{fmt} M={m}"
+            )
+
+
+def test_lean_repacks_fall_back_where_the_file_layout_does_not_hold(native_kernels) -> None:
+    """The fp32-scale layout stays where the lean one cannot hold the planes exactly: IQ4_XS's values
+    (int8, in Q6_K's planes), a scale that is no fp16 times an integer, rows not in super-blocks of 256."""
+    iq4 = lean_weight("IQ4_XS")
+    q6, q4 = lean_weight("Q6_K"), lean_weight("Q4_K")
+    d = q6.d.clone()
+    d[3, 5] = torch.nextafter(d[3, 5], torch.tensor(float("inf")))
+    bumped = QuantizedTensor("Q6_K", q6.qs, d)
+    for w in (iq4, bumped, q6.columns(0, 4), q4.columns(0, 4), q4.columns(4, 12)):
+        packed = cpu_kernels.repack_i8(w.format, w.planes())
+        assert cpu_kernels.i8_format(w.format, packed) == w.format
+        for got, want in zip(cpu_kernels.unpack_i8(w.format, packed, w.shape[0]), w.planes(), strict=True):
+            assert (got is None and want is None) or torch.equal(got, want)
 
 
 def test_a_tied_head_holds_the_embedding_once(gguf_model, native_kernels) -> None:

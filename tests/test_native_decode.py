@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flashdecode import LLM, SamplingParams
+from flashdecode.kernels import cpu
 from flashdecode.layers.attention import SoftmaxPolicy
 from flashdecode.layers.linear import iter_linears
 from flashdecode.models.native_decode import STEP_KERNELS, NativeDecode
@@ -148,6 +149,8 @@ def test_int8_activations(kernel: str, tensor_type: str, gguf_model, native_kern
     }
     for lin in iter_linears(llm.engine.model.linears()):
         lin.set_plan([(1, kernel)])
+        if kernel == "native_i8" and lin.format in ("Q4_K", "Q6_K"):  # the file's two-level scales
+            assert cpu.i8_format(lin.format, lin.i8_repack()) == f"{lin.format}_I8"
     native = run(llm)
     assert used_native(llm)
     modes = next(iter(llm.engine.model.native._steps))[0]

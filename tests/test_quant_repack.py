@@ -27,8 +27,10 @@ def random_blocks(fmt: str, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     elements, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[fmt]]
     raw = rng.integers(0, 256, size=(N * K // elements, size), dtype=np.uint8)
-    # d first, but Q3_K's is last and Q2_K ends with d, dmin
-    fields = {"Q3_K": [size - 2], "Q2_K": [size - 4, size - 2], "Q5_1": [0, 2]}.get(fmt, [0])
+    # d first, but Q3_K's and Q6_K's is last and Q2_K ends with d, dmin
+    fields = {"Q3_K": [size - 2], "Q6_K": [size - 2], "Q2_K": [size - 4, size - 2], "Q5_1": [0, 2]}.get(
+        fmt, [0]
+    )
     for i, at in enumerate(fields):
         scales = rng.standard_normal(raw.shape[0]).astype(np.float16)
         scales[:: 7 + i] = np.float16(3e-6)  # subnormal

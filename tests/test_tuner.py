@@ -387,6 +387,19 @@ def test_roofline_bound_of_a_linear_by_hand() -> None:
     assert tuner.roofline_bound(lin, 4, compute_bound) == pytest.approx(24576 / 4e6)
 
 
+def test_the_roofline_bound_counts_a_lean_repack(native_kernels) -> None:
+    """A Q6_K weight whose int8 repack is built (the lean layout: 210 bytes per 256 weights, the
+    file's, where the planes hold 320) is bounded by the repack's bytes."""
+    if not native_kernels.has_i8:
+        pytest.skip(f"{native_kernels.isa} build: no int8-activation kernel")
+    from test_linear import lean_weight  # noqa: PLC0415 (a sibling test module)
+
+    lin = Linear(lean_weight("Q6_K"))  # [32, 512]
+    assert tuner.weight_bytes(lin) == 32 * 512 * 320 // 256
+    lin.i8_repack()
+    assert tuner.weight_bytes(lin) == 32 * 512 * 210 // 256
+
+
 def _scripted(measurements: list[dict[str, list[float]]]):
     calls = []
 

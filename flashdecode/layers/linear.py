@@ -148,10 +148,10 @@ class Linear:
     def _i8_rows(self, flat: torch.Tensor) -> reference.Planes:
         """The planes of rows ``flat`` from the repack (kernels/cpu/build.py repack_i8): row i is row
         i % 16 of group i // 16. A byte per value: its 8 vectors of 4 bytes are the row's values in
-        order; the nibble layouts are unpacked a group at a time."""
+        order; the nibble layouts (and the lean Q6_K's) are unpacked a group at a time."""
         q, d, m = self._i8
         group, row = flat // 16, flat % 16
-        if self.format in ("Q8_0", "Q6_K"):
+        if cpu.i8_format(self.format, self._i8) in ("Q8_0", "Q6_K"):
             qs = q[group, :, :, row, :].reshape(len(flat), q.shape[1], -1)
             return qs, d[group, :, :, row].reshape(len(flat), -1), None if m is None else m[group, :, row]
         packed = (q[group], d[group], None if m is None else m[group])
@@ -213,6 +213,13 @@ class Linear:
             q, d, m = cpu.repack_i8(self.format, self.weight.planes())
             self._i8 = huge_page_copy(q), d, m  # a decode step streams the values through
         return self._i8
+
+    def i8_nbytes(self) -> int | None:
+        """Bytes of the int8-activation repack, what ``native_i8`` reads a step (the lean K-quants'
+        about the file's, fewer than the stored planes'), or None where it is not built."""
+        return (
+            None if self._i8 is None else sum(t.numel() * t.element_size() for t in self._i8 if t is not None)
+        )
 
     def int4_repack(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Q4_0/Q4_1 as torch's int4 weight-only format, w = (q - 8) * scale + zero per 32-group, or

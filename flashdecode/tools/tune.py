@@ -84,8 +84,12 @@ def clone_linear(linear: Linear) -> Linear:
 
 
 def weight_bytes(linear: Linear) -> int:
+    """The fewest bytes of the weight a candidate reads: the stored planes, or the int8 repack where
+    it is built and smaller (the lean K-quants' two-level scales, Q5_0's fp16)."""
     w = linear.weight
-    return w.nbytes if isinstance(w, QuantizedTensor) else w.numel() * w.element_size()
+    stored = w.nbytes if isinstance(w, QuantizedTensor) else w.numel() * w.element_size()
+    repack = linear.i8_nbytes()
+    return stored if repack is None else min(stored, repack)
 
 
 class ColdRunner:

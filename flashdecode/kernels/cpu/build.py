@@ -43,6 +43,12 @@ HEADERS = (HERE / "flat_gemm.h",)
 ABI_VERSION = 8
 FORMAT_IDS = {"BF16": BF16_KERNEL_ID} | {fmt: layout.kernel_id for fmt, layout in NATIVE.items()}
 FORMAT_IDS["Q5_0"] = 8  # repack_i8's lean Q5_K: Q5_0's fp16 scales, min -16 d (flat_gemm.h FD_Q5_0_I8)
+# repack_i8's lean K-quants: the file's integer sub-scales and fp16 super-scales (flat_gemm.h)
+FORMAT_IDS["Q6_K_I8"] = 9
+FORMAT_IDS["Q4_K_I8"] = 10
+# a lean repack's integer sub-scales: dtype, range, and the largest magnitude the file's own use
+# (llama.cpp's quantizers map a super-block's largest scale there: Q6_K -128, Q4_K 63)
+LEAN_SUBSCALES = {"Q6_K": (torch.int8, -128, 127, 128), "Q4_K": (torch.uint8, 0, 255, 63)}
 Planes = reference.Planes
 
 # build name -> (cpuinfo flags the build needs, compiler flags)
@@ -238,21 +244,46 @@ def _nibble_vectors(values: torch.Tensor) -> torch.Tensor:
     return q[:, :, :4] | (q[:, :, 4:] << 4)
 
 
-def repack_i8(fmt: str, planes: Planes) -> Planes:
+def _rows16(t: torch.Tensor) -> torch.Tensor:
+    """[N, count, ...] -> [groups, count, 16, ...]: rows in groups of 16, the last zero-padded."""
+    n, count = t.shape[:2]
+    groups = -(-n // 16)
+    if groups * 16 > n:
+        t = torch.cat([t, t.new_zeros((groups * 16 - n, *t.shape[1:]))])
+    return t.reshape(groups, 16, count, *t.shape[2:]).transpose(1, 2)
+
+
+def _scales16(t: torch.Tensor, count: int) -> torch.Tensor:
+    """Scales [N, count * s] -> [groups, count, s, 16]: a vector of 16 rows per scale."""
+    return _rows16(t.reshape(t.shape[0], count, -1)).transpose(2, 3).contiguous()
+
+
+def _unrows16(t: torch.Tensor, n: int) -> torch.Tensor:
+    """_rows16's inverse: [groups, count, 16, ...] -> [n, count, ...]."""
+    return t.transpose(1, 2).reshape(t.shape[0] * 16, t.shape[1], *t.shape[3:])[:n]
+
+
+def _unscales16(t: torch.Tensor, n: int) -> torch.Tensor:
+    """_scales16's inverse: [groups, count, s, 16] -> [n, count * s]."""
+    return _unrows16(t.transpose(2, 3), n).reshape(n, -1).contiguous()
+
+
+def repack_i8(fmt: str, planes: Planes, lean: bool = True) -> Planes:
     """A matrix in ``fmt`` in the int8-activation kernel's layout (flat_gemm.c, "rows interleaved"):
     groups of 16 rows (zero-padded), per block 4 vectors of 16 rows x 4 nibble pairs (Q4_0, Q4_1, Q4_K,
     Q2_K; Q5_K adds 64 bytes of fifth bits) or 8 vectors of 16 rows x 4 bytes (Q8_0, Q6_K); d and m as
-    [groups, K/32, scales per block, 16], in the planes' own dtype. Values are moved, never changed."""
+    [groups, K/32, scales per block, 16], in the planes' own dtype. Values are moved, never changed.
+    Q6_K and Q4_K whose fp32 scales factor exactly into the file's two levels (``_lean_scales``) pack
+    lean, Q5_K holding a Q5_0 matrix as Q5_0: the kernel format is ``i8_format``'s (``lean=False``:
+    never, the fp32 layout of the planes' scales, to compare against)."""
     qs, d_plane, m_plane = planes
     n, nb = qs.shape[0], qs.shape[1]
     groups = -(-n // 16)
-    pad = groups * 16 - n
-
-    def rows16(t: torch.Tensor) -> torch.Tensor:  # [N, nb, ...] -> [groups, nb, 16, ...]
-        t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) if pad else t
-        t = t.reshape(groups, 16, nb, *t.shape[2:])
-        return t.transpose(1, 2)
-
+    rows16 = _rows16  # [N, nb, ...] -> [groups, nb, 16, ...]
+    if lean and fmt == "Q6_K" and (packed := _lean_q6_k(qs, d_plane)) is not None:
+        return packed
+    if lean and fmt == "Q4_K" and (packed := _lean_q4_k(qs, d_plane, m_plane)) is not None:
+        return packed
     if fmt in ("Q8_0", "Q6_K"):  # a byte per value
         q = rows16(qs).reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)  # [g, b, quad, row, 4]
     elif fmt == "Q5_K":  # values 0..31, a byte each in the planes: low nibbles as Q4, then fifth bits
@@ -266,11 +297,95 @@ def repack_i8(fmt: str, planes: Planes) -> Planes:
         q = _nibble_vectors(rows16(torch.cat([qs & 0x0F, qs >> 4], dim=-1)))  # element order
 
     def scales16(t: torch.Tensor) -> torch.Tensor:  # [N, nb * scales] -> [g, b, scales, 16]
-        return rows16(t.reshape(n, nb, -1)).transpose(2, 3).contiguous()
+        return _scales16(t, nb)
 
-    if fmt == "Q5_K" and _is_q5_0(d_plane, m_plane):  # the file's scales alone: 5.5 bits a weight, not 7
+    # Q5_0 in Q5_K's planes: the file's scales alone, 5.5 bits a weight, not 7
+    if lean and fmt == "Q5_K" and _is_q5_0(d_plane, m_plane):
         return q.contiguous(), scales16(d_plane.half()), None
     return q.contiguous(), scales16(d_plane), None if m_plane is None else scales16(m_plane)
+
+
+def _lean_q6_k(qs: torch.Tensor, d: torch.Tensor) -> Planes | None:
+    """Q6_K's lean repack (flat_gemm.c FD_Q6_K_I8), or None where its values are not 6-bit (Q3_K's
+    are; IQ4_XS's, repacked into these planes too, are not) or its scales do not factor: values
+    q + 32 as Q4's nibbles of the low 4 bits and two vectors of high bits per block, int8 sub-scales
+    per 16 and fp16 scales per 256."""
+    signed = qs.view(torch.int8)
+    if signed.numel() and not (signed.min() >= -32 and signed.max() < 32):
+        return None
+    factors = _lean_scales("Q6_K", d, qs.shape[1])
+    if factors is None:
+        return None
+    sub, sup = factors
+    u = (signed + 32).view(torch.uint8)  # [N, nb, 32], 0..63
+    groups, nb = -(-qs.shape[0] // 16), qs.shape[1]
+    low = _nibble_vectors(_rows16(u & 0x0F)).reshape(groups, nb, 256)
+    # [g, b, row, part p (quads 0-3 / 4-7), vector t, 4] -> [g, b, p, row, 4, t]: t's 2 bits at 2t
+    top = (_rows16(u >> 4).reshape(groups, nb, 16, 2, 4, 4).permute(0, 1, 3, 2, 5, 4)).reshape(-1, 4)
+    high = (top << torch.tensor([0, 2, 4, 6], dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    q = torch.cat([low, high.reshape(groups, nb, 128)], dim=-1)
+    return q.contiguous(), _scales16(sub, nb), _scales16(sup, nb // 8).reshape(groups, nb // 8, 16)
+
+
+def _lean_q4_k(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Planes | None:
+    """Q4_K's lean repack (flat_gemm.c FD_Q4_K_I8), or None where its scales do not factor: the
+    nibbles as Q4_K's, uint8 sub-scales (sc, then mn) per 32 and fp16 scales (d, then -dmin) per 256."""
+    factors, min_factors = (_lean_scales("Q4_K", t, qs.shape[1]) for t in (d, m))
+    if factors is None or min_factors is None:
+        return None
+    nb = qs.shape[1]
+    q = _nibble_vectors(_rows16(torch.cat([qs & 0x0F, qs >> 4], dim=-1)))
+    sub = torch.stack([factors[0], min_factors[0]], dim=-1)  # [N, nb, 2]
+    sup = torch.stack([factors[1], min_factors[1]], dim=-1)  # [N, nb / 8, 2]
+    return q.contiguous(), _scales16(sub, nb), _scales16(sup, nb // 8)
+
+
+def _lean_scales(fmt: str, v: torch.Tensor, nb: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """fp32 scales [N, nb * s] (s sub-scales per block of 32) as integer sub-scales (``LEAN_SUBSCALES``)
+    times an fp16 per 256 elements, whose fp32 product gives every one back exactly, or None where
+    some super-block has no such factors (then the fp32 layout stays). A plane made from the file's
+    scales (layers/quant.py: fp16 d times the sub-scale, exact) always factors; the search tries
+    sub-scales for the super-block's largest scale from the file's usual one (``LEAN_SUBSCALES``) down,
+    then the rest of the range."""
+    dtype, lo, hi, usual = LEAN_SUBSCALES[fmt]
+    n, count = v.shape
+    if nb % 8 or not v.numel() or v.dtype != torch.float32:
+        return None
+    per = count // (nb // 8)  # sub-scales per 256
+    blocks = v.reshape(-1, per)
+    big = blocks.gather(1, blocks.abs().argmax(1, keepdim=True))[:, 0]  # the largest magnitude
+    zero = big == 0  # an all-zero super-block: +0 times 0 or -1 (a -0), or a signed zero times 0
+    sup = (
+        torch.zeros(blocks.shape[0], dtype=torch.float32) if lo < 0 else torch.where(zero, blocks[:, 0], 0.0)
+    )
+    done = zero.clone()
+    candidates = sorted((s for s in range(lo, hi + 1) if s), key=lambda s: (abs(s) > usual, -abs(s), s))
+    for s in candidates:
+        if bool(done.all()):
+            break
+        todo = (~done).nonzero()[:, 0]
+        h = big[todo] / s
+        q = torch.round(blocks[todo] / h[:, None]) + 0.0  # an integer's zero is +0
+        fits = (h.half().float() == h) & torch.isfinite(h) & (h != 0)
+        # bitwise: a zero's sign is the fp16 factor's, so that the product is the plane's bit for bit
+        fits &= ((q >= lo) & (q <= hi) & (_bits(q * h[:, None]) == _bits(blocks[todo]))).all(1)
+        sup[todo[fits]] = h[fits]
+        done[todo[fits]] = True
+    if not bool(done.all()):
+        return None
+    safe = torch.where(zero, torch.ones_like(sup), sup)
+    sub = torch.where(
+        zero[:, None],
+        torch.where(torch.signbit(blocks), -1.0, 0.0) if lo < 0 else 0.0,
+        torch.round(blocks / safe[:, None]) + 0.0,
+    )
+    if not torch.equal(_bits(sub * sup[:, None]), _bits(blocks)):  # a zero super-block of +0s and -0s
+        return None
+    return sub.to(dtype).reshape(n, count), sup.half().reshape(n, count // per)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
 
 
 def _is_q5_0(d: torch.Tensor, m: torch.Tensor) -> bool:
@@ -281,8 +396,20 @@ def _is_q5_0(d: torch.Tensor, m: torch.Tensor) -> bool:
 
 
 def i8_format(fmt: str, packed: Planes) -> str:
-    """The kernel format that runs a ``repack_i8`` result of ``fmt``: "Q5_0" for the lean Q5_K."""
-    return "Q5_0" if fmt == "Q5_K" and packed[2] is None else fmt
+    """The kernel format that runs a ``repack_i8`` result of ``fmt``: "Q5_0" for the lean Q5_K,
+    "Q6_K_I8" and "Q4_K_I8" for the lean K-quants (integer sub-scales)."""
+    if fmt == "Q5_K" and packed[2] is None:
+        return "Q5_0"
+    if fmt in LEAN_SUBSCALES and packed[1] is not None and packed[1].dtype == LEAN_SUBSCALES[fmt][0]:
+        return f"{fmt}_I8"
+    return fmt
+
+
+def i8_bytes_per_weight(fmt: str, packed: Planes) -> float:
+    """The bytes a product reads per weight of a ``repack_i8`` result (a group's padding rows too)."""
+    q = packed[0]
+    weights = q.shape[0] * 16 * q.shape[1] * 32
+    return sum(t.numel() * t.element_size() for t in packed if t is not None) / weights
 
 
 def unpack_i8(fmt: str, packed: Planes, n: int) -> Planes:
@@ -290,9 +417,12 @@ def unpack_i8(fmt: str, packed: Planes, n: int) -> Planes:
     inverse, padding rows dropped."""
     q, d_packed, m_packed = packed
     groups, nb = q.shape[:2]
+    kernel = i8_format(fmt, packed)
+    if kernel in ("Q6_K_I8", "Q4_K_I8"):
+        return _unpack_lean(kernel, packed, n)
 
     def unrows16(t: torch.Tensor) -> torch.Tensor:  # [groups, nb, 16, ...] -> [n, nb, ...]
-        return t.transpose(1, 2).reshape(groups * 16, nb, *t.shape[3:])[:n]
+        return _unrows16(t, n)
 
     def values(vectors: torch.Tensor) -> torch.Tensor:  # [g, b, quad, row, 4] -> [g, b, row, 32]
         return vectors.permute(0, 1, 3, 2, 4).reshape(groups, nb, 16, 32)
@@ -310,12 +440,42 @@ def unpack_i8(fmt: str, packed: Planes, n: int) -> Planes:
             qs = low[..., :16] | (low[..., 16:] << 4)
 
     def scales(t: torch.Tensor) -> torch.Tensor:  # [g, b, scales, 16] -> [N, nb * scales]
-        return unrows16(t.transpose(2, 3)).reshape(n, -1).contiguous()
+        return _unscales16(t, n)
 
-    if i8_format(fmt, packed) == "Q5_0":
+    if kernel == "Q5_0":
         d = scales(d_packed).float()
         return qs.contiguous(), d, -16 * d
     return qs.contiguous(), scales(d_packed), None if m_packed is None else scales(m_packed)
+
+
+def _nibbles_unpacked(vectors: torch.Tensor, n: int) -> torch.Tensor:
+    """_nibble_vectors' inverse: [g, b, 4 vectors, 16 rows, 4] -> values [n, nb, 32] in element order."""
+    groups, nb = vectors.shape[:2]
+    quads = torch.cat([vectors & 0x0F, vectors >> 4], dim=2)  # [g, b, quad, row, 4]
+    return _unrows16(quads.permute(0, 1, 3, 2, 4).reshape(groups, nb, 16, 32), n)
+
+
+def _unpack_lean(kernel: str, packed: Planes, n: int) -> Planes:
+    """unpack_i8 of a lean K-quant: the values as the planes hold them, and the fp32 scales as the
+    product of the two factors (the same IEEE product the loader took, so the same bits)."""
+    q, sub, sup = packed
+    groups, nb = q.shape[:2]
+    values = _nibbles_unpacked(q[:, :, :256].reshape(groups, nb, 4, 16, 4), n)
+    per_super = _unscales16(sup.reshape(groups, nb // 8, -1, 16), n).float()  # [n, nb / 8 * s']
+    subs = _unscales16(sub, n).float().reshape(n, nb // 8, 8, 2)
+    if kernel == "Q6_K_I8":
+        # [g, b, p, row, 4, t] -> [g, b, row, p, t, 4]: vector t, part p holds quad 4p + t
+        bits = (
+            q[:, :, 256:].reshape(groups, nb, 2, 16, 4, 1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+        ) & 3
+        top = _unrows16(bits.permute(0, 1, 3, 2, 5, 4).reshape(groups, nb, 16, 32), n)
+        qs = ((values | (top << 4)).view(torch.int8) - 32).view(torch.uint8)
+        d = (per_super[:, :, None, None] * subs).reshape(n, -1)
+        return qs.contiguous(), d, None
+    qs = values[..., :16] | (values[..., 16:] << 4)
+    per_super = per_super.reshape(n, nb // 8, 1, 2)
+    d, m = ((per_super[..., k] * subs[..., k]).reshape(n, -1) for k in (0, 1))
+    return qs.contiguous(), d, m
 
 
 def supported_builds(flags: set[str] | None = None) -> list[str]:
@@ -418,15 +578,36 @@ def _self_test(kernels: NativeKernels) -> None:
         cases = [(f, k_quant(f) if NATIVE[f].repacked else reference.quantize(w, f)) for f in I8_FORMATS]
         qs, d, _ = k_quant("Q5_K")
         cases.append(("Q5_K", (qs, d, -16 * d)))  # a Q5_0 matrix's planes: repack_i8 packs them lean
+        cases += [(fmt, _two_level_planes(fmt, gen)) for fmt in LEAN_SUBSCALES]  # the lean K-quants
         for fmt, planes in cases:
-            ref = reference.linear_q8(x, fmt, planes)
-            y = kernels.linear_i8(fmt, x, repack_i8(fmt, planes), 13)
+            k = planes[0].shape[1] * 32  # the lean K-quants' rows are super-blocks of 256
+            xk = x if k == x.shape[1] else torch.randn(6, k, generator=gen)
+            ref = reference.linear_q8(xk, fmt, planes)
+            packed = repack_i8(fmt, planes)
+            y = kernels.linear_i8(fmt, xk, packed, 13)
             if not torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max())):
-                raise RuntimeError(f"self-test: {fmt} int8-activation product differs")
+                raise RuntimeError(f"self-test: {i8_format(fmt, packed)} int8-activation product differs")
     wb = w[:, :77].bfloat16()
     y = kernels.linear("BF16", x[:, :77].contiguous(), (wb, None, None), 13)
     if not torch.allclose(y.double(), x[:, :77].double() @ wb.double().T, rtol=1e-4, atol=1e-4):
         raise RuntimeError("self-test: bf16 product differs")
+
+
+def _two_level_planes(fmt: str, gen: torch.Generator, n: int = 13, k: int = 256) -> Planes:
+    """Random Q6_K or Q4_K planes whose scales are the file's two levels multiplied out (an fp16 per
+    256 times an integer sub-scale, layers/quant.py), as repack_i8 packs lean."""
+    layout = NATIVE[fmt]
+    nb = k // 32
+    dtype, lo, hi, _ = LEAN_SUBSCALES[fmt]
+
+    def scales() -> torch.Tensor:
+        sup = torch.randn(n, nb // 8, 1, generator=gen).half().float()
+        sub = torch.randint(lo, hi + 1, (n, nb // 8, 8 * layout.scales_per_block), generator=gen)
+        return (sup * sub.to(dtype).float()).reshape(n, -1)
+
+    values = (-32, 32) if fmt == "Q6_K" else (0, 256)  # 6-bit signed values; any nibble pair
+    qs = torch.randint(*values, (n, nb, layout.qs_bytes), generator=gen).to(torch.int8).view(torch.uint8)
+    return qs, scales(), scales() if layout.has_min else None
 
 
 def load(isa: str | None = None) -> NativeKernels | None:

@@ -475,8 +475,8 @@ int fd_dequant(int fmt, const uint8_t *w, const void *d, const void *m, int64_t 
  * 5-bit integers are unsigned and go straight into vpmaddubsw; signed ones (Q8_0, Q6_K) move their
  * sign onto the activations first (|q| times sign(q) xq). Every pair sum stays within int16. */
 #define FMT_SIGNED(f) ((f) == FD_Q8_0 || (f) == FD_Q6_K)
-#define FMT_NIBBLES(f) ((f) == FD_Q4_0 || (f) == FD_Q4_1 || (f) == FD_Q4_K || (f) == FD_Q2_K)
-#define FMT_HALVES(f) ((f) == FD_Q6_K || (f) == FD_Q2_K) /* a scale per 16 elements */
+#define FMT_NIBBLES(f) ((f) == FD_Q4_0 || (f) == FD_Q4_1 || (f) == FD_Q4_K || (f) == FD_Q2_K || (f) == FD_Q4_K_I8)
+#define FMT_HALVES(f) ((f) == FD_Q6_K || (f) == FD_Q2_K || (f) == FD_Q6_K_I8) /* a scale per 16 elements */
 
 /* One 32-block of activations to int8: q[32], its scale and dx * sum(q). */
 INLINE void q8_block(const float *x, int8_t *q, float *dx, float *sx) {
@@ -700,11 +700,22 @@ int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
  *                   nibble bytes, bit k for byte k of that half
  *   Q8_0/Q6_K       8 x 64 bytes: vector j holds elements 4j..4j+3 of each of the 16 rows, a byte each
  *                   (signed values)
+ *   Q6_K_I8         values u = q + 32 (0..63): the Q4 layout of their low 4 bits, then 2 x 64 bytes of
+ *                   high bits: byte k of vector p holds, in bits 2t..2t+1, the top two bits of the
+ *                   value whose low nibble is in byte k of Q4 vector t, its low (p = 0) or high nibble
  *   d               [groups, K/32, S, 16]: fp16 (Q4_0, Q4_1, Q8_0) or fp32 (K-quants, multiplied out);
  *                   S = 2 for Q6_K and Q2_K (a scale per 16 elements), else 1
  *   m               [groups, K/32, S, 16], the same type (formats with a min; S = 2 for Q2_K)
- * (rows padded to a multiple of 16 with zeros). AVX512-VNNI runs a 64-byte vector of every format but
+ * (rows padded to a multiple of 16 with zeros). The lean K-quants keep the file's two-level scales, so
+ * that a step reads about the file's bytes (Q6_K_I8 0.82 bytes a weight where Q6_K's fp32 scales make
+ * 1.25, Q4_K_I8 0.58 for 0.75); their scale factors multiply in fp32 exactly to the planes' scales:
+ *   Q6_K_I8  d: int8 [groups, K/32, 2, 16], a sub-scale per 16;   m: fp16 [groups, K/256, 16]
+ *   Q4_K_I8  d: uint8 [groups, K/32, 2, 16], sc then the min's mn; m: fp16 [groups, K/256, 2, 16],
+ *            d then -dmin (w = d sc q + (-dmin) mn)
+ AVX512-VNNI runs a 64-byte vector of every format but
  * Q2_K as one vpdpbusd; AVX2 runs every format as two 8-row halves with vpmaddubsw + vpmaddwd. */
+#define I8_LEAN(f) ((f) == FD_Q6_K_I8 || (f) == FD_Q4_K_I8) /* two-level scales, see the layout */
+#define LEAN_SUPERS(f) ((f) == FD_Q4_K_I8 ? 2 : 1)          /* fp16 scales per 256 per row */
 #if defined(__AVX2__)
 #define FD_HAVE_I8 1
 #define I8_MR 4 /* activation rows per register tile */
@@ -715,7 +726,13 @@ INLINE __m256i bcast4(const int8_t *p) {
     return _mm256_set1_epi32(quad);
 }
 
-#define I8_BLOCK_BYTES(f) (FMT_NIBBLES(f) ? 256 : (FMT_FIFTH(f) ? 320 : 512))
+#define I8_BLOCK_BYTES(f) (FMT_NIBBLES(f) ? 256 : FMT_FIFTH(f) ? 320 : (f) == FD_Q6_K_I8 ? 384 : 512)
+
+/* a lean K-quant's sub-scale k (of a block's two) of block b, a byte per row of the group, and the
+ * fp16 scale per row of its super-block (Q4_K_I8: k = 0 the scale's, 1 the min's) */
+#define LEAN_SUB(dp, b, k) ((const uint8_t *)(dp) + (int64_t)(b) * 32 + 16 * (k))
+#define LEAN_SUP(f, mp, b, k) \
+    ((const uint16_t *)(mp) + (int64_t)((b) / 8) * 16 * LEAN_SUPERS(f) + 16 * ((f) == FD_Q4_K_I8 ? (k) : 0))
 /* the min of a format whose min is implied by d: Q4_0's -8 d, Q5_0's -16 d */
 #define I8_IMPLIED_MIN(f) ((f) == FD_Q5_0_I8 ? -16.0f : -8.0f)
 
@@ -734,6 +751,20 @@ INLINE __m256i fifth_bits(const uint8_t *p) {
 INLINE __m256 i8_scales(const int FMT, const void *p, int64_t at) {
     if (FMT_F32_SCALES(FMT)) return _mm256_loadu_ps((const float *)p + at);
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + at)));
+}
+
+/* eight rows' (from row0) sub-scale k of block b of a lean K-quant as fp32: the integer times the
+ * fp16, exact in fp32 (at most 8 + 11 significant bits), so the planes' fp32 scale bit for bit */
+INLINE __m256 i8_lean_scales(const int FMT, const void *dp, const void *mp, int b, int k, int row0) {
+    const __m128i s8 = _mm_loadl_epi64((const __m128i *)(LEAN_SUB(dp, b, k) + row0));
+    const __m256i s32 = FMT == FD_Q6_K_I8 ? _mm256_cvtepi8_epi32(s8) : _mm256_cvtepu8_epi32(s8);
+    const __m128i sup = _mm_loadu_si128((const __m128i *)(LEAN_SUP(FMT, mp, b, k) + row0));
+    return _mm256_mul_ps(_mm256_cvtph_ps(sup), _mm256_cvtepi32_ps(s32));
+}
+
+/* Q6_K_I8: the top two bits of Q4 vector t's values (bits 2t..2t+1 of each byte of z) at bits 4-5 */
+INLINE __m256i i8_high2(__m256i z, int t) {
+    return _mm256_and_si256(t == 3 ? _mm256_srli_epi16(z, 2) : _mm256_slli_epi16(z, 4 - 2 * t), _mm256_set1_epi8(0x30));
 }
 
 /* the sums of a 32-block's two halves of activations, each in all four lanes of its 128-bit half */
@@ -817,6 +848,35 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
             for (int r = 0; r < MR; r++)
                 s[r] = FMT_FIFTH(FMT) ? _mm256_add_epi32(s[r], _mm256_madd_epi16(t[r], one16))
                                       : _mm256_madd_epi16(t[r], one16);
+        } else if (FMT == FD_Q6_K_I8) {
+            /* unsigned 6-bit values: two vectors' pair sums add in int16 (2 x 2 x 63 x 127 < 2^15);
+             * sum (u - 32) x = sum u x - 32 sum x, per half for its scale */
+            const uint8_t *high = qp + (int64_t)b * I8_BLOCK_BYTES(FMT) + 256 + 32 * h;
+            const __m256i z0 = _mm256_loadu_si256((const __m256i *)high), z1 = _mm256_loadu_si256((const __m256i *)(high + 64));
+            __m256i t[I8_MR], t1[I8_MR];
+            for (int i = 0; i < 4; i++) {
+                const __m256i z = _mm256_loadu_si256((const __m256i *)(blk + 64 * i));
+                const __m256i lo = _mm256_or_si256(_mm256_and_si256(z, nib), i8_high2(z0, i));
+                const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(z, 4), nib), i8_high2(z1, i));
+                for (int r = 0; r < MR; r++) {
+                    const __m256i p = _mm256_maddubs_epi16(lo, bcast4(xb + r * K + 4 * i));
+                    const __m256i p1 = _mm256_maddubs_epi16(hi, bcast4(xb + r * K + 16 + 4 * i));
+                    t[r] = i % 2 == 0 ? p : _mm256_add_epi16(t[r], p);
+                    t1[r] = i % 2 == 0 ? p1 : _mm256_add_epi16(t1[r], p1);
+                    if (i == 1) {
+                        s[r] = _mm256_madd_epi16(t[r], one16);
+                        s1[r] = _mm256_madd_epi16(t1[r], one16);
+                    } else if (i == 3) {
+                        s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(t[r], one16));
+                        s1[r] = _mm256_add_epi32(s1[r], _mm256_madd_epi16(t1[r], one16));
+                    }
+                }
+            }
+            for (int r = 0; r < MR; r++) {
+                const __m256i h2 = _mm256_slli_epi32(i8_half_sums(xb + r * K), 5);
+                s[r] = _mm256_sub_epi32(s[r], _mm256_permute2x128_si256(h2, h2, 0x00));
+                s1[r] = _mm256_sub_epi32(s1[r], _mm256_permute2x128_si256(h2, h2, 0x11));
+            }
         } else { /* Q6_K: a byte per value, two scales */
             for (int r = 0; r < MR; r++) {
                 s[r] = i8_bytes4(blk, xb + r * K, 0);
@@ -824,10 +884,12 @@ INLINE void i8_half(const int FMT, const int MR, const int8_t *xq, const float *
             }
         }
         const int64_t at = ((int64_t)b * S) * 16 + 8 * h;
-        const __m256 dv = i8_scales(FMT, dp, at);
-        const __m256 d1 = FMT_HALVES(FMT) ? i8_scales(FMT, dp, at + 16) : dv;
+        const __m256 dv = I8_LEAN(FMT) ? i8_lean_scales(FMT, dp, mp, b, 0, 8 * h) : i8_scales(FMT, dp, at);
+        const __m256 d1 = FMT == FD_Q6_K_I8 ? i8_lean_scales(FMT, dp, mp, b, 1, 8 * h)
+                          : FMT_HALVES(FMT) ? i8_scales(FMT, dp, at + 16) : dv;
         const int64_t mat = (int64_t)b * FMT_MINS_PER_BLOCK(FMT) * 16 + 8 * h;
-        const __m256 mv = FMT_HAS_MIN(FMT) ? i8_scales(FMT, mp, mat) : _mm256_mul_ps(dv, _mm256_set1_ps(I8_IMPLIED_MIN(FMT)));
+        const __m256 mv = FMT == FD_Q4_K_I8 ? i8_lean_scales(FMT, dp, mp, b, 1, 8 * h)
+                          : FMT_HAS_MIN(FMT) ? i8_scales(FMT, mp, mat) : _mm256_mul_ps(dv, _mm256_set1_ps(I8_IMPLIED_MIN(FMT)));
         const __m256 m1 = FMT == FD_Q2_K ? i8_scales(FMT, mp, mat + 16) : mv;
         for (int r = 0; r < MR; r++) {
             const __m256 dxr = _mm256_set1_ps(dx[r * nb + b]);
@@ -890,6 +952,19 @@ I8_TARGET static inline __m512 vnni_scales(const int FMT, const void *p, int64_t
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + at)));
 }
 
+/* i8_lean_scales for sixteen rows */
+I8_TARGET static inline __m512 vnni_lean_scales(const int FMT, const void *dp, const void *mp, int b, int k) {
+    const __m128i s8 = _mm_loadu_si128((const __m128i *)LEAN_SUB(dp, b, k));
+    const __m512i s32 = FMT == FD_Q6_K_I8 ? _mm512_cvtepi8_epi32(s8) : _mm512_cvtepu8_epi32(s8);
+    const __m256i sup = _mm256_loadu_si256((const __m256i *)LEAN_SUP(FMT, mp, b, k));
+    return _mm512_mul_ps(_mm512_cvtph_ps(sup), _mm512_cvtepi32_ps(s32));
+}
+
+/* i8_high2 for a 64-byte vector */
+I8_TARGET static inline __m512i vnni_high2(__m512i z, int t) {
+    return _mm512_and_si512(t == 3 ? _mm512_srli_epi16(z, 2) : _mm512_slli_epi16(z, 4 - 2 * t), _mm512_set1_epi8(0x30));
+}
+
 /* Q5_K's fifth bits of vector i as 0x10 bytes: the two 8-row halves' 4-byte masks (see the layout)
  * side by side, one bit per byte of the 64-byte vector */
 I8_TARGET static inline __m512i vnni_fifth(const uint8_t *fifth, int i, int high) {
@@ -901,8 +976,9 @@ I8_TARGET static inline __m512i vnni_fifth(const uint8_t *fifth, int i, int high
 
 /* A whole 16-row group against MR activation rows: one vpdpbusd per 64-byte vector. Formats with
  * signed bytes (Q8_0, Q6_K) run unsigned activations (xq + 128) against the signed weights and
- * subtract 128 x the weights' sum; nibble formats (Q5_K with its fifth bits added) run unsigned
- * weights against the signed activations. Q6_K's two halves keep their sums apart for their scales.
+ * subtract 128 x the weights' sum; nibble formats (Q5_K with its fifth bits added, Q6_K_I8 with its
+ * two high bits, then 32 x each half's activation sum subtracted) run unsigned weights against the
+ * signed activations. Q6_K's two halves keep their sums apart for their scales.
  * Q2_K (a min per half as well) stays on the AVX2 path. */
 I8_TARGET static inline void vnni_group(const int FMT, const int MR, const int8_t *xq, const float *dx,
                                         const float *sx, int64_t K, const uint8_t *qp, const void *dp,
@@ -912,10 +988,12 @@ I8_TARGET static inline void vnni_group(const int FMT, const int MR, const int8_
     const __m512i nib = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
     for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        const __m512 dv = vnni_scales(FMT, dp, (int64_t)b * S * 16);
-        const __m512 d1 = FMT_HALVES(FMT) ? vnni_scales(FMT, dp, ((int64_t)b * S + 1) * 16) : dv;
-        const __m512 mv = FMT_HAS_MIN(FMT) ? vnni_scales(FMT, mp, (int64_t)b * 16)
-                                           : _mm512_mul_ps(dv, _mm512_set1_ps(I8_IMPLIED_MIN(FMT)));
+        const __m512 dv = I8_LEAN(FMT) ? vnni_lean_scales(FMT, dp, mp, b, 0) : vnni_scales(FMT, dp, (int64_t)b * S * 16);
+        const __m512 d1 = FMT == FD_Q6_K_I8 ? vnni_lean_scales(FMT, dp, mp, b, 1)
+                          : FMT_HALVES(FMT) ? vnni_scales(FMT, dp, ((int64_t)b * S + 1) * 16) : dv;
+        const __m512 mv = FMT == FD_Q4_K_I8 ? vnni_lean_scales(FMT, dp, mp, b, 1)
+                          : FMT_HAS_MIN(FMT) ? vnni_scales(FMT, mp, (int64_t)b * 16)
+                                             : _mm512_mul_ps(dv, _mm512_set1_ps(I8_IMPLIED_MIN(FMT)));
         __m512i wv[8];
         __m512i wsum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
         if (bytes) {
@@ -928,6 +1006,8 @@ I8_TARGET static inline void vnni_group(const int FMT, const int MR, const int8_
             wsum[1] = _mm512_slli_epi32(wsum[1], 7);
         } else {
             const uint8_t *blk = qp + (int64_t)b * I8_BLOCK_BYTES(FMT);
+            const __m512i z0 = FMT == FD_Q6_K_I8 ? _mm512_loadu_si512((const void *)(blk + 256)) : nib;
+            const __m512i z1 = FMT == FD_Q6_K_I8 ? _mm512_loadu_si512((const void *)(blk + 320)) : nib;
             for (int i = 0; i < 4; i++) {
                 __m512i z = _mm512_loadu_si512((const void *)(blk + 64 * i));
                 wv[i] = _mm512_and_si512(z, nib);
@@ -935,6 +1015,10 @@ I8_TARGET static inline void vnni_group(const int FMT, const int MR, const int8_
                 if (FMT_FIFTH(FMT)) {
                     wv[i] = _mm512_or_si512(wv[i], vnni_fifth(blk + 256, i, 0));
                     wv[i + 4] = _mm512_or_si512(wv[i + 4], vnni_fifth(blk + 256, i, 1));
+                }
+                if (FMT == FD_Q6_K_I8) {
+                    wv[i] = _mm512_or_si512(wv[i], vnni_high2(z0, i));
+                    wv[i + 4] = _mm512_or_si512(wv[i + 4], vnni_high2(z1, i));
                 }
             }
         }
@@ -954,10 +1038,15 @@ I8_TARGET static inline void vnni_group(const int FMT, const int MR, const int8_
         for (int r = 0; r < MR; r++) {
             const __m512 dxr = _mm512_set1_ps(dx[r * nb + b]);
             if (bytes) isum[r] = _mm512_sub_epi32(isum[r], wsum[0]);
+            if (FMT == FD_Q6_K_I8) { /* sum (u - 32) x = sum u x - 32 sum x, per half */
+                const __m256i h2 = _mm256_slli_epi32(i8_half_sums(xq + r * K + (int64_t)b * 32), 5);
+                isum[r] = _mm512_sub_epi32(isum[r], _mm512_broadcastd_epi32(_mm256_castsi256_si128(h2)));
+                isum1[r] = _mm512_sub_epi32(isum1[r], _mm512_broadcastd_epi32(_mm256_extracti128_si256(h2, 1)));
+            }
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(dv, dxr), acc[r]);
             if (FMT_HALVES(FMT))
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum1[r], wsum[1])), _mm512_mul_ps(d1, dxr), acc[r]);
-            if (!bytes) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * nb + b]), acc[r]);
+            if (!bytes && FMT != FD_Q6_K_I8) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * nb + b]), acc[r]);
         }
     }
 }
@@ -1018,8 +1107,10 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
 #ifdef FD_HAVE_I8
     const int64_t groups = (N + 15) / 16, nb = K / 32, chunk = fd_chunk(me, groups);
     const int64_t gbytes = nb * I8_BLOCK_BYTES(fmt);
-    const size_t scale = FMT_F32_SCALES(fmt) ? 4 : 2; /* bytes of one scale */
-    const int64_t dstride = nb * FMT_SCALES_PER_BLOCK(fmt) * 16, mstride = nb * FMT_MINS_PER_BLOCK(fmt) * 16;
+    const int64_t scale = FMT_F32_SCALES(fmt) ? 4 : 2; /* bytes of one scale */
+    /* a group's bytes of d and m (the lean K-quants': see the layout) */
+    const int64_t dstride = I8_LEAN(fmt) ? nb * 32 : nb * FMT_SCALES_PER_BLOCK(fmt) * 16 * scale;
+    const int64_t mstride = I8_LEAN(fmt) ? nb / 8 * 32 * LEAN_SUPERS(fmt) : nb * FMT_MINS_PER_BLOCK(fmt) * 16 * scale;
 #ifdef FD_HAVE_VNNI
     const int vnni = i8_use_vnni();
 #endif
@@ -1027,8 +1118,8 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
     fd_loop_begin(me);
     while (fd_loop_next(me, groups, chunk, &lo, &hi)) for (int64_t g = lo; g < hi; g++) {
         const uint8_t *q = qp + g * gbytes;
-        const void *d = (const char *)dp + (size_t)(g * dstride) * scale;
-        const void *mm = mp ? (const char *)mp + (size_t)(g * mstride) * scale : NULL;
+        const void *d = (const char *)dp + g * dstride;
+        const void *mm = mp ? (const char *)mp + g * mstride : NULL;
         const int64_t n0 = g * 16;
         const int cols = (int)(N - n0 < 16 ? N - n0 : 16);
 #define I8_AVX2(F) i8_group_avx2(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols);
@@ -1048,6 +1139,8 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
         case FD_Q6_K: I8_RUN(FD_Q6_K) break;
         case FD_Q2_K: I8_AVX2(FD_Q2_K) break;
         case FD_Q5_0_I8: I8_RUN(FD_Q5_0_I8) break;
+        case FD_Q6_K_I8: I8_RUN(FD_Q6_K_I8) break;
+        case FD_Q4_K_I8: I8_RUN(FD_Q4_K_I8) break;
         }
 #undef I8_RUN
 #undef I8_AVX2
@@ -1065,8 +1158,9 @@ int fd_linear_i8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
                  const void *dp, const void *mp, const float *bias, float *y, int64_t ldy, int64_t N,
                  int nthreads) {
     if (!fd_i8_available()) return -3;
-    if (fmt < 0 || fmt > FD_Q5_0_I8 || fmt == FD_BF16 || K % 32 || M < 0 || N < 0 || (FMT_HAS_MIN(fmt) && !mp))
+    if (fmt < 0 || fmt > FD_LAST_I8 || fmt == FD_BF16 || K % 32 || M < 0 || N < 0 || (FMT_HAS_MIN(fmt) && !mp))
         return -1;
+    if (I8_LEAN(fmt) && (K % 256 || !mp)) return -1; /* fp16 scales per 256 */
     if (M == 0 || N == 0) return 0;
     const int64_t nb = K / 32;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));

@@ -29,12 +29,18 @@
  * the file's fp16 scale per 32 and the min -16 d implied, so a step reads the file's 5.5 bits per
  * weight rather than Q5_K's planes' 7 */
 #define FD_Q5_0_I8 8
+/* Q6_K and Q4_K in the rows-interleaved int8 layout only, with the file's two-level scales (an
+ * integer sub-scale per 16 or 32 times an fp16 per 256) rather than their fp32 products, so a step
+ * reads about the file's bytes per weight (flat_gemm.c, "rows interleaved") */
+#define FD_Q6_K_I8 9
+#define FD_Q4_K_I8 10
+#define FD_LAST_I8 FD_Q4_K_I8
 #define PF_BYTES 8192 /* software prefetch distance in a weight plane */
 
 /* format traits: every branch on them folds away where the format is a compile-time constant */
-#define FMT_F32_SCALES(f) ((f) >= FD_Q4_K && (f) != FD_Q5_0_I8)
+#define FMT_F32_SCALES(f) ((f) >= FD_Q4_K && (f) <= FD_Q2_K)
 #define FMT_FIFTH(f) ((f) == FD_Q5_K || (f) == FD_Q5_0_I8) /* values 0..31: a fifth bit plane */
-#define FMT_HAS_MIN(f) ((f) == FD_Q4_1 || (f) == FD_Q4_K || (f) == FD_Q5_K || (f) == FD_Q2_K)
+#define FMT_HAS_MIN(f) ((f) == FD_Q4_1 || (f) == FD_Q4_K || (f) == FD_Q5_K || (f) == FD_Q2_K || (f) == FD_Q4_K_I8)
 #define FMT_SCALES_PER_BLOCK(f) ((f) == FD_Q6_K || (f) == FD_Q2_K ? 2 : 1)
 #define FMT_MINS_PER_BLOCK(f) ((f) == FD_Q2_K ? 2 : 1) /* a min per 16 (Q2_K) or per 32 */
 #define FMT_QBYTES(f) ((f) == FD_Q4_0 || (f) == FD_Q4_1 || (f) == FD_Q4_K || (f) == FD_Q2_K ? 16 : 32)
