@@ -1039,7 +1039,7 @@ static int i8_use_vnni(void) {
  * that one block's fold overlaps the next block's multiply. Q4_K, Q6_K and Q2_K stay on VNNI/AVX2.
  * Linux gives a process the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM); without it
  * the first tile instruction faults, so a refusal keeps the VNNI path for good. */
-#if defined(FD_HAVE_VNNI) && defined(__x86_64__) && defined(__linux__) && (defined(__clang__) || __GNUC__ >= 11)
+#if defined(FD_HAVE_VNNI) && defined(__x86_64__) && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
 #define FD_HAVE_AMX 1
 #include <cpuid.h>
 #include <sys/syscall.h>
