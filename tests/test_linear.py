@@ -243,6 +243,47 @@ def test_int8_activations_are_the_product_of_the_rounded_activations(with_bias: 
             assert (err <= 1e-5 * scale + 1e-6).all(), f"{fmt} {name} M={m}: {err.max():.3g}"
 
 
+AMX_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_K", "Q5_0")  # the int8 products flat_gemm.c runs on tiles
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_amx_products_are_the_vnni_products_bit_for_bit(with_bias: bool, native_kernels) -> None:
+    """On AMX tiles (16 rows and more; a partial tile's rows on VNNI) native_i8 gives VNNI's bits
+    exactly, and the product of the rounded activations to fp32 accumulation error; N is not a
+    multiple of 16 (a zero-padded group)."""
+    if not native_kernels.has_amx:
+        pytest.skip(
+            f"{native_kernels.isa} build: no AMX-INT8 (the CPU lacks it or the OS refuses its tile state)"
+        )
+    from flashdecode.kernels import reference as ref  # noqa: PLC0415
+    from flashdecode.kernels.cpu import repack_i8  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(7)
+    was = native_kernels.set_amx()
+    try:
+        for fmt, w in int8_activation_weights():
+            if fmt not in AMX_FORMATS:
+                continue
+            n, k = w.shape
+            assert n % 16, fmt
+            bias = torch.randn(n, generator=gen) if with_bias else None
+            packed = repack_i8(w.format, w.planes())
+            for m in (16, 17, 40, 512):
+                x = torch.randn(m, k, generator=gen) * 3
+                assert native_kernels.set_amx(True)
+                y = native_kernels.linear_i8(w.format, x, packed, n, bias)
+                assert not native_kernels.set_amx(False)
+                assert torch.equal(y, native_kernels.linear_i8(w.format, x, packed, n, bias)), f"{fmt} M={m}"
+                want = ref.linear_q8(x, w.format, w.planes()) + (0 if bias is None else bias.double())
+                xq, dx = ref.quantize_activations(x)
+                rounded = (xq.double().abs().reshape(m, -1, 32) * dx.double()[..., None]).reshape(m, k)
+                scale = rounded @ ref.dequantize(w.format, *w.planes()).double().abs().T
+                err = (y.double() - want).abs()
+                assert (err <= 1e-5 * scale + 1e-6).all(), f"{fmt} M={m}: {err.max():.3g}"
+    finally:
+        native_kernels.set_amx(was)
+
+
 def test_a_native_i8_plan_holds_the_weight_once(native_kernels) -> None:
     """Planned on native_i8 alone, a Linear drops its stored planes (the repack holds the same values);
     asked for again, the weight comes back exactly (repack_i8's inverse), and another plan keeps it."""

@@ -12,6 +12,8 @@ ISA flags. Each build passes a numerical self-test before it is used. If no buil
 compiler, a sandbox without exec...), ``load()`` returns None with one warning and the engine runs
 on torch kernels. ``FLASHDECODE_NATIVE=0`` disables the native kernels; ``FLASHDECODE_REQUIRE_NATIVE=1``
 (set by CI) turns a missing build into an error instead, so a suite cannot pass without them.
+Where the CPU and OS offer AMX, the int8-activation products of 16 rows or more run on its tiles
+(the same bits as without); ``FLASHDECODE_AMX=0`` keeps them on AVX512-VNNI.
 Built libraries go to ``$FLASHDECODE_KERNEL_DIR``, else ``kernels/`` in the cache directory: a build
 is keyed by its source, so it may be shared where tuned tables must not be (the tests do).
 """
@@ -90,10 +92,20 @@ class NativeKernels:
         self.lib.fd_q8_available.restype = i32
         self.lib.fd_sample.argtypes = [vp, i64, i64, i64, vp, vp, vp]
         self.lib.fd_sample.restype = i32
+        self.lib.fd_amx.argtypes = [i32]
+        self.lib.fd_amx.restype = i32
+        self.lib.fd_amx_available.restype = i32
         self._linear_i8 = self.lib.fd_linear_i8
         self._dequant = self.lib.fd_dequant
         self.has_i8 = bool(self.lib.fd_i8_available())
         self.has_q8 = bool(self.lib.fd_q8_available())
+        self.has_amx = bool(self.lib.fd_amx_available())
+
+    def set_amx(self, on: bool | None = None) -> bool:
+        """Whether ``linear_i8`` (and the decode step's int8 products) run on AMX tiles where they can
+        (16 rows or more, Q4_0, Q4_1, Q8_0, Q5_K, Q5_0): ``on`` switches it for the whole process
+        (None: unchanged), never on where ``has_amx`` is False. The results are the same bits either way."""
+        return bool(self.lib.fd_amx(-1 if on is None else int(on)))
 
     def linear(
         self,
@@ -587,6 +599,8 @@ def _self_test(kernels: NativeKernels) -> None:
             y = kernels.linear_i8(fmt, xk, packed, 13)
             if not torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max())):
                 raise RuntimeError(f"self-test: {i8_format(fmt, packed)} int8-activation product differs")
+        if kernels.has_amx:
+            _self_test_amx(kernels, cases, gen)
     wb = w[:, :77].bfloat16()
     y = kernels.linear("BF16", x[:, :77].contiguous(), (wb, None, None), 13)
     if not torch.allclose(y.double(), x[:, :77].double() @ wb.double().T, rtol=1e-4, atol=1e-4):
@@ -608,6 +622,26 @@ def _two_level_planes(fmt: str, gen: torch.Generator, n: int = 13, k: int = 256)
     values = (-32, 32) if fmt == "Q6_K" else (0, 256)  # 6-bit signed values; any nibble pair
     qs = torch.randint(*values, (n, nb, layout.qs_bytes), generator=gen).to(torch.int8).view(torch.uint8)
     return qs, scales(), scales() if layout.has_min else None
+
+
+def _self_test_amx(kernels: NativeKernels, cases: list[tuple[str, Planes]], gen: torch.Generator) -> None:
+    """The AMX products (40 rows: two tiles and a partial one) against the reference and, bit for bit,
+    against the VNNI path."""
+    was = kernels.set_amx()
+    try:
+        for fmt, planes in cases:
+            x = torch.randn(40, planes[0].shape[1] * 32, generator=gen)
+            packed = repack_i8(fmt, planes)
+            kernels.set_amx(True)
+            y = kernels.linear_i8(fmt, x, packed, 13)
+            kernels.set_amx(False)
+            if not torch.equal(y, kernels.linear_i8(fmt, x, packed, 13)):
+                raise RuntimeError(f"self-test: {fmt} AMX product differs from VNNI")
+            ref = reference.linear_q8(x, fmt, planes)
+            if not torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max())):
+                raise RuntimeError(f"self-test: {fmt} AMX product differs")
+    finally:
+        kernels.set_amx(was)
 
 
 def load(isa: str | None = None) -> NativeKernels | None:

@@ -974,6 +974,51 @@ I8_TARGET static inline __m512i vnni_fifth(const uint8_t *fifth, int i, int high
     return _mm512_maskz_mov_epi8((__mmask64)h0 | ((__mmask64)h1 << 32), _mm512_set1_epi8(0x10));
 }
 
+/* A block's scales for 16 rows: dv, Q6_K's second half's d1, and the min (stored, or implied by d) */
+I8_TARGET static inline void vnni_block_scales(const int FMT, const void *dp, const void *mp, int b, __m512 *dv,
+                                               __m512 *d1, __m512 *mv) {
+    const int S = FMT_SCALES_PER_BLOCK(FMT);
+    *dv = I8_LEAN(FMT) ? vnni_lean_scales(FMT, dp, mp, b, 0) : vnni_scales(FMT, dp, (int64_t)b * S * 16);
+    *d1 = FMT == FD_Q6_K_I8 ? vnni_lean_scales(FMT, dp, mp, b, 1)
+          : FMT_HALVES(FMT) ? vnni_scales(FMT, dp, ((int64_t)b * S + 1) * 16) : *dv;
+    *mv = FMT == FD_Q4_K_I8 ? vnni_lean_scales(FMT, dp, mp, b, 1)
+          : FMT_HAS_MIN(FMT) ? vnni_scales(FMT, mp, (int64_t)b * 16)
+                             : _mm512_mul_ps(*dv, _mm512_set1_ps(I8_IMPLIED_MIN(FMT)));
+}
+
+/* A nibble format's block (blk: its I8_BLOCK_BYTES) as the 8 vectors of its bytes' layout: vector j
+ * holds elements 4j..4j+3 of each of the 16 rows, a byte each, Q5_K's fifth bits added */
+I8_TARGET static inline void vnni_unpack(const int FMT, const uint8_t *blk, __m512i wv[8]) {
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    const __m512i z0 = FMT == FD_Q6_K_I8 ? _mm512_loadu_si512((const void *)(blk + 256)) : nib;
+    const __m512i z1 = FMT == FD_Q6_K_I8 ? _mm512_loadu_si512((const void *)(blk + 320)) : nib;
+    for (int i = 0; i < 4; i++) {
+        __m512i z = _mm512_loadu_si512((const void *)(blk + 64 * i));
+        wv[i] = _mm512_and_si512(z, nib);
+        wv[i + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), nib);
+        if (FMT_FIFTH(FMT)) {
+            wv[i] = _mm512_or_si512(wv[i], vnni_fifth(blk + 256, i, 0));
+            wv[i + 4] = _mm512_or_si512(wv[i + 4], vnni_fifth(blk + 256, i, 1));
+        }
+        if (FMT == FD_Q6_K_I8) {
+            wv[i] = _mm512_or_si512(wv[i], vnni_high2(z0, i));
+            wv[i + 4] = _mm512_or_si512(wv[i + 4], vnni_high2(z1, i));
+        }
+    }
+}
+
+/* One activation row's block folded into its fp32 accumulator: isum (isum1: Q6_K's second half) the
+ * exact integer dot products, dxr and sxr the row's scale and scaled sum. Every product kernel of the
+ * rows-interleaved layout folds through here, so that they agree bit for bit. */
+I8_TARGET static inline __m512 vnni_fold(const int FMT, __m512 acc, __m512i isum, __m512i isum1, __m512 dv,
+                                         __m512 d1, __m512 mv, float dxr, float sxr) {
+    const __m512 vdx = _mm512_set1_ps(dxr);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dv, vdx), acc);
+    if (FMT_HALVES(FMT)) acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum1), _mm512_mul_ps(d1, vdx), acc);
+    if (!FMT_SIGNED(FMT) && FMT != FD_Q6_K_I8) acc = _mm512_fmadd_ps(mv, _mm512_set1_ps(sxr), acc);
+    return acc;
+}
+
 /* A whole 16-row group against MR activation rows: one vpdpbusd per 64-byte vector. Formats with
  * signed bytes (Q8_0, Q6_K) run unsigned activations (xq + 128) against the signed weights and
  * subtract 128 x the weights' sum; nibble formats (Q5_K with its fifth bits added, Q6_K_I8 with its
@@ -983,17 +1028,13 @@ I8_TARGET static inline __m512i vnni_fifth(const uint8_t *fifth, int i, int high
 I8_TARGET static inline void vnni_group(const int FMT, const int MR, const int8_t *xq, const float *dx,
                                         const float *sx, int64_t K, const uint8_t *qp, const void *dp,
                                         const void *mp, __m512 *acc) {
-    const int nb = (int)(K / 32), S = FMT_SCALES_PER_BLOCK(FMT);
-    const int bytes = FMT == FD_Q8_0 || FMT == FD_Q6_K;
-    const __m512i nib = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
+    const int nb = (int)(K / 32);
+    const int bytes = FMT_SIGNED(FMT);
+    const __m512i ones = _mm512_set1_epi8(1);
     for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        const __m512 dv = I8_LEAN(FMT) ? vnni_lean_scales(FMT, dp, mp, b, 0) : vnni_scales(FMT, dp, (int64_t)b * S * 16);
-        const __m512 d1 = FMT == FD_Q6_K_I8 ? vnni_lean_scales(FMT, dp, mp, b, 1)
-                          : FMT_HALVES(FMT) ? vnni_scales(FMT, dp, ((int64_t)b * S + 1) * 16) : dv;
-        const __m512 mv = FMT == FD_Q4_K_I8 ? vnni_lean_scales(FMT, dp, mp, b, 1)
-                          : FMT_HAS_MIN(FMT) ? vnni_scales(FMT, mp, (int64_t)b * 16)
-                                             : _mm512_mul_ps(dv, _mm512_set1_ps(I8_IMPLIED_MIN(FMT)));
+        __m512 dv, d1, mv;
+        vnni_block_scales(FMT, dp, mp, b, &dv, &d1, &mv);
         __m512i wv[8];
         __m512i wsum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
         if (bytes) {
@@ -1005,22 +1046,7 @@ I8_TARGET static inline void vnni_group(const int FMT, const int MR, const int8_
             wsum[0] = _mm512_slli_epi32(wsum[0], 7);
             wsum[1] = _mm512_slli_epi32(wsum[1], 7);
         } else {
-            const uint8_t *blk = qp + (int64_t)b * I8_BLOCK_BYTES(FMT);
-            const __m512i z0 = FMT == FD_Q6_K_I8 ? _mm512_loadu_si512((const void *)(blk + 256)) : nib;
-            const __m512i z1 = FMT == FD_Q6_K_I8 ? _mm512_loadu_si512((const void *)(blk + 320)) : nib;
-            for (int i = 0; i < 4; i++) {
-                __m512i z = _mm512_loadu_si512((const void *)(blk + 64 * i));
-                wv[i] = _mm512_and_si512(z, nib);
-                wv[i + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), nib);
-                if (FMT_FIFTH(FMT)) {
-                    wv[i] = _mm512_or_si512(wv[i], vnni_fifth(blk + 256, i, 0));
-                    wv[i + 4] = _mm512_or_si512(wv[i + 4], vnni_fifth(blk + 256, i, 1));
-                }
-                if (FMT == FD_Q6_K_I8) {
-                    wv[i] = _mm512_or_si512(wv[i], vnni_high2(z0, i));
-                    wv[i + 4] = _mm512_or_si512(wv[i + 4], vnni_high2(z1, i));
-                }
-            }
+            vnni_unpack(FMT, qp + (int64_t)b * I8_BLOCK_BYTES(FMT), wv);
         }
         /* rows innermost: MR independent dot-product chains in flight, not one chain of 8 */
         __m512i isum[VNNI_MR], isum1[VNNI_MR];
@@ -1036,17 +1062,16 @@ I8_TARGET static inline void vnni_group(const int FMT, const int MR, const int8_
                     *t = _mm512_dpbusd_epi32(*t, wv[j], _mm512_set1_epi32(quad));
             }
         for (int r = 0; r < MR; r++) {
-            const __m512 dxr = _mm512_set1_ps(dx[r * nb + b]);
-            if (bytes) isum[r] = _mm512_sub_epi32(isum[r], wsum[0]);
+            if (bytes) {
+                isum[r] = _mm512_sub_epi32(isum[r], wsum[0]);
+                isum1[r] = _mm512_sub_epi32(isum1[r], wsum[1]);
+            }
             if (FMT == FD_Q6_K_I8) { /* sum (u - 32) x = sum u x - 32 sum x, per half */
                 const __m256i h2 = _mm256_slli_epi32(i8_half_sums(xq + r * K + (int64_t)b * 32), 5);
                 isum[r] = _mm512_sub_epi32(isum[r], _mm512_broadcastd_epi32(_mm256_castsi256_si128(h2)));
                 isum1[r] = _mm512_sub_epi32(isum1[r], _mm512_broadcastd_epi32(_mm256_extracti128_si256(h2, 1)));
             }
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(dv, dxr), acc[r]);
-            if (FMT_HALVES(FMT))
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum1[r], wsum[1])), _mm512_mul_ps(d1, dxr), acc[r]);
-            if (!bytes && FMT != FD_Q6_K_I8) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * nb + b]), acc[r]);
+            acc[r] = vnni_fold(FMT, acc[r], isum[r], isum1[r], dv, d1, mv, dx[r * nb + b], sx[r * nb + b]);
         }
     }
 }
@@ -1090,6 +1115,185 @@ static int i8_use_vnni(void) {
 }
 #endif
 
+/* ---------------------------------------------------------------- int8 activations on AMX
+ *
+ * Intel AMX's tile multiply on the same layout (FlashDecoding++ section 4's flat GEMM for prefill's
+ * large M, where the products are compute bound): an A tile is 16 activation rows x one 32-byte
+ * block, read from xq with stride K; a B tile is one block of a group, 8 rows of 64 bytes, which is
+ * exactly the layout's 8 vectors (row j = elements 4j..4j+3 of each of the 16 weight rows): Q8_0's
+ * block as stored, a nibble format's unpacked once per group into scratch and reused for every row
+ * tile. TDPBSSD (signed x signed) runs Q8_0, TDPBSUD (signed activations x unsigned weights) the
+ * nibble formats and Q5's, so no +128 correction is needed. The scales differ per block, so each
+ * block's 16 x 16 int32 tile is stored and folded by vnni_fold, as vnni_group folds: the integer
+ * sums are exact in both, so the results are the VNNI path's bit for bit. Two C tiles alternate so
+ * that one block's fold overlaps the next block's multiply. Q4_K, Q6_K and Q2_K stay on VNNI/AVX2.
+ * Linux gives a process the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM); without it
+ * the first tile instruction faults, so a refusal keeps the VNNI path for good. */
+#if defined(FD_HAVE_VNNI) && defined(__x86_64__) && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#define FD_HAVE_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+#define AMX_FMT(f) ((f) == FD_Q4_0 || (f) == FD_Q4_1 || (f) == FD_Q8_0 || (f) == FD_Q5_K || (f) == FD_Q5_0_I8)
+#define AMX_ROWS 16 /* an A tile's activation rows; a product's last M % 16 rows run on VNNI */
+/* the tile intrinsics are asm statements that declare no memory they read: order them after the
+ * stores they depend on (the unpacked weights, the activations of the team's quantization) */
+#define AMX_FENCE() __asm__ volatile("" ::: "memory")
+
+/* palette 1: tmm0, tmm1 the C tiles (16 x 16 int32), tmm2, tmm3 the A tiles, tmm4, tmm5 the B tiles */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+static const _Alignas(64) amx_config amx_tiles = {1, 0, {0}, {64, 64, 32, 32, 64, 64}, {16, 16, 16, 16, 8, 8}};
+
+/* the CPU has AMX-INT8, the OS saves its state (XCR0 bits 17, 18) and grants it to this process */
+static int amx_probe(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return 0;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0x60000u) != 0x60000u) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+static int amx_granted(void) {
+    static int known = -1;
+    if (known < 0) known = amx_probe() && i8_use_vnni();
+    return known;
+}
+
+static atomic_int amx_enabled = -1; /* -1: FLASHDECODE_AMX not read yet */
+
+static int amx_on(void) {
+    int on = atomic_load_explicit(&amx_enabled, memory_order_relaxed);
+    if (on < 0) {
+        const char *env = getenv("FLASHDECODE_AMX");
+        on = amx_granted() && !(env && strcmp(env, "0") == 0);
+        atomic_store_explicit(&amx_enabled, on, memory_order_relaxed);
+    }
+    return on;
+}
+
+/* The B tiles of one group, block after block (512 bytes each): Q8_0's blocks are their own; a
+ * nibble format's are unpacked into buf. */
+AMX_TARGET static const uint8_t *amx_weights(const int FMT, const uint8_t *qp, int nb, uint8_t *buf) {
+    if (FMT == FD_Q8_0) return qp;
+    for (int b = 0; b < nb; b++) {
+        __m512i wv[8];
+        vnni_unpack(FMT, qp + (int64_t)b * I8_BLOCK_BYTES(FMT), wv);
+        for (int j = 0; j < 8; j++) _mm512_store_si512((void *)(buf + (int64_t)b * 512 + 64 * j), wv[j]);
+    }
+    AMX_FENCE();
+    return buf;
+}
+
+/* C = the block's 16 x 16 integer dot products (tile numbers must be constants) */
+#define AMX_DOT(FMT, C, A, B, xb, wb, K)                                                            \
+    do {                                                                                            \
+        _tile_zero(C);                                                                              \
+        _tile_loadd(A, xb, K);                                                                      \
+        _tile_loadd(B, wb, 64);                                                                     \
+        if ((FMT) == FD_Q8_0) _tile_dpbssd(C, A, B);                                                \
+        else _tile_dpbsud(C, A, B);                                                                 \
+    } while (0)
+
+/* block b's stored C tile (row r: activation row r's sums for the 16 weight rows) into acc */
+AMX_TARGET static inline __attribute__((always_inline)) void amx_fold(const int FMT, const int32_t *ct, int b,
+                                                                      int nb, const float *dx, const float *sx,
+                                                                      const void *dp, const void *mp,
+                                                                      __m512 acc[AMX_ROWS]) {
+    __m512 dv, d1, mv;
+    vnni_block_scales(FMT, dp, mp, b, &dv, &d1, &mv);
+    for (int r = 0; r < AMX_ROWS; r++) {
+        const __m512i isum = _mm512_load_si512((const void *)(ct + 16 * r));
+        acc[r] = vnni_fold(FMT, acc[r], isum, isum, dv, d1, mv, dx[r * nb + b], sx[r * nb + b]);
+    }
+}
+
+/* 16 activation rows against one group's B tiles bt, over all K */
+AMX_TARGET static inline __attribute__((always_inline)) void amx_rows(const int FMT, const int8_t *xq,
+                                                                      const float *dx, const float *sx, int64_t K,
+                                                                      const uint8_t *bt, const void *dp,
+                                                                      const void *mp, __m512 acc[AMX_ROWS]) {
+    const int nb = (int)(K / 32);
+    _Alignas(64) int32_t ct[2][AMX_ROWS * 16];
+    for (int r = 0; r < AMX_ROWS; r++) acc[r] = _mm512_setzero_ps();
+    AMX_DOT(FMT, 0, 2, 4, xq, bt, K);
+    for (int b = 0; b < nb; b += 2) {
+        if (b + 1 < nb) AMX_DOT(FMT, 1, 3, 5, xq + 32 * (b + 1), bt + 512 * (b + 1), K);
+        _tile_stored(0, ct[0], 64);
+        amx_fold(FMT, ct[0], b, nb, dx, sx, dp, mp, acc);
+        if (b + 2 < nb) AMX_DOT(FMT, 0, 2, 4, xq + 32 * (b + 2), bt + 512 * (b + 2), K);
+        if (b + 1 < nb) {
+            _tile_stored(1, ct[1], 64);
+            amx_fold(FMT, ct[1], b + 1, nb, dx, sx, dp, mp, acc);
+        }
+    }
+}
+
+/* vnni_group_rows on AMX: every whole 16 rows on tiles, the rest on VNNI (bit for bit the same) */
+AMX_TARGET static void amx_group_rows(const int FMT, const int8_t *xq, const float *dx, const float *sx, int64_t M,
+                                      int64_t K, const uint8_t *q, const void *d, const void *mm,
+                                      const float *bias, float *y, int64_t ldy, int add, int64_t n0, int cols,
+                                      uint8_t *buf) {
+    const int64_t nb = K / 32, whole = M - M % AMX_ROWS;
+    AMX_FENCE();
+    const uint8_t *bt = amx_weights(FMT, q, (int)nb, buf);
+    for (int64_t r0 = 0; r0 < whole; r0 += AMX_ROWS) {
+        __m512 acc[AMX_ROWS];
+        float out[16];
+        amx_rows(FMT, xq + r0 * K, dx + r0 * nb, sx + r0 * nb, K, bt, d, mm, acc);
+        for (int r = 0; r < AMX_ROWS; r++) {
+            _mm512_storeu_ps(out, acc[r]);
+            i8_store(out, cols, bias, y + (r0 + r) * ldy, add, n0);
+        }
+    }
+    if (whole < M)
+        vnni_group_rows(FMT, xq + whole * K, dx + whole * nb, sx + whole * nb, M - whole, K, q, d, mm, bias,
+                        y + whole * ldy, ldy, add, n0, cols);
+}
+
+/* This thread's tiles for one product (the configuration is per thread, and OpenMP reuses threads):
+ * its weight scratch, or NULL where AMX does not run it. amx_end gives the tile state back. */
+AMX_TARGET static uint8_t *amx_begin(int fmt, int64_t M, int64_t K) {
+    if (!AMX_FMT(fmt) || M < AMX_ROWS || !amx_on()) return NULL;
+    uint8_t *buf = (uint8_t *)aligned_alloc(64, (size_t)(K / 32) * 512);
+    if (buf) _tile_loadconfig(&amx_tiles);
+    return buf;
+}
+
+AMX_TARGET static void amx_end(uint8_t *buf) {
+    if (!buf) return;
+    _tile_release();
+    free(buf);
+}
+#endif
+
+/* 1 when the CPU and OS let this process run the AMX products, else 0 */
+int fd_amx_available(void) {
+#ifdef FD_HAVE_AMX
+    return amx_granted();
+#else
+    return 0;
+#endif
+}
+
+/* AMX for the rows-interleaved products: mode 0 off, 1 on (where the CPU and OS grant it), else
+ * unchanged; returns whether it is on. FLASHDECODE_AMX=0 turns it off at the first product. */
+int fd_amx(int mode) {
+#ifdef FD_HAVE_AMX
+    if (mode == 0 || mode == 1) atomic_store_explicit(&amx_enabled, mode && amx_granted(), memory_order_relaxed);
+    return amx_on();
+#else
+    (void)mode;
+    return 0;
+#endif
+}
+
 /* 1 when fd_linear_i8 runs in this build (AVX2 or better; VNNI where the CPU has it), else 0. */
 int fd_i8_available(void) {
 #ifdef FD_HAVE_I8
@@ -1114,6 +1318,9 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
 #ifdef FD_HAVE_VNNI
     const int vnni = i8_use_vnni();
 #endif
+#ifdef FD_HAVE_AMX
+    uint8_t *amx = amx_begin(fmt, M, K);
+#endif
     int64_t lo, hi;
     fd_loop_begin(me);
     while (fd_loop_next(me, groups, chunk, &lo, &hi)) for (int64_t g = lo; g < hi; g++) {
@@ -1123,9 +1330,14 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
         const int64_t n0 = g * 16;
         const int cols = (int)(N - n0 < 16 ? N - n0 : 16);
 #define I8_AVX2(F) i8_group_avx2(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols);
+#ifdef FD_HAVE_AMX
+#define I8_AMX(F) if (AMX_FMT(F) && amx) amx_group_rows(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols, amx); else
+#else
+#define I8_AMX(F)
+#endif
 #ifdef FD_HAVE_VNNI
 #define I8_RUN(F)                                                                                   \
-    if (vnni) vnni_group_rows(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols); \
+    I8_AMX(F) if (vnni) vnni_group_rows(F, xq, dx, sx, M, K, q, d, mm, bias, y, ldy, add, n0, cols); \
     else I8_AVX2(F)
 #else
 #define I8_RUN(F) I8_AVX2(F)
@@ -1143,8 +1355,12 @@ void fd_linear_i8_tiles(fd_member *me, int fmt, const int8_t *xq, const float *d
         case FD_Q4_K_I8: I8_RUN(FD_Q4_K_I8) break;
         }
 #undef I8_RUN
+#undef I8_AMX
 #undef I8_AVX2
     }
+#ifdef FD_HAVE_AMX
+    amx_end(amx);
+#endif
     fd_loop_end(me);
 #else
     (void)me; (void)fmt; (void)xq; (void)dx; (void)sx; (void)M; (void)K; (void)qp; (void)dp; (void)mp;
