@@ -243,7 +243,7 @@ def test_int8_activations_are_the_product_of_the_rounded_activations(with_bias: 
             assert (err <= 1e-5 * scale + 1e-6).all(), f"{fmt} {name} M={m}: {err.max():.3g}"
 
 
-AMX_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_K", "Q5_0")  # the int8 products flat_gemm.c runs on tiles
+AMX_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q5_0")  # the int8 products flat_gemm.c runs on tiles
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -267,8 +267,11 @@ def test_amx_products_are_the_vnni_products_bit_for_bit(with_bias: bool, native_
             n, k = w.shape
             assert n % 16, fmt
             bias = torch.randn(n, generator=gen) if with_bias else None
-            packed = repack_i8(w.format, w.planes())
-            for m in (16, 17, 40, 512):
+            layouts = [repack_i8(w.format, w.planes())]
+            if fmt == "Q4_K":  # the lean repack (its integer sub-scales) and the fp32 one
+                layouts.append(repack_i8(w.format, w.planes(), lean=False))
+                assert layouts[0][1].dtype == torch.uint8 and layouts[1][1].dtype == torch.float32
+            for packed, m in itertools.product(layouts, (16, 17, 40, 512)):
                 x = torch.randn(m, k, generator=gen) * 3
                 assert native_kernels.set_amx(True)
                 y = native_kernels.linear_i8(w.format, x, packed, n, bias)

@@ -1126,7 +1126,8 @@ static int i8_use_vnni(void) {
  * nibble formats and Q5's, so no +128 correction is needed. The scales differ per block, so each
  * block's 16 x 16 int32 tile is stored and folded by vnni_fold, as vnni_group folds: the integer
  * sums are exact in both, so the results are the VNNI path's bit for bit. Two C tiles alternate so
- * that one block's fold overlaps the next block's multiply. Q4_K, Q6_K and Q2_K stay on VNNI/AVX2.
+ * that one block's fold overlaps the next block's multiply. Q6_K (a scale per half block: two dot
+ * products a block) and Q2_K stay on VNNI/AVX2.
  * Linux gives a process the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM); without it
  * the first tile instruction faults, so a refusal keeps the VNNI path for good. */
 #if defined(FD_HAVE_VNNI) && defined(__x86_64__) && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
@@ -1135,7 +1136,9 @@ static int i8_use_vnni(void) {
 #include <sys/syscall.h>
 #include <unistd.h>
 #define AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
-#define AMX_FMT(f) ((f) == FD_Q4_0 || (f) == FD_Q4_1 || (f) == FD_Q8_0 || (f) == FD_Q5_K || (f) == FD_Q5_0_I8)
+#define AMX_FMT(f)                                                                                  \
+    ((f) == FD_Q4_0 || (f) == FD_Q4_1 || (f) == FD_Q8_0 || (f) == FD_Q4_K || (f) == FD_Q4_K_I8 || \
+     (f) == FD_Q5_K || (f) == FD_Q5_0_I8)
 #define AMX_ROWS 16 /* an A tile's activation rows; a product's last M % 16 rows run on VNNI */
 /* the tile intrinsics are asm statements that declare no memory they read: order them after the
  * stores they depend on (the unpacked weights, the activations of the team's quantization) */
