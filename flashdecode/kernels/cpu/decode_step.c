@@ -17,7 +17,11 @@
  * max and merges partitions with the synchronised rescale e^(m_p - max_p m_p) (Flash-Decoding);
  * unified mode takes m = phi, the layer's calibrated unified max, and the partials are simply added.
  * A unified row whose sum leaves the safe window (layers/attention.py derives it) is recomputed
- * with the exact softmax, so the result is exact either way; such rows are counted.
+ * with the exact softmax, so the result is exact either way; such rows are counted. Within a
+ * partition every query that reads a key block (a chunk's rows times the kv head's query heads) runs
+ * through it together, so that prefill's many queries keep independent FMA chains in flight
+ * (throughput-bound, 512-bit lanes where built for AVX-512), while each query's sums keep the one
+ * order a lone decode row gives them.
  *
  * The projections are flat_gemm.c's tile loops (fp32 dequantized in registers, or int8 activations
  * per part as the dataflow plan says), run as worksharing loops of this region.
@@ -359,8 +363,9 @@ INLINE int end_row(int64_t j, int64_t n0, int64_t w, int nr) {
 INLINE int64_t first_key(int64_t w, int64_t n) { return w && n > w ? n - w : 0; }
 
 /* Keys are read KV_BLOCK at a time from block boundaries fixed from the partition's start: a block's
- * dot products run as independent FMA chains (one chain per key waits on its own latency), its V rows
- * are converted once for every query head, and a head's output stays in registers across the block. */
+ * K and V rows are converted once for every query that reads them, its dot products run as
+ * independent FMA chains (per key, and per query beside it), and the queries' outputs stay in
+ * registers across the block. */
 #define KV_BLOCK 8
 
 /* rows[b] = key j + b's K or V row (which) as fp32, for the nk keys of a block; buf: [KV_BLOCK * D] */
