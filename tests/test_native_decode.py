@@ -211,3 +211,39 @@ def test_a_row_is_computed_alike_in_any_step(gguf_model, native_kernels, monkeyp
     finally:
         torch.set_num_threads(threads)
     assert_same(one, two, tol=0.0)
+
+
+@pytest.mark.parametrize("softmax", ["exact", "unified"])
+@pytest.mark.parametrize(
+    "arch", ["llama", "llama3", "mistral", "phi3"]
+)  # 3, 1, 4 and 4 query heads a kv head
+def test_a_prompt_row_is_computed_alike_in_any_chunk(arch, softmax, gguf_model, native_kernels) -> None:
+    """A prompt row's attention has the same bits whichever rows of its chunk attend beside it (groups
+    of up to four rows, their query heads paired and their V products run side by side): the prompt's
+    log-probabilities under whole, 7- and 5-token chunks (groups of 4 and 3, of 4 and 1, at other
+    offsets) are equal. The prompt spans two attention partitions, ends in a partial key block, and the
+    models' query heads per kv head and head sizes (16, 32, 24) give odd query counts and partial
+    vector lanes. (Steps of at most four rows are left out: on some of these shapes their rows differ
+    in the last bit outside attention, the first row too, which attends to one key alone.)"""
+    prompt = ["A softmax " * 60]
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2, ignore_eos=True)
+    model = str(gguf_model(arch, "Q8_0"))
+
+    def prompt_logprobs(chunk: int) -> list:
+        llm = LLM(
+            model=model,
+            max_model_len=512,
+            num_threads=2,
+            max_num_batched_tokens=chunk,
+            softmax=softmax,
+            enable_prefix_caching=False,
+            **EXACT,
+        )
+        out = llm.generate(prompt, params)[0]
+        assert used_native(llm)
+        return out.prompt_logprobs[1:]
+
+    whole = prompt_logprobs(512)
+    for chunk in (7, 5):
+        for pa, pb in zip(whole, prompt_logprobs(chunk), strict=True):
+            assert_same_logprobs(pa, pb, 0.0)

@@ -17,7 +17,11 @@
  * max and merges partitions with the synchronised rescale e^(m_p - max_p m_p) (Flash-Decoding);
  * unified mode takes m = phi, the layer's calibrated unified max, and the partials are simply added.
  * A unified row whose sum leaves the safe window (layers/attention.py derives it) is recomputed
- * with the exact softmax, so the result is exact either way; such rows are counted.
+ * with the exact softmax, so the result is exact either way; such rows are counted. Within a
+ * partition every query that reads a key block (a chunk's rows times the kv head's query heads) runs
+ * through it together, so that prefill's many queries keep independent FMA chains in flight
+ * (throughput-bound, 512-bit lanes where built for AVX-512), while each query's sums keep the one
+ * order a lone decode row gives them.
  *
  * The projections are flat_gemm.c's tile loops (fp32 dequantized in registers, or int8 activations
  * per part as the dataflow plan says), run as worksharing loops of this region.
@@ -359,8 +363,9 @@ INLINE int end_row(int64_t j, int64_t n0, int64_t w, int nr) {
 INLINE int64_t first_key(int64_t w, int64_t n) { return w && n > w ? n - w : 0; }
 
 /* Keys are read KV_BLOCK at a time from block boundaries fixed from the partition's start: a block's
- * dot products run as independent FMA chains (one chain per key waits on its own latency), its V rows
- * are converted once for every query head, and a head's output stays in registers across the block. */
+ * K and V rows are converted once for every query that reads them, its dot products run as
+ * independent FMA chains (per key, and per query beside it), and the queries' outputs stay in
+ * registers across the block. */
 #define KV_BLOCK 8
 
 /* rows[b] = key j + b's K or V row (which) as fp32, for the nk keys of a block; buf: [KV_BLOCK * D] */
@@ -394,16 +399,84 @@ INLINE void dot4(const float *q, const float *const *r, int64_t D, float *t) {
         for (int c = 0; c < 4; c++) t[c] += q[d] * r[c][d];
 }
 
-/* s[b] = scale * q . k[b] for the nk <= KV_BLOCK rows of a block. Each key's sum runs in the same order
- * wherever it falls in the block (a short block repeats its last row), so its score has the same bits
- * in any step: a row's attention must not depend on the other rows beside it (PART_KEYS). */
-INLINE void block_scores(const float *q, const float **k, int nk, int64_t D, float scale, float *s) {
+#if defined(__AVX512F__)
+/* 512-bit lanes: a key's sum runs in 16 lane chains (lane l adds d = l, l + 16, ...), then one tree over
+ * the lanes. Partial-sum vectors are summed 16 (or 8) at once by four levels that each add lanes i and
+ * i + 8, then i + 4, i + 2, i + 1: every vector gets the same tree wherever it sits in the batch, and
+ * the batch costs 2 shuffles and an add per pair of vectors instead of a reduction per key. */
+INLINE __m512 lanes_half(__m512 a, __m512 b, int level) {
+    switch (level) {
+    case 0: /* [a.lo256 + a.hi256, b.lo256 + b.hi256] */
+        return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    case 1: /* 128-bit quarters: [a.q0 + a.q1, a.q2 + a.q3, b.q0 + b.q1, b.q2 + b.q3] */
+        return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+    case 2: /* within each quarter: pairs 2 apart */
+        return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    default: /* neighbours */
+        return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+    }
+}
+
+/* lane c = the sum of v[c]'s lanes, for n = 8 or 16 vectors (v is overwritten); n = 8 pairs its
+ * last level with itself, so lanes 0..7 hold the same bits n = 16 would give */
+INLINE __m512 lane_sums(__m512 *v, int n) {
+    for (int i = 0; i < n / 2; i++) v[i] = lanes_half(v[2 * i], v[2 * i + 1], 0);
+    for (int i = 0; i < n / 4; i++) v[i] = lanes_half(v[2 * i], v[2 * i + 1], 1);
+    for (int i = 0; i < n / 8; i++) v[i] = lanes_half(v[2 * i], v[2 * i + 1], 2);
+    const __m512 r = lanes_half(v[0], n == 16 ? v[1] : v[0], 3); /* lane 4r + s holds v[4s + r] */
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+}
+
+/* the lanes [d, d + 16) of a row of D floats that exist */
+INLINE __mmask16 lanes_from(int64_t D, int64_t d) {
+    const int64_t left = D - d;
+    return left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1));
+}
+
+/* lanes 8 c + b = q[c] . k[b] for nq = 1 or 2 queries and the KV_BLOCK rows of a block: 8 nq independent
+ * FMA chains, each key row loaded once for both queries */
+INLINE __m512 dot_block(const float *const *q, int nq, const float *const *k, int64_t D) {
+    __m512 a[2 * KV_BLOCK];
+    for (int i = 0; i < 2 * KV_BLOCK; i++) a[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = lanes_from(D, d);
+        const __m512 x0 = _mm512_maskz_loadu_ps(m, q[0] + d), x1 = _mm512_maskz_loadu_ps(m, q[nq - 1] + d);
+        for (int b = 0; b < KV_BLOCK; b++) {
+            const __m512 r = _mm512_maskz_loadu_ps(m, k[b] + d);
+            a[b] = _mm512_fmadd_ps(x0, r, a[b]);
+            if (nq == 2) a[KV_BLOCK + b] = _mm512_fmadd_ps(x1, r, a[KV_BLOCK + b]);
+        }
+    }
+    return lane_sums(a, nq * KV_BLOCK);
+}
+#endif
+
+/* s[c][b] = scale * q[c] . k[b] for nq queries and the nk <= KV_BLOCK rows of a block. Each key's sum
+ * runs in the same order wherever it falls in the block (a short block repeats its last row) and
+ * whatever queries share the call, so its score has the same bits in any step: a row's attention must
+ * not depend on the other rows beside it (PART_KEYS). */
+INLINE void block_scores(const float *const *q, int nq, const float **k, int nk, int64_t D, float scale,
+                         float *const *s) {
     const float *r[KV_BLOCK];
-    float t[KV_BLOCK];
     for (int b = 0; b < KV_BLOCK; b++) r[b] = k[b < nk ? b : nk - 1];
-    dot4(q, r, D, t);
-    if (nk > 4) dot4(q, r + 4, D, t + 4);
-    for (int b = 0; b < nk; b++) s[b] = t[b] * scale;
+#if defined(__AVX512F__)
+    const __mmask8 m = (__mmask8)((1u << nk) - 1);
+    for (int c = 0; c < nq; c += 2) { /* query pairs fill both FMA pipes */
+        const __m512 t = _mm512_mul_ps(nq - c >= 2 ? dot_block(q + c, 2, r, D) : dot_block(q + c, 1, r, D),
+                                       _mm512_set1_ps(scale));
+        _mm256_mask_storeu_ps(s[c], m, _mm512_castps512_ps256(t));
+        if (nq - c >= 2) _mm256_mask_storeu_ps(s[c + 1], m, _mm512_extractf32x8_ps(t, 1));
+    }
+#else
+    for (int c = 0; c < nq; c++) {
+        float t[KV_BLOCK];
+        dot4(q[c], r, D, t);
+        if (nk > 4) dot4(q[c], r + 4, D, t + 4);
+        for (int b = 0; b < nk; b++) s[c][b] = t[b] * scale;
+    }
+#endif
 }
 
 /* y += sum_b p[b] v[b] over the rows [b0, b1) of a block, key after key as axpy would */
@@ -433,6 +506,49 @@ INLINE void block_axpy(float *y, const float *p, const float **v, int b0, int b1
         for (int b = b0; b < b1; b++) y[d] += p[b] * v[b][d];
 }
 
+#if defined(__AVX512F__)
+#define AXPY_QUERIES 4 /* queries a V row is loaded for: 4 x 4 accumulators of 16 lanes, 64 of D at a time */
+
+/* block_axpy for nq <= AXPY_QUERIES queries over the same keys: each y[c] element still adds its keys
+ * one after another (the same bits as alone), but the nq x 4 chains run side by side */
+INLINE void block_axpy_n(float *const *y, const float *const *p, int nq, const float **v, int b0, int b1, int64_t D) {
+    for (int64_t d = 0; d < D; d += 64) {
+        __mmask16 m[4];
+        __m512 acc[AXPY_QUERIES][4];
+        for (int u = 0; u < 4; u++) m[u] = lanes_from(D, d + 16 * u);
+        for (int c = 0; c < nq; c++)
+            for (int u = 0; u < 4; u++) acc[c][u] = _mm512_maskz_loadu_ps(m[u], y[c] + d + 16 * u);
+        for (int b = b0; b < b1; b++) {
+            __m512 r[4];
+            for (int u = 0; u < 4; u++) r[u] = _mm512_maskz_loadu_ps(m[u], v[b] + d + 16 * u);
+            for (int c = 0; c < nq; c++) {
+                const __m512 w = _mm512_set1_ps(p[c][b]);
+                for (int u = 0; u < 4; u++) acc[c][u] = _mm512_fmadd_ps(w, r[u], acc[c][u]);
+            }
+        }
+        for (int c = 0; c < nq; c++)
+            for (int u = 0; u < 4; u++) _mm512_mask_storeu_ps(y[c] + d + 16 * u, m[u], acc[c][u]);
+    }
+}
+#endif
+
+/* y[c] += sum_b p[c][b] v[b] over the rows [b0, b1) of a block for nq queries */
+INLINE void block_axpy_queries(float *const *y, const float *const *p, int nq, const float **v, int b0, int b1,
+                               int64_t D) {
+#if defined(__AVX512F__)
+    for (int c = 0; c < nq; c += AXPY_QUERIES) {
+        const int n = nq - c < AXPY_QUERIES ? nq - c : AXPY_QUERIES;
+        /* constant counts, so that each form keeps its accumulators in registers */
+        if (n == 4) block_axpy_n(y + c, p + c, 4, v, b0, b1, D);
+        else if (n == 3) block_axpy_n(y + c, p + c, 3, v, b0, b1, D);
+        else if (n == 2) block_axpy_n(y + c, p + c, 2, v, b0, b1, D);
+        else block_axpy_n(y + c, p + c, 1, v, b0, b1, D);
+    }
+#else
+    for (int c = 0; c < nq; c++) block_axpy(y[c], p[c], v, b0, b1, D);
+#endif
+}
+
 /* exact mode between its passes: each row's scores over its keys [a, b) become e^(s - m), m their max */
 static void exact_weights(const fd_layer *L, int nr, int ng, const int64_t *a, const int64_t *b, int64_t n,
                           float *scores, float *out, int64_t ldo, int64_t D) {
@@ -444,6 +560,36 @@ static void exact_weights(const fd_layer *L, int nr, int ng, const int64_t *a, c
             o[0] = m;
             o[1] = exp_sum(sc + a[i], b[i] - a[i], m);
         }
+}
+
+/* One block of keys [j, j + nk) of one kv head for its nr x ng queries, in attn_partition's pass (and
+ * layout: q [nr][ng][D] rows ldq apart, scores [nr * ng][n] from key j, out (m, l, acc) rows ldo
+ * apart). The queries of every row that sees some of the block run together: scores in query pairs,
+ * the V products for the rows that see the same keys of it (all of them but at a causal or window
+ * edge) at once, so that independent FMA chains fill the pipes; each query's sums keep their order. */
+static void attend_block(const fd_layer *L, const float *q, int64_t ldq, int nr, int ng, const int64_t *a,
+                         const int64_t *b, int64_t j, int nk, const float **k, const float **v, int pass, float phi,
+                         float scale, float *scores, int64_t n, float *out, int64_t ldo, int64_t D) {
+    const float *qs[GROUP_ROWS * ng];
+    float *ss[GROUP_ROWS * ng], *ys[GROUP_ROWS * ng];
+    int lo[GROUP_ROWS], hi[GROUP_ROWS], row[GROUP_ROWS * ng], nq = 0;
+    for (int i = 0; i < nr; i++) {
+        lo[i] = (int)((a[i] > j ? a[i] : j) - j), hi[i] = (int)((b[i] < j + nk ? b[i] : j + nk) - j);
+        for (int g = 0; hi[i] > lo[i] && g < ng; g++, nq++)
+            qs[nq] = q + i * ldq + g * D, ss[nq] = scores + (i * ng + g) * n, ys[nq] = out + i * ldo + g * (D + 2) + 2,
+            row[nq] = i;
+    }
+    if (pass != 1) block_scores(qs, nq, k, nk, D, scale, ss);
+    for (int c = 0; pass == 2 && c < nq; c++) {
+        const int r = row[c];
+        if (L->softcap) soft_cap(ss[c] + lo[r], hi[r] - lo[r], L->softcap);
+        ys[c][-1] += exp_sum(ss[c] + lo[r], hi[r] - lo[r], phi);
+    }
+    for (int c = 0, e; pass != 0 && c < nq; c = e) { /* runs of queries whose rows see the same keys */
+        const int r = row[c];
+        for (e = c + 1; e < nq && lo[row[e]] == lo[r] && hi[row[e]] == hi[r]; e++) {}
+        block_axpy_queries(ys + c, (const float *const *)ss + c, e - c, v, lo[r], hi[r], D);
+    }
 }
 
 /* Keys [j0, j1) of one sequence in layer L for nr consecutive query rows of it (row i sees the keys
@@ -483,18 +629,8 @@ static void attn_partition(const fd_model *M, int64_t layer, const fd_layer *L, 
             for (int c = 0; c < nh; c++) {
                 if (pass != 1) kv_block(M, layer, slots, j0 + j, j1, nk, h0 + c, 0, buf, k);
                 if (pass != 0) kv_block(M, layer, slots, j0 + j, j1, nk, h0 + c, 1, buf + KV_BLOCK * D, v);
-                for (int i = 0; i < nr; i++) {
-                    const int lo = (int)((a[i] > j ? a[i] : j) - j), hi = (int)((b[i] < j + nk ? b[i] : j + nk) - j);
-                    for (int g = 0; hi > lo && g < ng; g++) {
-                        float *o = out + c * ldh + i * ldo + g * (D + 2), *sc = scores + ((c * nr + i) * ng + g) * n + j;
-                        if (pass != 1) block_scores(q + i * ldq + (c * ng + g) * D, k, nk, D, M->scale, sc);
-                        if (pass == 2) {
-                            if (L->softcap) soft_cap(sc + lo, hi - lo, L->softcap);
-                            o[1] += exp_sum(sc + lo, hi - lo, phi);
-                        }
-                        if (pass != 0) block_axpy(o + 2, sc, v, lo, hi, D);
-                    }
-                }
+                attend_block(L, q + c * ng * D, ldq, nr, ng, a, b, j, nk, k, v, pass, phi, M->scale,
+                             scores + c * nr * ng * n + j, n, out + c * ldh, ldo, D);
             }
         }
     }
