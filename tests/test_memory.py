@@ -170,9 +170,10 @@ def test_serving_32_sequences_peaks_within_the_file_and_kv_bound() -> None:
     """Issue 15's figure, peak RSS against the GGUF file plus the KV cache the run needs, for what
     serving adds: the peak above the process's RSS before the engine (the interpreter and torch,
     ~200 MB whatever the model). The weights are the file's blocks (1x the file) and the KV cache
-    is its blocks (1x); the rest (tokenizer, native library, a 1024-token prefill chunk's step
-    workspace, the [32, vocab] logits) is fixed, about 0.4x of these for a 97 MB model. 1.5x leaves
-    a little headroom over that and fails on a second copy of the weights (+0.48x) or of the cache.
+    is its blocks (1x); the rest (tokenizer, native library and modules, the native step's workspace
+    for 256 rows, the [32, vocab] logits) is fixed, about 0.3x of these for a 97 MB model. 1.5x
+    leaves headroom over that and fails on a second copy of the weights (+0.48x) or of the cache,
+    or a step workspace for a whole 1024-token prefill chunk beside a duplicate of the logits.
     Before the engine serves, the load alone must stay within the weights plus those fixed costs
     (2.2x the file): the mapped file resident beside its planes, fused parts beside the fused
     matrix, or planes beside their repacks each add a whole copy."""

@@ -90,6 +90,9 @@ def _moe(moe: SparseMoE, modes) -> MoEWeights:
     )  # fmt: skip
 
 
+ROWS_PER_CALL = 256  # rows of one native step call (a longer step runs as several, in order)
+
+
 def step_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Every query row of a step as the native step takes it: one flat tensor of key slots, each
     row's offset into it, each row's context length, and the longest. Decodes come first, each with
@@ -171,7 +174,15 @@ class NativeDecode:
         checked and recomputed are counted on ``softmax``."""
         slots, slot_rows, lens, max_len = step_rows(meta)
         x = x.contiguous()
-        step.run(x, positions, meta.slot_mapping, slots, slot_rows, lens, max_len, torch.get_num_threads())
+        # a long prefill chunk in calls of ROWS_PER_CALL rows: the step's workspace grows with its
+        # rows (tens of KB each), and a row's keys are in the cache by the time it runs, since rows
+        # run in order and each call writes its rows' K/V (a row's result depends on no other row)
+        for first in range(0, x.shape[0], ROWS_PER_CALL):
+            rows = slice(first, first + ROWS_PER_CALL)
+            step.run(
+                x[rows], positions[rows], meta.slot_mapping[rows], slots, slot_rows[rows], lens[rows],
+                max_len, torch.get_num_threads(),
+            )  # fmt: skip
         if softmax is not None and softmax.mode == "unified":
             checked, fallbacks = step.stats[:2].tolist()
             softmax.rows_checked += checked
