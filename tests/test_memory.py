@@ -191,6 +191,7 @@ def test_serving_32_sequences_peaks_within_the_file_and_kv_bound() -> None:
     assert r["slots"] == n * blocks * r["block"]
     kv = r["slot_bytes"] * r["slots"]
     load, serve = r["built"] - r["baseline"], r["peak"] - r["baseline"]
-    assert load <= 2.2 * r["file"], f"load peak {load / 2**20:.0f} MiB over a {r['file'] / 2**20:.0f} MiB file"
+    mib = 2**20
+    assert load <= 2.2 * r["file"], f"load peak {load / mib:.0f} MiB over a {r['file'] / mib:.0f} MiB file"
     bound = 1.5 * (r["file"] + kv)
-    assert serve <= bound, f"serving peak {serve / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+    assert serve <= bound, f"serving peak {serve / mib:.0f} MiB > {bound / mib:.0f} MiB"

@@ -138,7 +138,8 @@ class GGUFHeader:
         element = _ELEMENT_TYPES.get(kind)
         if element is None:
             block, block_bytes = GGML_QUANT_SIZES[kind]
-            dtype, count, shape = np.dtype(np.uint8), n * block_bytes // block, quant_shape_to_byte_shape(shape, kind)
+            dtype, count = np.dtype(np.uint8), n * block_bytes // block
+            shape = quant_shape_to_byte_shape(shape, kind)
         else:
             dtype, count = np.dtype(element).newbyteorder(self._order), n
         first = start + offset
