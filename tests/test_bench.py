@@ -109,6 +109,12 @@ def test_quick_bench_on_a_tiny_model(tiny_gguf: Path, hf_model) -> None:
     assert mem["peak_rss_from"] == "engine load" and mem["peak_rss_bytes"] > 0
     total = mem["model_file_bytes"] + mem["kv_cache_bytes"]
     assert mem["peak_rss_ratio"] == pytest.approx(mem["peak_rss_bytes"] / total)
+    # the part of the peak above the RSS the process had before the engine (interpreter, torch)
+    assert 0 < mem["baseline_rss_bytes"] <= mem["peak_rss_bytes"]
+    over = mem["peak_rss_bytes"] - mem["baseline_rss_bytes"]
+    assert mem["peak_rss_over_baseline_bytes"] == over
+    assert mem["peak_rss_over_baseline_ratio"] == pytest.approx(over / total)
+    assert "above the" in bench.describe_result(result)
     json.dumps(result)  # JSON-able as it is
 
 

@@ -147,7 +147,7 @@ class LLMEngine:
                 draft, draft_numerics = self.model, self.numerics
             else:
                 draft, draft_numerics = build_model(
-                    config, self._load_draft(path), path, table, self.device, self.max_model_len
+                    config, self._load_draft(path), path, table, self.device, self.max_model_len, owned=True
                 )
             draft_kv_dtype = draft_numerics.kv_cache_dtype
             draft_bytes = kv_bytes_per_token(draft, draft_kv_dtype)

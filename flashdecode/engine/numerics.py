@@ -84,6 +84,9 @@ def heldout_ids(tokenizer: Tokenizer, limit: int) -> list[int]:
     return tokenizer.encode(text)[:limit]
 
 
+LOGIT_ROWS = 32  # the held-out check's logits per call
+
+
 @torch.inference_mode()
 def perplexity(model: Decoder, cache: KVCache, ids: list[int], chunk: int = 256) -> float:
     """Teacher-forced perplexity of ``ids`` as one sequence in slots 0..len-1 of ``cache``, prefilled
@@ -97,8 +100,12 @@ def perplexity(model: Decoder, cache: KVCache, ids: list[int], chunk: int = 256)
             PrefillSegment(start=0, num_query=end - start, context_len=end, slots=torch.arange(end))
         )
         hidden = model.forward(tokens[start:end], torch.arange(start, end), cache, meta)
-        logp = torch.log_softmax(model.logits(hidden), dim=-1)
-        nll -= float(logp.gather(1, tokens[start + 1 : end + 1, None]).sum())
+        # the vocabulary-wide logits a few rows at a time: a chunk's at once would be the load's
+        # largest temporary (rows are independent, so the sum is the same terms)
+        targets = tokens[start + 1 : end + 1, None]
+        for row in range(0, end - start, LOGIT_ROWS):
+            logp = torch.log_softmax(model.logits(hidden[row : row + LOGIT_ROWS]), dim=-1)
+            nll -= float(logp.gather(1, targets[row : row + LOGIT_ROWS]).sum())
     return math.exp(nll / (n - 1))
 
 

@@ -65,8 +65,10 @@ def build_model(
     device: Device,
     max_model_len: int,
     group: ParallelGroup | None = None,
+    owned: bool = False,
 ) -> tuple[Decoder, numerics.Numerics]:
-    """A loaded model's decoder with its softmax policy and numerics (the target's, or a draft's)."""
+    """A loaded model's decoder with its softmax policy and numerics (the target's, or a draft's).
+    ``owned``: the caller hands ``loaded``'s weights over (it loaded them for this decoder alone)."""
     triton = device.backend == "triton"
     tensor_parallel = group is not None and group.tensor_size > 1
     model = Decoder(
@@ -79,6 +81,9 @@ def build_model(
         max_model_len=max_model_len,
         comm=group.tensor if tensor_parallel else None,
     )
+    if owned:  # the decoder holds every weight it runs: the loaded dict's references would keep the
+        # stored planes alive beside the repacks that the plans below may replace them with
+        loaded.weights.clear()
     quantized_file = config.quantization is None and any(is_quantized(f) for f in loaded.formats.values())
     source = loaded.source or model_arg  # the file the weights came from: what a record is of
     model.softmax = softmax_policy(
@@ -145,7 +150,8 @@ class Worker:
         # ranks that share a machine share its cores
         ranks_here = 1 if group is None else group.local_size
         torch.set_num_threads(config.num_threads or max(1, physical_cores() // ranks_here))
-        if loaded is None:
+        owned = loaded is None
+        if owned:
             loaded = load_model(config.model, *_rank_part(config, group))
         self.tokenizer = loaded.tokenizer
         self.spec = loaded.spec
@@ -159,7 +165,7 @@ class Worker:
             table = load_table()
         self.table = table
         self.model, self.numerics = build_model(
-            config, loaded, config.model, table, self.device, self.max_model_len, group
+            config, loaded, config.model, table, self.device, self.max_model_len, group, owned
         )
         del loaded
         self.kv_cache_dtype = self.numerics.kv_cache_dtype

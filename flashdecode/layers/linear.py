@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..kernels import cpu, reference
 from ..kernels import triton as triton_kernels
 from ..kernels.formats import I8_FORMATS, NATIVE_FORMATS, canonical
-from ..utils.memory import huge_page_copy
+from ..utils.memory import advise_huge_pages, huge_page_copy
 from .device import BACKENDS
 from .quant import QuantizedTensor
 
@@ -210,8 +210,7 @@ class Linear:
         """The weight repacked 16 rows at a time for ``native_i8`` (kernels/cpu/build.py repack_i8),
         built on first use and held until ``release`` drops it (a second copy of the weight)."""
         if self._i8 is None:
-            q, d, m = cpu.repack_i8(self.format, self.weight.planes())
-            self._i8 = huge_page_copy(q), d, m  # a decode step streams the values through
+            self._i8 = _repack_i8_by_rows(self.format, self.weight.planes(), self.shape[0])
         return self._i8
 
     def i8_nbytes(self) -> int | None:
@@ -283,6 +282,32 @@ class SplitLinear:
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
+REPACK_ROWS = 2048  # rows repacked at a time: a large matrix's repack temporaries stay this size
+
+
+def _repack_i8_by_rows(fmt: str, planes: reference.Planes, n: int) -> reference.Planes:
+    """``cpu.repack_i8`` of an ``n``-row matrix, ``REPACK_ROWS`` rows (whole 16-row groups) at a time
+    into one buffer, its values on memory advised as huge pages (a decode step streams them
+    through): the repack's temporaries never hold a whole matrix (a vocabulary-sized head's several
+    times over). A group's layout depends on its own rows alone, so the pieces are the whole's
+    groups in order. Q5_K packs lean or not by the whole matrix's scales: it is repacked at once."""
+    if fmt == "Q5_K" or n <= REPACK_ROWS:
+        q, d, m = cpu.repack_i8(fmt, planes)
+        return huge_page_copy(q), d, m
+    groups = -(-n // 16)
+    out: list[torch.Tensor | None] = []
+    for first in range(0, n, REPACK_ROWS):
+        part = tuple(None if p is None else p[first : first + REPACK_ROWS] for p in planes)
+        packed = cpu.repack_i8(fmt, part)
+        if not out:
+            out = [None if t is None else t.new_empty((groups, *t.shape[1:])) for t in packed]
+            advise_huge_pages(out[0])
+        for whole, t in zip(out, packed):
+            if whole is not None:
+                whole[first // 16 : first // 16 + t.shape[0]] = t
+    return out[0], out[1], out[2]
+
+
 def fused_linear(
     weights: Sequence[torch.Tensor | QuantizedTensor],
     biases: Sequence[torch.Tensor] | None = None,
@@ -292,7 +317,12 @@ def fused_linear(
     bias = None if biases is None else torch.cat(list(biases))
     if all(isinstance(w, QuantizedTensor) for w in weights):
         if len({w.format for w in weights}) == 1:
-            return Linear(QuantizedTensor.cat(weights), bias, backend)
+            fused = QuantizedTensor.cat(weights)
+            first = 0
+            for w in weights:  # the parts' blocks live on in the fused matrix, not beside it
+                w.share_rows_of(fused, first)
+                first += w.shape[0]
+            return Linear(fused, bias, backend)
     elif not any(isinstance(w, QuantizedTensor) for w in weights):
         return Linear(torch.cat(list(weights)), bias, backend)
     splits = [w.shape[0] for w in weights]

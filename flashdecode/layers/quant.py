@@ -118,15 +118,20 @@ class QuantizedTensor:
                 raise ValueError(f"{fmt}: {raw.size} bytes for a [{n}, {k}] tensor")
             return _repack_k_quant(fmt, raw.reshape(n * (k // QK_K), block_bytes), n, k)
         nb = k // BLOCK
-        blocks = torch.from_numpy(np.array(np.asarray(raw).view(np.uint8), copy=True))
-        if blocks.numel() != n * nb * block_bytes:
-            raise ValueError(f"{fmt}: {blocks.numel()} bytes for a [{n}, {k}] tensor")
+        blocks = np.asarray(raw).view(np.uint8)
+        if blocks.size != n * nb * block_bytes:
+            raise ValueError(f"{fmt}: {blocks.size} bytes for a [{n}, {k}] tensor")
         blocks = blocks.reshape(n, nb, block_bytes)
-        d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(n, nb)
+
+        def plane(first: int, end: int | None = None) -> torch.Tensor:
+            """Bytes [first, end) of every block, copied straight out of ``raw`` (a memory-mapped file:
+            the planes are the only copy the load makes)."""
+            return torch.from_numpy(blocks[..., first:end].copy())
+
+        d = plane(0, 2).view(torch.float16).reshape(n, nb)
         if fmt == "Q4_1":
-            m = blocks[..., 2:4].contiguous().view(torch.float16).reshape(n, nb)
-            return cls(fmt, blocks[..., 4:].contiguous(), d, m)
-        return cls(fmt, blocks[..., 2:].contiguous(), d)
+            return cls(fmt, plane(4), d, plane(2, 4).view(torch.float16).reshape(n, nb))
+        return cls(fmt, plane(2), d)
 
     def to_gguf_blocks(self) -> np.ndarray:
         """The GGUF bytes back, [N, K/32 * block bytes] uint8 (``BYTE_FORMATS`` only: a K-quant's
@@ -182,6 +187,13 @@ class QuantizedTensor:
             raise ValueError("only matrices of one format and row length can be concatenated")
         m = None if parts[0].m is None else torch.cat([p.m for p in parts])
         return QuantizedTensor(fmt, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m)
+
+    def share_rows_of(self, whole: QuantizedTensor, first: int) -> None:
+        """Become a view of rows ``first`` onwards of ``whole`` (which holds these same blocks there,
+        as ``cat`` made it): the rows are then held once, however many hold the two."""
+        n = self.shape[0]
+        rows = (whole.qs, whole.d, whole.m)
+        self.qs, self.d, self.m = (None if t is None else t[first : first + n] for t in rows)
 
     @property
     def device(self) -> torch.device:

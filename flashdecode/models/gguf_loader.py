@@ -21,7 +21,9 @@ from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..kernels.formats import LOADED_NATIVE
 from ..layers.quant import QuantizedTensor
 from ..layers.rope import RopeScaling
+from ..utils.memory import drop_mapped_pages
 from . import gemma, moe
+from .gguf_header import GGUFHeader
 from .pipeline_parallel import PPStage
 from .spec import (
     EXPERT_TENSORS,
@@ -51,35 +53,12 @@ _ROPE_TENSORS = {
 }
 
 
-class _Reader(gguf.GGUFReader):
-    """``GGUFReader`` over a plain ndarray view of its memory map: numpy's memmap subclass costs
-    microseconds per slice, and the reader slices once per vocabulary string."""
-
-    @property
-    def data(self) -> np.ndarray:
-        return self._array
-
-    @data.setter
-    def data(self, value: np.ndarray) -> None:
-        self._array = value.view(np.ndarray)
-
-
-def read_gguf(path: str | Path) -> Any:
+def read_gguf(path: str | Path) -> GGUFHeader:
     """Open a GGUF file, turning every way a file can be broken into one ``ModelLoadError``."""
     try:
-        return _Reader(str(path), "r")
-    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors... on bad input
+        return GGUFHeader(path)
+    except Exception as exc:  # struct errors, ValueError, UnicodeDecodeError... on bad input
         raise ModelLoadError(f"{path}: not a valid GGUF file ({type(exc).__name__}: {exc})") from exc
-
-
-def gguf_metadata(reader: Any) -> dict[str, Any]:
-    meta = {}
-    for key, field in reader.fields.items():
-        try:
-            meta[key] = field.contents()
-        except Exception as exc:
-            raise ModelLoadError(f"GGUF metadata field {key!r} is malformed: {exc}") from exc
-    return meta
 
 
 def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -222,12 +201,12 @@ def _canonical_names(t: Any, spec: ModelSpec) -> tuple[list[str], Split | None]:
     raise ModelLoadError(f"unexpected tensor {name!r}")
 
 
-def _open(path: str | Path) -> tuple[Any, ModelSpec, Tokenizer, dict[str, Any], dict[str, Split]]:
+def _open(path: str | Path) -> tuple[GGUFHeader, ModelSpec, Tokenizer, dict[str, Any], dict[str, Split]]:
     """Reader, spec, tokenizer, the tensors by canonical name (a fused or stacked tensor under each of
     its parts' names) and the split of every such tensor by its GGUF name, without reading any
     tensor data."""
     reader = read_gguf(path)
-    meta = gguf_metadata(reader)
+    meta = reader.meta
     # an unsupported model fails first, by name
     if family_for(str(meta.get("general.architecture"))).opt:
         raise UnsupportedArchitectureError("OPT loads from Hugging Face folders only (llama.cpp has no OPT)")
@@ -256,7 +235,7 @@ def describe_gguf(path: str | Path) -> tuple[ModelSpec, dict[str, str]]:
 def load_gguf(path: str | Path, shard: TPShard | None = None, stage: PPStage | None = None) -> LoadedModel:
     """``shard``: load only this tensor-parallel rank's part of every weight (models/tensor_parallel.py);
     ``stage``: only this pipeline stage's weights (models/pipeline_parallel.py)."""
-    _, spec, tokenizer, tensors, fused = _open(path)
+    reader, spec, tokenizer, tensors, fused = _open(path)
     plan = None if shard is None else ShardPlan(spec, shard)
     weights: dict[str, torch.Tensor] = {}
     formats: dict[str, str] = {}
@@ -281,6 +260,8 @@ def load_gguf(path: str | Path, shard: TPShard | None = None, stage: PPStage | N
             raise
         except Exception as exc:
             raise ModelLoadError(f"{where} cannot be read (truncated file?): {exc}") from exc
+        # copied out: the file's pages of this tensor leave the resident set (utils/memory.py)
+        drop_mapped_pages(reader.data, np.asarray(t.data))
     formats |= {canonical: t.tensor_type.name for canonical, t in tensors.items()}
     # Qwen2-MoE's shared-expert gate, [1, hidden] as the converter writes it: llama-quantize writes
     # it 1-D ({n_embd}, the shape llama.cpp's loader asks for)

@@ -91,6 +91,9 @@ def _moe(moe: SparseMoE, modes) -> MoEWeights:
     )  # fmt: skip
 
 
+ROWS_PER_CALL = 256  # rows of one native step call (a longer step runs as several, in order)
+
+
 def step_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Every query row of a step as the native step takes it: one flat tensor of key slots, each
     row's offset into it, each row's context length, and the longest. Decodes come first, each with
@@ -175,11 +178,20 @@ class NativeDecode:
         x = x.contiguous()
         if self.team.most != torch.get_num_threads():
             self.team = AdaptiveTeam(torch.get_num_threads())
+        # a long prefill chunk in calls of ROWS_PER_CALL rows: the step's workspace grows with its
+        # rows (tens of KB each), and a row's keys are in the cache by the time it runs, since rows
+        # run in order and each call writes its rows' K/V (a row's result depends on no other row)
+        total = x.shape[0]
+        for first in range(0, total, ROWS_PER_CALL):
+            rows = slice(first, min(first + ROWS_PER_CALL, total))
 
-        def run_on(threads: int) -> None:
-            step.run(x, positions, meta.slot_mapping, slots, slot_rows, lens, max_len, threads)
+            def run_on(threads: int, rows: slice = rows) -> None:
+                step.run(
+                    x[rows], positions[rows], meta.slot_mapping[rows], slots, slot_rows[rows], lens[rows],
+                    max_len, threads,
+                )  # fmt: skip
 
-        self.team.run(x.shape[0].bit_length(), run_on)  # steps of alike row counts share a record
+            self.team.run((rows.stop - rows.start).bit_length(), run_on)  # alike row counts share a record
         if softmax is not None and softmax.mode == "unified":
             checked, fallbacks = step.stats[:2].tolist()
             softmax.rows_checked += checked

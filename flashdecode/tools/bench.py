@@ -32,7 +32,7 @@ from ..errors import FlashDecodeError
 from ..kernels.cpu.decode import DecodeStep
 from ..models.loader import resolve_model_path
 from ..sampling_params import SamplingParams
-from ..utils.cpuinfo import cpu_model, peak_rss_bytes, physical_cores, reset_peak_rss
+from ..utils.cpuinfo import cpu_model, peak_rss_bytes, physical_cores, reset_peak_rss, rss_bytes
 from ..utils.formatting import fmt_bytes, format_table, parse_int_list
 from ..utils.paths import write_report
 from .roofline import Ceilings, machine_ceilings, model_cost_for_engine
@@ -215,6 +215,7 @@ def run_bench(
     if ceilings is None:  # before the engine: the bandwidth probe's buffer is not the engine's memory
         ceilings = machine_ceilings(config.num_threads or physical_cores(), fresh_bandwidth=True)
     peak_since_load = reset_peak_rss()
+    baseline = rss_bytes()  # the interpreter, torch and flashdecode: no part of the model's memory
     load_start = time.perf_counter()
     engine = engine if engine is not None else make_engine(config)
     load_s = time.perf_counter() - load_start
@@ -241,7 +242,7 @@ def run_bench(
     finally:
         if bar is not None:
             bar.close()
-    memory = memory_summary(engine, file_bytes, peak_rss_bytes(), peak_since_load)
+    memory = memory_summary(engine, file_bytes, peak_rss_bytes(), peak_since_load, baseline)
     return {
         "model": {
             "source": engine.config.model or "embedded SmolLM2-135M-Instruct Q4_1",
@@ -293,19 +294,31 @@ def model_file_bytes(model: str | None) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def memory_summary(engine: Any, file_bytes: int, peak_rss: int, since_load: bool) -> dict[str, Any]:
+def memory_summary(
+    engine: Any, file_bytes: int, peak_rss: int, since_load: bool, baseline: int | None = None
+) -> dict[str, Any]:
     """The process's peak RSS beside what it must hold: the weight files (``file_bytes``) and the KV
     cache's storage (issue 15's ratio). ``since_load``: the peak counts from just before the engine
-    was built (else from the process's start, the bandwidth probe's buffer too)."""
+    was built (else from the process's start, the bandwidth probe's buffer too). ``baseline``: the
+    RSS just before the engine was built (the interpreter, torch, flashdecode's modules), which the
+    peak includes; the peak above it is what serving the model added."""
     cache = engine.cache
     kv_bytes = cache.bytes_per_slot * cache.kv.shape[1]
-    return {
+    held = file_bytes + kv_bytes
+    summary = {
         "peak_rss_bytes": peak_rss,
         "peak_rss_from": "engine load" if since_load else "process start",
         "model_file_bytes": file_bytes,
         "kv_cache_bytes": kv_bytes,
-        "peak_rss_ratio": peak_rss / (file_bytes + kv_bytes),
+        "peak_rss_ratio": peak_rss / held,
     }
+    if baseline is not None:
+        summary |= {
+            "baseline_rss_bytes": baseline,
+            "peak_rss_over_baseline_bytes": peak_rss - baseline,
+            "peak_rss_over_baseline_ratio": (peak_rss - baseline) / held,
+        }
+    return summary
 
 
 def resident_tensor_bytes(obj: Any, _seen: set[int] | None = None, _depth: int = 0) -> int:
@@ -375,9 +388,19 @@ def describe_result(result: dict[str, Any]) -> str:
         f"{fmt_bytes(m['weight_bytes_per_step'])}\n"
         f"memory: peak RSS {fmt_bytes(mem['peak_rss_bytes'])} (from {mem['peak_rss_from']}) = "
         f"{mem['peak_rss_ratio']:.2f}x (model file {fmt_bytes(mem['model_file_bytes'])} + KV cache "
-        f"{fmt_bytes(mem['kv_cache_bytes'])})\n"
+        f"{fmt_bytes(mem['kv_cache_bytes'])}){_over_baseline(mem)}\n"
         f"machine: {result['machine']['cpu']}; memory bandwidth {c['bandwidth'] / 1e9:.1f} GB/s measured in "
         f"this process; matmul ceiling {result['compute']} {peak:,.0f} GFLOP/s"
+    )
+
+
+def _over_baseline(mem: dict[str, Any]) -> str:
+    if "baseline_rss_bytes" not in mem:
+        return ""
+    return (
+        f"; {fmt_bytes(mem['peak_rss_over_baseline_bytes'])} above the "
+        f"{fmt_bytes(mem['baseline_rss_bytes'])} of interpreter and torch before the engine = "
+        f"{mem['peak_rss_over_baseline_ratio']:.2f}x"
     )
 
 

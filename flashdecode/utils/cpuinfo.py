@@ -77,16 +77,27 @@ def release_freed_memory() -> None:
         pass
 
 
-def peak_rss_bytes() -> int:
-    """The peak resident set size of this process (since ``reset_peak_rss``): VmHWM, else getrusage."""
+def _status_bytes(key: str) -> int | None:
+    """A size line of /proc/self/status (``VmRSS``, ``VmHWM``...) in bytes; None without it."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set size of this process (since ``reset_peak_rss``): VmHWM, else getrusage."""
+    peak = _status_bytes("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if peak is None else peak
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size now (VmRSS); None where /proc does not tell."""
+    return _status_bytes("VmRSS")
 
 
 def last_level_cache_bytes() -> int:
