@@ -247,3 +247,19 @@ def test_a_prompt_row_is_computed_alike_in_any_chunk(arch, softmax, gguf_model, 
     for chunk in (7, 5):
         for pa, pb in zip(whole, prompt_logprobs(chunk), strict=True):
             assert_same_logprobs(pa, pb, 0.0)
+
+
+def test_a_plan_change_forgets_the_team_sizes_timed(gguf_model, native_kernels) -> None:
+    """The team sizes utils/threads.py chose were timed on the old kernels: a plan change (the held-out
+    check's exact pass, then int8) starts their record afresh, and steps on other kernels never share
+    one."""
+    from flashdecode.engine.numerics import use_exact_kernels  # noqa: PLC0415
+
+    llm = LLM(model=str(gguf_model("llama", "Q8_0")), max_model_len=512, num_threads=2)
+    run(llm, PROMPTS[:1])
+    native = llm.engine.model.native
+    before = native.team
+    assert before._shapes and all(isinstance(key, tuple) for key in before._shapes)
+    use_exact_kernels(llm.engine.model)
+    out = run(llm, PROMPTS[:1])
+    assert native.team is not before and native.team._shapes and out[0].token_ids

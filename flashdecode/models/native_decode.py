@@ -158,6 +158,7 @@ class NativeDecode:
             self._chosen.clear()
             self._steps.clear()
             self._plans_set = Linear.plans_set
+            self.team = AdaptiveTeam(torch.get_num_threads())  # and so are the other kernels' times
         unified = softmax is not None and softmax.mode == "unified"
         key = (t, cache.kv.data_ptr(), (softmax.phi, softmax.window) if unified else None)
         if key not in self._chosen:
@@ -191,7 +192,8 @@ class NativeDecode:
                     max_len, threads,
                 )  # fmt: skip
 
-            self.team.run((rows.stop - rows.start).bit_length(), run_on)  # alike row counts share a record
+            # steps of alike row counts on the same kernels share a record
+            self.team.run((id(step), (rows.stop - rows.start).bit_length()), run_on)
         if softmax is not None and softmax.mode == "unified":
             checked, fallbacks = step.stats[:2].tolist()
             softmax.rows_checked += checked
