@@ -80,6 +80,40 @@ def test_ngram_lookup_prefers_the_match_that_runs_furthest_back() -> None:
     # a copy under way: the suffix matches six tokens back
     text = np.array([10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 0, 10, 11, 12, 13, 14, 15])
     assert ngram_lookup(text, 4, 1, 2) == ([16, 17, 18, 19], 6)
+
+
+def slow_ngram_lookup(tokens: list[int], k: int, n_min: int, n_max: int) -> tuple[list[int], int]:
+    """The lookup as its docstring says it, n by n and occurrence by occurrence."""
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        suffix = tokens[len(tokens) - n :]
+        best, best_len = None, 0
+        for i in range(len(tokens) - n):  # an occurrence with a token after it
+            if tokens[i : i + n] != suffix:
+                continue
+            length = n
+            while length < max(n, MATCH_LIMIT) and i - (length - n) - 1 >= 0:
+                if tokens[i - (length - n) - 1] != tokens[len(tokens) - length - 1]:
+                    break
+                length += 1
+            if length >= best_len:
+                best, best_len = i, length
+        if best is not None:
+            return tokens[best + n : best + n + k], best_len
+    return [], 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 4), min_size=1, max_size=60),
+    st.integers(1, 9),
+    st.integers(1, 3),
+    st.integers(0, 3),
+)
+def test_ngram_lookup_is_its_definition(tokens: list[int], k: int, n_min: int, extra: int) -> None:
+    """The one-pass lookup returns what the n-by-n search of its definition finds, on short
+    alphabets (many repeats, overlapping and self-similar matches)."""
+    want = slow_ngram_lookup(tokens, k, n_min, n_min + extra)
+    assert ngram_lookup(np.array(tokens), k, n_min, n_min + extra) == want
     # a long copy's match is measured MATCH_LIMIT back, no further
     copy = np.array([*range(100, 140), 0, *range(100, 130)])
     assert ngram_lookup(copy, 3, 1, 2) == ([130, 131, 132], MATCH_LIMIT)

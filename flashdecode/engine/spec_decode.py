@@ -50,7 +50,6 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 
 from ..config import SpeculativeConfig
 from ..kernels.formats import bytes_per_weight
@@ -161,32 +160,37 @@ def ngram_lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> tuple[li
     when none does. Of its occurrences, the one whose match runs furthest back (up to
     ``MATCH_LIMIT`` tokens) is taken, the most recent of those: a long match is text being copied, a
     one-token match mostly chance, which is what the proposer's acceptance rate by match length
-    weighs."""
-    length = len(tokens)
-    for n in range(min(n_max, length - 1), n_min - 1, -1):
-        pattern = tokens[length - n :]
-        # occurrences start at i <= length - n - 1, so at least one token follows each
-        starts = np.flatnonzero(tokens[: length - n] == pattern[0])
-        if n > 1 and starts.size:
-            windows = sliding_window_view(tokens, n)[starts]
-            starts = starts[(windows == pattern).all(axis=1)]
-        if starts.size:
-            matched = _match_lengths(tokens, starts, n, max(n, MATCH_LIMIT))
-            best = np.flatnonzero(matched == matched.max())[-1]
-            follow = starts[best] + n
-            return tokens[follow : follow + k].tolist(), int(matched[best])
-    return [], 0
+    weighs.
+
+    One pass serves every n: the earlier tokens equal to the last one are where an occurrence of any
+    n-gram suffix ends, and how far back each goes on matching decides both the largest n that occurs
+    (the longest match, up to n_max) and which occurrence is taken (the longest, of all those that
+    hold that n-gram). The lookup runs once a decode step, so its few array operations matter."""
+    n_max = min(n_max, len(tokens) - 1)
+    if n_max < n_min:
+        return [], 0
+    # ends of occurrences with at least one token after them
+    ends = np.flatnonzero(tokens[:-1] == tokens[-1])
+    if not ends.size:
+        return [], 0
+    matched = _match_lengths(tokens, ends, max(n_max, MATCH_LIMIT))
+    longest = int(matched.max())
+    if min(longest, n_max) < n_min:
+        return [], 0
+    best = np.flatnonzero(matched == longest)[-1]
+    follow = ends[best] + 1
+    return tokens[follow : follow + k].tolist(), longest
 
 
-def _match_lengths(tokens: np.ndarray, starts: np.ndarray, n: int, limit: int) -> np.ndarray:
-    """How far back each occurrence at ``starts`` of the last ``n`` tokens goes on matching the
-    tokens before them: n plus the equal tokens before both, at most ``limit`` in all."""
-    end = len(tokens) - n  # the suffix's n tokens start here
-    lengths = np.full(starts.shape, n)
-    alive = np.ones(starts.shape, dtype=bool)
-    for back in range(1, limit - n + 1):
-        alive &= starts - back >= 0
-        alive[alive] = tokens[starts[alive] - back] == tokens[end - back]
+def _match_lengths(tokens: np.ndarray, ends: np.ndarray, limit: int) -> np.ndarray:
+    """How many tokens, up to ``limit``, each occurrence of the last token at ``ends`` matches the
+    tokens' end going back from there (1: the token alone)."""
+    last = len(tokens) - 1
+    lengths = np.ones(ends.shape, dtype=np.int64)
+    alive = np.ones(ends.shape, dtype=bool)
+    for back in range(1, limit):
+        alive &= ends - back >= 0
+        alive[alive] = tokens[ends[alive] - back] == tokens[last - back]
         if not alive.any():
             break
         lengths += alive
