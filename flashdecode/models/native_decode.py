@@ -147,7 +147,11 @@ class NativeDecode:
         self._chosen: dict[tuple, DecodeStep | None] = {}  # per step shape: the step, or None
         self._steps: dict[tuple, DecodeStep] = {}  # per kernel modes, KV storage and softmax
         self._plans_set = -1
-        self.team = AdaptiveTeam(torch.get_num_threads())  # threads per step, by timing (utils/threads.py)
+        self._fresh_team()  # threads per step, by timing (utils/threads.py)
+
+    def _fresh_team(self) -> None:
+        """A team sized anew, its step times forgotten (they were timed on other kernels or sizes)."""
+        self.team = AdaptiveTeam(torch.get_num_threads())
 
     def step(self, t: int, cache: KVCache, softmax: SoftmaxPolicy | None) -> DecodeStep | None:
         """The native step for a step of ``t`` query rows, or None where the Python layers run.
@@ -158,7 +162,7 @@ class NativeDecode:
             self._chosen.clear()
             self._steps.clear()
             self._plans_set = Linear.plans_set
-            self.team = AdaptiveTeam(torch.get_num_threads())  # and so are the other kernels' times
+            self._fresh_team()
         unified = softmax is not None and softmax.mode == "unified"
         key = (t, cache.kv.data_ptr(), (softmax.phi, softmax.window) if unified else None)
         if key not in self._chosen:
@@ -178,7 +182,7 @@ class NativeDecode:
         slots, slot_rows, lens, max_len = step_rows(meta)
         x = x.contiguous()
         if self.team.most != torch.get_num_threads():
-            self.team = AdaptiveTeam(torch.get_num_threads())
+            self._fresh_team()
         # a long prefill chunk in calls of ROWS_PER_CALL rows: the step's workspace grows with its
         # rows (tens of KB each), and a row's keys are in the cache by the time it runs, since rows
         # run in order and each call writes its rows' K/V (a row's result depends on no other row)

@@ -14,8 +14,10 @@ file; ``drop_mapped_pages`` lets a loader that has copied a tensor out give its 
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,10 +28,15 @@ MADV_DONTNEED = 4
 PAGE = mmap.PAGESIZE
 
 
+@functools.cache
+def _libc_madvise() -> Any:
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
 def _madvise(start: int, length: int, advice: int) -> bool:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
+    return _libc_madvise()(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
 
 
 def advise_huge_pages(t: torch.Tensor) -> bool:

@@ -103,7 +103,7 @@ class NativeKernels:
 
     def set_amx(self, on: bool | None = None) -> bool:
         """Whether ``linear_i8`` (and the decode step's int8 products) run on AMX tiles where they can
-        (16 rows or more, Q4_0, Q4_1, Q8_0, Q5_K, Q5_0): ``on`` switches it for the whole process
+        (16 rows or more, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q5_0): ``on`` switches it for the whole process
         (None: unchanged), never on where ``has_amx`` is False. The results are the same bits either way."""
         return bool(self.lib.fd_amx(-1 if on is None else int(on)))
 
@@ -291,30 +291,26 @@ def repack_i8(fmt: str, planes: Planes, lean: bool = True) -> Planes:
     qs, d_plane, m_plane = planes
     n, nb = qs.shape[0], qs.shape[1]
     groups = -(-n // 16)
-    rows16 = _rows16  # [N, nb, ...] -> [groups, nb, 16, ...]
     if lean and fmt == "Q6_K" and (packed := _lean_q6_k(qs, d_plane)) is not None:
         return packed
     if lean and fmt == "Q4_K" and (packed := _lean_q4_k(qs, d_plane, m_plane)) is not None:
         return packed
     if fmt in ("Q8_0", "Q6_K"):  # a byte per value
-        q = rows16(qs).reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)  # [g, b, quad, row, 4]
+        q = _rows16(qs).reshape(groups, nb, 16, 8, 4).permute(0, 1, 3, 2, 4)  # [g, b, quad, row, 4]
     elif fmt == "Q5_K":  # values 0..31, a byte each in the planes: low nibbles as Q4, then fifth bits
-        nibbles = _nibble_vectors(rows16(qs & 0x0F))
+        nibbles = _nibble_vectors(_rows16(qs & 0x0F))
         # [g, b, half, row, part (quads i / i + 4), i, 4] -> [g, b, i, half, part, 32 bits]
-        fifth = (rows16(qs >> 4) & 1).reshape(groups, nb, 2, 8, 2, 4, 4).permute(0, 1, 5, 2, 4, 3, 6)
+        fifth = (_rows16(qs >> 4) & 1).reshape(groups, nb, 2, 8, 2, 4, 4).permute(0, 1, 5, 2, 4, 3, 6)
         weights = 1 << torch.arange(8, dtype=torch.uint8)
         bits = (fifth.reshape(groups, nb, 64, 8) * weights).sum(-1, dtype=torch.uint8)  # bit k: byte k
         q = torch.cat([nibbles.reshape(groups, nb, 256), bits], dim=-1)
     else:
-        q = _nibble_vectors(rows16(torch.cat([qs & 0x0F, qs >> 4], dim=-1)))  # element order
-
-    def scales16(t: torch.Tensor) -> torch.Tensor:  # [N, nb * scales] -> [g, b, scales, 16]
-        return _scales16(t, nb)
+        q = _nibble_vectors(_rows16(torch.cat([qs & 0x0F, qs >> 4], dim=-1)))  # element order
 
     # Q5_0 in Q5_K's planes: the file's scales alone, 5.5 bits a weight, not 7
     if lean and fmt == "Q5_K" and _is_q5_0(d_plane, m_plane):
-        return q.contiguous(), scales16(d_plane.half()), None
-    return q.contiguous(), scales16(d_plane), None if m_plane is None else scales16(m_plane)
+        return q.contiguous(), _scales16(d_plane.half(), nb), None
+    return q.contiguous(), _scales16(d_plane, nb), None if m_plane is None else _scales16(m_plane, nb)
 
 
 def _lean_q6_k(qs: torch.Tensor, d: torch.Tensor) -> Planes | None:
@@ -433,31 +429,25 @@ def unpack_i8(fmt: str, packed: Planes, n: int) -> Planes:
     if kernel in ("Q6_K_I8", "Q4_K_I8"):
         return _unpack_lean(kernel, packed, n)
 
-    def unrows16(t: torch.Tensor) -> torch.Tensor:  # [groups, nb, 16, ...] -> [n, nb, ...]
-        return _unrows16(t, n)
-
     def values(vectors: torch.Tensor) -> torch.Tensor:  # [g, b, quad, row, 4] -> [g, b, row, 32]
         return vectors.permute(0, 1, 3, 2, 4).reshape(groups, nb, 16, 32)
 
     if fmt in ("Q8_0", "Q6_K"):
-        qs = unrows16(values(q))
+        qs = _unrows16(values(q), n)
     else:
         nibbles = q[:, :, :256].reshape(groups, nb, 4, 16, 4) if fmt == "Q5_K" else q
-        low = unrows16(values(torch.cat([nibbles & 0x0F, nibbles >> 4], dim=2)))  # element order
+        low = _nibbles_unpacked(nibbles, n)  # element order
         if fmt == "Q5_K":
             bits = (q[:, :, 256:, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # [g, b, 64, 8]
             fifth = bits.reshape(groups, nb, 4, 2, 2, 8, 4).permute(0, 1, 3, 5, 4, 2, 6)
-            qs = low | (unrows16(fifth.reshape(groups, nb, 16, 32)) << 4)
+            qs = low | (_unrows16(fifth.reshape(groups, nb, 16, 32), n) << 4)
         else:
             qs = low[..., :16] | (low[..., 16:] << 4)
 
-    def scales(t: torch.Tensor) -> torch.Tensor:  # [g, b, scales, 16] -> [N, nb * scales]
-        return _unscales16(t, n)
-
     if kernel == "Q5_0":
-        d = scales(d_packed).float()
+        d = _unscales16(d_packed, n).float()
         return qs.contiguous(), d, -16 * d
-    return qs.contiguous(), scales(d_packed), None if m_packed is None else scales(m_packed)
+    return qs.contiguous(), _unscales16(d_packed, n), None if m_packed is None else _unscales16(m_packed, n)
 
 
 def _nibbles_unpacked(vectors: torch.Tensor, n: int) -> torch.Tensor:

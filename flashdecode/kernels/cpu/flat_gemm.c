@@ -712,8 +712,7 @@ int fd_linear_q8(int fmt, const float *x, int64_t ldx, int64_t M, int64_t K, con
  *   Q6_K_I8  d: int8 [groups, K/32, 2, 16], a sub-scale per 16;   m: fp16 [groups, K/256, 16]
  *   Q4_K_I8  d: uint8 [groups, K/32, 2, 16], sc then the min's mn; m: fp16 [groups, K/256, 2, 16],
  *            d then -dmin (w = d sc q + (-dmin) mn)
- AVX512-VNNI runs a 64-byte vector of every format but
- * Q2_K as one vpdpbusd; AVX2 runs every format as two 8-row halves with vpmaddubsw + vpmaddwd. */
+ * AVX512-VNNI runs a 64-byte vector of every format but Q2_K as one vpdpbusd; AVX2 runs every format as two 8-row halves with vpmaddubsw + vpmaddwd. */
 #define I8_LEAN(f) ((f) == FD_Q6_K_I8 || (f) == FD_Q4_K_I8) /* two-level scales, see the layout */
 #define LEAN_SUPERS(f) ((f) == FD_Q4_K_I8 ? 2 : 1)          /* fp16 scales per 256 per row */
 #if defined(__AVX2__)
@@ -987,7 +986,8 @@ I8_TARGET static inline void vnni_block_scales(const int FMT, const void *dp, co
 }
 
 /* A nibble format's block (blk: its I8_BLOCK_BYTES) as the 8 vectors of its bytes' layout: vector j
- * holds elements 4j..4j+3 of each of the 16 rows, a byte each, Q5_K's fifth bits added */
+ * holds elements 4j..4j+3 of each of the 16 rows, a byte each, Q5_K's fifth bits or Q6_K_I8's two
+ * high bits added */
 I8_TARGET static inline void vnni_unpack(const int FMT, const uint8_t *blk, __m512i wv[8]) {
     const __m512i nib = _mm512_set1_epi8(0x0F);
     const __m512i z0 = FMT == FD_Q6_K_I8 ? _mm512_loadu_si512((const void *)(blk + 256)) : nib;
